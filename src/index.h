@@ -1,0 +1,146 @@
+/*
+ * index.h - the chunk index: (chunk_hash, model, kv_rank) -> object.
+ *
+ * A sharded hash table of entries, each owning one pool slot. States:
+ *
+ *   FREE -> WRITING -> READY <-> READING(read_locks + pins) -> FREE
+ *
+ * - WRITING: reserved by a STORE (idx_reserve_write); invisible to lookups.
+ *   Becomes READY only by idx_commit_write after the copy completed. The
+ *   reservation expires after write_ttl_ms: the key is unlinked so it can be
+ *   stored again, and the slot is freed when the writer commits (which then
+ *   fails with -ESTALE) or aborts. Writers are in-process transfer workers,
+ *   so one of the two always happens.
+ * - READING: READY with read_locks > 0 (LOOKUP locks, expire after
+ *   read_ttl_ms since last taken) or pins > 0 (a RETRIEVE copying out; pins
+ *   never expire, workers always unpin).
+ * - Only READY entries with no read locks and no pins are on the LRU list,
+ *   and only they are evicted.
+ * - CLEAR unlinks every entry; entries with pins are freed at the last unpin
+ *   (or at commit/abort for writers), never under a running copy.
+ *
+ * Refcount invariant: an entry is freed only when it is unlinked and its
+ * pins are 0, under its shard lock; pins are taken only under that lock.
+ *
+ * Lock ordering (full list in docs/architecture.md):
+ *   idx_shard->lock > lru->lock > pool->free_lock
+ * Never two shard locks at once. The eviction walker holds lru->lock and
+ * only trylocks a shard (against the order, so trylock).
+ */
+#ifndef KS_INDEX_H
+#define KS_INDEX_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hash.h"
+#include "pool.h"
+
+struct idx;
+struct idx_entry;
+
+enum idx_state { IDX_FREE = 0, IDX_WRITING, IDX_READY, IDX_READING };
+
+struct idx_config {
+	unsigned nshards;		/* power of two; 0 = 64 */
+	uint64_t read_ttl_ms;		/* lookup read locks; 0 = 300000 */
+	uint64_t write_ttl_ms;		/* write reservations; 0 = 600000 */
+	/* Evict until at least this many slots are free when a reservation
+	 * needs space (hysteresis so every STORE does not evict one by one). */
+	uint32_t evict_low_watermark_slots;	/* 0 = 1 */
+};
+
+struct idx_stats {
+	uint64_t entries;	/* linked entries, any state */
+	uint64_t writing, ready, reading;
+	uint64_t read_locks;	/* sum over entries */
+	uint64_t pins;		/* sum over entries, unlinked ones included */
+	uint64_t unlinked_pinned;	/* cleared/expired, waiting for the last unpin */
+	uint64_t evictions;	/* total */
+	uint64_t expired_read_locks;	/* entries whose read locks expired (total) */
+	uint64_t expired_writes;	/* write reservations that expired (total) */
+	uint64_t lock_timeouts;	/* shard/LRU lock waits that timed out (total) */
+};
+
+/* 0, -EINVAL (bad config), -ENOMEM. @pool is borrowed until idx_destroy. */
+int idx_create(const struct idx_config *cfg, struct pool *pool, struct idx **out);
+/* Frees every entry and returns their slots. No thread may use @ix any more. */
+void idx_destroy(struct idx *ix);
+
+/* ---- STORE ---- */
+
+/*
+ * Reserve a WRITING entry for @k with a fresh slot (evicting LRU entries if
+ * the pool is short). The caller owns the reservation until commit/abort.
+ * Returns 0 with *out set, -EEXIST if @k is linked in any state (skip it),
+ * -ENOSPC if no slot could be found, -E2BIG if @nbytes exceeds the slot
+ * size, -ETIMEDOUT if a lock wait timed out.
+ */
+int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
+		      struct idx_entry **out);
+/*
+ * WRITING -> READY. Returns 0, or -ESTALE if the reservation expired or was
+ * cleared meanwhile (the entry and its slot are freed; the data is lost), or
+ * -ETIMEDOUT (then the entry is aborted as by idx_abort_write).
+ * @e must not be used after the call either way.
+ */
+int idx_commit_write(struct idx *ix, struct idx_entry *e);
+/* Drop a reservation; the slot returns to the pool. @e is gone after. */
+void idx_abort_write(struct idx *ix, struct idx_entry *e);
+
+/* ---- RETRIEVE ---- */
+
+/*
+ * Pin a READY/READING entry for copying out. Returns 0 with *out set,
+ * -ENOENT if @k is absent or still WRITING, -EMSGSIZE if it holds a
+ * different number of bytes than @nbytes (layout mismatch), -ETIMEDOUT.
+ */
+int idx_pin(struct idx *ix, const struct ks_key *k, uint64_t nbytes, struct idx_entry **out);
+/* Drop a pin from idx_pin. Frees the entry if it was unlinked meanwhile. */
+void idx_unpin(struct idx *ix, struct idx_entry *e);
+
+/* Slot memory of a reserved or pinned entry (borrowed while reserved/pinned). */
+void *idx_entry_data(const struct idx *ix, const struct idx_entry *e);
+uint32_t idx_entry_slot(const struct idx_entry *e);
+
+/* ---- LOOKUP ---- */
+
+/*
+ * Count the leading run of @keys that are READY or READING, stopping at the
+ * first miss; *hits = that count. Then take @locks_per_key read locks on each
+ * of the first (hits / group) * group keys (group = world_size; keys are
+ * chunk-major), resetting their deadline to now + read_ttl_ms. Returns 0 or
+ * -ETIMEDOUT (no locks held then). @group >= 1.
+ */
+int idx_lookup_lock(struct idx *ix, const struct ks_key *keys, size_t n, size_t group,
+		    uint32_t locks_per_key, size_t *hits);
+/*
+ * Release up to @count read locks on @k (saturating at 0). Returns 0,
+ * -ENOENT if @k is not linked, -ETIMEDOUT.
+ */
+int idx_release_read_locks(struct idx *ix, const struct ks_key *k, uint32_t count);
+/* True if @k is READY or READING (no locks taken). */
+bool idx_contains(struct idx *ix, const struct ks_key *k);
+
+/* ---- housekeeping ---- */
+
+/*
+ * Expire read locks and write reservations whose deadline is before @now_ms
+ * (CLOCK_MONOTONIC ms). Returns the number of entries affected.
+ */
+size_t idx_expire(struct idx *ix, uint64_t now_ms);
+/* Evict up to @n LRU entries. Returns how many were evicted. */
+size_t idx_evict(struct idx *ix, size_t n);
+/* Unlink every entry (CLEAR). Returns how many were unlinked. */
+size_t idx_clear(struct idx *ix);
+
+void idx_get_stats(struct idx *ix, struct idx_stats *st);
+/*
+ * Walk every shard and check the books: state counts match, LRU holds exactly
+ * the evictable entries, linked + unlinked-pinned entries == slots in use.
+ * Returns 0 or -EUCLEAN with a description in @err. For tests and debug.
+ */
+int idx_check_invariants(struct idx *ix, char *err, size_t errlen);
+
+#endif /* KS_INDEX_H */

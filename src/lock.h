@@ -1,0 +1,121 @@
+/*
+ * lock.h - kvstash's only mutex and condition variable types.
+ *
+ * Every mutex has a rank: its place in the lock order below (and in
+ * docs/architecture.md). Debug builds (KS_LOCKDEP) keep a per-thread stack of
+ * held locks and abort, naming both locks, when a thread takes a lock whose
+ * rank is not strictly below... in the tree, i.e. numerically greater than
+ * every rank it already holds. The only way against the order is
+ * ks_trylock(), with a comment at the call saying why.
+ *
+ * Lock ordering (full list in docs/architecture.md):
+ *
+ * srv_client->lock          (a client's registrations and mappings; reaper)
+ *   idx_shard->lock         (one per shard; never two shards at once)
+ *     lru->lock             (eviction list; the walker only trylocks shards)
+ *       pool->free_lock     (free slot stack)
+ *         queue->lock       (transfer job queues, completion queue; leaves)
+ *           log ring lock   (log lines; taken from anywhere, takes nothing)
+ *             metrics       (atomics; leaves, never take another lock)
+ *
+ * Never held across a CUDA call, pread/pwrite, zmq_send/zmq_msg_recv, Redis
+ * I/O or a wait on another thread (ks_cond_wait releases its own mutex).
+ *
+ * Every wait has a CLOCK_MONOTONIC deadline: ks_lock() gives up after the
+ * mutex's timeout_ms and returns -ETIMEDOUT with a log line.
+ */
+#ifndef KS_LOCK_H
+#define KS_LOCK_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+/* clang -Wthread-safety annotations; empty for gcc and nvcc. */
+#if defined(__clang__) && !defined(__CUDACC__)
+#define KS_TSA(x) __attribute__((x))
+#else
+#define KS_TSA(x)
+#endif
+#define CAPABILITY(x) KS_TSA(capability(x))
+#define REQUIRES(...) KS_TSA(requires_capability(__VA_ARGS__))
+#define ACQUIRE(...) KS_TSA(acquire_capability(__VA_ARGS__))
+#define RELEASE(...) KS_TSA(release_capability(__VA_ARGS__))
+#define TRY_ACQUIRE(...) KS_TSA(try_acquire_capability(__VA_ARGS__))
+#define EXCLUDES(...) KS_TSA(locks_excluded(__VA_ARGS__))
+#define NO_THREAD_SAFETY_ANALYSIS KS_TSA(no_thread_safety_analysis)
+/* GUARDED_BY on struct members needs clang >= 19 in C; documentation only before. */
+#if defined(__clang__) && !defined(__CUDACC__) && __clang_major__ >= 19
+#define GUARDED_BY(x) KS_TSA(guarded_by(x))
+#else
+#define GUARDED_BY(x)
+#endif
+
+/* Position in the lock order: a thread may only take a rank above all it holds. */
+enum lock_rank {
+	LOCK_RANK_CLIENT = 10,
+	LOCK_RANK_IDX_SHARD = 20,
+	LOCK_RANK_LRU = 30,
+	LOCK_RANK_POOL = 40,
+	LOCK_RANK_QUEUE = 50,
+	LOCK_RANK_LOG = 60,
+};
+
+/* Default bound on any mutex wait; a lock is held for microseconds. */
+#define KS_LOCK_TIMEOUT_MS_DEFAULT 2000u
+
+struct CAPABILITY("mutex") ks_mutex {
+	pthread_mutex_t mu;
+	enum lock_rank rank;	/* position in the order; KS_LOCKDEP checks it */
+	unsigned timeout_ms;	/* ks_lock() gives up after this long */
+	const char *name;	/* static string, for log lines and lockdep aborts */
+};
+
+/* A condition variable on CLOCK_MONOTONIC. */
+struct ks_cond {
+	pthread_cond_t cv;
+};
+
+/* 0 or -errno from pthread_mutex_init. @name must be a static string. */
+int ks_mutex_init(struct ks_mutex *m, enum lock_rank rank, const char *name);
+void ks_mutex_destroy(struct ks_mutex *m);
+
+/*
+ * Take @m, waiting at most m->timeout_ms. Returns 0 (held) or -ETIMEDOUT
+ * (not held; logged and counted in ks_lock_timeouts_total()).
+ */
+int ks_lock(struct ks_mutex *m) TRY_ACQUIRE(0, m);
+/* Take @m if free right now: 0 (held) or -EBUSY. Allowed against the order. */
+int ks_trylock(struct ks_mutex *m) TRY_ACQUIRE(0, m);
+void ks_unlock(struct ks_mutex *m) RELEASE(m);
+
+int ks_cond_init(struct ks_cond *c);
+void ks_cond_destroy(struct ks_cond *c);
+/*
+ * Wait on @c, releasing @m, for at most @timeout_ms. Returns 0 when woken
+ * (spuriously too: callers loop on their predicate), -ETIMEDOUT after the
+ * deadline. @m is held again on return in both cases.
+ */
+int ks_cond_wait_ms(struct ks_cond *c, struct ks_mutex *m, uint64_t timeout_ms) REQUIRES(m);
+void ks_cond_signal(struct ks_cond *c);
+void ks_cond_broadcast(struct ks_cond *c);
+
+/* Lock waits that timed out since start (metrics). */
+uint64_t ks_lock_timeouts_total(void);
+
+/* Number of ks_mutexes the calling thread holds (KS_LOCKDEP builds; else 0). */
+int ks_locks_held(void);
+
+/*
+ * Debug builds: abort if the calling thread holds any ks_mutex. Called
+ * before every blocking call (CUDA, disk, network, waits on other threads).
+ */
+#ifdef KS_LOCKDEP
+void ks_assert_unlocked_at(const char *file, int line);
+#define ks_assert_unlocked() ks_assert_unlocked_at(__FILE__, __LINE__)
+#else
+#define ks_assert_unlocked() ((void)0)
+#endif
+
+#endif /* KS_LOCK_H */

@@ -1,0 +1,72 @@
+/*
+ * pool.h - the host memory pool: one allocation cut into fixed chunk slots.
+ *
+ * The region is reserved at start (2 MiB hugepages when the kernel has them,
+ * 4 KiB-aligned anonymous memory otherwise; pages are touched on first use).
+ * Slots are sized by the first registered layout (pool_configure_slots) and
+ * rounded up to 4 KiB, as LMCache aligns L1 objects. A free stack hands them
+ * out; byte counters are atomics so metrics read them without a lock.
+ *
+ * Lock ordering (full list in docs/architecture.md):
+ *   ... lru->lock > pool->free_lock > queue locks > log ring
+ * pool->free_lock is taken with at most shard and LRU locks held above it.
+ */
+#ifndef KS_POOL_H
+#define KS_POOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define POOL_SLOT_ALIGN 4096u
+#define POOL_NO_SLOT UINT32_MAX
+
+struct pool;
+
+struct pool_stats {
+	uint64_t region_bytes;	/* size of the reserved region */
+	uint64_t slot_bytes;	/* 0 until configured */
+	uint32_t nslots;	/* 0 until configured */
+	uint32_t free_slots;
+	uint64_t used_bytes;	/* slots handed out * slot_bytes */
+	uint64_t alloc_failures;	/* pool_alloc() calls that found no free slot */
+	bool hugepages;		/* region is backed by 2 MiB pages */
+};
+
+/*
+ * Reserve @region_bytes of host memory. Returns 0 with *out set, -EINVAL for
+ * a size under one 4 KiB page, -ENOMEM when the mapping fails.
+ */
+int pool_create(uint64_t region_bytes, struct pool **out);
+void pool_destroy(struct pool *p);
+
+/*
+ * Cut the region into slots of @object_bytes (rounded up to POOL_SLOT_ALIGN).
+ * The first call decides; later calls succeed if @object_bytes fits the
+ * existing slots. Returns 0, -EINVAL for 0 bytes, -E2BIG if one object is
+ * larger than the region or (later calls) larger than the configured slot.
+ */
+int pool_configure_slots(struct pool *p, uint64_t object_bytes);
+
+/* Slot size in bytes, 0 before pool_configure_slots(). */
+uint64_t pool_slot_bytes(const struct pool *p);
+
+/*
+ * Take a free slot. Returns 0 with *slot set, -ENOSPC when none is free,
+ * -ENODEV before pool_configure_slots(), -ETIMEDOUT if the lock timed out.
+ */
+int pool_alloc(struct pool *p, uint32_t *slot);
+/* Return @slot (from pool_alloc) to the free stack. */
+void pool_free(struct pool *p, uint32_t slot);
+
+/* Address of @slot's first byte; valid for pool_slot_bytes() bytes. */
+void *pool_slot_ptr(const struct pool *p, uint32_t slot);
+
+/* The whole region, for cudaHostRegister. */
+void *pool_region(const struct pool *p);
+uint64_t pool_region_bytes(const struct pool *p);
+
+uint32_t pool_free_slots(const struct pool *p);
+void pool_get_stats(const struct pool *p, struct pool_stats *st);
+
+#endif /* KS_POOL_H */

@@ -1,0 +1,192 @@
+/*
+ * protocol.h - the LMCache MP wire format (../shared/design/protocol.md,
+ * copied to docs/protocol.md): msgpack frames <-> C structs.
+ *
+ * Server side: proto_decode_uid/proto_decode_request turn the frames after
+ * the ROUTER identity into a struct proto_request; proto_encode_* build the
+ * single response frame. Client side (libkvstash): proto_encode_key and
+ * proto_encode_kv_descs build argument frames, proto_decode_reply reads the
+ * response frame.
+ *
+ * Every byte here is untrusted: decoders check types, lengths and ranges
+ * and return an error with a message, never assert. This file logs nothing
+ * and takes no lock (it is shared with libkvstash, which never prints).
+ */
+#ifndef KS_PROTOCOL_H
+#define KS_PROTOCOL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "hash.h"
+#include "layout.h"
+
+/* RequestType values of the pinned version (protocol.md §3). */
+enum proto_type {
+	PROTO_REGISTER_KV_CACHE = 1,
+	PROTO_UNREGISTER_KV_CACHE = 2,
+	PROTO_STORE = 3,
+	PROTO_RETRIEVE = 4,
+	PROTO_LOOKUP = 5,
+	PROTO_QUERY_PREFETCH_STATUS = 6,
+	PROTO_QUERY_PREFETCH_LOOKUP_HITS = 7,
+	PROTO_FREE_LOOKUP_LOCKS = 8,
+	PROTO_END_SESSION = 9,
+	PROTO_CLEAR = 10,
+	PROTO_GET_CHUNK_SIZE = 11,
+	PROTO_PING = 12,
+	PROTO_NOOP = 13,
+	/* kvstash extensions (docs/protocol.md §kvstash extensions): numbers far
+	 * above LMCache's range; an LMCache client never sends them. */
+	PROTO_KS_LAST_ERROR = 200,	/* () -> str: last error for this client */
+	PROTO_KS_STATS = 201,		/* () -> map: server counters */
+};
+
+/* Limits on untrusted input; larger is a frame-level fault (-E2BIG). */
+#define PROTO_MAX_TOKENS (1u << 22)	/* 4M tokens per key */
+#define PROTO_MAX_BLOCKS (1u << 22)
+#define PROTO_MAX_LAYERS 1024u
+#define PROTO_REQUEST_ID_MAX 255u
+#define PROTO_PATH_MAX 1023u
+#define PROTO_UUID_MAX 63u
+#define PROTO_EVENT_HANDLE_LEN 64u
+#define PROTO_MEM_HANDLE_LEN 64u
+
+/* One received frame (borrowed bytes). */
+struct proto_buf {
+	const uint8_t *data;
+	size_t len;
+};
+
+/* IPCCacheEngineKey (protocol.md §4.1). */
+struct proto_key {
+	char model[KS_MODEL_MAX + 1];
+	uint16_t model_len;
+	uint32_t world_size;
+	int32_t worker_id;	/* -1 = nil */
+	uint32_t *token_ids;	/* owned (malloc); freed by proto_request_free */
+	size_t ntokens;
+	int64_t start, end;
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+};
+
+enum proto_kv_kind { PROTO_KV_HOST_SHM = 0, PROTO_KV_CUDA_IPC = 1 };
+
+/* One element of REGISTER_KV_CACHE's kv_caches (protocol.md §5.2). */
+struct proto_kv_desc {
+	enum proto_kv_kind kind;
+	/* kind, dtype, elem_bytes, ndim, shape, stride are filled (layout
+	 * inferred when absent); derived fields are not: the server calls
+	 * kv_layout_init() once num_layers is known. */
+	struct kv_layout layout;
+	uint64_t offset;	/* bytes from the mapped base to element 0 */
+	uint64_t nbytes;	/* bytes the server may map/touch from the base */
+	uint8_t mem_handle[PROTO_MEM_HANDLE_LEN];	/* cuda_ipc */
+	char device_uuid[PROTO_UUID_MAX + 1];		/* cuda_ipc, as sent */
+	char path[PROTO_PATH_MAX + 1];			/* host_shm */
+};
+
+struct proto_request {
+	enum proto_type type;
+	/* REGISTER, UNREGISTER, STORE, RETRIEVE; PING when has_instance_id */
+	int64_t instance_id;
+	bool has_instance_id;
+	/* STORE, RETRIEVE, LOOKUP, FREE_LOOKUP_LOCKS */
+	struct proto_key key;
+	/* REGISTER */
+	struct proto_kv_desc *layers;	/* owned, [nlayers] */
+	size_t nlayers;
+	char model[KS_MODEL_MAX + 1];
+	uint16_t model_len;
+	uint32_t world_size;
+	/* STORE, RETRIEVE */
+	int64_t *block_ids;	/* owned, [nblocks] */
+	size_t nblocks;
+	uint8_t event[PROTO_EVENT_HANDLE_LEN];
+	size_t event_len;	/* 0 (host path) or 64 */
+	uint64_t skip_first_n_tokens;	/* RETRIEVE */
+	/* LOOKUP, FREE_LOOKUP_LOCKS */
+	uint32_t tp_size;
+	/* QUERY_PREFETCH_STATUS, QUERY_PREFETCH_LOOKUP_HITS */
+	int64_t job_id;
+	/* END_SESSION */
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+};
+
+/* Name of a request type ("STORE"), or "UNKNOWN". */
+const char *proto_type_name(int type);
+
+/* Decode the uid frame: any msgpack integer >= 0. 0 or -EPROTO. */
+int proto_decode_uid(const struct proto_buf *f, uint64_t *uid);
+/* Decode the type frame: a msgpack int naming a known type. 0, -EPROTO, -EBADMSG (unknown). */
+int proto_decode_type(const struct proto_buf *f, enum proto_type *type);
+
+/*
+ * Decode a whole request: the type frame and its @nargs argument frames.
+ * Returns 0 with @req filled (free with proto_request_free), or:
+ *   -EBADMSG  unknown type
+ *   -EINVAL   wrong number of argument frames
+ *   -EPROTO   bad msgpack, wrong types, missing/invalid fields, token out
+ *             of [0, 2^32), trailing bytes after a document
+ *   -E2BIG    a list or string over the limits above
+ *   -ENOMEM
+ * with a one-line reason in @err in every error case. On error @req holds
+ * nothing that needs freeing.
+ */
+int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
+			 size_t nargs, struct proto_request *req, char *err, size_t errlen);
+void proto_request_free(struct proto_request *req);
+
+/* A malloc'd encoded msgpack document. Free with proto_msg_free. */
+struct proto_msg {
+	uint8_t *data;
+	size_t len;
+};
+void proto_msg_free(struct proto_msg *m);
+
+/* Response frames. Each returns 0 or -ENOMEM. */
+int proto_encode_nil(struct proto_msg *m);
+int proto_encode_bool(struct proto_msg *m, bool v);
+int proto_encode_int(struct proto_msg *m, int64_t v);
+int proto_encode_str(struct proto_msg *m, const char *s);
+/* [bin event, bool ok]: exactly a 2-element array (protocol.md §1). */
+int proto_encode_xfer_reply(struct proto_msg *m, const uint8_t *event, size_t event_len, bool ok);
+/* A map of string keys to unsigned counters (PROTO_KS_STATS). */
+int proto_encode_stats(struct proto_msg *m, const char *const *names, const uint64_t *values,
+		       size_t n);
+
+/* Argument frames, as the pinned LMCache client encodes them. 0 or -ENOMEM/-EINVAL. */
+int proto_encode_key(struct proto_msg *m, const struct proto_key *k);	/* 7-entry map */
+int proto_encode_kv_descs(struct proto_msg *m, const struct proto_kv_desc *d, size_t n);
+int proto_encode_int_list(struct proto_msg *m, const int64_t *v, size_t n);
+int proto_encode_bin(struct proto_msg *m, const uint8_t *b, size_t n);
+
+/* A decoded response frame (client side). */
+enum proto_reply_kind {
+	PROTO_REPLY_NIL = 0,
+	PROTO_REPLY_BOOL,
+	PROTO_REPLY_INT,
+	PROTO_REPLY_STR,
+	PROTO_REPLY_XFER,	/* [bin, bool] */
+	PROTO_REPLY_MAP,	/* string -> uint map (stats); entries in map_* */
+};
+#define PROTO_REPLY_STR_MAX 1023u
+#define PROTO_REPLY_MAP_MAX 128u
+struct proto_reply {
+	enum proto_reply_kind kind;
+	bool b;			/* BOOL; XFER ok */
+	int64_t i;		/* INT */
+	char str[PROTO_REPLY_STR_MAX + 1];	/* STR (truncated if longer) */
+	uint8_t event[PROTO_EVENT_HANDLE_LEN];	/* XFER */
+	size_t event_len;
+	size_t map_n;
+	char map_keys[PROTO_REPLY_MAP_MAX][64];
+	uint64_t map_vals[PROTO_REPLY_MAP_MAX];
+};
+/* 0, or -EPROTO for anything else than the kinds above. */
+int proto_decode_reply(const struct proto_buf *f, struct proto_reply *out);
+
+#endif /* KS_PROTOCOL_H */
