@@ -57,13 +57,33 @@ struct idx_stats {
 	uint64_t read_locks;	/* sum over entries */
 	uint64_t pins;		/* sum over entries, unlinked ones included */
 	uint64_t unlinked_pinned;	/* cleared/expired, waiting for the last unpin */
+	uint64_t unlinked_writing;	/* reservations cleared/expired, waiting for commit/abort */
 	uint64_t evictions;	/* total */
 	uint64_t expired_read_locks;	/* entries whose read locks expired (total) */
 	uint64_t expired_writes;	/* write reservations that expired (total) */
 	uint64_t lock_timeouts;	/* shard/LRU lock waits that timed out (total) */
 };
 
-/* 0, -EINVAL (bad config), -ENOMEM. @pool is borrowed until idx_destroy. */
+/*
+ * Information about one linked entry (idx_key_info), for tests, debug and
+ * admin tools. A snapshot: it may be stale as soon as the shard lock drops.
+ */
+struct idx_entry_info {
+	enum idx_state state;		/* IDX_WRITING, IDX_READY or IDX_READING */
+	uint32_t read_locks;
+	uint32_t pins;
+	uint32_t slot;
+	uint64_t nbytes;
+	uint64_t read_deadline_ms;	/* CLOCK_MONOTONIC ms; meaningful with read_locks > 0 */
+	uint64_t write_deadline_ms;	/* CLOCK_MONOTONIC ms; meaningful while WRITING */
+	bool on_lru;			/* evictable: READY with no read locks or pins */
+};
+
+/*
+ * 0, -EINVAL (bad config: nshards not a power of two or over 65536), -ENOMEM.
+ * @pool is borrowed until idx_destroy. The pool may be configured later
+ * (pool_configure_slots); until then idx_reserve_write fails with -ENODEV.
+ */
 int idx_create(const struct idx_config *cfg, struct pool *pool, struct idx **out);
 /* Frees every entry and returns their slots. No thread may use @ix any more. */
 void idx_destroy(struct idx *ix);
@@ -75,7 +95,10 @@ void idx_destroy(struct idx *ix);
  * the pool is short). The caller owns the reservation until commit/abort.
  * Returns 0 with *out set, -EEXIST if @k is linked in any state (skip it),
  * -ENOSPC if no slot could be found, -E2BIG if @nbytes exceeds the slot
- * size, -ETIMEDOUT if a lock wait timed out.
+ * size, -ETIMEDOUT if a lock wait timed out, -EINVAL for @nbytes == 0,
+ * -ENODEV before pool_configure_slots(), -ENOMEM if entry metadata could not
+ * be allocated. Eviction runs with no shard lock held, until the pool has
+ * evict_low_watermark_slots free slots (or nothing more is evictable).
  */
 int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 		      struct idx_entry **out);
@@ -84,9 +107,17 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
  * cleared meanwhile (the entry and its slot are freed; the data is lost), or
  * -ETIMEDOUT (then the entry is aborted as by idx_abort_write).
  * @e must not be used after the call either way.
+ * "Expired" means idx_expire() unlinked it; a commit after the deadline but
+ * before the next idx_expire() succeeds (the data is complete either way).
+ * The new READY entry goes to the most recently used end of the LRU.
  */
 int idx_commit_write(struct idx *ix, struct idx_entry *e);
-/* Drop a reservation; the slot returns to the pool. @e is gone after. */
+/*
+ * Drop a reservation; the slot returns to the pool. @e is gone after.
+ * If the shard lock times out (a thread is stuck holding it) the entry and
+ * its slot are leaked, logged and counted in lock_timeouts, rather than this
+ * thread waiting without a deadline. idx_unpin does the same.
+ */
 void idx_abort_write(struct idx *ix, struct idx_entry *e);
 
 /* ---- RETRIEVE ---- */
@@ -97,7 +128,11 @@ void idx_abort_write(struct idx *ix, struct idx_entry *e);
  * different number of bytes than @nbytes (layout mismatch), -ETIMEDOUT.
  */
 int idx_pin(struct idx *ix, const struct ks_key *k, uint64_t nbytes, struct idx_entry **out);
-/* Drop a pin from idx_pin. Frees the entry if it was unlinked meanwhile. */
+/*
+ * Drop a pin from idx_pin. Frees the entry if it was unlinked meanwhile;
+ * otherwise an entry left with no pins or read locks goes to the most
+ * recently used end of the LRU.
+ */
 void idx_unpin(struct idx *ix, struct idx_entry *e);
 
 /* Slot memory of a reserved or pinned entry (borrowed while reserved/pinned). */
@@ -111,7 +146,13 @@ uint32_t idx_entry_slot(const struct idx_entry *e);
  * first miss; *hits = that count. Then take @locks_per_key read locks on each
  * of the first (hits / group) * group keys (group = world_size; keys are
  * chunk-major), resetting their deadline to now + read_ttl_ms. Returns 0 or
- * -ETIMEDOUT (no locks held then). @group >= 1.
+ * -ETIMEDOUT (no locks held then). @group >= 1 (0 is taken as 1).
+ * Locked entries leave the LRU; they return to its most recently used end
+ * when their last lock or pin goes. With @locks_per_key == 0 this only counts
+ * (no lock, no LRU change). Each key's shard is locked on its own (never two
+ * at once): a key evicted or cleared between two keys' visits ends the run
+ * there, so *hits is always a run that was present when it was counted.
+ * Read-lock counts saturate at UINT32_MAX.
  */
 int idx_lookup_lock(struct idx *ix, const struct ks_key *keys, size_t n, size_t group,
 		    uint32_t locks_per_key, size_t *hits);
@@ -120,26 +161,42 @@ int idx_lookup_lock(struct idx *ix, const struct ks_key *keys, size_t n, size_t 
  * -ENOENT if @k is not linked, -ETIMEDOUT.
  */
 int idx_release_read_locks(struct idx *ix, const struct ks_key *k, uint32_t count);
-/* True if @k is READY or READING (no locks taken). */
+/* True if @k is READY or READING (no locks taken). False on a lock timeout. */
 bool idx_contains(struct idx *ix, const struct ks_key *k);
+/* Snapshot of linked @k into *info: 0, -ENOENT (not linked), -ETIMEDOUT. */
+int idx_key_info(struct idx *ix, const struct ks_key *k, struct idx_entry_info *info);
 
 /* ---- housekeeping ---- */
 
 /*
  * Expire read locks and write reservations whose deadline is before @now_ms
- * (CLOCK_MONOTONIC ms). Returns the number of entries affected.
+ * (CLOCK_MONOTONIC ms, as ks_now_ms()). Returns the number of entries
+ * affected. An entry's expired read locks all drop at once (READING ->
+ * READY unless pinned); an expired WRITING entry is unlinked and waits for
+ * its writer's commit (-ESTALE) or abort. Shards whose earliest deadline is
+ * not yet due are skipped without a scan.
  */
 size_t idx_expire(struct idx *ix, uint64_t now_ms);
-/* Evict up to @n LRU entries. Returns how many were evicted. */
+/*
+ * Evict up to @n LRU entries, least recently used first. Returns how many
+ * were evicted; fewer when the LRU runs out or the only candidates sit in
+ * shards that other threads hold at that moment (the walker skips them).
+ */
 size_t idx_evict(struct idx *ix, size_t n);
-/* Unlink every entry (CLEAR). Returns how many were unlinked. */
+/*
+ * Unlink every entry (CLEAR). Returns how many were unlinked. Read locks are
+ * voided; unpinned entries are freed at once; pinned entries and reservations
+ * are freed at their last unpin or at commit (-ESTALE) / abort.
+ */
 size_t idx_clear(struct idx *ix);
 
 void idx_get_stats(struct idx *ix, struct idx_stats *st);
 /*
  * Walk every shard and check the books: state counts match, LRU holds exactly
- * the evictable entries, linked + unlinked-pinned entries == slots in use.
- * Returns 0 or -EUCLEAN with a description in @err. For tests and debug.
+ * the evictable entries, linked + unlinked-pinned + unlinked-writing entries
+ * == slots in use, no slot owned twice. Returns 0, -EUCLEAN with a
+ * description in @err, -ENOMEM or -ETIMEDOUT. For tests and debug: exact only
+ * while no other thread uses the index (shards are checked one at a time).
  */
 int idx_check_invariants(struct idx *ix, char *err, size_t errlen);
 

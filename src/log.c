@@ -22,11 +22,6 @@
 
 #include "lock.h"
 
-/* Log lines are truncated on purpose when longer than LOG_LINE_MAX. */
-#if defined(__GNUC__) && !defined(__clang__)
-#pragma GCC diagnostic ignored "-Wformat-truncation"
-#endif
-
 #define LOG_LINE_MAX 512
 #define LOG_RING_LINES 4096	/* 2 MiB: minutes of debug output at full rate */
 #define LOG_DRAIN_WAIT_MS 200	/* logger wakes at least this often to see stop */

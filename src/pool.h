@@ -30,6 +30,8 @@ struct pool_stats {
 	uint32_t free_slots;
 	uint64_t used_bytes;	/* slots handed out * slot_bytes */
 	uint64_t alloc_failures;	/* pool_alloc() calls that found no free slot */
+	uint64_t bad_frees;	/* pool_free() of a free or out-of-range slot (ignored) */
+	uint64_t lost_slots;	/* pool_free() that could not take the lock in time */
 	bool hugepages;		/* region is backed by 2 MiB pages */
 };
 
@@ -44,7 +46,10 @@ void pool_destroy(struct pool *p);
  * Cut the region into slots of @object_bytes (rounded up to POOL_SLOT_ALIGN).
  * The first call decides; later calls succeed if @object_bytes fits the
  * existing slots. Returns 0, -EINVAL for 0 bytes, -E2BIG if one object is
- * larger than the region or (later calls) larger than the configured slot.
+ * larger than the region (or than the region once rounded up to a slot) or
+ * (later calls) larger than the configured slot, -ENOMEM if the free stack
+ * could not be allocated, -ETIMEDOUT if the lock timed out. Slots number
+ * region_bytes / slot_bytes; the tail of the region that fits no slot is unused.
  */
 int pool_configure_slots(struct pool *p, uint64_t object_bytes);
 
@@ -56,10 +61,19 @@ uint64_t pool_slot_bytes(const struct pool *p);
  * -ENODEV before pool_configure_slots(), -ETIMEDOUT if the lock timed out.
  */
 int pool_alloc(struct pool *p, uint32_t *slot);
-/* Return @slot (from pool_alloc) to the free stack. */
+/*
+ * Return @slot (from pool_alloc) to the free stack. A slot that is out of
+ * range or already free is logged, counted in bad_frees and ignored (pushing
+ * it twice would hand it to two objects). If free_lock times out the slot is
+ * logged and counted in lost_slots rather than waiting without a deadline.
+ */
 void pool_free(struct pool *p, uint32_t slot);
 
-/* Address of @slot's first byte; valid for pool_slot_bytes() bytes. */
+/* Number of slots, 0 before pool_configure_slots(). */
+uint32_t pool_nslots(const struct pool *p);
+
+/* Address of @slot's first byte; valid for pool_slot_bytes() bytes. NULL if
+ * @slot is out of range or the pool is not configured. */
 void *pool_slot_ptr(const struct pool *p, uint32_t slot);
 
 /* The whole region, for cudaHostRegister. */

@@ -52,6 +52,15 @@ enum proto_type {
 #define PROTO_UUID_MAX 63u
 #define PROTO_EVENT_HANDLE_LEN 64u
 #define PROTO_MEM_HANDLE_LEN 64u
+/*
+ * Structural limits checked on every frame before msgpack-c unpacks it
+ * (msgpack-c allocates an array from its header count, and stops at 32
+ * nested containers with an out-of-memory error): containers nested deeper
+ * than PROTO_MAX_DEPTH are -EPROTO, one with more than PROTO_MAX_ELEMS
+ * entries is -E2BIG. No valid argument comes near either.
+ */
+#define PROTO_MAX_DEPTH 24u
+#define PROTO_MAX_ELEMS PROTO_MAX_TOKENS
 
 /* One received frame (borrowed bytes). */
 struct proto_buf {
@@ -139,6 +148,15 @@ int proto_decode_type(const struct proto_buf *f, enum proto_type *type);
 int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
 			 size_t nargs, struct proto_request *req, char *err, size_t errlen);
 void proto_request_free(struct proto_request *req);
+
+/*
+ * Check that @f is exactly one well-formed msgpack document within the
+ * structural limits above, without allocating. Every decoder runs this
+ * first. 0, -EPROTO (empty, truncated, trailing bytes, byte c1, too deep),
+ * -E2BIG (container over PROTO_MAX_ELEMS) or -EINVAL (no frame), with a
+ * reason in @err (may be NULL).
+ */
+int proto_check_frame(const struct proto_buf *f, char *err, size_t errlen);
 
 /* A malloc'd encoded msgpack document. Free with proto_msg_free. */
 struct proto_msg {

@@ -5,6 +5,12 @@
  * memcpy (one row = one token of one K/V plane of one layer, hidden *
  * elem_bytes bytes), or one memcpy per head when heads are strided. Callers
  * validated every slot against kv_num_slots() before calling.
+ *
+ * Tokens whose rows are adjacent in paged memory (consecutive slots with
+ * token_stride == hidden) move as one larger copy. Transfers of 1 MiB or more
+ * use non-temporal stores on x86 and end with a store fence, so every byte is
+ * visible to other threads and processes when the call returns. No shared
+ * state: calls may run concurrently when their destinations do not overlap.
  */
 #ifndef KS_TRANSFER_HOST_H
 #define KS_TRANSFER_HOST_H

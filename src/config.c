@@ -1,0 +1,405 @@
+/*
+ * config.c - the option table and its parsers (Redis config.c static_configs).
+ */
+#include "config.h"
+
+#include <ctype.h>
+#include <errno.h>
+#include <inttypes.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "compiler.h"
+#include "log.h"
+
+enum cfg_type { CFG_STR, CFG_U32, CFG_BYTES, CFG_ENUM };
+
+struct cfg_opt {
+	const char *name;
+	const char *alias;	/* LMCache MP flag meaning the same, or NULL */
+	enum cfg_type type;
+	size_t off;
+	size_t size;		/* CFG_STR/CFG_ENUM: buffer size */
+	const char *def;
+	uint64_t min, max;	/* CFG_U32 / CFG_BYTES */
+	const char *choices;	/* CFG_ENUM: "a|b|c" */
+	const char *help;
+};
+
+#define F(field) offsetof(struct srv_config, field), sizeof(((struct srv_config *)0)->field)
+#define KIB 1024ull
+#define MIB (1024ull * KIB)
+#define GIB (1024ull * MIB)
+#define TIB (1024ull * GIB)
+
+static const struct cfg_opt cfg_opts[] = {
+	/* name, alias, type, field, default, min, max, choices, help */
+	{ "listen", NULL, CFG_STR, F(listen), "", 0, 0, NULL,
+	  "ZMQ endpoint to bind, e.g. tcp://127.0.0.1:5555 or ipc:///run/kvstash.sock; "
+	  "overrides --host/--port" },
+	{ "host", NULL, CFG_STR, F(host), "127.0.0.1", 0, 0, NULL,
+	  "address to bind; anything but loopback is logged as a warning" },
+	{ "port", NULL, CFG_U32, F(port), "5555", 1, 65535, NULL, "TCP port to bind" },
+	{ "chunk-size", "chunk-tokens", CFG_U32, F(chunk_tokens), "256", 16, 65536, NULL,
+	  "tokens per stored chunk (GET_CHUNK_SIZE); a multiple of every block size" },
+	{ "pool-size", NULL, CFG_BYTES, F(pool_bytes), "4G", 64 * MIB, 4 * TIB, NULL,
+	  "host memory pool for cached chunks (K/M/G/T suffixes); reserved at start, "
+	  "touched on use" },
+	{ "workers", "max-workers", CFG_U32, F(workers), "2", 1, 256, NULL,
+	  "transfer worker threads per device" },
+	{ "queue-depth", NULL, CFG_U32, F(queue_depth), "4096", 1, 1 << 20, NULL,
+	  "transfer jobs queued per device before STORE/RETRIEVE fail fast" },
+	{ "shards", NULL, CFG_U32, F(shards), "64", 1, 65536, NULL,
+	  "index shards (rounded up to a power of two)" },
+	{ "read-ttl-s", NULL, CFG_U32, F(read_ttl_s), "300", 1, 86400, NULL,
+	  "seconds before a LOOKUP read lock that no RETRIEVE/FREE released expires" },
+	{ "write-ttl-s", NULL, CFG_U32, F(write_ttl_s), "600", 1, 86400, NULL,
+	  "seconds before an unfinished STORE reservation expires" },
+	{ "session-ttl-s", NULL, CFG_U32, F(session_ttl_s), "600", 1, 86400, NULL,
+	  "seconds a request's cached token hashes live without END_SESSION" },
+	{ "client-timeout-s", "worker-reap-timeout-seconds", CFG_U32, F(client_timeout_s),
+	  "120", 1, 86400, NULL,
+	  "unregister an instance this long after its last PING that carried its id" },
+	{ "registration-grace-s", "worker-registration-grace-seconds", CFG_U32,
+	  F(registration_grace_s), "0", 0, 864000, NULL,
+	  "unregister an instance that never sent such a PING after this long (0 = never)" },
+	{ "max-message-mb", NULL, CFG_U32, F(max_message_mb), "256", 1, 4096, NULL,
+	  "largest request accepted (ZMQ_MAXMSGSIZE); bigger ones close that connection" },
+	{ "lock-timeout-ms", NULL, CFG_U32, F(lock_timeout_ms), "2000", 1, 600000, NULL,
+	  "longest wait for any internal lock before the request fails" },
+	{ "evict-watermark-pct", NULL, CFG_U32, F(evict_watermark_pct), "2", 0, 50, NULL,
+	  "when a STORE needs space, evict until this percent of slots is free" },
+	{ "log-level", NULL, CFG_ENUM, F(log_level), "info", 0, 0, "error|warn|info|debug",
+	  "log verbosity" },
+	{ "log-format", NULL, CFG_ENUM, F(log_format), "text", 0, 0, "text|json",
+	  "log line format" },
+};
+
+static int parse_u64(const char *s, uint64_t *out, bool bytes)
+{
+	char *end;
+	unsigned long long v;
+
+	if (!*s || *s == '-' || isspace((unsigned char)*s))
+		return -EINVAL;
+	errno = 0;
+	v = strtoull(s, &end, 10);
+	if (errno || end == s)
+		return -EINVAL;
+	if (bytes && *end) {
+		uint64_t mul;
+
+		switch (toupper((unsigned char)*end)) {
+		case 'K': mul = KIB; break;
+		case 'M': mul = MIB; break;
+		case 'G': mul = GIB; break;
+		case 'T': mul = TIB; break;
+		default: return -EINVAL;
+		}
+		end++;
+		if (*end == 'i' || *end == 'I')
+			end++;
+		if (*end == 'B' || *end == 'b')
+			end++;
+		if (v > UINT64_MAX / mul)
+			return -EINVAL;
+		v *= mul;
+	}
+	if (*end)
+		return -EINVAL;
+	*out = v;
+	return 0;
+}
+
+static int set_opt(struct srv_config *c, const struct cfg_opt *o, const char *val, char *err,
+		   size_t errlen)
+{
+	char *field = (char *)c + o->off;
+	uint64_t v;
+
+	switch (o->type) {
+	case CFG_STR:
+		if (strlen(val) >= o->size) {
+			snprintf(err, errlen, "--%s: value longer than %zu bytes", o->name,
+				 o->size - 1);
+			return -EINVAL;
+		}
+		memcpy(field, val, strlen(val) + 1);
+		return 0;
+	case CFG_ENUM: {
+		const char *p = o->choices;
+		size_t n = strlen(val);
+
+		while (p && *p) {
+			const char *bar = strchr(p, '|');
+			size_t len = bar ? (size_t)(bar - p) : strlen(p);
+
+			if (len == n && !strncasecmp(p, val, n) && n < o->size) {
+				memcpy(field, p, n);
+				field[n] = '\0';
+				return 0;
+			}
+			p = bar ? bar + 1 : NULL;
+		}
+		snprintf(err, errlen, "--%s: '%s' is not one of %s", o->name, val, o->choices);
+		return -EINVAL;
+	}
+	case CFG_U32:
+	case CFG_BYTES:
+		if (parse_u64(val, &v, o->type == CFG_BYTES) || v < o->min || v > o->max) {
+			snprintf(err, errlen, "--%s: '%s' is not %s between %" PRIu64 " and %" PRIu64,
+				 o->name, val, o->type == CFG_BYTES ? "a size" : "an integer",
+				 o->min, o->max);
+			return -EINVAL;
+		}
+		if (o->type == CFG_U32)
+			*(uint32_t *)field = (uint32_t)v;
+		else
+			*(uint64_t *)field = v;
+		return 0;
+	}
+	return -EINVAL;
+}
+
+/* LMCache's --l1-size-gb is a float number of GiB; map it onto pool-size. */
+static int set_l1_size_gb(struct srv_config *c, const char *val, char *err, size_t errlen)
+{
+	char *end;
+	double gb;
+
+	errno = 0;
+	gb = strtod(val, &end);
+	if (errno || end == val || *end || gb < 0.0625 || gb > 4096) {
+		snprintf(err, errlen, "--l1-size-gb: '%s' is not a size in GiB between 0.0625 and 4096",
+			 val);
+		return -EINVAL;
+	}
+	c->pool_bytes = (uint64_t)(gb * (double)GIB);
+	return 0;
+}
+
+static const struct cfg_opt *find_opt(const char *name, size_t len)
+{
+	for (size_t i = 0; i < KS_ARRAY_SIZE(cfg_opts); i++) {
+		const struct cfg_opt *o = &cfg_opts[i];
+
+		if ((strlen(o->name) == len && !strncmp(o->name, name, len)) ||
+		    (o->alias && strlen(o->alias) == len && !strncmp(o->alias, name, len)))
+			return o;
+	}
+	return NULL;
+}
+
+/* Accept LMCache spellings with underscores: --chunk_size == --chunk-size. */
+static void dashes(char *s)
+{
+	for (; *s; s++)
+		if (*s == '_')
+			*s = '-';
+}
+
+static int set_named(struct srv_config *c, const char *name, const char *val, char *err,
+		     size_t errlen)
+{
+	char norm[64];
+	const struct cfg_opt *o;
+
+	snprintf(norm, sizeof(norm), "%s", name);
+	dashes(norm);
+	if (!strcmp(norm, "l1-size-gb"))
+		return set_l1_size_gb(c, val, err, errlen);
+	o = find_opt(norm, strlen(norm));
+	if (!o) {
+		snprintf(err, errlen, "unknown option '%s' (see --help)", name);
+		return -EINVAL;
+	}
+	return set_opt(c, o, val, err, errlen);
+}
+
+void cfg_defaults(struct srv_config *c)
+{
+	char err[256];
+
+	memset(c, 0, sizeof(*c));
+	for (size_t i = 0; i < KS_ARRAY_SIZE(cfg_opts); i++)
+		set_opt(c, &cfg_opts[i], cfg_opts[i].def, err, sizeof(err));
+}
+
+int cfg_load_file(struct srv_config *c, const char *path, char *err, size_t errlen)
+{
+	FILE *f = fopen(path, "r");
+	char line[1024];
+	int lineno = 0, rc = 0;
+
+	if (!f) {
+		rc = -errno;
+		snprintf(err, errlen, "--config: cannot open %s: %s", path, strerror(errno));
+		return rc;
+	}
+	while (fgets(line, sizeof(line), f)) {
+		char *p = line, *eq, *k, *v, *e;
+
+		lineno++;
+		while (isspace((unsigned char)*p))
+			p++;
+		if (!*p || *p == '#')
+			continue;
+		eq = strchr(p, '=');
+		if (!eq) {
+			snprintf(err, errlen, "%s:%d: expected 'key = value'", path, lineno);
+			rc = -EINVAL;
+			break;
+		}
+		*eq = '\0';
+		k = p;
+		v = eq + 1;
+		for (e = k + strlen(k); e > k && isspace((unsigned char)e[-1]);)
+			*--e = '\0';
+		while (isspace((unsigned char)*v))
+			v++;
+		for (e = v + strlen(v); e > v && isspace((unsigned char)e[-1]);)
+			*--e = '\0';
+		char msg[256];
+		rc = set_named(c, k, v, msg, sizeof(msg));
+		if (rc) {
+			snprintf(err, errlen, "%s:%d: %s", path, lineno, msg);
+			break;
+		}
+	}
+	fclose(f);
+	return rc;
+}
+
+void cfg_print_help(FILE *out, const char *prog)
+{
+	fprintf(out,
+		"Usage: %s [OPTIONS]\n"
+		"kvstashd: KV-cache server for LLM inference engines (LMCache MP protocol).\n\n"
+		"Options (--name=value or --name value; also 'name = value' lines in --config):\n",
+		prog);
+	for (size_t i = 0; i < KS_ARRAY_SIZE(cfg_opts); i++) {
+		const struct cfg_opt *o = &cfg_opts[i];
+		char left[96];
+
+		snprintf(left, sizeof(left), "--%s=%s", o->name,
+			 o->type == CFG_ENUM ? o->choices : o->type == CFG_STR ? "STR" :
+			 o->type == CFG_BYTES ? "SIZE" : "N");
+		fprintf(out, "  %-34s %s (default: %s)\n", left, o->help,
+			*o->def ? o->def : "none");
+		if (o->alias)
+			fprintf(out, "  %-34s alias of --%s (LMCache name)\n", "", o->name);
+	}
+	fprintf(out, "  %-34s %s\n", "--l1-size-gb=GIB", "LMCache alias: --pool-size in GiB");
+	fprintf(out, "  %-34s %s\n", "--config=FILE", "read options from FILE first; flags override it");
+	fprintf(out, "  %-34s %s\n", "--help", "show this text");
+	fprintf(out, "  %-34s %s\n", "--version", "show the version");
+}
+
+int cfg_parse_args(struct srv_config *c, int argc, char **argv, FILE *out, char *err,
+		   size_t errlen)
+{
+	int rc;
+
+	/* The config file first, wherever --config appears, so flags override it. */
+	for (int i = 1; i < argc; i++) {
+		const char *path = NULL;
+
+		if (!strncmp(argv[i], "--config=", 9))
+			path = argv[i] + 9;
+		else if (!strcmp(argv[i], "--config")) {
+			if (i + 1 >= argc) {
+				snprintf(err, errlen, "--config: missing file name");
+				return -EINVAL;
+			}
+			path = argv[i + 1];
+		}
+		if (path) {
+			rc = cfg_load_file(c, path, err, errlen);
+			if (rc)
+				return -EINVAL;
+		}
+	}
+	for (int i = 1; i < argc; i++) {
+		char name[64];
+		const char *arg = argv[i], *val, *eq;
+		size_t len;
+
+		if (!strcmp(arg, "--help") || !strcmp(arg, "-h")) {
+			cfg_print_help(out, argv[0]);
+			return 1;
+		}
+		if (!strcmp(arg, "--version")) {
+			fprintf(out, "kvstashd %s\n", KVSTASH_VERSION);
+			return 1;
+		}
+		if (strncmp(arg, "--", 2)) {
+			snprintf(err, errlen, "unexpected argument '%s' (options start with --)", arg);
+			return -EINVAL;
+		}
+		arg += 2;
+		eq = strchr(arg, '=');
+		len = eq ? (size_t)(eq - arg) : strlen(arg);
+		if (len >= sizeof(name)) {
+			snprintf(err, errlen, "unknown option '--%.40s...'", arg);
+			return -EINVAL;
+		}
+		memcpy(name, arg, len);
+		name[len] = '\0';
+		if (eq) {
+			val = eq + 1;
+		} else {
+			if (i + 1 >= argc) {
+				snprintf(err, errlen, "--%s: missing value", name);
+				return -EINVAL;
+			}
+			val = argv[++i];
+		}
+		if (!strcmp(name, "config"))
+			continue;
+		rc = set_named(c, name, val, err, errlen);
+		if (rc)
+			return rc;
+	}
+	if (c->chunk_tokens % 8) {
+		snprintf(err, errlen, "--chunk-size: %u is not a multiple of 8", c->chunk_tokens);
+		return -EINVAL;
+	}
+	return 0;
+}
+
+void cfg_format(const struct srv_config *c, char *buf, size_t len)
+{
+	size_t n = (size_t)snprintf(buf, len, "config:");
+
+	for (size_t i = 0; i < KS_ARRAY_SIZE(cfg_opts) && n < len; i++) {
+		const struct cfg_opt *o = &cfg_opts[i];
+		const char *field = (const char *)c + o->off;
+
+		switch (o->type) {
+		case CFG_STR:
+		case CFG_ENUM:
+			n += (size_t)snprintf(buf + n, len - n, " %s=%s", o->name, field);
+			break;
+		case CFG_U32:
+			n += (size_t)snprintf(buf + n, len - n, " %s=%u", o->name,
+					      *(const uint32_t *)field);
+			break;
+		case CFG_BYTES:
+			n += (size_t)snprintf(buf + n, len - n, " %s=%" PRIu64, o->name,
+					      *(const uint64_t *)field);
+			break;
+		}
+	}
+}
+
+void cfg_endpoint(const struct srv_config *c, char *buf, size_t len)
+{
+	if (c->listen[0])
+		snprintf(buf, len, "%s", c->listen);
+	else if (strchr(c->host, ':'))
+		snprintf(buf, len, "tcp://[%s]:%u", c->host, c->port);
+	else
+		snprintf(buf, len, "tcp://%s:%u", c->host, c->port);
+}

@@ -1,0 +1,68 @@
+/*
+ * kvstashd.c - main(): configuration, logging, signals, the server loop.
+ */
+#include <errno.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zmq.h>
+
+#include "config.h"
+#include "log.h"
+#include "server.h"
+
+static struct srv *the_server;
+
+static void on_stop_signal(int sig)
+{
+	(void)sig;
+	if (the_server)
+		srv_request_stop(the_server);
+}
+
+int main(int argc, char **argv)
+{
+	struct srv_config cfg;
+	struct sigaction sa;
+	char err[512], line[2048];
+	int rc;
+
+	cfg_defaults(&cfg);
+	rc = cfg_parse_args(&cfg, argc, argv, stdout, err, sizeof(err));
+	if (rc == 1)
+		return 0;
+	if (rc) {
+		fprintf(stderr, "kvstashd: %s\n", err);
+		return 2;
+	}
+	log_set_level((enum log_level)log_level_parse(cfg.log_level));
+	log_set_format(strcmp(cfg.log_format, "json") ? LOG_FORMAT_TEXT : LOG_FORMAT_JSON);
+	rc = log_start();
+	if (rc) {
+		fprintf(stderr, "kvstashd: cannot start the logger: %s\n", strerror(-rc));
+		return 1;
+	}
+	cfg_format(&cfg, line, sizeof(line));
+	log_info("%s", line);
+
+	/* A client vanishing mid-reply must not kill us; ZMQ reports it as an error. */
+	signal(SIGPIPE, SIG_IGN);
+	rc = srv_create(&cfg, &the_server);
+	if (rc) {
+		log_error("startup failed: %s", strerror(-rc));
+		log_stop();
+		return 1;
+	}
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = on_stop_signal;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+
+	srv_run(the_server);
+	srv_destroy(the_server);
+	the_server = NULL;
+	log_stop();
+	return 0;
+}

@@ -1,0 +1,298 @@
+/*
+ * pool.c - the host memory pool: one mapping cut into fixed chunk slots.
+ *
+ * Lock ordering (full list in docs/architecture.md):
+ *
+ * srv_client->lock          (a client's registrations and mappings; reaper)
+ *   idx_shard->lock         (one per shard; never two shards at once)
+ *     lru->lock             (eviction list; the walker only trylocks shards)
+ *       pool->free_lock     (this file: free slot stack)
+ *         log ring lock     (log lines; takes nothing)
+ *           metrics         (atomics; leaves)
+ *
+ * pool->free_lock is held only for a push or a pop (and for the one-time
+ * slot configuration), never across anything that blocks or allocates.
+ *
+ * DESIGN: any thread calls in. The region is reserved once by pool_create()
+ * and never moves, so slot addresses are stable and computed without a lock.
+ * Slot geometry (slot_bytes, nslots, the stack arrays) is published once by
+ * pool_configure_slots() with a release store of slot_bytes; readers that see
+ * slot_bytes != 0 with an acquire load see the rest. Counters for metrics are
+ * atomics written under the lock and read without it.
+ */
+#include "pool.h"
+
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <sys/mman.h>
+
+#include "compiler.h"
+#include "lock.h"
+#include "log.h"
+
+#define POOL_HUGEPAGE_BYTES (2ull << 20)
+
+struct pool {
+	struct ks_mutex free_lock;	/* protects free_stack, nfree and in_use */
+
+	uint8_t *region;	/* owns: mmap'ed, munmap in pool_destroy */
+	uint64_t region_bytes;	/* as asked for in pool_create */
+	size_t map_bytes;	/* region_bytes rounded up to the page size used */
+	bool hugepages;		/* MAP_HUGETLB worked */
+
+	/* Set once by pool_configure_slots (under free_lock), then read-only. */
+	_Atomic uint64_t slot_bytes;	/* release-stored last: 0 = not configured */
+	uint32_t nslots;
+	uint32_t *free_stack;	/* owns: nslots entries; [0, nfree) are free slots */
+	uint8_t *in_use;	/* owns: nslots flags; catches double and stray frees */
+
+	uint32_t nfree GUARDED_BY(free_lock);
+
+	/* Metrics: written under free_lock or atomically, read without a lock. */
+	_Atomic uint32_t free_slots;
+	_Atomic uint64_t used_bytes;
+	_Atomic uint64_t alloc_failures;
+	_Atomic uint64_t bad_frees;
+	_Atomic uint64_t lost_slots;
+};
+
+/*
+ * Map @bytes of anonymous memory. 2 MiB pages first when the size allows
+ * (fewer TLB misses for the copy kernels, and cudaHostRegister pins fewer
+ * pages); the kernel refuses MAP_HUGETLB when no hugepages are reserved, so
+ * fall back to 4 KiB pages with MAP_NORESERVE: the pool is usually larger
+ * than what is touched early and must not be charged against overcommit.
+ */
+static void *pool_map(uint64_t bytes, size_t *map_bytes, bool *huge)
+{
+	void *p;
+
+	*huge = false;
+	if (bytes % POOL_HUGEPAGE_BYTES == 0) {
+		p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_NORESERVE, -1, 0);
+		if (p != MAP_FAILED) {
+			*huge = true;
+			*map_bytes = bytes;
+			return p;
+		}
+		log_debug("pool: no hugetlb pages for %llu bytes, using 4 KiB pages",
+			  (unsigned long long)bytes);
+	}
+	*map_bytes = ks_align_up(bytes, POOL_SLOT_ALIGN);
+	p = mmap(NULL, *map_bytes, PROT_READ | PROT_WRITE,
+		 MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+	if (p == MAP_FAILED)
+		return NULL;
+	/* Transparent hugepages where the kernel allows; advice only, failure is fine. */
+	if (bytes % POOL_HUGEPAGE_BYTES == 0)
+		(void)madvise(p, *map_bytes, MADV_HUGEPAGE);
+	return p;
+}
+
+int pool_create(uint64_t region_bytes, struct pool **out)
+{
+	struct pool *p;
+	int rc;
+
+	if (region_bytes < POOL_SLOT_ALIGN || region_bytes > SIZE_MAX - POOL_SLOT_ALIGN)
+		return -EINVAL;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	rc = ks_mutex_init(&p->free_lock, LOCK_RANK_POOL, "pool free_lock");
+	if (rc)
+		goto out_free;
+	p->region = pool_map(region_bytes, &p->map_bytes, &p->hugepages);
+	if (!p->region) {
+		rc = -ENOMEM;
+		log_error("pool: mmap of %llu bytes failed", (unsigned long long)region_bytes);
+		goto out_mutex;
+	}
+	p->region_bytes = region_bytes;
+	log_info("pool: %llu bytes at %p (%s pages)", (unsigned long long)region_bytes,
+		 (void *)p->region, p->hugepages ? "2 MiB" : "4 KiB");
+	*out = p;
+	return 0;
+
+out_mutex:
+	ks_mutex_destroy(&p->free_lock);
+out_free:
+	free(p);
+	return rc;
+}
+
+void pool_destroy(struct pool *p)
+{
+	if (!p)
+		return;
+	munmap(p->region, p->map_bytes);
+	free(p->free_stack);
+	free(p->in_use);
+	ks_mutex_destroy(&p->free_lock);
+	free(p);
+}
+
+int pool_configure_slots(struct pool *p, uint64_t object_bytes)
+{
+	uint64_t slot_bytes, nslots, cur;
+	uint32_t *stack;
+	uint8_t *in_use;
+	int rc;
+
+	if (object_bytes == 0)
+		return -EINVAL;
+	if (object_bytes > p->region_bytes)
+		return -E2BIG;
+	cur = atomic_load_explicit(&p->slot_bytes, memory_order_acquire);
+	if (cur)
+		return object_bytes <= cur ? 0 : -E2BIG;
+
+	slot_bytes = ks_align_up(object_bytes, POOL_SLOT_ALIGN);
+	nslots = p->region_bytes / slot_bytes;
+	if (nslots == 0)
+		return -E2BIG;	/* fits the region only before rounding up to a slot */
+	if (nslots >= POOL_NO_SLOT)
+		nslots = POOL_NO_SLOT - 1;
+
+	/* Allocate before taking the lock: no allocation under a ks_mutex. */
+	stack = malloc(nslots * sizeof(*stack));
+	in_use = calloc(nslots, 1);
+	if (!stack || !in_use) {
+		free(stack);
+		free(in_use);
+		return -ENOMEM;
+	}
+	/* Lowest slot on top, so a fresh pool touches its pages in order. */
+	for (uint64_t i = 0; i < nslots; i++)
+		stack[i] = (uint32_t)(nslots - 1 - i);
+
+	rc = ks_lock(&p->free_lock);
+	if (rc)
+		goto out_free;
+	cur = atomic_load_explicit(&p->slot_bytes, memory_order_relaxed);
+	if (cur) {
+		/* Another thread configured it between our check and the lock. */
+		ks_unlock(&p->free_lock);
+		rc = object_bytes <= cur ? 0 : -E2BIG;
+		goto out_free;
+	}
+	p->nslots = (uint32_t)nslots;
+	p->free_stack = stack;
+	p->in_use = in_use;
+	p->nfree = (uint32_t)nslots;
+	atomic_store_explicit(&p->free_slots, (uint32_t)nslots, memory_order_relaxed);
+	atomic_store_explicit(&p->slot_bytes, slot_bytes, memory_order_release);
+	ks_unlock(&p->free_lock);
+	log_info("pool: %u slots of %llu bytes (objects of %llu bytes)", (unsigned)nslots,
+		 (unsigned long long)slot_bytes, (unsigned long long)object_bytes);
+	return 0;
+
+out_free:
+	free(stack);
+	free(in_use);
+	return rc;
+}
+
+uint64_t pool_slot_bytes(const struct pool *p)
+{
+	return atomic_load_explicit(&p->slot_bytes, memory_order_acquire);
+}
+
+int pool_alloc(struct pool *p, uint32_t *slot)
+{
+	uint64_t slot_bytes = pool_slot_bytes(p);
+	int rc;
+
+	if (!slot_bytes)
+		return -ENODEV;
+	rc = ks_lock(&p->free_lock);
+	if (rc)
+		return rc;
+	if (p->nfree == 0) {
+		ks_unlock(&p->free_lock);
+		atomic_fetch_add_explicit(&p->alloc_failures, 1, memory_order_relaxed);
+		return -ENOSPC;
+	}
+	*slot = p->free_stack[--p->nfree];
+	p->in_use[*slot] = 1;
+	atomic_store_explicit(&p->free_slots, p->nfree, memory_order_relaxed);
+	ks_unlock(&p->free_lock);
+	atomic_fetch_add_explicit(&p->used_bytes, slot_bytes, memory_order_relaxed);
+	return 0;
+}
+
+void pool_free(struct pool *p, uint32_t slot)
+{
+	uint64_t slot_bytes = pool_slot_bytes(p);
+
+	if (!slot_bytes || slot >= p->nslots) {
+		atomic_fetch_add_explicit(&p->bad_frees, 1, memory_order_relaxed);
+		log_error("pool: free of slot %u out of range (%u slots)", slot, p->nslots);
+		return;
+	}
+	/*
+	 * A timed-out lock here means a thread is stuck holding free_lock; waiting
+	 * longer would hang this one too, so the slot is counted lost instead.
+	 */
+	if (ks_lock(&p->free_lock)) {
+		atomic_fetch_add_explicit(&p->lost_slots, 1, memory_order_relaxed);
+		log_error("pool: slot %u lost: free_lock timed out", slot);
+		return;
+	}
+	if (!p->in_use[slot]) {
+		/* A second push would hand the slot to two objects at once. */
+		ks_unlock(&p->free_lock);
+		atomic_fetch_add_explicit(&p->bad_frees, 1, memory_order_relaxed);
+		log_error("pool: double free of slot %u ignored", slot);
+		return;
+	}
+	p->in_use[slot] = 0;
+	p->free_stack[p->nfree++] = slot;
+	atomic_store_explicit(&p->free_slots, p->nfree, memory_order_relaxed);
+	ks_unlock(&p->free_lock);
+	atomic_fetch_sub_explicit(&p->used_bytes, slot_bytes, memory_order_relaxed);
+}
+
+void *pool_slot_ptr(const struct pool *p, uint32_t slot)
+{
+	uint64_t slot_bytes = pool_slot_bytes(p);
+
+	if (!slot_bytes || slot >= p->nslots)
+		return NULL;
+	return p->region + (uint64_t)slot * slot_bytes;
+}
+
+void *pool_region(const struct pool *p)
+{
+	return p->region;
+}
+
+uint64_t pool_region_bytes(const struct pool *p)
+{
+	return p->region_bytes;
+}
+
+uint32_t pool_nslots(const struct pool *p)
+{
+	return pool_slot_bytes(p) ? p->nslots : 0;
+}
+
+uint32_t pool_free_slots(const struct pool *p)
+{
+	return atomic_load_explicit(&p->free_slots, memory_order_relaxed);
+}
+
+void pool_get_stats(const struct pool *p, struct pool_stats *st)
+{
+	st->region_bytes = p->region_bytes;
+	st->slot_bytes = pool_slot_bytes(p);
+	st->nslots = st->slot_bytes ? p->nslots : 0;
+	st->free_slots = pool_free_slots(p);
+	st->used_bytes = atomic_load_explicit(&p->used_bytes, memory_order_relaxed);
+	st->alloc_failures = atomic_load_explicit(&p->alloc_failures, memory_order_relaxed);
+	st->bad_frees = atomic_load_explicit(&p->bad_frees, memory_order_relaxed);
+	st->lost_slots = atomic_load_explicit(&p->lost_slots, memory_order_relaxed);
+	st->hugepages = p->hugepages;
+}

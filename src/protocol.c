@@ -1,0 +1,1348 @@
+/*
+ * protocol.c - the LMCache MP wire format: msgpack frames <-> C structs
+ * (protocol.md §1-§5; byte-exact examples in §8).
+ *
+ * Every argument frame is decoded in two passes:
+ *
+ *  1. mp_scan() walks the raw bytes once, allocating nothing, and proves the
+ *     frame is exactly one well-formed document: every length is backed by
+ *     bytes, containers nest at most PROTO_MAX_DEPTH deep and hold at most
+ *     PROTO_MAX_ELEMS entries. This pass exists because msgpack-c sizes each
+ *     array from its header before reading any element: unchecked, the
+ *     5-byte frame "dd ff ff ff ff" asks the allocator for ~100 GB, and 33
+ *     nested arrays fail as "out of memory" rather than as a bad frame.
+ *  2. msgpack_unpack_next() builds the object tree (strs and bins point into
+ *     the frame, so it must outlive the tree), and typed getters convert it
+ *     field by field, checking types and ranges.
+ *
+ * Result strings are copied out, so a decoded proto_request borrows nothing
+ * from the frames. Nothing here logs or takes a lock: the file is linked
+ * into libkvstash as well as into the daemon.
+ */
+#include "protocol.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <msgpack.h>
+
+#include "compiler.h"
+
+/* ------------------------------------------------------------------------ */
+/* Errors                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Where a decoder writes its one-line reason; buf may be NULL. */
+struct perr {
+	char *buf;
+	size_t len;
+};
+
+static int KS_PRINTF(3, 4) perr_set(struct perr *e, int rc, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (e && e->buf && e->len) {
+		va_start(ap, fmt);
+		vsnprintf(e->buf, e->len, fmt, ap);
+		va_end(ap);
+	}
+	return rc;
+}
+
+/* Prefix the reason already in @e with "@prefix: " (context for nested fields). */
+static void perr_prefix(struct perr *e, const char *prefix)
+{
+	char tmp[256];
+
+	if (!e || !e->buf || !e->len)
+		return;
+	snprintf(tmp, sizeof(tmp), "%s", e->buf);
+	snprintf(e->buf, e->len, "%s: %s", prefix, tmp);
+}
+
+/*
+ * Untrusted text echoed into an error line: at most 32 bytes, anything but
+ * printable ASCII as '?', so a reason stays one line whatever a client sent.
+ */
+static const char *quote(const char *p, size_t n, char out[40])
+{
+	size_t i, k = KS_MIN(n, (size_t)32);
+
+	for (i = 0; i < k; i++)
+		out[i] = (p[i] >= 0x20 && p[i] < 0x7f) ? p[i] : '?';
+	if (n > k) {
+		memcpy(out + k, "...", 3);
+		k += 3;
+	}
+	out[k] = '\0';
+	return out;
+}
+
+static const char *mp_type_name(msgpack_object_type t)
+{
+	switch (t) {
+	case MSGPACK_OBJECT_NIL: return "nil";
+	case MSGPACK_OBJECT_BOOLEAN: return "bool";
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER: return "int";
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64: return "float";
+	case MSGPACK_OBJECT_STR: return "str";
+	case MSGPACK_OBJECT_ARRAY: return "array";
+	case MSGPACK_OBJECT_MAP: return "map";
+	case MSGPACK_OBJECT_BIN: return "bin";
+	case MSGPACK_OBJECT_EXT: return "ext";
+	}
+	return "unknown";
+}
+
+/* ------------------------------------------------------------------------ */
+/* Pass 1: structural scan of one frame                                     */
+/* ------------------------------------------------------------------------ */
+
+/* Big-endian read of @k bytes at p[*off], if they exist. */
+static int mp_be(const uint8_t *p, size_t len, size_t *off, unsigned k, uint64_t *v)
+{
+	if (len - *off < k)
+		return -1;
+	*v = 0;
+	for (unsigned i = 0; i < k; i++)
+		*v = (*v << 8) | p[*off + i];
+	*off += k;
+	return 0;
+}
+
+/*
+ * Check that p[0, len) holds one complete msgpack document and nothing
+ * after it. Returns 0, -EPROTO (truncated, trailing bytes, the never-used
+ * byte c1, nested deeper than PROTO_MAX_DEPTH) or -E2BIG (a container with
+ * more than PROTO_MAX_ELEMS entries).
+ *
+ * The walk keeps, per open container, how many objects it still owes; a
+ * container's count is checked against the bytes left (each entry takes at
+ * least one byte), so the counts are bounded by the frame length.
+ */
+static int mp_scan(const uint8_t *p, size_t len, struct perr *e)
+{
+	uint64_t owed[PROTO_MAX_DEPTH + 1];
+	unsigned depth = 0;
+	size_t off = 0;
+
+	owed[0] = 1;
+	for (;;) {
+		uint64_t skip = 0, entries = 0, v = 0;
+		int is_map = 0, is_container = 0;
+		uint8_t b;
+
+		while (depth > 0 && owed[depth] == 0)
+			depth--;
+		if (depth == 0 && owed[0] == 0)
+			break;
+		owed[depth]--;
+		if (off >= len)
+			return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+		b = p[off++];
+		if (b <= 0x7f || b >= 0xe0) {
+			/* positive/negative fixint */
+		} else if (b <= 0x8f) {
+			entries = b & 0x0f, is_map = 1, is_container = 1;
+		} else if (b <= 0x9f) {
+			entries = b & 0x0f, is_container = 1;
+		} else if (b <= 0xbf) {
+			skip = b & 0x1f;
+		} else {
+			int rc = 0;
+
+			switch (b) {
+			case 0xc0: case 0xc2: case 0xc3: break;
+			case 0xc4: case 0xd9: rc = mp_be(p, len, &off, 1, &skip); break;
+			case 0xc5: case 0xda: rc = mp_be(p, len, &off, 2, &skip); break;
+			case 0xc6: case 0xdb: rc = mp_be(p, len, &off, 4, &skip); break;
+			/* ext 8/16/32: length, then a type byte the length excludes */
+			case 0xc7: rc = mp_be(p, len, &off, 1, &v), skip = v + 1; break;
+			case 0xc8: rc = mp_be(p, len, &off, 2, &v), skip = v + 1; break;
+			case 0xc9: rc = mp_be(p, len, &off, 4, &v), skip = v + 1; break;
+			case 0xca: skip = 4; break;
+			case 0xcb: skip = 8; break;
+			case 0xcc: case 0xd0: skip = 1; break;
+			case 0xcd: case 0xd1: skip = 2; break;
+			case 0xce: case 0xd2: skip = 4; break;
+			case 0xcf: case 0xd3: skip = 8; break;
+			case 0xd4: skip = 2; break;	/* fixext 1..16: type + data */
+			case 0xd5: skip = 3; break;
+			case 0xd6: skip = 5; break;
+			case 0xd7: skip = 9; break;
+			case 0xd8: skip = 17; break;
+			case 0xdc: rc = mp_be(p, len, &off, 2, &entries), is_container = 1; break;
+			case 0xdd: rc = mp_be(p, len, &off, 4, &entries), is_container = 1; break;
+			case 0xde:
+				rc = mp_be(p, len, &off, 2, &entries), is_map = 1, is_container = 1;
+				break;
+			case 0xdf:
+				rc = mp_be(p, len, &off, 4, &entries), is_map = 1, is_container = 1;
+				break;
+			default:	/* 0xc1: never used */
+				return perr_set(e, -EPROTO, "invalid msgpack byte 0x%02x at offset %zu",
+						b, off - 1);
+			}
+			if (rc)
+				return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+		}
+		if (!is_container) {
+			if (skip > len - off)
+				return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+			off += (size_t)skip;
+			continue;
+		}
+		/* every entry takes a byte at least (two for a map's key and value):
+		 * a count the frame cannot hold is truncation, whatever its size */
+		if ((is_map ? 2 * entries : entries) > len - off)
+			return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+		if (entries > PROTO_MAX_ELEMS)
+			return perr_set(e, -E2BIG, "%s of %llu entries exceeds the limit of %u",
+					is_map ? "map" : "array", (unsigned long long)entries,
+					PROTO_MAX_ELEMS);
+		if (is_map)
+			entries *= 2;
+		if (entries == 0)
+			continue;
+		if (depth == PROTO_MAX_DEPTH)
+			return perr_set(e, -EPROTO, "msgpack nested deeper than %u", PROTO_MAX_DEPTH);
+		owed[++depth] = entries;
+	}
+	if (off != len)
+		return perr_set(e, -EPROTO, "%zu trailing bytes after the msgpack document",
+				len - off);
+	return 0;
+}
+
+int proto_check_frame(const struct proto_buf *f, char *err, size_t errlen)
+{
+	struct perr e = { err, errlen };
+
+	if (!f || (!f->data && f->len))
+		return perr_set(&e, -EINVAL, "no frame");
+	if (!f->len)
+		return perr_set(&e, -EPROTO, "empty frame");
+	return mp_scan(f->data, f->len, &e);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Pass 2: object tree and typed getters                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Scan then unpack one frame into @u (destroy it with msgpack_unpacked_destroy). */
+static int doc_open(const struct proto_buf *f, msgpack_unpacked *u, struct perr *e)
+{
+	size_t off = 0;
+	int rc;
+
+	msgpack_unpacked_init(u);
+	rc = proto_check_frame(f, e ? e->buf : NULL, e ? e->len : 0);
+	if (rc)
+		return rc;
+	switch (msgpack_unpack_next(u, (const char *)f->data, f->len, &off)) {
+	case MSGPACK_UNPACK_SUCCESS:
+		break;
+	case MSGPACK_UNPACK_NOMEM_ERROR:
+		msgpack_unpacked_destroy(u);
+		return perr_set(e, -ENOMEM, "out of memory unpacking %zu bytes", f->len);
+	default:	/* mp_scan accepted it: msgpack-c disagrees, treat as bad input */
+		msgpack_unpacked_destroy(u);
+		return perr_set(e, -EPROTO, "malformed msgpack");
+	}
+	if (off != f->len) {
+		msgpack_unpacked_destroy(u);
+		return perr_set(e, -EPROTO, "%zu trailing bytes after the msgpack document",
+				f->len - off);
+	}
+	return 0;
+}
+
+/* Field names in messages: "what" or "what[idx]". */
+#define NO_IDX ((size_t)-1)
+static const char *fname(const char *what, size_t idx, char buf[96])
+{
+	if (idx == NO_IDX)
+		return what;
+	snprintf(buf, 96, "%s[%zu]", what, idx);
+	return buf;
+}
+
+/*
+ * Any msgpack int width, or a bool read as 0/1 (later LMCache coerces
+ * bool<->int, and §2 asks us to accept both), within [min, max] (max >= 0).
+ */
+static int get_i64(const msgpack_object *o, const char *what, size_t idx, int64_t min, int64_t max,
+		   int64_t *out, struct perr *e)
+{
+	char nb[96];
+	int64_t v;
+
+	switch (o->type) {
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		if (o->via.u64 > (uint64_t)max)
+			return perr_set(e, -EPROTO, "%s: %llu out of range [%lld, %lld]",
+					fname(what, idx, nb), (unsigned long long)o->via.u64,
+					(long long)min, (long long)max);
+		v = (int64_t)o->via.u64;
+		break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		v = o->via.i64;
+		break;
+	case MSGPACK_OBJECT_BOOLEAN:
+		v = o->via.boolean ? 1 : 0;
+		break;
+	default:
+		return perr_set(e, -EPROTO, "%s: expected int, got %s", fname(what, idx, nb),
+				mp_type_name(o->type));
+	}
+	if (v < min || v > max)
+		return perr_set(e, -EPROTO, "%s: %lld out of range [%lld, %lld]", fname(what, idx, nb),
+				(long long)v, (long long)min, (long long)max);
+	*out = v;
+	return 0;
+}
+
+/* As get_i64 for unsigned fields up to UINT64_MAX. */
+static int get_u64(const msgpack_object *o, const char *what, uint64_t *out, struct perr *e)
+{
+	switch (o->type) {
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		*out = o->via.u64;
+		return 0;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		return perr_set(e, -EPROTO, "%s: %lld is negative", what, (long long)o->via.i64);
+	case MSGPACK_OBJECT_BOOLEAN:
+		*out = o->via.boolean ? 1 : 0;
+		return 0;
+	default:
+		return perr_set(e, -EPROTO, "%s: expected int, got %s", what, mp_type_name(o->type));
+	}
+}
+
+/*
+ * Copy a str of at most @max bytes into @dst (@max + 1 bytes, NUL-terminated).
+ * Embedded NULs are refused: these strings end up as C strings (paths for
+ * shm_open, names compared as keys), where "a\0b" would silently alias "a".
+ * UTF-8 validity is not checked: the bytes are only compared and echoed back.
+ */
+static int get_str(const msgpack_object *o, const char *what, size_t max, char *dst, size_t *len,
+		   struct perr *e)
+{
+	if (o->type != MSGPACK_OBJECT_STR)
+		return perr_set(e, -EPROTO, "%s: expected str, got %s", what, mp_type_name(o->type));
+	if (o->via.str.size > max)
+		return perr_set(e, -E2BIG, "%s: %u bytes exceeds the limit of %zu", what,
+				o->via.str.size, max);
+	if (o->via.str.size && memchr(o->via.str.ptr, 0, o->via.str.size))
+		return perr_set(e, -EPROTO, "%s: contains a NUL byte", what);
+	if (o->via.str.size)
+		memcpy(dst, o->via.str.ptr, o->via.str.size);
+	dst[o->via.str.size] = '\0';
+	*len = o->via.str.size;
+	return 0;
+}
+
+static bool str_is(const msgpack_object *o, const char *s)
+{
+	size_t n = strlen(s);
+
+	return o->type == MSGPACK_OBJECT_STR && o->via.str.size == n &&
+	       (n == 0 || !memcmp(o->via.str.ptr, s, n));
+}
+
+/* An array of at most @max entries. */
+static int get_array(const msgpack_object *o, const char *what, size_t max, struct perr *e)
+{
+	if (o->type != MSGPACK_OBJECT_ARRAY)
+		return perr_set(e, -EPROTO, "%s: expected array, got %s", what,
+				mp_type_name(o->type));
+	if (o->via.array.size > max)
+		return perr_set(e, -E2BIG, "%s: %u entries exceeds the limit of %zu", what,
+				o->via.array.size, max);
+	return 0;
+}
+
+/*
+ * Look the names in @names up in map @o: @out[i] points at the value of
+ * names[i] or stays NULL. Unknown keys are ignored (msgspec does too); a
+ * repeated key keeps its last value, as a Python dict would. Non-str keys
+ * are refused: no dataclass field has one.
+ */
+static int map_lookup(const msgpack_object *o, const char *what, const char *const *names,
+		      size_t n, const msgpack_object **out, struct perr *e)
+{
+	for (size_t i = 0; i < n; i++)
+		out[i] = NULL;
+	for (uint32_t j = 0; j < o->via.map.size; j++) {
+		const msgpack_object_kv *kv = &o->via.map.ptr[j];
+
+		if (kv->key.type != MSGPACK_OBJECT_STR)
+			return perr_set(e, -EPROTO, "%s: map key of type %s, expected str", what,
+					mp_type_name(kv->key.type));
+		for (size_t i = 0; i < n; i++) {
+			if (str_is(&kv->key, names[i])) {
+				out[i] = &kv->val;
+				break;
+			}
+		}
+	}
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* IPCCacheEngineKey (§4.1)                                                 */
+/* ------------------------------------------------------------------------ */
+
+enum { KF_MODEL, KF_WORLD, KF_WORKER, KF_TOKENS, KF_START, KF_END, KF_REQID, KF_N };
+/* Declaration order: also the array form's field order and the encode order. */
+static const char *const key_fields[KF_N] = {
+	"model_name", "world_size", "worker_id", "token_ids", "start", "end", "request_id",
+};
+
+/*
+ * Decode a key from its map form (looked up by name; chunk_hash, cache_salt
+ * and any other unknown key ignored) or its array form (the 7 fields in
+ * declaration order; trailing chunk_hash/cache_salt ignored).
+ */
+static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr *e)
+{
+	const msgpack_object *f[KF_N];
+	uint32_t *tokens = NULL;
+	size_t n, len;
+	int64_t v;
+	int rc;
+
+	if (o->type == MSGPACK_OBJECT_MAP) {
+		rc = map_lookup(o, "key", key_fields, KF_N, f, e);
+		if (rc)
+			return rc;
+		for (size_t i = 0; i < KF_N; i++)
+			if (!f[i])
+				return perr_set(e, -EPROTO, "key: missing required field %s",
+						key_fields[i]);
+	} else if (o->type == MSGPACK_OBJECT_ARRAY) {
+		if (o->via.array.size < KF_N)
+			return perr_set(e, -EPROTO, "key: array form has %u fields, needs %d",
+					o->via.array.size, KF_N);
+		for (size_t i = 0; i < KF_N; i++)
+			f[i] = &o->via.array.ptr[i];
+	} else {
+		return perr_set(e, -EPROTO, "key: expected map, got %s", mp_type_name(o->type));
+	}
+
+	memset(k, 0, sizeof(*k));
+	rc = get_str(f[KF_MODEL], "key.model_name", KS_MODEL_MAX, k->model, &len, e);
+	if (rc)
+		return rc;
+	k->model_len = (uint16_t)len;
+	/* world_size >= 1: the server divides hits by it (§4.5) */
+	rc = get_i64(f[KF_WORLD], "key.world_size", NO_IDX, 1, UINT32_MAX, &v, e);
+	if (rc)
+		return rc;
+	k->world_size = (uint32_t)v;
+	if (f[KF_WORKER]->type == MSGPACK_OBJECT_NIL) {
+		k->worker_id = -1;
+	} else {
+		/* -1 is our nil: an explicit negative id would alias it */
+		rc = get_i64(f[KF_WORKER], "key.worker_id", NO_IDX, 0, INT32_MAX, &v, e);
+		if (rc)
+			return rc;
+		k->worker_id = (int32_t)v;
+	}
+	rc = get_i64(f[KF_START], "key.start", NO_IDX, 0, INT64_MAX, &k->start, e);
+	if (rc)
+		return rc;
+	rc = get_i64(f[KF_END], "key.end", NO_IDX, 0, INT64_MAX, &k->end, e);
+	if (rc)
+		return rc;
+	rc = get_str(f[KF_REQID], "key.request_id", PROTO_REQUEST_ID_MAX, k->request_id, &len, e);
+	if (rc)
+		return rc;
+	k->request_id_len = (uint16_t)len;
+
+	/* tokens last: the only allocation, so earlier failures free nothing */
+	rc = get_array(f[KF_TOKENS], "key.token_ids", PROTO_MAX_TOKENS, e);
+	if (rc)
+		return rc;
+	n = f[KF_TOKENS]->via.array.size;
+	if (n) {
+		tokens = malloc(n * sizeof(*tokens));
+		if (!tokens)
+			return perr_set(e, -ENOMEM, "key.token_ids: out of memory for %zu tokens", n);
+	}
+	for (size_t i = 0; i < n; i++) {
+		/* §3 errors rule 1: tokens outside [0, 2^32) are a frame-level fault */
+		rc = get_i64(&f[KF_TOKENS]->via.array.ptr[i], "key.token_ids", i, 0, UINT32_MAX, &v,
+			     e);
+		if (rc) {
+			free(tokens);
+			return rc;
+		}
+		tokens[i] = (uint32_t)v;
+	}
+	k->token_ids = tokens;
+	k->ntokens = n;
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* kvstash native KV descriptor (§5.2)                                      */
+/* ------------------------------------------------------------------------ */
+
+enum {
+	DF_KIND, DF_LAYOUT, DF_SHAPE, DF_STRIDE, DF_DTYPE, DF_OFFSET, DF_NBYTES,
+	DF_MEM_HANDLE, DF_DEVICE_UUID, DF_PATH, DF_N
+};
+static const char *const desc_fields[DF_N] = {
+	"kind", "layout", "shape", "stride", "dtype", "offset", "nbytes",
+	"mem_handle", "device_uuid", "path",
+};
+
+/* "GPU-"? then 8-4-4-4-12 hex digits (either case), as str(props.uuid) prints it. */
+static bool uuid_valid(const char *s, size_t n)
+{
+	if (n >= 4 && !memcmp(s, "GPU-", 4))
+		s += 4, n -= 4;
+	if (n != 36)
+		return false;
+	for (size_t i = 0; i < 36; i++) {
+		bool dash = i == 8 || i == 13 || i == 18 || i == 23;
+		char c = s[i];
+
+		if (dash ? c != '-' :
+			   !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f') ||
+			     (c >= 'A' && c <= 'F')))
+			return false;
+	}
+	return true;
+}
+
+/*
+ * Bytes from element 0 to one past the last element: (sum of
+ * (shape[d]-1)*stride[d] + 1) * elem_bytes, every step overflow-checked
+ * (kv_layout_init computes the same value without the checks).
+ */
+static int desc_extent(const struct kv_layout *l, uint64_t *out)
+{
+	uint64_t last = 0, t;
+
+	for (uint32_t d = 0; d < l->ndim; d++) {
+		if (__builtin_mul_overflow((uint64_t)(l->shape[d] - 1), (uint64_t)l->stride[d], &t) ||
+		    __builtin_add_overflow(last, t, &last))
+			return -EOVERFLOW;
+	}
+	if (__builtin_add_overflow(last, 1, &last) ||
+	    __builtin_mul_overflow(last, (uint64_t)l->elem_bytes, out))
+		return -EOVERFLOW;
+	return 0;
+}
+
+static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, struct perr *e)
+{
+	const msgpack_object *f[DF_N];
+	struct kv_layout *l = &d->layout;
+	struct kv_layout tmp;
+	uint64_t extent, end;
+	char q[40], lerr[160];
+	size_t len, ndim;
+	int rc;
+
+	if (o->type == MSGPACK_OBJECT_EXT) {
+		if (o->via.ext.type == 1)
+			return perr_set(e, -EPROTO,
+					"LMCache CudaIPCWrapper (ext 1, a Python pickle) is not "
+					"accepted; send the kvstash native descriptor map "
+					"(protocol.md 5.2)");
+		return perr_set(e, -EPROTO, "ext type %d, expected a descriptor map",
+				(int)o->via.ext.type);
+	}
+	if (o->type != MSGPACK_OBJECT_MAP)
+		return perr_set(e, -EPROTO, "expected a descriptor map, got %s",
+				mp_type_name(o->type));
+	rc = map_lookup(o, "descriptor", desc_fields, DF_N, f, e);
+	if (rc)
+		return rc;
+	static const int required[] = { DF_KIND, DF_SHAPE, DF_STRIDE, DF_DTYPE, DF_NBYTES };
+	for (size_t i = 0; i < KS_ARRAY_SIZE(required); i++)
+		if (!f[required[i]])
+			return perr_set(e, -EPROTO, "missing required field %s",
+					desc_fields[required[i]]);
+
+	memset(d, 0, sizeof(*d));
+	if (str_is(f[DF_KIND], "host_shm"))
+		d->kind = PROTO_KV_HOST_SHM;
+	else if (str_is(f[DF_KIND], "cuda_ipc"))
+		d->kind = PROTO_KV_CUDA_IPC;
+	else if (f[DF_KIND]->type == MSGPACK_OBJECT_STR)
+		return perr_set(e, -EPROTO, "kind '%s' is not cuda_ipc or host_shm",
+				quote(f[DF_KIND]->via.str.ptr, f[DF_KIND]->via.str.size, q));
+	else
+		return perr_set(e, -EPROTO, "kind: expected str, got %s",
+				mp_type_name(f[DF_KIND]->type));
+
+	if (f[DF_DTYPE]->type != MSGPACK_OBJECT_STR)
+		return perr_set(e, -EPROTO, "dtype: expected str, got %s",
+				mp_type_name(f[DF_DTYPE]->type));
+	if (kv_dtype_parse(f[DF_DTYPE]->via.str.ptr, f[DF_DTYPE]->via.str.size, &l->dtype))
+		return perr_set(e, -EPROTO, "unknown dtype '%s'",
+				quote(f[DF_DTYPE]->via.str.ptr, f[DF_DTYPE]->via.str.size, q));
+	l->elem_bytes = kv_dtype_bytes(l->dtype);
+
+	rc = get_array(f[DF_SHAPE], "shape", KV_MAX_DIMS, e);
+	if (rc == -E2BIG)
+		rc = -EPROTO;	/* a 6-dim shape is a bad descriptor, not a big one */
+	if (rc)
+		return rc;
+	ndim = f[DF_SHAPE]->via.array.size;
+	if (ndim != 3 && ndim != 5)
+		return perr_set(e, -EPROTO, "shape has %zu dims, expected 3 (mla) or 5", ndim);
+	if (f[DF_STRIDE]->type != MSGPACK_OBJECT_ARRAY)
+		return perr_set(e, -EPROTO, "stride: expected array, got %s",
+				mp_type_name(f[DF_STRIDE]->type));
+	if (f[DF_STRIDE]->via.array.size != ndim)
+		return perr_set(e, -EPROTO, "stride has %u entries but shape has %zu",
+				f[DF_STRIDE]->via.array.size, ndim);
+	l->ndim = (uint32_t)ndim;
+	for (size_t i = 0; i < ndim; i++) {
+		/* sizes fit the uint32 NB/BS/NH/HS fields of struct kv_layout */
+		rc = get_i64(&f[DF_SHAPE]->via.array.ptr[i], "shape", i, 1, UINT32_MAX,
+			     &l->shape[i], e);
+		if (rc)
+			return rc;
+		rc = get_i64(&f[DF_STRIDE]->via.array.ptr[i], "stride", i, 0, INT64_MAX,
+			     &l->stride[i], e);
+		if (rc)
+			return rc;
+	}
+	if (l->stride[ndim - 1] != 1)
+		return perr_set(e, -EPROTO, "last stride must be 1, got %lld",
+				(long long)l->stride[ndim - 1]);
+
+	if (f[DF_LAYOUT] && f[DF_LAYOUT]->type != MSGPACK_OBJECT_NIL) {
+		if (f[DF_LAYOUT]->type != MSGPACK_OBJECT_STR)
+			return perr_set(e, -EPROTO, "layout: expected str, got %s",
+					mp_type_name(f[DF_LAYOUT]->type));
+		if (kv_layout_kind_parse(f[DF_LAYOUT]->via.str.ptr, f[DF_LAYOUT]->via.str.size,
+					 &l->kind))
+			return perr_set(e, -EPROTO, "unknown layout '%s'",
+					quote(f[DF_LAYOUT]->via.str.ptr,
+					      f[DF_LAYOUT]->via.str.size, q));
+	} else if (kv_layout_infer(l->shape, l->ndim, &l->kind)) {
+		return perr_set(e, -EPROTO,
+				"no layout given and none inferred from the shape "
+				"(needs 3 dims, or shape[0] or shape[1] == 2)");
+	}
+
+	if (f[DF_OFFSET]) {
+		rc = get_u64(f[DF_OFFSET], "offset", &d->offset, e);
+		if (rc)
+			return rc;
+	}
+	rc = get_u64(f[DF_NBYTES], "nbytes", &d->nbytes, e);
+	if (rc)
+		return rc;
+
+	/* The layout rules (dims per kind, overlap, 8-byte rows) live in layout.c;
+	 * run them on a copy, since the derived fields are the server's to fill
+	 * once the layer count is final. */
+	tmp = *l;
+	tmp.num_layers = 1;
+	lerr[0] = '\0';
+	if (kv_layout_init(&tmp, lerr, sizeof(lerr)))
+		return perr_set(e, -EPROTO, "%s", lerr);
+	if (desc_extent(l, &extent) || __builtin_add_overflow(d->offset, extent, &end))
+		return perr_set(e, -EPROTO, "tensor extent overflows 64 bits");
+	if (end > d->nbytes)
+		return perr_set(e, -EPROTO, "offset %llu + extent %llu exceeds nbytes %llu",
+				(unsigned long long)d->offset, (unsigned long long)extent,
+				(unsigned long long)d->nbytes);
+
+	if (d->kind == PROTO_KV_CUDA_IPC) {
+		if (!f[DF_MEM_HANDLE])
+			return perr_set(e, -EPROTO, "cuda_ipc: missing required field mem_handle");
+		if (f[DF_MEM_HANDLE]->type != MSGPACK_OBJECT_BIN)
+			return perr_set(e, -EPROTO, "mem_handle: expected bin, got %s",
+					mp_type_name(f[DF_MEM_HANDLE]->type));
+		if (f[DF_MEM_HANDLE]->via.bin.size != PROTO_MEM_HANDLE_LEN)
+			return perr_set(e, -EPROTO, "mem_handle: %u bytes, expected %u",
+					f[DF_MEM_HANDLE]->via.bin.size, PROTO_MEM_HANDLE_LEN);
+		memcpy(d->mem_handle, f[DF_MEM_HANDLE]->via.bin.ptr, PROTO_MEM_HANDLE_LEN);
+		if (!f[DF_DEVICE_UUID])
+			return perr_set(e, -EPROTO, "cuda_ipc: missing required field device_uuid");
+		rc = get_str(f[DF_DEVICE_UUID], "device_uuid", PROTO_UUID_MAX, d->device_uuid, &len,
+			     e);
+		if (rc)
+			return rc;
+		if (!uuid_valid(d->device_uuid, len))
+			return perr_set(e, -EPROTO,
+					"device_uuid '%s' is not [GPU-]8-4-4-4-12 hex",
+					quote(d->device_uuid, len, q));
+	} else {
+		if (!f[DF_PATH])
+			return perr_set(e, -EPROTO, "host_shm: missing required field path");
+		rc = get_str(f[DF_PATH], "path", PROTO_PATH_MAX, d->path, &len, e);
+		if (rc)
+			return rc;
+		/* both accepted forms, "/shm-name" and an absolute path, start with '/' */
+		if (len == 0 || d->path[0] != '/')
+			return perr_set(e, -EPROTO, "path '%s' must start with '/'",
+					quote(d->path, len, q));
+	}
+	return 0;
+}
+
+/* §5.2: all layers MUST share one kind, dtype, shape and layout. */
+static int desc_same(const struct proto_kv_desc *a, const struct proto_kv_desc *b, struct perr *e)
+{
+	if (a->kind != b->kind)
+		return perr_set(e, -EPROTO, "kind differs from layer 0");
+	if (a->layout.dtype != b->layout.dtype)
+		return perr_set(e, -EPROTO, "dtype differs from layer 0");
+	if (a->layout.kind != b->layout.kind)
+		return perr_set(e, -EPROTO, "layout differs from layer 0");
+	if (a->layout.ndim != b->layout.ndim ||
+	    memcmp(a->layout.shape, b->layout.shape, a->layout.ndim * sizeof(int64_t)))
+		return perr_set(e, -EPROTO, "shape differs from layer 0");
+	return 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Requests                                                                 */
+/* ------------------------------------------------------------------------ */
+
+static const struct {
+	int type;
+	const char *name;
+	uint8_t min_args, max_args;
+} types[] = {
+	{ PROTO_REGISTER_KV_CACHE, "REGISTER_KV_CACHE", 4, 5 },	/* 5th: layout_hints */
+	{ PROTO_UNREGISTER_KV_CACHE, "UNREGISTER_KV_CACHE", 1, 1 },
+	{ PROTO_STORE, "STORE", 4, 4 },
+	{ PROTO_RETRIEVE, "RETRIEVE", 5, 5 },
+	{ PROTO_LOOKUP, "LOOKUP", 2, 2 },
+	{ PROTO_QUERY_PREFETCH_STATUS, "QUERY_PREFETCH_STATUS", 1, 1 },
+	{ PROTO_QUERY_PREFETCH_LOOKUP_HITS, "QUERY_PREFETCH_LOOKUP_HITS", 1, 1 },
+	{ PROTO_FREE_LOOKUP_LOCKS, "FREE_LOOKUP_LOCKS", 2, 2 },
+	{ PROTO_END_SESSION, "END_SESSION", 1, 1 },
+	{ PROTO_CLEAR, "CLEAR", 0, 0 },
+	{ PROTO_GET_CHUNK_SIZE, "GET_CHUNK_SIZE", 0, 0 },
+	{ PROTO_PING, "PING", 0, 1 },	/* later clients add instance_id (§9) */
+	{ PROTO_NOOP, "NOOP", 0, 0 },
+	{ PROTO_KS_LAST_ERROR, "KS_LAST_ERROR", 0, 0 },
+	{ PROTO_KS_STATS, "KS_STATS", 0, 0 },
+};
+
+static int type_index(int64_t type)
+{
+	for (size_t i = 0; i < KS_ARRAY_SIZE(types); i++)
+		if (types[i].type == type)
+			return (int)i;
+	return -1;
+}
+
+const char *proto_type_name(int type)
+{
+	int i = type_index(type);
+
+	return i < 0 ? "UNKNOWN" : types[i].name;
+}
+
+int proto_decode_uid(const struct proto_buf *f, uint64_t *uid)
+{
+	msgpack_unpacked u;
+	int rc = doc_open(f, &u, NULL);
+
+	if (rc)
+		return rc == -ENOMEM ? rc : -EPROTO;
+	if (u.data.type == MSGPACK_OBJECT_POSITIVE_INTEGER)
+		*uid = u.data.via.u64;
+	else
+		rc = -EPROTO;
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+static int decode_type(const struct proto_buf *f, enum proto_type *type, struct perr *e)
+{
+	msgpack_unpacked u;
+	int rc = doc_open(f, &u, e);
+	int64_t v = 0;
+
+	if (rc) {
+		perr_prefix(e, "type frame");
+		return rc == -ENOMEM ? rc : -EPROTO;
+	}
+	if (u.data.type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
+		v = u.data.via.u64 > INT64_MAX ? -1 : (int64_t)u.data.via.u64;
+	} else if (u.data.type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
+		v = -1;
+	} else {
+		rc = perr_set(e, -EPROTO, "type frame: expected int, got %s",
+			      mp_type_name(u.data.type));
+	}
+	msgpack_unpacked_destroy(&u);
+	if (rc)
+		return rc;
+	if (type_index(v) < 0)
+		return perr_set(e, -EBADMSG, "unknown request type %lld", (long long)v);
+	*type = (enum proto_type)v;
+	return 0;
+}
+
+int proto_decode_type(const struct proto_buf *f, enum proto_type *type)
+{
+	return decode_type(f, type, NULL);
+}
+
+/* Argument decoders: @a is the unpacked argument frame, @r the request. */
+static int arg_instance_id(const msgpack_object *a, struct proto_request *r, struct perr *e)
+{
+	int rc = get_i64(a, "instance_id", NO_IDX, INT64_MIN, INT64_MAX, &r->instance_id, e);
+
+	r->has_instance_id = rc == 0;
+	return rc;
+}
+
+static int arg_tp_size(const msgpack_object *a, struct proto_request *r, struct perr *e)
+{
+	int64_t v = 0;
+	int rc = get_i64(a, "tp_size", NO_IDX, 0, UINT32_MAX, &v, e);
+
+	r->tp_size = (uint32_t)v;
+	return rc;
+}
+
+static int arg_event(const msgpack_object *a, struct proto_request *r, struct perr *e)
+{
+	if (a->type != MSGPACK_OBJECT_BIN)
+		return perr_set(e, -EPROTO, "event_ipc_handle: expected bin, got %s",
+				mp_type_name(a->type));
+	/* §5.3: 64 bytes (cudaIpcEventHandle_t) or empty (host path) */
+	if (a->via.bin.size != 0 && a->via.bin.size != PROTO_EVENT_HANDLE_LEN)
+		return perr_set(e, -EPROTO, "event_ipc_handle: %u bytes, expected 0 or %u",
+				a->via.bin.size, PROTO_EVENT_HANDLE_LEN);
+	if (a->via.bin.size)
+		memcpy(r->event, a->via.bin.ptr, a->via.bin.size);
+	r->event_len = a->via.bin.size;
+	return 0;
+}
+
+static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struct perr *e)
+{
+	size_t n;
+	int rc = get_array(a, "gpu_block_ids", PROTO_MAX_BLOCKS, e);
+
+	if (rc)
+		return rc;
+	n = a->via.array.size;
+	if (!n)
+		return 0;
+	r->block_ids = malloc(n * sizeof(*r->block_ids));
+	if (!r->block_ids)
+		return perr_set(e, -ENOMEM, "gpu_block_ids: out of memory for %zu ids", n);
+	r->nblocks = n;
+	for (size_t i = 0; i < n; i++) {
+		rc = get_i64(&a->via.array.ptr[i], "gpu_block_ids", i, 0, INT64_MAX,
+			     &r->block_ids[i], e);
+		if (rc)
+			return rc;	/* the caller frees r */
+	}
+	return 0;
+}
+
+static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struct perr *e)
+{
+	char where[48];
+	size_t n;
+	int rc = get_array(a, "kv_caches", PROTO_MAX_LAYERS, e);
+
+	if (rc)
+		return rc;
+	n = a->via.array.size;
+	if (!n)
+		return perr_set(e, -EPROTO, "kv_caches: no layers");
+	r->layers = calloc(n, sizeof(*r->layers));
+	if (!r->layers)
+		return perr_set(e, -ENOMEM, "kv_caches: out of memory for %zu layers", n);
+	r->nlayers = n;
+	for (size_t i = 0; i < n; i++) {
+		rc = decode_kv_desc(&a->via.array.ptr[i], &r->layers[i], e);
+		if (!rc && i)
+			rc = desc_same(&r->layers[0], &r->layers[i], e);
+		if (rc) {
+			snprintf(where, sizeof(where), "kv_caches[%zu]", i);
+			perr_prefix(e, where);
+			return rc;
+		}
+		r->layers[i].layout.num_layers = (uint32_t)n;
+	}
+	return 0;
+}
+
+/* Decode argument @i of request type @r->type. */
+static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r, struct perr *e)
+{
+	int64_t v = 0;
+	size_t len = 0;
+	int rc;
+
+	switch (r->type) {
+	case PROTO_REGISTER_KV_CACHE:
+		switch (i) {
+		case 0: return arg_instance_id(a, r, e);
+		case 1: return arg_kv_caches(a, r, e);
+		case 2:
+			rc = get_str(a, "model_name", KS_MODEL_MAX, r->model, &len, e);
+			r->model_len = (uint16_t)len;
+			return rc;
+		case 3:
+			rc = get_i64(a, "world_size", NO_IDX, 1, UINT32_MAX, &v, e);
+			r->world_size = (uint32_t)v;
+			return rc;
+		default:
+			return 0;	/* layout_hints: any value, ignored (§3) */
+		}
+	case PROTO_UNREGISTER_KV_CACHE:
+		return arg_instance_id(a, r, e);
+	case PROTO_STORE:
+	case PROTO_RETRIEVE:
+		switch (i) {
+		case 0: return decode_key(a, &r->key, e);
+		case 1: return arg_instance_id(a, r, e);
+		case 2: return arg_block_ids(a, r, e);
+		case 3: return arg_event(a, r, e);
+		default: return get_u64(a, "skip_first_n_tokens", &r->skip_first_n_tokens, e);
+		}
+	case PROTO_LOOKUP:
+	case PROTO_FREE_LOOKUP_LOCKS:
+		return i == 0 ? decode_key(a, &r->key, e) : arg_tp_size(a, r, e);
+	case PROTO_QUERY_PREFETCH_STATUS:
+	case PROTO_QUERY_PREFETCH_LOOKUP_HITS:
+		return get_i64(a, "job_id", NO_IDX, INT64_MIN, INT64_MAX, &r->job_id, e);
+	case PROTO_END_SESSION:
+		rc = get_str(a, "request_id", PROTO_REQUEST_ID_MAX, r->request_id, &len, e);
+		r->request_id_len = (uint16_t)len;
+		return rc;
+	case PROTO_PING:
+		if (a->type == MSGPACK_OBJECT_NIL)
+			return 0;	/* instance_id: nil = untracked */
+		return arg_instance_id(a, r, e);
+	default:
+		return perr_set(e, -EINVAL, "unexpected argument");	/* counts checked before */
+	}
+}
+
+int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
+			 size_t nargs, struct proto_request *req, char *err, size_t errlen)
+{
+	struct perr e = { err, errlen };
+	enum proto_type type;
+	char where[64];
+	int rc, ti;
+
+	if (err && errlen)
+		err[0] = '\0';
+	memset(req, 0, sizeof(*req));
+	req->key.worker_id = -1;
+	if (!type_frame || (nargs && !args))
+		return perr_set(&e, -EINVAL, "no frames");
+	rc = decode_type(type_frame, &type, &e);
+	if (rc)
+		return rc;
+	ti = type_index(type);
+	if (nargs < types[ti].min_args || nargs > types[ti].max_args) {
+		if (types[ti].min_args == types[ti].max_args)
+			return perr_set(&e, -EINVAL, "%s: %zu argument frames, expected %u",
+					types[ti].name, nargs, types[ti].min_args);
+		return perr_set(&e, -EINVAL, "%s: %zu argument frames, expected %u to %u",
+				types[ti].name, nargs, types[ti].min_args, types[ti].max_args);
+	}
+	req->type = type;
+	for (size_t i = 0; i < nargs; i++) {
+		msgpack_unpacked u;
+
+		rc = doc_open(&args[i], &u, &e);
+		if (!rc) {
+			rc = decode_arg(&u.data, i, req, &e);
+			msgpack_unpacked_destroy(&u);
+		}
+		if (rc) {
+			snprintf(where, sizeof(where), "%s arg %zu", types[ti].name, i);
+			perr_prefix(&e, where);
+			proto_request_free(req);
+			memset(req, 0, sizeof(*req));
+			req->key.worker_id = -1;
+			return rc;
+		}
+	}
+	return 0;
+}
+
+void proto_request_free(struct proto_request *req)
+{
+	if (!req)
+		return;
+	free(req->key.token_ids);
+	req->key.token_ids = NULL;
+	req->key.ntokens = 0;
+	free(req->layers);
+	req->layers = NULL;
+	req->nlayers = 0;
+	free(req->block_ids);
+	req->block_ids = NULL;
+	req->nblocks = 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Encoders                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * msgpack-c's packers return 0 or -1, and the sbuffer callback fails only
+ * when realloc does, so any nonzero result below means -ENOMEM. Every
+ * integer goes through msgpack_pack_int64/uint64, which choose the smallest
+ * form (positive fixint, then cc..cf; negative fixint, then d0..d3), as
+ * msgspec does.
+ */
+struct enc {
+	msgpack_sbuffer sb;
+	msgpack_packer pk;
+};
+
+static void enc_init(struct enc *x)
+{
+	msgpack_sbuffer_init(&x->sb);
+	msgpack_packer_init(&x->pk, &x->sb, msgpack_sbuffer_write);
+}
+
+/* Hand the buffer to @m (rc == 0) or drop it. */
+static int enc_finish(struct enc *x, int rc, struct proto_msg *m)
+{
+	if (rc) {
+		msgpack_sbuffer_destroy(&x->sb);
+		m->data = NULL;
+		m->len = 0;
+		return -ENOMEM;
+	}
+	m->len = x->sb.size;
+	m->data = (uint8_t *)msgpack_sbuffer_release(&x->sb);
+	return 0;
+}
+
+/* Never pass NULL as a body: msgpack-c memcpy()s it even for length 0. */
+static const char empty[1];
+
+/* Like the msgpack_pack_* calls: 0, or nonzero when out of memory or over 4 GiB. */
+static int pack_strn(msgpack_packer *pk, const char *s, size_t n)
+{
+	if (n > UINT32_MAX)
+		return -1;
+	return msgpack_pack_str(pk, n) || msgpack_pack_str_body(pk, n ? s : empty, n);
+}
+
+static int pack_str(msgpack_packer *pk, const char *s)
+{
+	return pack_strn(pk, s, strlen(s));
+}
+
+static int pack_bin(msgpack_packer *pk, const uint8_t *b, size_t n)
+{
+	if (n > UINT32_MAX)
+		return -1;
+	return msgpack_pack_bin(pk, n) || msgpack_pack_bin_body(pk, n ? (const void *)b : empty, n);
+}
+
+void proto_msg_free(struct proto_msg *m)
+{
+	if (!m)
+		return;
+	free(m->data);
+	m->data = NULL;
+	m->len = 0;
+}
+
+int proto_encode_nil(struct proto_msg *m)
+{
+	struct enc x;
+
+	enc_init(&x);
+	return enc_finish(&x, msgpack_pack_nil(&x.pk), m);
+}
+
+int proto_encode_bool(struct proto_msg *m, bool v)
+{
+	struct enc x;
+
+	enc_init(&x);
+	return enc_finish(&x, v ? msgpack_pack_true(&x.pk) : msgpack_pack_false(&x.pk), m);
+}
+
+int proto_encode_int(struct proto_msg *m, int64_t v)
+{
+	struct enc x;
+
+	enc_init(&x);
+	return enc_finish(&x, msgpack_pack_int64(&x.pk, v), m);
+}
+
+int proto_encode_str(struct proto_msg *m, const char *s)
+{
+	struct enc x;
+
+	enc_init(&x);
+	return enc_finish(&x, pack_str(&x.pk, s ? s : ""), m);
+}
+
+int proto_encode_xfer_reply(struct proto_msg *m, const uint8_t *event, size_t event_len, bool ok)
+{
+	struct enc x;
+	int rc;
+
+	if (event_len && !event) {
+		m->data = NULL, m->len = 0;
+		return -EINVAL;
+	}
+	enc_init(&x);
+	rc = msgpack_pack_array(&x.pk, 2) || pack_bin(&x.pk, event, event_len) ||
+	     (ok ? msgpack_pack_true(&x.pk) : msgpack_pack_false(&x.pk));
+	return enc_finish(&x, rc, m);
+}
+
+int proto_encode_stats(struct proto_msg *m, const char *const *names, const uint64_t *values,
+		       size_t n)
+{
+	struct enc x;
+	int rc;
+
+	m->data = NULL, m->len = 0;
+	if (n && (!names || !values))
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++)
+		if (!names[i])
+			return -EINVAL;
+	if (n > UINT32_MAX)
+		return -EINVAL;
+	enc_init(&x);
+	rc = msgpack_pack_map(&x.pk, n);
+	for (size_t i = 0; i < n && !rc; i++)
+		rc = pack_str(&x.pk, names[i]) || msgpack_pack_uint64(&x.pk, values[i]);
+	return enc_finish(&x, rc, m);
+}
+
+int proto_encode_key(struct proto_msg *m, const struct proto_key *k)
+{
+	struct enc x;
+	int rc;
+
+	m->data = NULL, m->len = 0;
+	if (!k || k->model_len > KS_MODEL_MAX || k->request_id_len > PROTO_REQUEST_ID_MAX ||
+	    (k->ntokens && !k->token_ids) || k->worker_id < -1 || k->ntokens > UINT32_MAX)
+		return -EINVAL;
+	enc_init(&x);
+	/* the pinned client's 7 fields, in declaration order (§8: 77-byte example) */
+	rc = msgpack_pack_map(&x.pk, KF_N) ||
+	     pack_str(&x.pk, key_fields[KF_MODEL]) || pack_strn(&x.pk, k->model, k->model_len) ||
+	     pack_str(&x.pk, key_fields[KF_WORLD]) || msgpack_pack_uint64(&x.pk, k->world_size) ||
+	     pack_str(&x.pk, key_fields[KF_WORKER]) ||
+	     (k->worker_id < 0 ? msgpack_pack_nil(&x.pk) : msgpack_pack_int64(&x.pk, k->worker_id)) ||
+	     pack_str(&x.pk, key_fields[KF_TOKENS]) || msgpack_pack_array(&x.pk, k->ntokens);
+	for (size_t i = 0; i < k->ntokens && !rc; i++)
+		rc = msgpack_pack_uint64(&x.pk, k->token_ids[i]);
+	rc = rc ||
+	     pack_str(&x.pk, key_fields[KF_START]) || msgpack_pack_int64(&x.pk, k->start) ||
+	     pack_str(&x.pk, key_fields[KF_END]) || msgpack_pack_int64(&x.pk, k->end) ||
+	     pack_str(&x.pk, key_fields[KF_REQID]) ||
+	     pack_strn(&x.pk, k->request_id, k->request_id_len);
+	return enc_finish(&x, rc, m);
+}
+
+static int pack_i64_list(msgpack_packer *pk, const int64_t *v, size_t n)
+{
+	int rc = msgpack_pack_array(pk, n);
+
+	for (size_t i = 0; i < n && !rc; i++)
+		rc = msgpack_pack_int64(pk, v[i]);
+	return rc;
+}
+
+int proto_encode_kv_descs(struct proto_msg *m, const struct proto_kv_desc *d, size_t n)
+{
+	struct enc x;
+	int rc;
+
+	m->data = NULL, m->len = 0;
+	if ((n && !d) || n > UINT32_MAX)
+		return -EINVAL;
+	for (size_t i = 0; i < n; i++) {
+		const struct kv_layout *l = &d[i].layout;
+
+		if ((l->ndim != 3 && l->ndim != 5) ||
+		    (d[i].kind != PROTO_KV_HOST_SHM && d[i].kind != PROTO_KV_CUDA_IPC) ||
+		    !kv_dtype_bytes(l->dtype) ||
+		    !strcmp(kv_layout_kind_name(l->kind), "unknown"))
+			return -EINVAL;
+	}
+	enc_init(&x);
+	rc = msgpack_pack_array(&x.pk, n);
+	for (size_t i = 0; i < n && !rc; i++) {
+		const struct proto_kv_desc *di = &d[i];
+		const struct kv_layout *l = &di->layout;
+		bool cuda = di->kind == PROTO_KV_CUDA_IPC;
+
+		rc = msgpack_pack_map(&x.pk, cuda ? 9 : 8) ||
+		     pack_str(&x.pk, "kind") || pack_str(&x.pk, cuda ? "cuda_ipc" : "host_shm") ||
+		     pack_str(&x.pk, "layout") || pack_str(&x.pk, kv_layout_kind_name(l->kind)) ||
+		     pack_str(&x.pk, "shape") || pack_i64_list(&x.pk, l->shape, l->ndim) ||
+		     pack_str(&x.pk, "stride") || pack_i64_list(&x.pk, l->stride, l->ndim) ||
+		     pack_str(&x.pk, "dtype") || pack_str(&x.pk, kv_dtype_name(l->dtype)) ||
+		     pack_str(&x.pk, "offset") || msgpack_pack_uint64(&x.pk, di->offset) ||
+		     pack_str(&x.pk, "nbytes") || msgpack_pack_uint64(&x.pk, di->nbytes);
+		if (rc)
+			break;
+		if (cuda)
+			rc = pack_str(&x.pk, "mem_handle") ||
+			     pack_bin(&x.pk, di->mem_handle, PROTO_MEM_HANDLE_LEN) ||
+			     pack_str(&x.pk, "device_uuid") ||
+			     pack_strn(&x.pk, di->device_uuid,
+				       strnlen(di->device_uuid, sizeof(di->device_uuid)));
+		else
+			rc = pack_str(&x.pk, "path") ||
+			     pack_strn(&x.pk, di->path, strnlen(di->path, sizeof(di->path)));
+	}
+	return enc_finish(&x, rc, m);
+}
+
+int proto_encode_int_list(struct proto_msg *m, const int64_t *v, size_t n)
+{
+	struct enc x;
+
+	m->data = NULL, m->len = 0;
+	if ((n && !v) || n > UINT32_MAX)
+		return -EINVAL;
+	enc_init(&x);
+	return enc_finish(&x, pack_i64_list(&x.pk, v, n), m);
+}
+
+int proto_encode_bin(struct proto_msg *m, const uint8_t *b, size_t n)
+{
+	struct enc x;
+
+	m->data = NULL, m->len = 0;
+	if ((n && !b) || n > UINT32_MAX)
+		return -EINVAL;
+	enc_init(&x);
+	return enc_finish(&x, pack_bin(&x.pk, b, n), m);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Replies (client side)                                                    */
+/* ------------------------------------------------------------------------ */
+
+int proto_decode_reply(const struct proto_buf *f, struct proto_reply *out)
+{
+	const msgpack_object *o;
+	msgpack_unpacked u;
+	int rc = doc_open(f, &u, NULL);
+
+	if (rc)
+		return rc == -ENOMEM ? rc : -EPROTO;
+	o = &u.data;
+	/* reset the scalars only: clearing the 10 KB of map arrays per reply is waste */
+	out->kind = PROTO_REPLY_NIL;
+	out->b = false;
+	out->i = 0;
+	out->str[0] = '\0';
+	out->event_len = 0;
+	out->map_n = 0;
+	rc = -EPROTO;
+	switch (o->type) {
+	case MSGPACK_OBJECT_NIL:
+		out->kind = PROTO_REPLY_NIL;
+		rc = 0;
+		break;
+	case MSGPACK_OBJECT_BOOLEAN:
+		out->kind = PROTO_REPLY_BOOL;
+		out->b = o->via.boolean;
+		rc = 0;
+		break;
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		if (o->via.u64 > INT64_MAX)
+			break;
+		out->kind = PROTO_REPLY_INT;
+		out->i = (int64_t)o->via.u64;
+		rc = 0;
+		break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		out->kind = PROTO_REPLY_INT;
+		out->i = o->via.i64;
+		rc = 0;
+		break;
+	case MSGPACK_OBJECT_STR: {
+		size_t n = KS_MIN((size_t)o->via.str.size, (size_t)PROTO_REPLY_STR_MAX);
+
+		out->kind = PROTO_REPLY_STR;
+		if (n)
+			memcpy(out->str, o->via.str.ptr, n);
+		out->str[n] = '\0';
+		rc = 0;
+		break;
+	}
+	case MSGPACK_OBJECT_ARRAY: {
+		/* [bin event, bool ok]; ok may come as 0/1 from a coercing encoder (§2) */
+		const msgpack_object *ev, *ok;
+
+		if (o->via.array.size != 2)
+			break;
+		ev = &o->via.array.ptr[0];
+		ok = &o->via.array.ptr[1];
+		if (ev->type != MSGPACK_OBJECT_BIN ||
+		    (ev->via.bin.size != 0 && ev->via.bin.size != PROTO_EVENT_HANDLE_LEN))
+			break;
+		if (ok->type == MSGPACK_OBJECT_BOOLEAN)
+			out->b = ok->via.boolean;
+		else if (ok->type == MSGPACK_OBJECT_POSITIVE_INTEGER && ok->via.u64 <= 1)
+			out->b = ok->via.u64 == 1;
+		else
+			break;
+		out->kind = PROTO_REPLY_XFER;
+		if (ev->via.bin.size)
+			memcpy(out->event, ev->via.bin.ptr, ev->via.bin.size);
+		out->event_len = ev->via.bin.size;
+		rc = 0;
+		break;
+	}
+	case MSGPACK_OBJECT_MAP:
+		if (o->via.map.size > PROTO_REPLY_MAP_MAX)
+			break;
+		rc = 0;
+		for (uint32_t j = 0; j < o->via.map.size && !rc; j++) {
+			const msgpack_object_kv *kv = &o->via.map.ptr[j];
+
+			if (kv->key.type != MSGPACK_OBJECT_STR ||
+			    kv->key.via.str.size >= sizeof(out->map_keys[0]) ||
+			    kv->val.type != MSGPACK_OBJECT_POSITIVE_INTEGER) {
+				rc = -EPROTO;
+				break;
+			}
+			if (kv->key.via.str.size)
+				memcpy(out->map_keys[j], kv->key.via.str.ptr, kv->key.via.str.size);
+			out->map_keys[j][kv->key.via.str.size] = '\0';
+			out->map_vals[j] = kv->val.via.u64;
+		}
+		if (!rc) {
+			out->kind = PROTO_REPLY_MAP;
+			out->map_n = o->via.map.size;
+		}
+		break;
+	default:
+		break;
+	}
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}

@@ -1,0 +1,1628 @@
+/*
+ * server.c - the io thread: the ROUTER socket, request dispatch, instance
+ * registry, lookup jobs, per-request hash sessions, and the host transfer
+ * jobs' run() functions.
+ *
+ * DESIGN: one io thread owns the ZMQ socket (ZMQ sockets are not
+ * thread-safe) and everything only it touches: the instance registry, the
+ * session hash cache, the lookup job table and the per-client last-error
+ * table, so none of them has a lock. It answers PING, NOOP,
+ * GET_CHUNK_SIZE, LOOKUP, the QUERY_* calls, FREE_LOOKUP_LOCKS,
+ * END_SESSION, CLEAR, REGISTER and UNREGISTER inline; these touch only
+ * the index (shard, LRU and pool locks, each briefly) and never wait on a
+ * transfer. STORE and RETRIEVE are validated, hashed and given their index
+ * entries (reserved or pinned) here, then queued to the transfer engine;
+ * workers copy with no lock held and commit/unpin, and the io thread sends
+ * the reply when the job comes back through the completion eventfd.
+ *
+ * Instances are shared with workers by reference count: a queued job holds
+ * a reference, so UNREGISTER or the reaper never unmaps memory under a
+ * running copy; the last reference unmaps.
+ *
+ * Lock ordering (full list in docs/architecture.md): this file defines no
+ * lock. It calls idx_* and pool_* (shard > LRU > pool) and xfer_* (queue,
+ * a leaf) one at a time, never nested, and holds none across zmq calls.
+ */
+#include "server.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "compiler.h"
+#include "hash.h"
+#include "index.h"
+#include "layout.h"
+#include "lock.h"
+#include "log.h"
+#include "pool.h"
+#include "protocol.h"
+#include "transfer.h"
+#include "transfer_host.h"
+
+/* Frames in one request: identity + uid + type + up to 5 arguments, with room. */
+#define SRV_MAX_FRAMES 16
+/* Messages handled per poll round before completions and timers get a turn. */
+#define SRV_RECV_BATCH 64
+/* Housekeeping period: TTL expiry, session GC, reaper. */
+#define SRV_TICK_MS 100
+/* Lookup job table: ids older than this many LOOKUPs ago read as unknown. */
+#define SRV_JOB_SLOTS 65536u
+/* Per-client last-error table (direct-mapped by identity hash). */
+#define SRV_LAST_ERROR_SLOTS 1024u
+#define SRV_ERR_MAX 256
+/* Sessions: bucket count and the most kept at once (oldest dropped first). */
+#define SRV_SESSION_BUCKETS 4096u
+#define SRV_SESSION_MAX 65536u
+/* How long shutdown lets queued transfers finish before failing them. */
+#define SRV_DRAIN_MS 5000
+/* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
+#define SRV_IDENTITY_MAX 255
+#define SRV_SMALL_FRAME_MAX 16	/* uid and type frames: one msgpack int */
+
+/* ------------------------------------------------------------------------ */
+/* Types                                                                    */
+
+struct srv_mapping {
+	void *base;
+	size_t len;
+	char path[PROTO_PATH_MAX + 1];
+};
+
+/* One engine worker's registration (REGISTER_KV_CACHE). */
+struct srv_instance {
+	_Atomic int refs;	/* registry + each queued job; last put unmaps */
+	int64_t id;
+	char model[KS_MODEL_MAX + 1];
+	uint16_t model_len;
+	uint32_t world_size;
+	struct kv_layout layout;
+	uint64_t object_bytes;
+	void **layer_ptrs;	/* [num_layers] element 0 of each layer; owned */
+	struct srv_mapping *maps;	/* owned */
+	size_t nmaps;
+	uint64_t registered_ms;
+	uint64_t last_ping_ms;	/* 0 = never pinged with its id */
+	struct srv_instance *next;	/* registry list (io thread) */
+};
+
+struct srv_reply_addr {
+	uint8_t identity[SRV_IDENTITY_MAX];
+	size_t identity_len;
+	uint8_t uid[SRV_SMALL_FRAME_MAX];
+	size_t uid_len;
+	uint8_t type[SRV_SMALL_FRAME_MAX];
+	size_t type_len;
+};
+
+struct srv_xfer_job {
+	struct xfer_job base;	/* first: the engine hands this pointer back */
+	struct srv *srv;
+	struct srv_reply_addr addr;
+	enum proto_type op;
+	struct srv_instance *inst;	/* reference held */
+	uint32_t chunk_tokens;
+	uint32_t nchunks;
+	struct ks_key *keys;		/* [nchunks] */
+	struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
+	int64_t *slots;			/* [nchunks * chunk_tokens] paged slots */
+	uint64_t skip_tokens;		/* RETRIEVE */
+	int result;			/* 0 or -errno, set by run() */
+	char err[SRV_ERR_MAX];
+	uint32_t committed;		/* STORE: chunks made READY */
+};
+
+struct srv_lookup_job {
+	int64_t id;		/* -1 = empty */
+	int64_t chunks;
+};
+
+struct srv_session {
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+	uint32_t *tokens;	/* the tokens the hashes cover; owned */
+	uint8_t (*hashes)[KS_HASH_LEN];	/* owned */
+	size_t nchunks, cap;	/* hashes held / allocated */
+	uint64_t last_used_ms;
+	struct srv_session *next;
+};
+
+struct srv_last_error {
+	uint8_t identity[SRV_IDENTITY_MAX];
+	size_t identity_len;
+	char msg[SRV_ERR_MAX];
+};
+
+/* Counters; the io thread writes most, workers a few: all atomics. */
+struct srv_counters {
+	_Atomic uint64_t requests[PROTO_NOOP + 1];
+	_Atomic uint64_t frame_faults;
+	_Atomic uint64_t semantic_errors;
+	_Atomic uint64_t replies_dropped;
+	_Atomic uint64_t store_chunks_stored;
+	_Atomic uint64_t store_chunks_skipped;
+	_Atomic uint64_t store_chunks_nospace;
+	_Atomic uint64_t store_chunks_lost;	/* commit found the reservation expired/cleared */
+	_Atomic uint64_t retrieve_ok;
+	_Atomic uint64_t retrieve_miss;
+	_Atomic uint64_t bytes_stored;
+	_Atomic uint64_t bytes_retrieved;
+	_Atomic uint64_t lookup_hit_chunks;
+	_Atomic uint64_t instances_reaped;
+	_Atomic uint64_t copy_faults;	/* SIGBUS while copying a client's buffer */
+};
+
+struct srv {
+	struct srv_config cfg;
+	char endpoint[512];
+	void *zctx, *sock;
+	int stop_fd;
+	struct pool *pool;
+	struct idx *idx;
+	struct xfer_engine *host_xfer;
+	uint8_t none_hash[KS_HASH_LEN];
+	struct srv_instance *instances;
+	struct srv_lookup_job *jobs;	/* [SRV_JOB_SLOTS] */
+	int64_t next_job_id;
+	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
+	size_t nsessions;
+	struct srv_last_error *last_errors;	/* [SRV_LAST_ERROR_SLOTS] */
+	uint64_t last_tick_ms;
+	struct srv_counters ctr;
+	/* Scratch for hashing and key expansion (io thread only). */
+	uint8_t (*hash_buf)[KS_HASH_LEN];
+	size_t hash_cap;
+	struct ks_key *key_buf;
+	size_t key_cap;
+};
+
+/* ------------------------------------------------------------------------ */
+/* Copy guard: a client that shrinks its shared file under us raises        */
+/* SIGBUS in the copying thread; turn that into a failed job, not a crash.   */
+
+static _Thread_local sigjmp_buf *copy_jmp;
+static struct sigaction prev_sigbus;
+
+static void sigbus_handler(int sig, siginfo_t *si, void *uc)
+{
+	if (copy_jmp)
+		siglongjmp(*copy_jmp, 1);
+	/* Not ours: behave as before we were installed. */
+	sigaction(SIGBUS, &prev_sigbus, NULL);
+	(void)si;
+	(void)uc;
+	raise(sig);
+}
+
+static void install_sigbus_guard(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = sigbus_handler;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, &prev_sigbus);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                            */
+
+static void count_request(struct srv *s, enum proto_type t)
+{
+	if ((unsigned)t <= PROTO_NOOP)
+		atomic_fetch_add_explicit(&s->ctr.requests[t], 1, memory_order_relaxed);
+}
+
+static inline void ctr_add(_Atomic uint64_t *c, uint64_t v)
+{
+	atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+static uint64_t identity_hash(const uint8_t *id, size_t len)
+{
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	for (size_t i = 0; i < len; i++)
+		h = (h ^ id[i]) * 0x100000001b3ull;
+	return h;
+}
+
+static void identity_hex(const struct srv_reply_addr *a, char *out, size_t cap)
+{
+	size_t n = 0;
+
+	for (size_t i = 0; i < a->identity_len && n + 3 < cap && i < 16; i++)
+		n += (size_t)snprintf(out + n, cap - n, "%02x", a->identity[i]);
+	out[n] = '\0';
+}
+
+/* Remember @msg as @addr's last error (PROTO_KS_LAST_ERROR) and log it. */
+static void KS_PRINTF(3, 4) set_last_error(struct srv *s, const struct srv_reply_addr *addr,
+					   const char *fmt, ...)
+{
+	struct srv_last_error *le =
+		&s->last_errors[identity_hash(addr->identity, addr->identity_len) %
+				SRV_LAST_ERROR_SLOTS];
+	char who[40];
+	va_list ap;
+
+	va_start(ap, fmt);
+	vsnprintf(le->msg, sizeof(le->msg), fmt, ap);
+	va_end(ap);
+	memcpy(le->identity, addr->identity, addr->identity_len);
+	le->identity_len = addr->identity_len;
+	identity_hex(addr, who, sizeof(who));
+	log_warn("client %s: %s", who, le->msg);
+}
+
+static char *get_last_error(struct srv *s, const struct srv_reply_addr *addr)
+{
+	struct srv_last_error *le =
+		&s->last_errors[identity_hash(addr->identity, addr->identity_len) %
+				SRV_LAST_ERROR_SLOTS];
+
+	if (le->identity_len == addr->identity_len &&
+	    !memcmp(le->identity, addr->identity, addr->identity_len))
+		return le->msg;
+	static char none[1];
+	none[0] = '\0';
+	return none;
+}
+
+/* Send [identity, uid, type, response]. Never blocks: a full peer drops it. */
+static void send_reply(struct srv *s, const struct srv_reply_addr *a, const struct proto_msg *m)
+{
+	ks_assert_unlocked();
+	if (zmq_send(s->sock, a->identity, a->identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+	    zmq_send(s->sock, a->uid, a->uid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+	    zmq_send(s->sock, a->type, a->type_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+	    zmq_send(s->sock, m->data, m->len, ZMQ_DONTWAIT) < 0) {
+		ctr_add(&s->ctr.replies_dropped, 1);
+		log_debug("reply dropped: %s", zmq_strerror(zmq_errno()));
+	}
+}
+
+static void reply_nil(struct srv *s, const struct srv_reply_addr *a)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_nil(&m) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+static void reply_bool(struct srv *s, const struct srv_reply_addr *a, bool v)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_bool(&m, v) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+static void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_int(&m, v) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+static void reply_str(struct srv *s, const struct srv_reply_addr *a, const char *v)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_str(&m, v) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+/* [c4 00, ok]: the host path's reply (protocol.md §5.3). */
+static void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_xfer_reply(&m, NULL, 0, ok) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Instances                                                                */
+
+static void instance_put(struct srv_instance *in)
+{
+	if (atomic_fetch_sub_explicit(&in->refs, 1, memory_order_acq_rel) != 1)
+		return;
+	ks_assert_unlocked();
+	for (size_t i = 0; i < in->nmaps; i++)
+		if (in->maps[i].base)
+			munmap(in->maps[i].base, in->maps[i].len);
+	free(in->maps);
+	free(in->layer_ptrs);
+	free(in);
+}
+
+static struct srv_instance *instance_find(struct srv *s, int64_t id)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->id == id)
+			return in;
+	return NULL;
+}
+
+/* Unlink @id from the registry and drop the registry's reference. */
+static bool instance_remove(struct srv *s, int64_t id)
+{
+	for (struct srv_instance **pp = &s->instances; *pp; pp = &(*pp)->next) {
+		struct srv_instance *in = *pp;
+
+		if (in->id == id) {
+			*pp = in->next;
+			in->next = NULL;
+			instance_put(in);
+			return true;
+		}
+	}
+	return false;
+}
+
+static bool model_registered(struct srv *s, const char *model, size_t len, uint32_t world_size)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->world_size == world_size && in->model_len == len &&
+		    !memcmp(in->model, model, len))
+			return true;
+	return false;
+}
+
+/* Map @path (a POSIX shm name or a file path) read-write, @need bytes at least. */
+static int map_host_buffer(const char *path, uint64_t need, struct srv_mapping *m, char *err,
+			   size_t errlen)
+{
+	struct stat st;
+	int fd, rc = 0;
+
+	if (path[0] == '/' && !strchr(path + 1, '/'))
+		fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+	else if (path[0] == '/')
+		fd = open(path, O_RDWR | O_CLOEXEC);
+	else {
+		snprintf(err, errlen, "path '%s' is neither a shm name nor an absolute path", path);
+		return -EINVAL;
+	}
+	if (fd < 0) {
+		rc = -errno;
+		snprintf(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+		return rc;
+	}
+	if (fstat(fd, &st) < 0) {
+		rc = -errno;
+		snprintf(err, errlen, "fstat '%s': %s", path, strerror(errno));
+		goto out_close;
+	}
+	if ((uint64_t)st.st_size < need) {
+		snprintf(err, errlen, "'%s' holds %lld bytes, the registration needs %" PRIu64, path,
+			 (long long)st.st_size, need);
+		rc = -EINVAL;
+		goto out_close;
+	}
+	m->len = (size_t)need;
+	m->base = mmap(NULL, m->len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m->base == MAP_FAILED) {
+		rc = -errno;
+		m->base = NULL;
+		snprintf(err, errlen, "mmap '%s' (%zu bytes): %s", path, m->len, strerror(errno));
+		goto out_close;
+	}
+	snprintf(m->path, sizeof(m->path), "%s", path);
+out_close:
+	close(fd);
+	return rc;
+}
+
+/*
+ * Build an instance from a REGISTER request. All layers must share kind,
+ * dtype, shape and stride. Each distinct path is mapped once, covering the
+ * largest nbytes any layer gives for it.
+ */
+static int instance_build(struct srv *s, const struct proto_request *rq,
+			  struct srv_instance **out, char *err, size_t errlen)
+{
+	struct srv_instance *in;
+	const struct proto_kv_desc *d0 = &rq->layers[0];
+	int rc;
+
+	if (rq->nlayers == 0) {
+		snprintf(err, errlen, "kv_caches is empty");
+		return -EINVAL;
+	}
+	if (rq->world_size == 0 || rq->world_size > 255) {
+		snprintf(err, errlen, "world_size %u out of range 1..255", rq->world_size);
+		return -EINVAL;
+	}
+	for (size_t l = 0; l < rq->nlayers; l++) {
+		const struct proto_kv_desc *d = &rq->layers[l];
+
+		if (d->kind != d0->kind || d->layout.kind != d0->layout.kind ||
+		    d->layout.dtype != d0->layout.dtype || d->layout.ndim != d0->layout.ndim ||
+		    memcmp(d->layout.shape, d0->layout.shape, sizeof(d->layout.shape)) ||
+		    memcmp(d->layout.stride, d0->layout.stride, sizeof(d->layout.stride))) {
+			snprintf(err, errlen, "layer %zu differs from layer 0 in kind, layout, dtype, "
+				 "shape or stride", l);
+			return -EINVAL;
+		}
+	}
+	if (d0->kind != PROTO_KV_HOST_SHM) {
+		snprintf(err, errlen, "kv_caches kind cuda_ipc needs the CUDA backend, which this "
+			 "kvstashd does not have");
+		return -EOPNOTSUPP;
+	}
+
+	in = calloc(1, sizeof(*in));
+	if (!in)
+		return -ENOMEM;
+	atomic_init(&in->refs, 1);
+	in->id = rq->instance_id;
+	memcpy(in->model, rq->model, rq->model_len);
+	in->model_len = rq->model_len;
+	in->world_size = rq->world_size;
+	in->layout = d0->layout;
+	in->layout.num_layers = (uint32_t)rq->nlayers;
+	rc = kv_layout_init(&in->layout, err, errlen);
+	if (rc)
+		goto out_put;
+	if (s->cfg.chunk_tokens % in->layout.block_size) {
+		snprintf(err, errlen, "chunk size %u is not a multiple of block size %u",
+			 s->cfg.chunk_tokens, in->layout.block_size);
+		rc = -EINVAL;
+		goto out_put;
+	}
+	in->object_bytes = kv_object_bytes(&in->layout, s->cfg.chunk_tokens);
+	rc = pool_configure_slots(s->pool, in->object_bytes);
+	if (rc) {
+		snprintf(err, errlen, "objects of %" PRIu64 " bytes do not fit the pool's %" PRIu64
+			 "-byte slots (layout mismatch with the first registration, or pool too small)",
+			 in->object_bytes, pool_slot_bytes(s->pool));
+		goto out_put;
+	}
+	in->layer_ptrs = calloc(rq->nlayers, sizeof(*in->layer_ptrs));
+	in->maps = calloc(rq->nlayers, sizeof(*in->maps));
+	if (!in->layer_ptrs || !in->maps) {
+		rc = -ENOMEM;
+		goto out_put;
+	}
+	for (size_t l = 0; l < rq->nlayers; l++) {
+		const struct proto_kv_desc *d = &rq->layers[l];
+		uint64_t need = 0, end = d->offset + in->layout.extent_bytes;
+		size_t m;
+
+		if (d->offset > d->nbytes || end > d->nbytes || end < d->offset) {
+			snprintf(err, errlen, "layer %zu: offset %" PRIu64 " + extent %" PRIu64
+				 " exceeds nbytes %" PRIu64, l, d->offset, in->layout.extent_bytes,
+				 d->nbytes);
+			rc = -EINVAL;
+			goto out_put;
+		}
+		if (d->offset % in->layout.elem_bytes) {
+			snprintf(err, errlen, "layer %zu: offset %" PRIu64 " not aligned to %u-byte "
+				 "elements", l, d->offset, in->layout.elem_bytes);
+			rc = -EINVAL;
+			goto out_put;
+		}
+		for (m = 0; m < in->nmaps; m++)
+			if (!strcmp(in->maps[m].path, d->path))
+				break;
+		if (m == in->nmaps) {
+			/* First use of this path: map the most any layer needs from it. */
+			for (size_t k = l; k < rq->nlayers; k++)
+				if (!strcmp(rq->layers[k].path, d->path) && rq->layers[k].nbytes > need)
+					need = rq->layers[k].nbytes;
+			rc = map_host_buffer(d->path, need, &in->maps[m], err, errlen);
+			if (rc)
+				goto out_put;
+			in->nmaps++;
+		}
+		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+	}
+	in->registered_ms = ks_now_ms();
+	*out = in;
+	return 0;
+out_put:
+	instance_put(in);
+	return rc;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sessions: per-request_id cache of chunk hashes (protocol.md §4.2).       */
+
+static uint64_t rid_hash(const char *rid, size_t len)
+{
+	return identity_hash((const uint8_t *)rid, len);
+}
+
+static void session_free(struct srv_session *ss)
+{
+	free(ss->tokens);
+	free(ss->hashes);
+	free(ss);
+}
+
+static bool session_unlink(struct srv *s, const char *rid, size_t len)
+{
+	struct srv_session **pp = &s->sessions[rid_hash(rid, len) % SRV_SESSION_BUCKETS];
+
+	for (; *pp; pp = &(*pp)->next) {
+		struct srv_session *ss = *pp;
+
+		if (ss->request_id_len == len && !memcmp(ss->request_id, rid, len)) {
+			*pp = ss->next;
+			session_free(ss);
+			s->nsessions--;
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Drop sessions idle past the TTL; when over the cap, also the oldest. */
+static void sessions_expire(struct srv *s, uint64_t now_ms)
+{
+	uint64_t ttl = (uint64_t)s->cfg.session_ttl_s * 1000;
+
+	for (size_t b = 0; b < SRV_SESSION_BUCKETS; b++) {
+		struct srv_session **pp = &s->sessions[b];
+
+		while (*pp) {
+			struct srv_session *ss = *pp;
+
+			if (now_ms - ss->last_used_ms > ttl) {
+				*pp = ss->next;
+				session_free(ss);
+				s->nsessions--;
+			} else {
+				pp = &ss->next;
+			}
+		}
+	}
+}
+
+static int ensure_hash_cap(struct srv *s, size_t n)
+{
+	if (n <= s->hash_cap)
+		return 0;
+	void *p = realloc(s->hash_buf, n * KS_HASH_LEN);
+	if (!p)
+		return -ENOMEM;
+	s->hash_buf = p;
+	s->hash_cap = n;
+	return 0;
+}
+
+/*
+ * Hashes of the first @nchunks full chunks of @k's tokens, through the
+ * session cache: a cached prefix is reused only where its tokens equal the
+ * request's, so the result always equals a fresh computation. Returns a
+ * pointer valid until the next call, or NULL on -ENOMEM.
+ */
+static const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
+				    size_t nchunks))[KS_HASH_LEN]
+{
+	uint32_t C = s->cfg.chunk_tokens;
+	struct srv_session *ss = NULL, **bucket;
+	size_t reuse = 0;
+
+	if (nchunks == 0)
+		return s->hash_buf;
+	bucket = &s->sessions[rid_hash(k->request_id, k->request_id_len) % SRV_SESSION_BUCKETS];
+	for (ss = *bucket; ss; ss = ss->next)
+		if (ss->request_id_len == k->request_id_len &&
+		    !memcmp(ss->request_id, k->request_id, k->request_id_len))
+			break;
+	if (!ss && s->nsessions < SRV_SESSION_MAX) {
+		ss = calloc(1, sizeof(*ss));
+		if (ss) {
+			memcpy(ss->request_id, k->request_id, k->request_id_len);
+			ss->request_id_len = k->request_id_len;
+			ss->next = *bucket;
+			*bucket = ss;
+			s->nsessions++;
+		}
+	}
+	if (ss) {
+		/* Reuse the longest cached prefix whose tokens are unchanged. */
+		size_t same = KS_MIN(ss->nchunks, nchunks);
+
+		while (reuse < same &&
+		       !memcmp(ss->tokens + reuse * C, k->token_ids + reuse * C, (size_t)C * 4))
+			reuse++;
+		ss->last_used_ms = ks_now_ms();
+		if (nchunks > ss->cap) {
+			void *t = realloc(ss->tokens, nchunks * (size_t)C * 4);
+
+			if (t)
+				ss->tokens = t;
+			void *h = t ? realloc(ss->hashes, nchunks * KS_HASH_LEN) : NULL;
+
+			if (h)
+				ss->hashes = h;
+			if (!t || !h) {
+				/* Out of memory for the cache: fall back to hashing from scratch. */
+				session_unlink(s, k->request_id, k->request_id_len);
+				ss = NULL;
+				reuse = 0;
+			} else {
+				ss->cap = nchunks;
+			}
+		}
+	}
+	if (!ss) {
+		if (ensure_hash_cap(s, nchunks))
+			return NULL;
+		ks_hash_chunks(s->none_hash, k->token_ids, 0, nchunks, C, s->hash_buf);
+		return (const uint8_t(*)[KS_HASH_LEN])s->hash_buf;
+	}
+	if (reuse < nchunks) {
+		ks_hash_chunks(reuse ? ss->hashes[reuse - 1] : s->none_hash, k->token_ids, reuse,
+			       nchunks - reuse, C, ss->hashes + reuse);
+		memcpy(ss->tokens + reuse * C, k->token_ids + reuse * C,
+		       (nchunks - reuse) * (size_t)C * 4);
+	}
+	/* A shorter request keeps the longer cached prefix only if it matched. */
+	if (nchunks > ss->nchunks || reuse < ss->nchunks)
+		ss->nchunks = nchunks;
+	return (const uint8_t(*)[KS_HASH_LEN])ss->hashes;
+}
+
+static int ensure_key_cap(struct srv *s, size_t n)
+{
+	if (n <= s->key_cap)
+		return 0;
+	void *p = realloc(s->key_buf, n * sizeof(*s->key_buf));
+	if (!p)
+		return -ENOMEM;
+	s->key_buf = p;
+	s->key_cap = n;
+	return 0;
+}
+
+/*
+ * Expand chunks [first, first+n) to ObjectKeys for every rank, chunk-major
+ * (protocol.md §4.3), into s->key_buf. Returns the key count or -errno.
+ */
+static ssize_t expand_keys(struct srv *s, const struct proto_key *k,
+			   const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n)
+{
+	size_t ws = k->world_size, nk = n * ws;
+
+	if (ensure_key_cap(s, nk ? nk : 1))
+		return -ENOMEM;
+	for (size_t c = 0; c < n; c++)
+		for (size_t r = 0; r < ws; r++)
+			if (ks_key_init(&s->key_buf[c * ws + r], hashes[first + c], k->model,
+					k->model_len, ks_kv_rank(k->world_size, (uint32_t)r)))
+				return -ENAMETOOLONG;
+	return (ssize_t)nk;
+}
+
+/* extra_count of protocol.md §4.4. */
+static uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size)
+{
+	uint32_t tp = tp_size > 1 ? tp_size : world_size;
+
+	return tp > world_size ? tp - 1 : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Inline handlers                                                          */
+
+static void handle_register(struct srv *s, const struct srv_reply_addr *a,
+			    const struct proto_request *rq)
+{
+	struct srv_instance *in = NULL;
+	char err[SRV_ERR_MAX];
+	int rc;
+
+	rc = instance_build(s, rq, &in, err, sizeof(err));
+	if (rc) {
+		ctr_add(&s->ctr.semantic_errors, 1);
+		set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": %s", rq->instance_id,
+			       err);
+		/* The pinned protocol has no error reply here; STOREs to it will fail. */
+		reply_nil(s, a);
+		return;
+	}
+	if (instance_remove(s, rq->instance_id))
+		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
+			 rq->instance_id);
+	in->next = s->instances;
+	s->instances = in;
+	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers %s %s "
+		 "[NB %u, BS %u, NH %u, HS %u], %zu mapping(s), object %" PRIu64 " bytes",
+		 in->id, in->model, in->world_size, in->layout.num_layers,
+		 kv_layout_kind_name(in->layout.kind), kv_dtype_name(in->layout.dtype),
+		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
+		 in->layout.head_size, in->nmaps, in->object_bytes);
+	reply_nil(s, a);
+}
+
+static void handle_unregister(struct srv *s, const struct srv_reply_addr *a,
+			      const struct proto_request *rq)
+{
+	if (instance_remove(s, rq->instance_id))
+		log_info("instance %" PRId64 ": unregistered", rq->instance_id);
+	else
+		log_info("UNREGISTER_KV_CACHE of unknown instance %" PRId64, rq->instance_id);
+	reply_nil(s, a);
+}
+
+static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
+			  const struct proto_request *rq)
+{
+	const struct proto_key *k = &rq->key;
+	size_t nchunks = k->ntokens / s->cfg.chunk_tokens, hits = 0;
+	int64_t chunks = 0;
+	struct srv_lookup_job *job;
+
+	if (k->world_size == 0 || k->world_size > 255) {
+		set_last_error(s, a, "LOOKUP: world_size %u out of range 1..255", k->world_size);
+	} else if (model_registered(s, k->model, k->model_len, k->world_size) && nchunks) {
+		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, nchunks);
+		ssize_t nk = h ? expand_keys(s, k, h, 0, nchunks) : -ENOMEM;
+
+		if (nk < 0) {
+			set_last_error(s, a, "LOOKUP: %s", strerror((int)-nk));
+		} else {
+			int rc = idx_lookup_lock(s->idx, s->key_buf, (size_t)nk, k->world_size,
+						 1 + extra_lock_count(rq->tp_size, k->world_size),
+						 &hits);
+			if (rc)
+				set_last_error(s, a, "LOOKUP: index: %s", strerror(-rc));
+			else
+				chunks = (int64_t)(hits / k->world_size);
+		}
+	}
+	ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
+	job = &s->jobs[(uint64_t)s->next_job_id % SRV_JOB_SLOTS];
+	job->id = s->next_job_id;
+	job->chunks = chunks;
+	log_debug("LOOKUP model '%s' %zu tokens: %" PRId64 " chunk(s) hit, job %" PRId64,
+		  k->model, k->ntokens, chunks, job->id);
+	reply_int(s, a, s->next_job_id++);
+}
+
+static void handle_query(struct srv *s, const struct srv_reply_addr *a,
+			 const struct proto_request *rq, bool consume)
+{
+	struct srv_lookup_job *job;
+
+	if (rq->job_id < 0) {
+		reply_nil(s, a);
+		return;
+	}
+	job = &s->jobs[(uint64_t)rq->job_id % SRV_JOB_SLOTS];
+	if (job->id != rq->job_id) {
+		reply_nil(s, a);	/* unknown, consumed, or too old */
+		return;
+	}
+	reply_int(s, a, job->chunks);
+	if (consume)
+		job->id = -1;
+}
+
+static void handle_free_lookup_locks(struct srv *s, const struct srv_reply_addr *a,
+				     const struct proto_request *rq)
+{
+	const struct proto_key *k = &rq->key;
+	uint32_t C = s->cfg.chunk_tokens;
+	size_t nchunks = k->ntokens / C;
+	size_t first = k->start > 0 ? (size_t)k->start / C : 0;
+	size_t last = k->end > 0 ? KS_MIN((size_t)k->end / C, nchunks) : 0;
+
+	if (k->world_size == 0 || k->world_size > 255) {
+		set_last_error(s, a, "FREE_LOOKUP_LOCKS: world_size %u out of range", k->world_size);
+	} else if (first < last) {
+		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
+		ssize_t nk = h ? expand_keys(s, k, h, first, last - first) : -ENOMEM;
+		uint32_t n = 1 + extra_lock_count(rq->tp_size, k->world_size);
+
+		for (ssize_t i = 0; i < nk; i++)
+			idx_release_read_locks(s->idx, &s->key_buf[i], n);
+	}
+	reply_nil(s, a);
+}
+
+static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
+{
+	size_t n = idx_clear(s->idx);
+
+	log_info("CLEAR: %zu object(s) dropped", n);
+	reply_nil(s, a);
+}
+
+static void handle_stats(struct srv *s, const struct srv_reply_addr *a);
+
+/* ------------------------------------------------------------------------ */
+/* STORE / RETRIEVE                                                         */
+
+static void xfer_job_free(struct srv_xfer_job *j)
+{
+	if (j->inst)
+		instance_put(j->inst);
+	free(j->keys);
+	free(j->entries);
+	free(j->slots);
+	free(j);
+}
+
+/* Worker side of STORE: gather each reserved chunk, then make it READY. */
+static void run_store(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens;
+	sigjmp_buf jb;
+	volatile uint32_t i = 0;
+
+	(void)worker;
+	if (sigsetjmp(jb, 0)) {
+		copy_jmp = NULL;
+		ctr_add(&j->srv->ctr.copy_faults, 1);
+		snprintf(j->err, sizeof(j->err), "bus error reading the client's KV buffer "
+			 "(was its shared file truncated?)");
+		j->result = -EFAULT;
+		/* The chunk being copied and all later ones are dropped. */
+		for (uint32_t c = i; c < j->nchunks; c++)
+			if (j->entries[c]) {
+				idx_abort_write(j->srv->idx, j->entries[c]);
+				j->entries[c] = NULL;
+			}
+		return;
+	}
+	for (; i < j->nchunks; i++) {
+		struct idx_entry *e = j->entries[i];
+
+		if (!e)
+			continue;
+		copy_jmp = &jb;
+		xfer_host_gather(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
+				 idx_entry_data(j->srv->idx, e));
+		copy_jmp = NULL;
+		j->entries[i] = NULL;
+		if (idx_commit_write(j->srv->idx, e) == 0) {
+			j->committed++;
+		} else {
+			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+		}
+	}
+}
+
+/* Worker side of RETRIEVE: scatter each chunk past the skip, unpin, unlock. */
+static void run_retrieve(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens;
+	sigjmp_buf jb;
+	volatile uint32_t i = 0;
+
+	(void)worker;
+	if (sigsetjmp(jb, 0)) {
+		copy_jmp = NULL;
+		ctr_add(&j->srv->ctr.copy_faults, 1);
+		snprintf(j->err, sizeof(j->err), "bus error writing the client's KV buffer "
+			 "(was its shared file truncated?)");
+		j->result = -EFAULT;
+		/* Chunk i faulted: unpin and unlock it and every later chunk. */
+		for (; i < j->nchunks; i++) {
+			idx_unpin(j->srv->idx, j->entries[i]);
+			idx_release_read_locks(j->srv->idx, &j->keys[i], 1);
+		}
+		return;
+	}
+	for (; i < j->nchunks; i++) {
+		uint64_t base_tok = (uint64_t)i * C;
+
+		if (j->skip_tokens < base_tok + C) {
+			uint64_t skip = j->skip_tokens > base_tok ? j->skip_tokens - base_tok : 0;
+
+			copy_jmp = &jb;
+			xfer_host_scatter(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
+					  (uint32_t)KS_MIN(skip, (uint64_t)C - 1),
+					  idx_entry_data(j->srv->idx, j->entries[i]));
+			copy_jmp = NULL;
+		}
+		idx_unpin(j->srv->idx, j->entries[i]);
+		idx_release_read_locks(j->srv->idx, &j->keys[i], 1);
+	}
+}
+
+/*
+ * Validate a STORE/RETRIEVE against its instance and build the job's keys
+ * and slot table. Returns 0, or -errno with the reason in @err.
+ */
+static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct srv_xfer_job *j,
+			char *err, size_t errlen)
+{
+	const struct proto_key *k = &rq->key;
+	struct srv_instance *in = instance_find(s, rq->instance_id);
+	uint32_t C = s->cfg.chunk_tokens;
+	const char *op = proto_type_name(rq->type);
+	uint64_t range, need_blocks;
+
+	if (!in) {
+		snprintf(err, errlen, "%s: instance %" PRId64 " is not registered", op,
+			 rq->instance_id);
+		return -ENOENT;
+	}
+	if (rq->event_len != 0) {
+		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
+			 "event_ipc_handle must be empty", op, rq->instance_id);
+		return -EINVAL;
+	}
+	if (k->worker_id < 0) {
+		snprintf(err, errlen, "%s: key.worker_id must not be nil", op);
+		return -EINVAL;
+	}
+	if (k->world_size != in->world_size || (uint32_t)k->worker_id >= k->world_size) {
+		snprintf(err, errlen, "%s: worker %d / world_size %u does not match the "
+			 "registration (world_size %u)", op, k->worker_id, k->world_size,
+			 in->world_size);
+		return -EINVAL;
+	}
+	if (k->model_len != in->model_len || memcmp(k->model, in->model, k->model_len)) {
+		snprintf(err, errlen, "%s: model '%s' does not match the registration's '%s'", op,
+			 k->model, in->model);
+		return -EINVAL;
+	}
+	if (k->start < 0 || k->end < k->start || k->start % C || k->end % C ||
+	    (uint64_t)k->end > k->ntokens) {
+		snprintf(err, errlen, "%s: range [%" PRId64 ", %" PRId64 ") must be chunk-aligned "
+			 "(chunk %u) and within the %zu tokens", op, k->start, k->end, C, k->ntokens);
+		return -ERANGE;
+	}
+	range = (uint64_t)(k->end - k->start);
+	need_blocks = (range + in->layout.block_size - 1) / in->layout.block_size;
+	if (rq->nblocks < need_blocks) {
+		snprintf(err, errlen, "%s: %zu block ids cover fewer than the %" PRIu64 " tokens "
+			 "of the range (block size %u)", op, rq->nblocks, range,
+			 in->layout.block_size);
+		return -ERANGE;
+	}
+	for (uint64_t b = 0; b < need_blocks; b++) {
+		if (rq->block_ids[b] < 0 || rq->block_ids[b] >= (int64_t)in->layout.num_blocks) {
+			snprintf(err, errlen, "%s: block id %" PRId64 " (index %" PRIu64 ") outside "
+				 "the registered %u blocks", op, rq->block_ids[b], b,
+				 in->layout.num_blocks);
+			return -ERANGE;
+		}
+	}
+	j->nchunks = (uint32_t)(range / C);
+	j->chunk_tokens = C;
+	if (j->nchunks == 0)
+		return 0;
+	j->slots = malloc(range * sizeof(*j->slots));
+	j->keys = calloc(j->nchunks, sizeof(*j->keys));
+	j->entries = calloc(j->nchunks, sizeof(*j->entries));
+	if (!j->slots || !j->keys || !j->entries) {
+		snprintf(err, errlen, "%s: out of memory", op);
+		return -ENOMEM;
+	}
+	/* Range token t lives in slot block_ids[t / BS] * BS + t % BS (protocol.md §3). */
+	for (uint64_t t = 0; t < range; t++) {
+		uint32_t bs = in->layout.block_size;
+
+		j->slots[t] = rq->block_ids[t / bs] * bs + (int64_t)(t % bs);
+	}
+	size_t first = (size_t)k->start / C, last = (size_t)k->end / C;
+	const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
+
+	if (!h) {
+		snprintf(err, errlen, "%s: out of memory hashing", op);
+		return -ENOMEM;
+	}
+	for (size_t c = first; c < last; c++)
+		ks_key_init(&j->keys[c - first], h[c], k->model, k->model_len,
+			    ks_kv_rank(k->world_size, (uint32_t)k->worker_id));
+	atomic_fetch_add_explicit(&in->refs, 1, memory_order_relaxed);
+	j->inst = in;
+	return 0;
+}
+
+static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
+			const struct proto_request *rq)
+{
+	struct srv_xfer_job *j = calloc(1, sizeof(*j));
+	char err[SRV_ERR_MAX];
+	bool store = rq->type == PROTO_STORE;
+	uint32_t reserved = 0;
+	int rc;
+
+	if (!j) {
+		set_last_error(s, a, "%s: out of memory", proto_type_name(rq->type));
+		reply_xfer(s, a, false);
+		return;
+	}
+	j->srv = s;
+	j->addr = *a;
+	j->op = rq->type;
+	j->skip_tokens = rq->skip_first_n_tokens;
+	rc = xfer_prepare(s, rq, j, err, sizeof(err));
+	if (rc) {
+		ctr_add(&s->ctr.semantic_errors, 1);
+		set_last_error(s, a, "%s", err);
+		goto out_fail;
+	}
+	if (store) {
+		for (uint32_t c = 0; c < j->nchunks; c++) {
+			rc = idx_reserve_write(s->idx, &j->keys[c], j->inst->object_bytes,
+					       &j->entries[c]);
+			if (rc == 0) {
+				reserved++;
+			} else {
+				j->entries[c] = NULL;
+				ctr_add(rc == -EEXIST ? &s->ctr.store_chunks_skipped :
+					&s->ctr.store_chunks_nospace, 1);
+				if (rc != -EEXIST)
+					log_debug("STORE chunk %u: %s", c, strerror(-rc));
+			}
+		}
+		if (!reserved) {
+			/* Everything present already (or no space): ok is true (protocol.md §3). */
+			reply_xfer(s, a, true);
+			xfer_job_free(j);
+			return;
+		}
+		j->base.run = run_store;
+	} else {
+		for (uint32_t c = 0; c < j->nchunks; c++) {
+			rc = idx_pin(s->idx, &j->keys[c], j->inst->object_bytes, &j->entries[c]);
+			if (rc) {
+				char hex[2 * KS_HASH_LEN + 1];
+
+				for (uint32_t u = 0; u < c; u++)
+					idx_unpin(s->idx, j->entries[u]);
+				ks_hash_hex(j->keys[c].chunk_hash, hex);
+				ctr_add(&s->ctr.retrieve_miss, 1);
+				set_last_error(s, a, "RETRIEVE: chunk %u (%.16s...) %s", c, hex,
+					       rc == -ENOENT ? "is not cached" :
+					       rc == -EMSGSIZE ? "has another layout's size" :
+					       strerror(-rc));
+				goto out_fail;
+			}
+		}
+		if (!j->nchunks) {
+			reply_xfer(s, a, true);
+			xfer_job_free(j);
+			return;
+		}
+		j->base.run = run_retrieve;
+	}
+	rc = xfer_submit(s->host_xfer, &j->base);
+	if (rc == 0)
+		return;
+	set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
+		       rc == -EAGAIN ? "full, try again later" : strerror(-rc));
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		if (!j->entries[c])
+			continue;
+		if (store)
+			idx_abort_write(s->idx, j->entries[c]);
+		else
+			idx_unpin(s->idx, j->entries[c]);
+	}
+out_fail:
+	reply_xfer(s, a, false);
+	xfer_job_free(j);
+}
+
+/* A job came back from a worker: account, reply, free. */
+static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
+{
+	bool ok = j->result == 0;
+
+	if (xfer_job_cancelled(&j->base)) {
+		/* Never ran (shutdown): undo the reservations and pins. */
+		for (uint32_t c = 0; c < j->nchunks; c++) {
+			if (!j->entries[c])
+				continue;
+			if (j->op == PROTO_STORE)
+				idx_abort_write(s->idx, j->entries[c]);
+			else
+				idx_unpin(s->idx, j->entries[c]);
+		}
+		snprintf(j->err, sizeof(j->err), "server shutting down");
+		ok = false;
+	}
+	if (!ok)
+		set_last_error(s, &j->addr, "%s failed: %s", proto_type_name(j->op), j->err);
+	if (j->op == PROTO_STORE) {
+		ctr_add(&s->ctr.store_chunks_stored, j->committed);
+		ctr_add(&s->ctr.bytes_stored, j->committed * j->inst->object_bytes);
+	} else if (ok) {
+		ctr_add(&s->ctr.retrieve_ok, 1);
+		ctr_add(&s->ctr.bytes_retrieved, (uint64_t)j->nchunks * j->inst->object_bytes);
+	}
+	log_debug("%s instance %" PRId64 ": %u chunk(s), queued %.3f ms, copy %.3f ms, %s",
+		  proto_type_name(j->op), j->inst->id, j->nchunks,
+		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
+		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
+	reply_xfer(s, &j->addr, ok);
+	xfer_job_free(j);
+}
+
+static void drain_completions(struct srv *s)
+{
+	struct xfer_job *done[64];
+	size_t n;
+
+	while ((n = xfer_reap(s->host_xfer, done, KS_ARRAY_SIZE(done))) > 0)
+		for (size_t i = 0; i < n; i++)
+			complete_xfer(s, (struct srv_xfer_job *)done[i]);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Dispatch                                                                 */
+
+static void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why)
+{
+	ctr_add(&s->ctr.frame_faults, 1);
+	/* protocol.md §3 Errors rule 1: log, count, drop (no reply). The message
+	 * stays available to kvstash clients through PROTO_KS_LAST_ERROR. */
+	set_last_error(s, a, "dropped malformed request (%s): %s", strerror(-rc), why);
+}
+
+static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
+{
+	struct srv_reply_addr a;
+	struct proto_buf type_frame, args[SRV_MAX_FRAMES];
+	struct proto_request rq;
+	char err[SRV_ERR_MAX];
+	uint64_t uid;
+	int rc;
+
+	memset(&a, 0, sizeof(a));
+	a.identity_len = KS_MIN(zmq_msg_size(&frames[0]), sizeof(a.identity));
+	memcpy(a.identity, zmq_msg_data(&frames[0]), a.identity_len);
+	if (nframes < 3) {
+		frame_fault(s, &a, -EINVAL, "fewer than 2 frames after the identity");
+		return;
+	}
+	if (zmq_msg_size(&frames[1]) > SRV_SMALL_FRAME_MAX ||
+	    zmq_msg_size(&frames[2]) > SRV_SMALL_FRAME_MAX) {
+		frame_fault(s, &a, -EPROTO, "uid or type frame is not a msgpack int");
+		return;
+	}
+	a.uid_len = zmq_msg_size(&frames[1]);
+	memcpy(a.uid, zmq_msg_data(&frames[1]), a.uid_len);
+	a.type_len = zmq_msg_size(&frames[2]);
+	memcpy(a.type, zmq_msg_data(&frames[2]), a.type_len);
+	struct proto_buf uid_frame = { a.uid, a.uid_len };
+	if (proto_decode_uid(&uid_frame, &uid)) {
+		frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int >= 0");
+		return;
+	}
+	type_frame.data = a.type;
+	type_frame.len = a.type_len;
+	for (size_t i = 3; i < nframes; i++) {
+		args[i - 3].data = zmq_msg_data(&frames[i]);
+		args[i - 3].len = zmq_msg_size(&frames[i]);
+	}
+	memset(&rq, 0, sizeof(rq));
+	rc = proto_decode_request(&type_frame, args, nframes - 3, &rq, err, sizeof(err));
+	if (rc) {
+		frame_fault(s, &a, rc, err);
+		return;
+	}
+	count_request(s, rq.type);
+	switch (rq.type) {
+	case PROTO_PING:
+		if (rq.has_instance_id) {
+			struct srv_instance *in = instance_find(s, rq.instance_id);
+
+			if (in)
+				in->last_ping_ms = ks_now_ms();
+		}
+		reply_bool(s, &a, true);
+		break;
+	case PROTO_NOOP:
+		reply_str(s, &a, "OK");
+		break;
+	case PROTO_GET_CHUNK_SIZE:
+		reply_int(s, &a, s->cfg.chunk_tokens);
+		break;
+	case PROTO_REGISTER_KV_CACHE:
+		handle_register(s, &a, &rq);
+		break;
+	case PROTO_UNREGISTER_KV_CACHE:
+		handle_unregister(s, &a, &rq);
+		break;
+	case PROTO_STORE:
+	case PROTO_RETRIEVE:
+		handle_xfer(s, &a, &rq);
+		break;
+	case PROTO_LOOKUP:
+		handle_lookup(s, &a, &rq);
+		break;
+	case PROTO_QUERY_PREFETCH_STATUS:
+		handle_query(s, &a, &rq, true);
+		break;
+	case PROTO_QUERY_PREFETCH_LOOKUP_HITS:
+		handle_query(s, &a, &rq, false);
+		break;
+	case PROTO_FREE_LOOKUP_LOCKS:
+		handle_free_lookup_locks(s, &a, &rq);
+		break;
+	case PROTO_END_SESSION:
+		session_unlink(s, rq.request_id, rq.request_id_len);
+		reply_nil(s, &a);
+		break;
+	case PROTO_CLEAR:
+		handle_clear(s, &a);
+		break;
+	case PROTO_KS_LAST_ERROR: {
+		/* Read once: a message is reported to its client one time. */
+		char *msg = get_last_error(s, &a);
+
+		reply_str(s, &a, msg);
+		msg[0] = '\0';
+		break;
+	}
+	case PROTO_KS_STATS:
+		handle_stats(s, &a);
+		break;
+	}
+	proto_request_free(&rq);
+}
+
+/* Receive and dispatch up to SRV_RECV_BATCH messages without blocking. */
+static void drain_socket(struct srv *s)
+{
+	for (int m = 0; m < SRV_RECV_BATCH; m++) {
+		zmq_msg_t frames[SRV_MAX_FRAMES];
+		size_t n = 0;
+		int more = 1;
+		bool overflow = false;
+
+		while (more) {
+			zmq_msg_t *f = n < SRV_MAX_FRAMES ? &frames[n] : &frames[SRV_MAX_FRAMES - 1];
+
+			if (n >= SRV_MAX_FRAMES) {
+				/* Too many frames: keep reading the rest into the last slot. */
+				zmq_msg_close(f);
+				overflow = true;
+			}
+			zmq_msg_init(f);
+			if (zmq_msg_recv(f, s->sock, ZMQ_DONTWAIT) < 0) {
+				zmq_msg_close(f);
+				if (n == 0 && zmq_errno() == EAGAIN)
+					return;
+				if (n == 0)
+					log_warn("zmq recv: %s", zmq_strerror(zmq_errno()));
+				more = 0;
+				break;
+			}
+			more = zmq_msg_more(f);
+			if (n < SRV_MAX_FRAMES)
+				n++;
+		}
+		if (overflow) {
+			struct srv_reply_addr a = { .identity_len = KS_MIN(zmq_msg_size(&frames[0]),
+									    SRV_IDENTITY_MAX) };
+
+			memcpy(a.identity, zmq_msg_data(&frames[0]), a.identity_len);
+			frame_fault(s, &a, -E2BIG, "more frames than any request has");
+		} else if (n) {
+			dispatch(s, frames, n);
+		}
+		for (size_t i = 0; i < n; i++)
+			zmq_msg_close(&frames[i]);
+	}
+}
+
+/* ------------------------------------------------------------------------ */
+/* Housekeeping                                                             */
+
+static void reap_instances(struct srv *s, uint64_t now)
+{
+	uint64_t timeout = (uint64_t)s->cfg.client_timeout_s * 1000;
+	uint64_t grace = (uint64_t)s->cfg.registration_grace_s * 1000;
+
+	for (struct srv_instance **pp = &s->instances; *pp;) {
+		struct srv_instance *in = *pp;
+		bool dead = in->last_ping_ms ? now - in->last_ping_ms > timeout :
+					       grace && now - in->registered_ms > grace;
+
+		if (!dead) {
+			pp = &in->next;
+			continue;
+		}
+		log_warn("instance %" PRId64 ": reaped, %s", in->id,
+			 in->last_ping_ms ? "no PING within --client-timeout-s" :
+					    "never pinged within --registration-grace-s");
+		ctr_add(&s->ctr.instances_reaped, 1);
+		*pp = in->next;
+		in->next = NULL;
+		instance_put(in);
+	}
+}
+
+static void housekeeping(struct srv *s)
+{
+	uint64_t now = ks_now_ms();
+	size_t n;
+
+	if (now - s->last_tick_ms < SRV_TICK_MS)
+		return;
+	s->last_tick_ms = now;
+	n = idx_expire(s->idx, now);
+	if (n)
+		log_info("expired the locks or reservations of %zu object(s)", n);
+	sessions_expire(s, now);
+	reap_instances(s, now);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stats                                                                    */
+
+static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
+{
+	struct pool_stats ps;
+	struct idx_stats is;
+	struct xfer_stats xs;
+	const char *names[64];
+	uint64_t vals[64];
+	size_t n = 0;
+	struct proto_msg m = { 0 };
+	uint64_t ninst = 0;
+
+#define STAT(name, v) do { names[n] = (name); vals[n] = (uint64_t)(v); n++; } while (0)
+	pool_get_stats(s->pool, &ps);
+	idx_get_stats(s->idx, &is);
+	xfer_get_stats(s->host_xfer, &xs);
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		ninst++;
+	STAT("pool_bytes", ps.region_bytes);
+	STAT("slot_bytes", ps.slot_bytes);
+	STAT("slots_total", ps.nslots);
+	STAT("slots_free", ps.free_slots);
+	STAT("pool_used_bytes", ps.used_bytes);
+	STAT("objects", is.entries);
+	STAT("objects_ready", is.ready);
+	STAT("objects_writing", is.writing);
+	STAT("objects_reading", is.reading);
+	STAT("read_locks", is.read_locks);
+	STAT("pins", is.pins);
+	STAT("evictions", is.evictions);
+	STAT("expired_read_locks", is.expired_read_locks);
+	STAT("expired_writes", is.expired_writes);
+	STAT("lock_timeouts", ks_lock_timeouts_total());
+	STAT("instances", ninst);
+	STAT("sessions", s->nsessions);
+	STAT("xfer_queued", xs.queued);
+	STAT("xfer_running", xs.running);
+	STAT("xfer_completed", xs.completed);
+	STAT("xfer_rejected_full", xs.rejected_full);
+	STAT("workers", xs.nworkers);
+	STAT("requests_store", atomic_load(&s->ctr.requests[PROTO_STORE]));
+	STAT("requests_retrieve", atomic_load(&s->ctr.requests[PROTO_RETRIEVE]));
+	STAT("requests_lookup", atomic_load(&s->ctr.requests[PROTO_LOOKUP]));
+	STAT("requests_ping", atomic_load(&s->ctr.requests[PROTO_PING]));
+	STAT("frame_faults", atomic_load(&s->ctr.frame_faults));
+	STAT("semantic_errors", atomic_load(&s->ctr.semantic_errors));
+	STAT("replies_dropped", atomic_load(&s->ctr.replies_dropped));
+	STAT("store_chunks_stored", atomic_load(&s->ctr.store_chunks_stored));
+	STAT("store_chunks_skipped", atomic_load(&s->ctr.store_chunks_skipped));
+	STAT("store_chunks_nospace", atomic_load(&s->ctr.store_chunks_nospace));
+	STAT("store_chunks_lost", atomic_load(&s->ctr.store_chunks_lost));
+	STAT("retrieve_ok", atomic_load(&s->ctr.retrieve_ok));
+	STAT("retrieve_miss", atomic_load(&s->ctr.retrieve_miss));
+	STAT("bytes_stored", atomic_load(&s->ctr.bytes_stored));
+	STAT("bytes_retrieved", atomic_load(&s->ctr.bytes_retrieved));
+	STAT("lookup_hit_chunks", atomic_load(&s->ctr.lookup_hit_chunks));
+	STAT("instances_reaped", atomic_load(&s->ctr.instances_reaped));
+	STAT("copy_faults", atomic_load(&s->ctr.copy_faults));
+	STAT("log_dropped", log_dropped_total());
+#undef STAT
+	if (proto_encode_stats(&m, names, vals, n) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Life cycle                                                               */
+
+static bool is_loopback_endpoint(const char *ep)
+{
+	return strncmp(ep, "tcp://", 6) != 0 || !strncmp(ep, "tcp://127.", 10) ||
+	       !strncmp(ep, "tcp://localhost:", 16) || !strncmp(ep, "tcp://[::1]:", 12);
+}
+
+int srv_create(const struct srv_config *cfg, struct srv **out)
+{
+	struct srv *s = calloc(1, sizeof(*s));
+	struct idx_config icfg = { 0 };
+	int64_t maxmsg;
+	int linger = 0, rc;
+	uint32_t shards = 1;
+	size_t ep_len;
+
+	if (!s)
+		return -ENOMEM;
+	s->cfg = *cfg;
+	s->stop_fd = -1;
+	ks_none_hash(s->none_hash);
+	s->jobs = calloc(SRV_JOB_SLOTS, sizeof(*s->jobs));
+	s->sessions = calloc(SRV_SESSION_BUCKETS, sizeof(*s->sessions));
+	s->last_errors = calloc(SRV_LAST_ERROR_SLOTS, sizeof(*s->last_errors));
+	if (!s->jobs || !s->sessions || !s->last_errors) {
+		rc = -ENOMEM;
+		goto out_destroy;
+	}
+	for (size_t i = 0; i < SRV_JOB_SLOTS; i++)
+		s->jobs[i].id = -1;
+
+	rc = pool_create(cfg->pool_bytes, &s->pool);
+	if (rc) {
+		log_error("host pool of %" PRIu64 " bytes: %s", cfg->pool_bytes, strerror(-rc));
+		goto out_destroy;
+	}
+	while (shards < cfg->shards)
+		shards <<= 1;
+	icfg.nshards = shards;
+	icfg.read_ttl_ms = (uint64_t)cfg->read_ttl_s * 1000;
+	icfg.write_ttl_ms = (uint64_t)cfg->write_ttl_s * 1000;
+	icfg.evict_low_watermark_slots = 1;
+	rc = idx_create(&icfg, s->pool, &s->idx);
+	if (rc) {
+		log_error("index: %s", strerror(-rc));
+		goto out_destroy;
+	}
+	rc = xfer_engine_create("host-xfer", cfg->workers, cfg->queue_depth, &s->host_xfer);
+	if (rc) {
+		log_error("transfer workers: %s", strerror(-rc));
+		goto out_destroy;
+	}
+	s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+	if (s->stop_fd < 0) {
+		rc = -errno;
+		goto out_destroy;
+	}
+
+	s->zctx = zmq_ctx_new();
+	if (!s->zctx) {
+		rc = -errno;
+		goto out_destroy;
+	}
+	s->sock = zmq_socket(s->zctx, ZMQ_ROUTER);
+	if (!s->sock) {
+		rc = -zmq_errno();
+		goto out_destroy;
+	}
+	maxmsg = (int64_t)cfg->max_message_mb << 20;
+	zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
+	zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof(linger));
+	cfg_endpoint(cfg, s->endpoint, sizeof(s->endpoint));
+	if (zmq_bind(s->sock, s->endpoint) < 0) {
+		rc = -zmq_errno();
+		log_error("cannot bind %s: %s", s->endpoint, zmq_strerror(zmq_errno()));
+		goto out_destroy;
+	}
+	ep_len = sizeof(s->endpoint);
+	zmq_getsockopt(s->sock, ZMQ_LAST_ENDPOINT, s->endpoint, &ep_len);
+	if (!is_loopback_endpoint(s->endpoint))
+		log_warn("listening on %s, which is not loopback: any host that can reach it "
+			 "can read and write this cache", s->endpoint);
+	install_sigbus_guard();
+	s->last_tick_ms = ks_now_ms();
+	*out = s;
+	return 0;
+out_destroy:
+	srv_destroy(s);
+	return rc;
+}
+
+const char *srv_endpoint(const struct srv *s)
+{
+	return s->endpoint;
+}
+
+void srv_request_stop(struct srv *s)
+{
+	uint64_t one = 1;
+
+	if (write(s->stop_fd, &one, sizeof(one)) < 0) {
+		/* Only EAGAIN (counter saturated) is possible: a stop is pending anyway. */
+	}
+}
+
+int srv_run(struct srv *s)
+{
+	zmq_pollitem_t items[3] = {
+		{ .socket = s->sock, .events = ZMQ_POLLIN },
+		{ .fd = xfer_completion_fd(s->host_xfer), .events = ZMQ_POLLIN },
+		{ .fd = s->stop_fd, .events = ZMQ_POLLIN },
+	};
+	struct pool_stats ps;
+
+	pool_get_stats(s->pool, &ps);
+	log_info("kvstashd %s listening on %s: pool %" PRIu64 " MiB%s, %u transfer worker(s), "
+		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,
+		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
+	for (;;) {
+		int n = zmq_poll(items, 3, SRV_TICK_MS);
+
+		if (n < 0 && zmq_errno() != EINTR) {
+			log_error("zmq_poll: %s", zmq_strerror(zmq_errno()));
+			break;
+		}
+		if (items[2].revents & ZMQ_POLLIN)
+			break;
+		/* Completions first: they free pins and slots other requests may need. */
+		if (items[1].revents & ZMQ_POLLIN)
+			drain_completions(s);
+		if (items[0].revents & ZMQ_POLLIN)
+			drain_socket(s);
+		housekeeping(s);
+	}
+	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
+	xfer_engine_stop(s->host_xfer, SRV_DRAIN_MS);
+	drain_completions(s);
+	log_info("stopped");
+	return 0;
+}
+
+void srv_destroy(struct srv *s)
+{
+	if (!s)
+		return;
+	if (s->host_xfer) {
+		xfer_engine_stop(s->host_xfer, 0);
+		drain_completions(s);
+		xfer_engine_destroy(s->host_xfer);
+	}
+	while (s->instances) {
+		struct srv_instance *in = s->instances;
+
+		s->instances = in->next;
+		instance_put(in);
+	}
+	if (s->sessions) {
+		for (size_t b = 0; b < SRV_SESSION_BUCKETS; b++)
+			while (s->sessions[b]) {
+				struct srv_session *ss = s->sessions[b];
+
+				s->sessions[b] = ss->next;
+				session_free(ss);
+			}
+	}
+	if (s->sock)
+		zmq_close(s->sock);
+	if (s->zctx)
+		zmq_ctx_term(s->zctx);
+	if (s->idx)
+		idx_destroy(s->idx);
+	if (s->pool)
+		pool_destroy(s->pool);
+	if (s->stop_fd >= 0)
+		close(s->stop_fd);
+	free(s->jobs);
+	free(s->sessions);
+	free(s->last_errors);
+	free(s->hash_buf);
+	free(s->key_buf);
+	free(s);
+}
