@@ -60,9 +60,12 @@ struct pool {
 /*
  * Map @bytes of anonymous memory. 2 MiB pages first when the size allows
  * (fewer TLB misses for the copy kernels, and cudaHostRegister pins fewer
- * pages); the kernel refuses MAP_HUGETLB when no hugepages are reserved, so
- * fall back to 4 KiB pages with MAP_NORESERVE: the pool is usually larger
- * than what is touched early and must not be charged against overcommit.
+ * pages). That mapping must NOT carry MAP_NORESERVE: without the up-front
+ * reservation the kernel grants it even with no hugepages configured and the
+ * first touch of a page dies with SIGBUS; with it, mmap fails cleanly when
+ * the hugepage pool is short. Then fall back to 4 KiB pages with
+ * MAP_NORESERVE: the pool is usually larger than what is touched early and
+ * must not be charged against overcommit.
  */
 static void *pool_map(uint64_t bytes, size_t *map_bytes, bool *huge)
 {
@@ -71,7 +74,7 @@ static void *pool_map(uint64_t bytes, size_t *map_bytes, bool *huge)
 	*huge = false;
 	if (bytes % POOL_HUGEPAGE_BYTES == 0) {
 		p = mmap(NULL, bytes, PROT_READ | PROT_WRITE,
-			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB | MAP_NORESERVE, -1, 0);
+			 MAP_PRIVATE | MAP_ANONYMOUS | MAP_HUGETLB, -1, 0);
 		if (p != MAP_FAILED) {
 			*huge = true;
 			*map_bytes = bytes;

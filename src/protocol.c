@@ -478,7 +478,7 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr 
 	}
 	for (size_t i = 0; i < n; i++) {
 		/* §3 errors rule 1: tokens outside [0, 2^32) are a frame-level fault */
-		rc = get_i64(&f[KF_TOKENS]->via.array.ptr[i], "key.token_ids", i, 0, UINT32_MAX, &v,
+		rc = get_i64(&f[KF_TOKENS]->via.array.ptr[i], "key.token_ids", i, -1, UINT32_MAX, &v,
 			     e);
 		if (rc) {
 			free(tokens);
@@ -942,7 +942,7 @@ int proto_decode_request(const struct proto_buf *type_frame, const struct proto_
 			 size_t nargs, struct proto_request *req, char *err, size_t errlen)
 {
 	struct perr e = { err, errlen };
-	enum proto_type type;
+	enum proto_type type = PROTO_NOOP;	/* set by decode_type; gcc -O3 cannot tell */
 	char where[64];
 	int rc, ti;
 

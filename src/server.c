@@ -36,6 +36,8 @@
 #include <string.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <sys/stat.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -65,6 +67,8 @@
 /* Sessions: bucket count and the most kept at once (oldest dropped first). */
 #define SRV_SESSION_BUCKETS 4096u
 #define SRV_SESSION_MAX 65536u
+/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
+#define SRV_IO_NICE (-10)
 /* How long shutdown lets queued transfers finish before failing them. */
 #define SRV_DRAIN_MS 5000
 /* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
@@ -878,6 +882,18 @@ static void run_store(struct xfer_job *base, unsigned worker)
 	volatile uint32_t i = 0;
 
 	(void)worker;
+	/* Reserve here, not on the io thread: the io thread takes no index lock
+	 * that a busy worker might hold for the STORE/RETRIEVE path. */
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		int rc = idx_reserve_write(j->srv->idx, &j->keys[c], in->object_bytes,
+					   &j->entries[c]);
+
+		if (rc) {
+			j->entries[c] = NULL;
+			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
+				&j->srv->ctr.store_chunks_nospace, 1);
+		}
+	}
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -920,6 +936,26 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 	volatile uint32_t i = 0;
 
 	(void)worker;
+	/* All or nothing: a missing chunk fails the RETRIEVE, writes nothing and
+	 * releases no read locks (protocol.md §3 RETRIEVE step 4). */
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		int rc = idx_pin(j->srv->idx, &j->keys[c], in->object_bytes, &j->entries[c]);
+
+		if (rc) {
+			char hex[2 * KS_HASH_LEN + 1];
+
+			for (uint32_t u = 0; u < c; u++)
+				idx_unpin(j->srv->idx, j->entries[u]);
+			memset(j->entries, 0, j->nchunks * sizeof(*j->entries));
+			ks_hash_hex(j->keys[c].chunk_hash, hex);
+			ctr_add(&j->srv->ctr.retrieve_miss, 1);
+			snprintf(j->err, sizeof(j->err), "chunk %u (%.16s...) %s", c, hex,
+				 rc == -ENOENT ? "is not cached" :
+				 rc == -EMSGSIZE ? "has another layout's size" : strerror(-rc));
+			j->result = rc;
+			return;
+		}
+	}
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -1048,7 +1084,6 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	struct srv_xfer_job *j = calloc(1, sizeof(*j));
 	char err[SRV_ERR_MAX];
 	bool store = rq->type == PROTO_STORE;
-	uint32_t reserved = 0;
 	int rc;
 
 	if (!j) {
@@ -1066,64 +1101,18 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 		set_last_error(s, a, "%s", err);
 		goto out_fail;
 	}
-	if (store) {
-		for (uint32_t c = 0; c < j->nchunks; c++) {
-			rc = idx_reserve_write(s->idx, &j->keys[c], j->inst->object_bytes,
-					       &j->entries[c]);
-			if (rc == 0) {
-				reserved++;
-			} else {
-				j->entries[c] = NULL;
-				ctr_add(rc == -EEXIST ? &s->ctr.store_chunks_skipped :
-					&s->ctr.store_chunks_nospace, 1);
-				if (rc != -EEXIST)
-					log_debug("STORE chunk %u: %s", c, strerror(-rc));
-			}
-		}
-		if (!reserved) {
-			/* Everything present already (or no space): ok is true (protocol.md §3). */
-			reply_xfer(s, a, true);
-			xfer_job_free(j);
-			return;
-		}
-		j->base.run = run_store;
-	} else {
-		for (uint32_t c = 0; c < j->nchunks; c++) {
-			rc = idx_pin(s->idx, &j->keys[c], j->inst->object_bytes, &j->entries[c]);
-			if (rc) {
-				char hex[2 * KS_HASH_LEN + 1];
-
-				for (uint32_t u = 0; u < c; u++)
-					idx_unpin(s->idx, j->entries[u]);
-				ks_hash_hex(j->keys[c].chunk_hash, hex);
-				ctr_add(&s->ctr.retrieve_miss, 1);
-				set_last_error(s, a, "RETRIEVE: chunk %u (%.16s...) %s", c, hex,
-					       rc == -ENOENT ? "is not cached" :
-					       rc == -EMSGSIZE ? "has another layout's size" :
-					       strerror(-rc));
-				goto out_fail;
-			}
-		}
-		if (!j->nchunks) {
-			reply_xfer(s, a, true);
-			xfer_job_free(j);
-			return;
-		}
-		j->base.run = run_retrieve;
+	if (!j->nchunks) {
+		/* An empty range: nothing to copy, and ok (protocol.md §3). */
+		reply_xfer(s, a, true);
+		xfer_job_free(j);
+		return;
 	}
+	j->base.run = store ? run_store : run_retrieve;
 	rc = xfer_submit(s->host_xfer, &j->base);
 	if (rc == 0)
 		return;
 	set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
 		       rc == -EAGAIN ? "full, try again later" : strerror(-rc));
-	for (uint32_t c = 0; c < j->nchunks; c++) {
-		if (!j->entries[c])
-			continue;
-		if (store)
-			idx_abort_write(s->idx, j->entries[c]);
-		else
-			idx_unpin(s->idx, j->entries[c]);
-	}
 out_fail:
 	reply_xfer(s, a, false);
 	xfer_job_free(j);
@@ -1135,15 +1124,7 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 	bool ok = j->result == 0;
 
 	if (xfer_job_cancelled(&j->base)) {
-		/* Never ran (shutdown): undo the reservations and pins. */
-		for (uint32_t c = 0; c < j->nchunks; c++) {
-			if (!j->entries[c])
-				continue;
-			if (j->op == PROTO_STORE)
-				idx_abort_write(s->idx, j->entries[c]);
-			else
-				idx_unpin(s->idx, j->entries[c]);
-		}
+		/* Never ran (shutdown): it reserved and pinned nothing yet. */
 		snprintf(j->err, sizeof(j->err), "server shutting down");
 		ok = false;
 	}
@@ -1558,6 +1539,11 @@ int srv_run(struct srv *s)
 	};
 	struct pool_stats ps;
 
+	/* The heartbeat outranks the bulk path for CPU: workers run at nice +10
+	 * (transfer.c) and, where permitted, this thread below 0. */
+	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SRV_IO_NICE) < 0)
+		log_info("io thread keeps nice 0 (%s): PING latency then depends more on "
+			 "the load of other processes", strerror(errno));
 	pool_get_stats(s->pool, &ps);
 	log_info("kvstashd %s listening on %s: pool %" PRIu64 " MiB%s, %u transfer worker(s), "
 		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,

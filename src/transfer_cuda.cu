@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sched.h>
 #include <time.h>
 
 extern "C" {
@@ -86,6 +87,14 @@ extern "C" int log_level;
 #define XFER_EVENT_RING 8
 /* Initial table capacity in 8-byte entries (layers + objects + slots). */
 #define XFER_TABLE_MIN_ENTRIES (64u << 10)
+/*
+ * Completion polling (ctx_wait): a job of B bytes is expected to take
+ * B / XFER_POLL_GBPS; 60 GB/s is above what one PCIe Gen5 x16 direction
+ * delivers (~55), so the first sleep never oversleeps a fast transfer.
+ * XFER_POLL_SLACK_NS covers the timer slack (50 us) plus wake-up latency.
+ */
+#define XFER_POLL_GBPS 60ull
+#define XFER_POLL_SLACK_NS 80000ull
 /* xfer_cuda_ctx_destroy() waits this long for a timed-out job. */
 #define XFER_DESTROY_WAIT_MS 10000u
 
@@ -141,6 +150,14 @@ static int cuda_rc(cudaError_t e, const char *call, const char *file, int line)
 	(void)cudaGetLastError();
 	log_emit(XLOG_ERROR, file, line, "%s: %s (%d)", call, cudaGetErrorString(e), (int)e);
 	return -EIO;
+}
+
+static uint64_t mono_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 /* ---- kernels ------------------------------------------------------------------- */
@@ -249,18 +266,20 @@ __global__ void __launch_bounds__(XFER_THREADS) kv_xfer_kernel(const struct kv_x
 			}
 			T *pw = (T *)(p + po);
 			T *ow = (T *)(s_obj[row] + (uint64_t)w * sizeof(T));
+			/* .cs (evict-first): every byte is touched once; keep the
+			 * engine's working set in L2. */
 			if (STORE) {
-				v[u] = *pw;
+				v[u] = __ldcs(pw);
 				dst[u] = ow;
 			} else {
-				v[u] = *ow;
+				v[u] = __ldcs(ow);
 				dst[u] = pw;
 			}
 		}
 #pragma unroll
 		for (int u = 0; u < XFER_UNROLL; u++)
 			if (dst[u])
-				*dst[u] = v[u];
+				__stcs(dst[u], v[u]);
 	}
 }
 
@@ -774,16 +793,20 @@ extern "C" enum xfer_cuda_path xfer_cuda_ctx_path(const struct xfer_cuda_ctx *ct
 }
 
 /*
- * Poll ctx->done until it completes or @timeout_ms passes. The sleep grows
- * with the time already waited (1/64 of it, 2 us .. 1 ms), so the poll adds
- * at most ~1.6% to a transfer and costs little CPU on a long one.
+ * Poll ctx->done until it completes or @timeout_ms passes. @expect_ns is
+ * the job's duration at XFER_POLL_GBPS: sleep through most of it in one
+ * nanosleep (the kernel's default timer slack makes short sleeps ~50 us
+ * late, which alone would cost 8% of a 256-token chunk), spin with
+ * sched_yield around the expected end, then back off to sleeps of 1/64 of
+ * the time waited (2 us .. 1 ms) once the job runs late, so a slow or hung
+ * device costs little CPU.
  */
-static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms)
+static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms, uint64_t expect_ns)
 {
-	struct timespec t0, now;
 	const uint64_t limit_ns = (uint64_t)timeout_ms * 1000000ull;
+	const uint64_t t0 = mono_ns();
+	bool slept = false;
 
-	clock_gettime(CLOCK_MONOTONIC, &t0);
 	for (;;) {
 		cudaError_t e = cudaEventQuery(ctx->done);
 
@@ -795,18 +818,22 @@ static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms)
 			ctx->inflight = false;
 			return CTX_RC(ctx, e);
 		}
-		clock_gettime(CLOCK_MONOTONIC, &now);
-		uint64_t el = (uint64_t)(now.tv_sec - t0.tv_sec) * 1000000000ull +
-			      (uint64_t)(now.tv_nsec - t0.tv_nsec);
+		const uint64_t el = mono_ns() - t0;
 		if (el >= limit_ns) {
 			ctx->inflight = true;
 			return -ETIMEDOUT;
 		}
-		uint64_t ns = el / 64;
-		if (ns < 2000)
-			ns = 2000;
-		if (ns > 1000000)
-			ns = 1000000;
+		uint64_t ns;
+		if (!slept && expect_ns > el + XFER_POLL_SLACK_NS) {
+			ns = expect_ns - el - XFER_POLL_SLACK_NS;
+			slept = true;
+		} else if (el < expect_ns + expect_ns / 4 + XFER_POLL_SLACK_NS) {
+			sched_yield();
+			continue;
+		} else {
+			ns = el / 64;
+			ns = ns < 2000 ? 2000 : ns > 1000000 ? 1000000 : ns;
+		}
 		if (ns > limit_ns - el)
 			ns = limit_ns - el;
 		struct timespec ts = { (time_t)(ns / 1000000000ull), (long)(ns % 1000000000ull) };
@@ -822,7 +849,7 @@ extern "C" int xfer_cuda_drain(struct xfer_cuda_ctx *ctx, unsigned timeout_ms)
 		return ctx->failed ? -EIO : 0;
 	if (CUDA_RC(cudaSetDevice(ctx->dev)))
 		return -EIO;
-	return ctx_wait(ctx, timeout_ms);
+	return ctx_wait(ctx, timeout_ms, 0);
 }
 
 extern "C" void xfer_cuda_ctx_destroy(struct xfer_cuda_ctx *ctx)
@@ -830,7 +857,7 @@ extern "C" void xfer_cuda_ctx_destroy(struct xfer_cuda_ctx *ctx)
 	if (!ctx)
 		return;
 	(void)cudaSetDevice(ctx->dev);
-	if (ctx->inflight && !ctx->failed && ctx_wait(ctx, XFER_DESTROY_WAIT_MS) == -ETIMEDOUT) {
+	if (ctx->inflight && !ctx->failed && ctx_wait(ctx, XFER_DESTROY_WAIT_MS, 0) == -ETIMEDOUT) {
 		log_error("cuda device %d: a transfer still runs after %u ms; leaking its buffers",
 			  ctx->dev, XFER_DESTROY_WAIT_MS);
 		return;
@@ -847,6 +874,8 @@ struct job_plan {
 	uint64_t row_bytes;
 	uint64_t align;		/* OR of every address and stride the kernel uses */
 };
+
+#define KS_MINU(a, b) ((a) < (b) ? (a) : (b))
 
 static uint32_t chunk_len(const struct xfer_cuda_job *j, uint32_t c)
 {
@@ -1045,7 +1074,7 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 		/* A timed-out job: the table and the ring are its until it ends. */
 		if (CUDA_RC(cudaSetDevice(ctx->dev)))
 			return -EIO;
-		rc = ctx_wait(ctx, 0);
+		rc = ctx_wait(ctx, 0, 0);
 		if (rc)
 			return rc == -ETIMEDOUT ? -EBUSY : rc;
 	}
@@ -1105,7 +1134,12 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 			goto out_sync;
 		memcpy(j->done_event, &ctx->ipc_h[i], XFER_CUDA_IPC_HANDLE_BYTES);
 	}
-	return ctx_wait(ctx, j->timeout_ms);
+	{
+		const uint32_t first_tok = store ? 0 : KS_MINU(j->skip_tokens, j->ntokens);
+		const uint64_t bytes = (uint64_t)pl.K * pl.NL * (j->ntokens - first_tok) * pl.row_bytes;
+
+		return ctx_wait(ctx, j->timeout_ms, bytes / XFER_POLL_GBPS);
+	}
 
 out_sync:
 	/*
@@ -1116,7 +1150,7 @@ out_sync:
 	if (!ctx->failed && !CTX_RC(ctx, cudaEventRecord(ctx->seg_ready[0], ctx->sc)) &&
 	    !CTX_RC(ctx, cudaStreamWaitEvent(ctx->sk, ctx->seg_ready[0], 0)) &&
 	    !CTX_RC(ctx, cudaEventRecord(ctx->done, ctx->sk)) &&
-	    ctx_wait(ctx, j->timeout_ms) == -ETIMEDOUT)
+	    ctx_wait(ctx, j->timeout_ms, 0) == -ETIMEDOUT)
 		return -ETIMEDOUT;
 	return rc ? rc : -EIO;
 }

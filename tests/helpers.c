@@ -223,7 +223,7 @@ int t_daemon_stop(struct t_daemon *d)
 		waitpid(d->pid, &status, 0);
 	}
 reaped:
-	if (status != 0)
+	if (status != 0 || getenv("KVSTASH_TEST_DUMP_LOG"))
 		t_daemon_dump_log(d);
 	t_rmtree(d->dir);
 	free(d->dir);
