@@ -416,19 +416,67 @@ int main(int argc, char **argv)
 		       r.st_zc, r.st_sg, r.rt_zc, r.rt_sg, r.both_zc, r.both_sg);
 
 	printf("\nratios (default paths; targets: >= 0.95x memcpy, >= 4x per-block, both >= 75 GB/s)\n");
-	printf("%-15s %6s | %8s %8s | %8s %8s | %9s\n", "config", "tokens", "st/mcpy", "rt/mcpy",
-	       "st/pblk", "rt/pblk", "both GB/s");
+	printf("%-15s %6s | %8s %8s | %8s %8s | %9s | %s\n", "config", "tokens", "st/mcpy",
+	       "rt/mcpy", "st/pblk", "rt/pblk", "both GB/s", "ceiling mcpy/pblk D2H H2D");
 	for (const struct row &r : rows) {
 		double st = def_st == XFER_CUDA_PATH_STAGED ? r.st_sg : r.st_zc;
 		double rt2 = def_rt == XFER_CUDA_PATH_STAGED ? r.rt_sg : r.rt_zc;
-		printf("%-15s %6u | %8.3f %8.3f | %8.2f %8.2f | %9.1f\n", r.name, r.tokens,
-		       st / r.mc_d2h, rt2 / r.mc_h2d, st / r.pb_d2h, rt2 / r.pb_h2d, r.both_def);
+		printf("%-15s %6u | %8.3f %8.3f | %8.2f %8.2f | %9.1f | %12.2f %5.2f\n", r.name,
+		       r.tokens, st / r.mc_d2h, rt2 / r.mc_h2d, st / r.pb_d2h, rt2 / r.pb_h2d,
+		       r.both_def, r.mc_d2h / r.pb_d2h, r.mc_h2d / r.pb_h2d);
 	}
 	printf("\nzero-copy vs staged (ratio zcopy/staged; > 1: zero-copy faster)\n");
 	printf("%-15s %6s | %8s %8s %8s\n", "config", "tokens", "store", "retrieve", "both");
 	for (const struct row &r : rows)
 		printf("%-15s %6u | %8.3f %8.3f %8.3f\n", r.name, r.tokens, r.st_zc / r.st_sg,
 		       r.rt_zc / r.rt_sg, r.both_zc / r.both_sg);
+
+	/* Staging ring size: STAGED store/retrieve per ring size (4 segments each). */
+	static const size_t ring_mib[] = { 16, 32, 64, 128 };
+	printf("\nstaging ring (STAGED path, GB/s; ring = 4 segments; default %s)\n",
+	       "64 MiB");
+	printf("%-15s %6s | %-31s | %-31s\n", "", "", "store, ring MiB", "retrieve, ring MiB");
+	printf("%-15s %6s |", "config", "tokens");
+	for (int d = 0; d < 2; d++) {
+		for (size_t mib : ring_mib)
+			printf(" %7zu", mib);
+		printf(" |");
+	}
+	printf("\n");
+	for (const struct model &m : models)
+		for (uint32_t ntok : sizes) {
+			if (quick && ntok == 16384)
+				continue;
+			struct setup s;
+			make_setup(m, ntok, s);
+			const int reps = reps_arg ? reps_arg : ntok <= 4096 ? 15 : 5;
+			double res[2][4];
+			for (int ri = 0; ri < 4; ri++) {
+				struct xfer_cuda_opts ro = o;
+				struct xfer_cuda_ctx *cr;
+				ro.staging_bytes = ring_mib[ri] << 20;
+				RC(xfer_cuda_ctx_create(0, &ro, &cr));
+				for (int d = 0; d < 2; d++) {
+					struct xfer_cuda_job j = make_job(s, d == 0, XFER_CUDA_PATH_STAGED);
+					std::vector<double> t;
+					RC(d ? xfer_cuda_retrieve(cr, &j) : xfer_cuda_store(cr, &j));
+					for (int i = 0; i < reps; i++) {
+						double a = now_s();
+						RC(d ? xfer_cuda_retrieve(cr, &j) : xfer_cuda_store(cr, &j));
+						t.push_back(now_s() - a);
+					}
+					res[d][ri] = s.total / median(t) / 1e9;
+				}
+				xfer_cuda_ctx_destroy(cr);
+			}
+			printf("%-15s %6u |", m.name, ntok);
+			for (int d = 0; d < 2; d++) {
+				for (int ri = 0; ri < 4; ri++)
+					printf(" %7.1f", res[d][ri]);
+				printf(" |");
+			}
+			printf("\n");
+		}
 
 	xfer_cuda_ctx_destroy(ca);
 	xfer_cuda_ctx_destroy(cb);

@@ -14,6 +14,17 @@
 #include "compiler.h"
 #include "log.h"
 
+/* TSan does not intercept pthread_mutex_clocklock(): it would miss the
+ * acquire and report every contended lock as a race. Under TSan the slow
+ * path uses pthread_mutex_timedlock() with the same length of deadline. */
+#if defined(__SANITIZE_THREAD__)
+#define KS_TSAN 1
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+#define KS_TSAN 1
+#endif
+#endif
+
 static _Atomic uint64_t lock_timeouts;
 
 #ifdef KS_LOCKDEP
@@ -97,6 +108,9 @@ int ks_mutex_init(struct ks_mutex *m, enum lock_rank rank, const char *name)
 		return -rc;
 #ifdef KS_LOCKDEP
 	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ERRORCHECK);
+#else
+	/* Critical sections are a few pointer moves: spin briefly before sleeping. */
+	pthread_mutexattr_settype(&attr, PTHREAD_MUTEX_ADAPTIVE_NP);
 #endif
 	rc = pthread_mutex_init(&m->mu, &attr);
 	pthread_mutexattr_destroy(&attr);
@@ -116,8 +130,19 @@ int ks_lock(struct ks_mutex *m) NO_THREAD_SAFETY_ANALYSIS
 	lockdep_acquire_check(m);
 	rc = pthread_mutex_trylock(&m->mu);
 	if (rc == EBUSY) {
+#ifdef KS_TSAN
+		clock_gettime(CLOCK_REALTIME, &dl);
+		dl.tv_sec += m->timeout_ms / 1000;
+		dl.tv_nsec += (long)(m->timeout_ms % 1000) * 1000000L;
+		if (dl.tv_nsec >= 1000000000L) {
+			dl.tv_sec++;
+			dl.tv_nsec -= 1000000000L;
+		}
+		rc = pthread_mutex_timedlock(&m->mu, &dl);
+#else
 		dl = ks_deadline_ms(m->timeout_ms);
 		rc = pthread_mutex_clocklock(&m->mu, CLOCK_MONOTONIC, &dl);
+#endif
 	}
 	if (rc == 0) {
 		lockdep_push(m);

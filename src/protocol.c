@@ -478,7 +478,7 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr 
 	}
 	for (size_t i = 0; i < n; i++) {
 		/* §3 errors rule 1: tokens outside [0, 2^32) are a frame-level fault */
-		rc = get_i64(&f[KF_TOKENS]->via.array.ptr[i], "key.token_ids", i, -1, UINT32_MAX, &v,
+		rc = get_i64(&f[KF_TOKENS]->via.array.ptr[i], "key.token_ids", i, 0, UINT32_MAX, &v,
 			     e);
 		if (rc) {
 			free(tokens);
@@ -1141,8 +1141,10 @@ int proto_encode_key(struct proto_msg *m, const struct proto_key *k)
 	int rc;
 
 	m->data = NULL, m->len = 0;
+	/* refuse what proto_decode_request would refuse: fail here, not on the server */
 	if (!k || k->model_len > KS_MODEL_MAX || k->request_id_len > PROTO_REQUEST_ID_MAX ||
-	    (k->ntokens && !k->token_ids) || k->worker_id < -1 || k->ntokens > UINT32_MAX)
+	    (k->ntokens && !k->token_ids) || k->ntokens > PROTO_MAX_TOKENS || k->worker_id < -1 ||
+	    k->world_size == 0 || k->start < 0 || k->end < 0)
 		return -EINVAL;
 	enc_init(&x);
 	/* the pinned client's 7 fields, in declaration order (§8: 77-byte example) */

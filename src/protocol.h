@@ -130,7 +130,8 @@ const char *proto_type_name(int type);
 
 /* Decode the uid frame: any msgpack integer >= 0. 0 or -EPROTO. */
 int proto_decode_uid(const struct proto_buf *f, uint64_t *uid);
-/* Decode the type frame: a msgpack int naming a known type. 0, -EPROTO, -EBADMSG (unknown). */
+/* Decode the type frame: a msgpack int naming a known type. 0, -EPROTO, -EBADMSG (unknown).
+ * (Like every decoder here, also -ENOMEM if msgpack-c cannot allocate.) */
 int proto_decode_type(const struct proto_buf *f, enum proto_type *type);
 
 /*
@@ -204,7 +205,9 @@ struct proto_reply {
 	char map_keys[PROTO_REPLY_MAP_MAX][64];
 	uint64_t map_vals[PROTO_REPLY_MAP_MAX];
 };
-/* 0, or -EPROTO for anything else than the kinds above. */
+/* 0, or -EPROTO for anything else than the kinds above (or -ENOMEM). XFER's ok
+ * may also arrive as the int 0/1; its event is 0 or 64 bytes. MAP keys are at
+ * most 63 bytes, values non-negative ints. STR is cut at PROTO_REPLY_STR_MAX. */
 int proto_decode_reply(const struct proto_buf *f, struct proto_reply *out);
 
 #endif /* KS_PROTOCOL_H */

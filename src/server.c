@@ -858,6 +858,7 @@ static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
 }
 
 static void handle_stats(struct srv *s, const struct srv_reply_addr *a);
+static void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
 
 /* ------------------------------------------------------------------------ */
 /* STORE / RETRIEVE                                                         */
@@ -897,8 +898,8 @@ static void run_store(struct xfer_job *base, unsigned worker)
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
-		snprintf(j->err, sizeof(j->err), "bus error reading the client's KV buffer "
-			 "(was its shared file truncated?)");
+		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
+			 "file was truncated, or host memory for the pool ran out)");
 		j->result = -EFAULT;
 		/* The chunk being copied and all later ones are dropped. */
 		for (uint32_t c = i; c < j->nchunks; c++)
@@ -959,8 +960,8 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
-		snprintf(j->err, sizeof(j->err), "bus error writing the client's KV buffer "
-			 "(was its shared file truncated?)");
+		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
+			 "file was truncated, or host memory for the pool ran out)");
 		j->result = -EFAULT;
 		/* Chunk i faulted: unpin and unlock it and every later chunk. */
 		for (; i < j->nchunks; i++) {
@@ -1005,9 +1006,11 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 		return -ENOENT;
 	}
 	if (rq->event_len != 0) {
+		/* protocol.md §5.3: on the host path a non-empty handle is a frame-level
+		 * fault, dropped without a reply (§3 Errors rule 1). */
 		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
 			 "event_ipc_handle must be empty", op, rq->instance_id);
-		return -EINVAL;
+		return -EPROTO;
 	}
 	if (k->worker_id < 0) {
 		snprintf(err, errlen, "%s: key.worker_id must not be nil", op);
@@ -1096,6 +1099,11 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	j->op = rq->type;
 	j->skip_tokens = rq->skip_first_n_tokens;
 	rc = xfer_prepare(s, rq, j, err, sizeof(err));
+	if (rc == -EPROTO) {
+		frame_fault(s, a, rc, err);
+		xfer_job_free(j);
+		return;
+	}
 	if (rc) {
 		ctr_add(&s->ctr.semantic_errors, 1);
 		set_last_error(s, a, "%s", err);

@@ -81,8 +81,15 @@ extern "C" int log_level;
 #define XFER_MAX_ROWS_PER_CTA 64u
 /* Staging ring depth: one segment in the kernel, one on the copy engine, two queued. */
 #define XFER_STAGE_BUFS 4
-/* Default staging ring: 4 segments of 4 MiB, large enough for the copy engine's full rate. */
-#define XFER_STAGING_DEFAULT (16u << 20)
+/*
+ * Default staging ring: 4 segments of 16 MiB. Each cudaMemcpyAsync costs the
+ * copy engine ~2.5 us of setup (per-block memcpy on an H100: 32 KiB at
+ * ~10-14 GB/s), 1% of a 16 MiB segment's ~300 us; 4 MiB segments lost ~4%
+ * (bench/gpu_bench "staging ring" table, docs/performance.md).
+ */
+#define XFER_STAGING_DEFAULT (64u << 20)
+/* The pipeline's exposed end segment is 1/XFER_RAMP_DIV of a full one. */
+#define XFER_RAMP_DIV 4
 /* Interprocess events handed out in turn: a returned handle stays valid for 8 more jobs. */
 #define XFER_EVENT_RING 8
 /* Initial table capacity in 8-byte entries (layers + objects + slots). */
@@ -1012,14 +1019,23 @@ static int run_staged(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j,
 	if (rc)
 		return rc;
 	*last = store ? ctx->sc : ctx->sk;
+	const uint32_t small = (uint32_t)(seg_rows / XFER_RAMP_DIV ? seg_rows / XFER_RAMP_DIV : 1);
 	for (uint32_t c = pl->first_chunk; c < pl->nchunks; c++) {
 		const uint32_t chunk_rows = pl->K * pl->NL * chunk_len(j, c);
+		const bool last_chunk = c + 1 == pl->nchunks;
 		char *obj = (char *)j->objs[c];
 
-		for (uint32_t off = 0; off < chunk_rows; off += (uint32_t)seg_rows, nseg++) {
+		for (uint32_t off = 0, n; off < chunk_rows; off += n, nseg++) {
 			const unsigned b = nseg % XFER_STAGE_BUFS;
-			const uint32_t n = (uint32_t)(chunk_rows - off < seg_rows ? chunk_rows - off
-										   : seg_rows);
+			const uint32_t rest = chunk_rows - off;
+
+			n = (uint32_t)(rest < seg_rows ? rest : seg_rows);
+			/* Ramp: the exposed ends of the pipeline are STORE's first
+			 * kernel and RETRIEVE's last kernel; make those segments small. */
+			if (store && !nseg && n > small)
+				n = small;
+			if (!store && last_chunk && rest > small && rest <= seg_rows + small)
+				n = rest - small;
 			char *buf = ctx->stage + b * seg_bytes;
 			const size_t bytes = (size_t)n * pl->row_bytes;
 			char *host = obj + (size_t)off * pl->row_bytes;

@@ -112,7 +112,7 @@ const char *xfer_cuda_path_name(enum xfer_cuda_path p);
 struct xfer_cuda_opts {
 	enum xfer_cuda_path store_path;		/* DEFAULT: the measured default */
 	enum xfer_cuda_path retrieve_path;	/* DEFAULT: the measured default */
-	size_t staging_bytes;	/* device staging ring for STAGED; 0: 16 MiB */
+	size_t staging_bytes;	/* device staging ring for STAGED; 0: 64 MiB */
 	/*
 	 * The registered host pool. When @host_bytes > 0 every object of every
 	 * job must lie inside [@host_base, @host_base + @host_bytes) (-EFAULT

@@ -395,12 +395,12 @@ static void test_rejects(struct xfer_cuda_ctx *ctx)
 	CUDA_OK(cudaMalloc((void **)&dev, 2 * l.extent_bytes));
 	layers[0] = dev, layers[1] = dev + l.extent_bytes;
 	make_slots(&l, 32, 7, slots);
-	memset(obj, 0x5A, ob);
 	struct xfer_cuda_job job = { .layout = &l, .layers = layers, .slots = slots, .ntokens = 32,
 				     .chunk_tokens = 32, .objs = objs, .timeout_ms = 5000 };
 
 	for (int p = 0; p < 2; p++) {
 		job.path = p ? XFER_CUDA_PATH_STAGED : XFER_CUDA_PATH_ZEROCOPY;
+		memset(obj, 0x5A, ob);
 		int64_t keep = slots[17];
 		slots[17] = kv_num_slots(&l);	/* one past the end */
 		CHECK_EQ(xfer_cuda_store(ctx, &job), -ERANGE);
@@ -815,13 +815,67 @@ static void test_ipc_kill(struct xfer_cuda_ctx *ctx)
 	round_trip(ctx, &after, 778);
 }
 
+/*
+ * --fault-child: a kernel fault (a layer address no allocation backs, which
+ * only the registration layer can vet) must come back as -EIO, mark the
+ * ctx failed, and make the next job fail at once without touching the
+ * device. Runs in its own process: a sticky error ends the CUDA context.
+ */
+static int fault_child_main(void)
+{
+	struct tcase tc = { .kind = KV_LAYOUT_FLASH_ATTN, .dtype = KV_DTYPE_BFLOAT16, .NL = 2,
+			    .NB = 8, .BS = 16, .NH = 2, .HS = 64, .ntokens = 32, .C = 32,
+			    .name = "fault" };
+	struct kv_layout l;
+	struct xfer_cuda_ctx *ctx;
+	int64_t slots[32];
+	void *layers[2] = { (void *)(uintptr_t)0x1000, (void *)(uintptr_t)0x1000 };
+	size_t ob;
+	uint8_t *obj;
+
+	make_layout(&tc, &l);
+	make_slots(&l, 32, 1, slots);
+	ob = kv_object_bytes(&l, 32);
+	REQUIRE(!posix_memalign((void **)&obj, OBJ_ALIGN, ob));
+	REQUIRE(xfer_cuda_host_register(obj, ob) == 0);
+	REQUIRE(xfer_cuda_ctx_create(0, NULL, &ctx) == 0);
+	void *objs[1] = { obj };
+	struct xfer_cuda_job job = { .layout = &l, .layers = layers, .slots = slots, .ntokens = 32,
+				     .chunk_tokens = 32, .objs = objs, .timeout_ms = 10000,
+				     .path = XFER_CUDA_PATH_ZEROCOPY };
+	CHECK_EQ(xfer_cuda_store(ctx, &job), -EIO);
+	CHECK_EQ(xfer_cuda_ctx_failed(ctx), 1);
+	CHECK_EQ(xfer_cuda_retrieve(ctx, &job), -EIO);
+	xfer_cuda_ctx_destroy(ctx);
+	return t_failures ? T_EXIT_FAIL : T_EXIT_PASS;
+}
+
+static void test_fault(void)
+{
+	pid_t pid = fork();
+	int st = 0;
+
+	REQUIRE(pid >= 0);
+	if (pid == 0) {
+		execl("/proc/self/exe", "test_cuda_transfer", "--fault-child", (char *)NULL);
+		_exit(127);
+	}
+	CHECK(waitpid(pid, &st, 0) == pid);
+	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+}
+
 int main(int argc, char **argv)
 {
+	/* CUDA_TRANSFER_QUICK=1: round trips and argument checks only (for
+	 * compute-sanitizer, which makes the large and multi-process cases slow). */
+	const char *quick = getenv("CUDA_TRANSFER_QUICK");
 	struct xfer_cuda_ctx *ctx = NULL, *tiny = NULL;
 	int n = 0;
 
 	if (argc >= 6 && !strcmp(argv[1], "--ipc-child"))
 		return child_main(argv);
+	if (argc >= 2 && !strcmp(argv[1], "--fault-child"))
+		return fault_child_main();
 	if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
 		fprintf(stderr, "cuda_transfer: no CUDA device, skipped\n");
 		return T_EXIT_SKIP;
@@ -848,9 +902,12 @@ int main(int argc, char **argv)
 
 	test_round_trips(ctx, tiny);
 	test_rejects(ctx);
-	test_timeout(ctx);
-	test_ipc(ctx);
-	test_ipc_kill(ctx);
+	if (!quick || strcmp(quick, "1")) {
+		test_timeout(ctx);
+		test_ipc(ctx);
+		test_ipc_kill(ctx);
+		test_fault();
+	}
 
 	xfer_cuda_ctx_destroy(tiny);
 	xfer_cuda_ctx_destroy(ctx);

@@ -302,6 +302,15 @@ static void test_section8_bytes(void)
 	k.worker_id = 0;
 	k.model_len = KS_MODEL_MAX + 1;
 	CHECK_EQ(proto_encode_key(&m, &k), -EINVAL);
+	k.model_len = 1;
+	k.world_size = 0;
+	CHECK_EQ(proto_encode_key(&m, &k), -EINVAL);
+	k.world_size = 1;
+	k.start = -256;
+	CHECK_EQ(proto_encode_key(&m, &k), -EINVAL);
+	k.start = 0;
+	REQUIRE(proto_encode_key(&m, &k) == 0);
+	proto_msg_free(&m);
 
 	/* smallest int forms, as msgspec writes them */
 	static const struct {
@@ -1104,7 +1113,9 @@ static void test_framing(void)
 	}
 
 	/* uid frame */
-	CHECK_EQ(proto_decode_uid(&(struct proto_buf){ (const uint8_t *)"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", 9 }, &uid), 0);
+	CHECK_EQ(proto_decode_uid(&(struct proto_buf){ (const uint8_t *)"\xcf\xff\xff\xff\xff"
+									"\xff\xff\xff\xff", 9 },
+				  &uid), 0);
 	CHECK(uid == UINT64_MAX);
 	CHECK_EQ(proto_decode_uid(&(struct proto_buf){ (const uint8_t *)"\xd0\x05", 2 }, &uid), 0);
 	CHECK_EQ(uid, 5);
@@ -1361,6 +1372,9 @@ static void test_check_frame(void)
 	CHECK_EQ(proto_check_frame(&(struct proto_buf){ (const uint8_t *)"\x92\x01", 2 }, err,
 				   sizeof(err)), -EPROTO);
 	CHECK(strstr(err, "truncated") != NULL);
+	CHECK_EQ(proto_check_frame(&(struct proto_buf){ (const uint8_t *)"\x01\x02", 2 }, err,
+				   sizeof(err)), -EPROTO);
+	CHECK(strstr(err, "trailing") != NULL);
 	CHECK_EQ(proto_check_frame(&(struct proto_buf){ (const uint8_t *)"\xc7\x00\x01", 3 }, err,
 				   sizeof(err)), 0);	/* empty ext */
 	CHECK_EQ(proto_check_frame(&(struct proto_buf){ (const uint8_t *)"\xd8\x01", 2 }, err,

@@ -467,6 +467,15 @@ def pick_blocks(rng, NB, n):
 # ---------------------------------------------------------------- server
 
 
+def _die_with_parent():
+    """In the child: SIGTERM it if this test is killed (no orphan kvstashd)."""
+    try:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
 class Server(object):
     def __init__(self):
         build = os.environ.get("KVSTASH_BUILD_DIR", "./build")
@@ -476,7 +485,8 @@ class Server(object):
         self.logpath = os.path.join(self.dir, "kvstashd.log")
         self.log = open(self.logpath, "wb")
         self.proc = subprocess.Popen([self.binary, "--listen=" + self.endpoint, "--pool-size=256M"],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
+                                     stdout=self.log, stderr=subprocess.STDOUT,
+                                     preexec_fn=_die_with_parent)
 
     def tail(self, n=40):
         try:
@@ -637,6 +647,49 @@ def sec_semantic_failures(cli, rng):
     expect_xfer(cli.call(STORE, [key, 777, list(range(16)), b""]), "STORE to unregistered instance 777", False)
     expect_xfer(cli.call(RETRIEVE, [key, 777, list(range(16)), b"", 0]), "RETRIEVE on unregistered instance 777", False)
     expect_ping(cli.call(PING), "PING after semantic failures")
+
+
+def sec_bad_xfers(cli, rng, A, T):
+    """Invalid STORE/RETRIEVE arguments. protocol.md does not say whether each
+    of these is a frame-level fault (dropped) or a semantic failure
+    ([b'', False]); either is accepted, but the reply (if any) must be
+    well-formed, nothing may be written to the memfd, and the server keeps going."""
+    print("--- invalid STORE/RETRIEVE arguments: dropped or [b'', False], memfd untouched")
+    good = pick_blocks(rng, A.NB, 32)
+    cases = [
+        ("STORE worker_id nil", STORE, key_map(A.model, A.ws, None, T, 0, 512, "bx"), good),
+        ("RETRIEVE worker_id nil", RETRIEVE, key_map(A.model, A.ws, None, T, 0, 512, "bx"), good),
+        ("STORE start not chunk-aligned", STORE, key_map(A.model, A.ws, 0, T, 16, 512, "bx"), good),
+        ("RETRIEVE end not chunk-aligned", RETRIEVE, key_map(A.model, A.ws, 0, T, 0, 300, "bx"), good),
+        ("STORE end beyond token_ids", STORE, key_map(A.model, A.ws, 0, T[:300], 0, 512, "bx"), good),
+        ("STORE too few block ids", STORE, key_map(A.model, A.ws, 0, T, 0, 512, "bx"), good[:31]),
+        ("RETRIEVE too few block ids", RETRIEVE, key_map(A.model, A.ws, 0, T, 0, 512, "bx"), good[:20]),
+        ("RETRIEVE block id == NB", RETRIEVE, key_map(A.model, A.ws, 0, T, 0, 512, "bx"), good[:31] + [A.NB]),
+        ("RETRIEVE block id -1", RETRIEVE, key_map(A.model, A.ws, 0, T, 0, 512, "bx"), [-1] + good[1:]),
+        ("RETRIEVE block id 2^40", RETRIEVE, key_map(A.model, A.ws, 0, T, 0, 512, "bx"), good[:31] + [2 ** 40]),
+        ("STORE worker_id >= world_size", STORE, key_map(A.model, A.ws, 3, T, 0, 512, "bx"), good),
+    ]
+    for what, t, key, blocks in cases:
+        before = A.snapshot()
+        args = [key, A.iid, blocks, b""] + ([0] if t == RETRIEVE else [])
+        u = cli.send(t, args)
+        try:
+            fr = cli.recv_for(u, 1000)
+        except TimeoutError:
+            fr = None
+        if fr is None:
+            check(True, "%s: dropped (no reply)" % what)
+        else:
+            check(len(fr) == 3 and fr[1] == pk(t) and fr[2] == b"\x92\xc4\x00\xc2",
+                  "%s: reply is [b'', False]" % what, str([hx(f) for f in fr]))
+        check(A.snapshot() == before, "%s: memfd untouched" % what)
+        expect_ping(cli.call(PING), "PING after '%s'" % what)
+    # nothing got stored by the rejected STOREs (T itself is stored; use fresh tokens)
+    Tn = rand_tokens(rng, 512)
+    k = key_map(A.model, A.ws, 0, Tn, 0, 512, "bx")
+    cli.call(STORE, [dict(k, worker_id=None), A.iid, good, b""])
+    cli.call(STORE, [k, A.iid, good[:5], b""])
+    lookup_chunks(cli, key_map(A.model, A.ws, None, Tn, 0, 0, "bx"), 1, "rejected STOREs stored nothing", 0)
 
 
 def sec_layouts(cli, rng, regs):
@@ -991,6 +1044,7 @@ def main():
         sec_semantic_failures(cli, rng)
         T, T2 = sec_layouts(cli, rng, [A, B, M1, M2, U1, U2, F1])
         sec_lookup(cli, rng, T, T2)
+        sec_bad_xfers(cli, rng, A, T)
         sec_world2(cli, rng, R0, R1)
         sec_multiplex(cli, ctx, srv.endpoint, rng, A, T)
         sec_faults(cli, A, rng)
