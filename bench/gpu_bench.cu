@@ -431,6 +431,44 @@ int main(int argc, char **argv)
 		printf("%-15s %6u | %8.3f %8.3f %8.3f\n", r.name, r.tokens, r.st_zc / r.st_sg,
 		       r.rt_zc / r.rt_sg, r.both_zc / r.both_sg);
 
+	/* Fixed cost per job: an empty job (table upload, events, completion
+	 * poll) and a one-block request, against a memcpy of the same bytes. */
+	{
+		struct setup s;
+		make_setup(models[0], 16, s);
+		const int reps = 200;
+		std::vector<double> t;
+		auto lat = [&](auto fn) {
+			for (int i = 0; i < 10; i++)
+				fn();
+			t.clear();
+			for (int i = 0; i < reps; i++) {
+				double a = now_s();
+				fn();
+				t.push_back(now_s() - a);
+			}
+			return median(t) * 1e6;
+		};
+		double mc = lat([&] {
+			CK(cudaMemcpyAsync(g_host, g_dev_a, s.total, cudaMemcpyDeviceToHost, s1));
+			CK(cudaStreamSynchronize(s1));
+		});
+		printf("\nfixed cost per job (median us, %s, 16 tokens = %.0f KiB)\n", models[0].name,
+		       s.total / 1024.0);
+		printf("  memcpy D2H of the same bytes      %7.1f\n", mc);
+		for (int p = 0; p < 2; p++) {
+			enum xfer_cuda_path path = p ? XFER_CUDA_PATH_STAGED : XFER_CUDA_PATH_ZEROCOPY;
+			struct xfer_cuda_job js = make_job(s, true, path), jr = make_job(s, false, path);
+			struct xfer_cuda_job je = js;
+			je.ntokens = 0;
+			double e = lat([&] { RC(xfer_cuda_store(ca, &je)); });
+			double st = lat([&] { RC(xfer_cuda_store(ca, &js)); });
+			double rt2 = lat([&] { RC(xfer_cuda_retrieve(ca, &jr)); });
+			printf("  %-8s empty job %7.1f   store %7.1f   retrieve %7.1f\n",
+			       xfer_cuda_path_name(path), e, st, rt2);
+		}
+	}
+
 	/* Staging ring size: STAGED store/retrieve per ring size (4 segments each). */
 	static const size_t ring_mib[] = { 16, 32, 64, 128 };
 	printf("\nstaging ring (STAGED path, GB/s; ring = 4 segments; default %s)\n",

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
 #include <unistd.h>
 #include <zmq.h>
@@ -446,6 +447,15 @@ static void expect_reply(const char *what, int type, const struct frame *args, s
 	check_case(what, &before, o);
 }
 
+static struct t_daemon *d;
+
+/* A REQUIRE failure exits: take the daemon down too. */
+static void kill_daemon_at_exit(void)
+{
+	if (d && d->pid > 0)
+		kill(d->pid, SIGKILL);
+}
+
 static const uint8_t XFER_FALSE[] = { 0x92, 0xc4, 0x00, 0xc2 };
 static const uint8_t XFER_TRUE[] = { 0x92, 0xc4, 0x00, 0xc3 };
 static const uint8_t NIL[] = { 0xc0 };
@@ -525,7 +535,6 @@ static size_t blk_off(int layer, int plane, int64_t block)
 int main(void)
 {
 	struct kvstash_host_buffer buf = { .fd = -1 };
-	struct t_daemon *d;
 	struct counters s0, s1;
 	char args[256];
 	uint32_t tok[3 * C];
@@ -537,6 +546,7 @@ int main(void)
 		 C, MAX_MESSAGE_MB);
 	d = t_daemon_start(args);
 	REQUIRE(d);
+	atexit(kill_daemon_at_exit);
 	REQUIRE(kvstash_host_buffer_create(&buf, NL * LAYER_BYTES, "badinput") == 0);
 	raw_open(&R, d->endpoint);
 	for (size_t i = 0; i < 3 * C; i++)
@@ -1135,6 +1145,7 @@ int main(void)
 	proto_msg_free(&m_ws);
 	kvstash_host_buffer_destroy(&buf);
 	int st = t_daemon_stop(d);
+	d = NULL;
 	CHECK_EQ(st, 0);	/* a clean exit (and, under ASan, no leak report) */
 	return t_result("server_badinput");
 }

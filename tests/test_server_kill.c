@@ -24,6 +24,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -48,6 +49,13 @@
 #define KILL_ROUNDS 3
 
 static struct t_daemon *d;
+
+/* A REQUIRE failure exits: take the daemon down too (children die with us). */
+static void kill_daemon_at_exit(void)
+{
+	if (d && d->pid > 0)
+		kill(d->pid, SIGKILL);
+}
 
 static size_t layer_bytes(size_t nb)
 {
@@ -285,6 +293,9 @@ static struct child spawn(enum child_kind kind, int64_t instance)
 	if (ch.pid == 0) {
 		char b;
 
+		prctl(PR_SET_PDEATHSIG, SIGKILL);
+		if (getppid() == 1)
+			_exit(0);
 		close(go[1]);
 		close(st[0]);
 		if (read(go[0], &b, 1) != 1)
@@ -458,6 +469,7 @@ int main(void)
 
 	d = t_daemon_start("--pool-size=1G --read-ttl-s=1 --write-ttl-s=1 --workers=2");
 	REQUIRE(d);
+	atexit(kill_daemon_at_exit);
 	/* Fork every child before this process has a thread or a ZMQ context. */
 	for (int i = 0; i < KILL_ROUNDS; i++)
 		kids[i] = spawn(CHILD_LOOP, 100 + i);
@@ -565,5 +577,6 @@ int main(void)
 	int st = 0;
 	CHECK_EQ(waitpid(d->pid, &st, WNOHANG), 0);	/* still running */
 	CHECK_EQ(t_daemon_stop(d), 0);
+	d = NULL;
 	return t_result("server_kill");
 }
