@@ -20,19 +20,12 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/resource.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "compiler.h"
 #include "lock.h"
 #include "log.h"
 
-/*
- * Workers run at a lower CPU priority than the io thread: when cores are
- * scarce, a bulk copy waits a little and the heartbeat does not.
- */
-#define XFER_WORKER_NICE 0
 /* Workers wake at least this often to notice stop; bounded waits everywhere. */
 #define XFER_IDLE_WAIT_MS 100
 #define XFER_JOB_CANCELLED ((uint64_t)1)	/* start_ns value of a never-run job */
@@ -97,8 +90,6 @@ static void *worker_main(void *p)
 	free(wa);
 	snprintf(tname, sizeof(tname), "%.10s/%u", e->name, index);
 	pthread_setname_np(pthread_self(), tname);
-	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), XFER_WORKER_NICE) < 0)
-		log_debug("%s: setpriority: %s", tname, strerror(errno));
 	for (;;) {
 		struct xfer_job *job = NULL;
 		bool stop = false;
