@@ -172,6 +172,11 @@ static int cmd_store_test(const struct cli_opts *o)
 		fprintf(stderr, "store-test: unknown dtype '%s'\n", o->dtype);
 		return 2;
 	}
+	if (!mla && strcmp(o->layout, "flash_attn") && strcmp(o->layout, "flashinfer")) {
+		fprintf(stderr, "store-test: unknown layout '%s' (flash_attn, flashinfer or mla)\n",
+			o->layout);
+		return 2;
+	}
 	if (connect_or_fail(o, &c))
 		return 1;
 	if (kvstash_get_chunk_size(c, &C)) {

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 
 #include "compiler.h"
 #include "log.h"
@@ -232,11 +233,17 @@ int cfg_load_file(struct srv_config *c, const char *path, char *err, size_t errl
 	FILE *f = fopen(path, "r");
 	char line[1024];
 	int lineno = 0, rc = 0;
+	struct stat st;
 
 	if (!f) {
 		rc = -errno;
 		snprintf(err, errlen, "--config: cannot open %s: %s", path, strerror(errno));
 		return rc;
+	}
+	if (fstat(fileno(f), &st) == 0 && !S_ISREG(st.st_mode)) {
+		fclose(f);
+		snprintf(err, errlen, "--config: %s is not a regular file", path);
+		return -EINVAL;
 	}
 	while (fgets(line, sizeof(line), f)) {
 		char *p = line, *eq, *k, *v, *e;
@@ -268,6 +275,10 @@ int cfg_load_file(struct srv_config *c, const char *path, char *err, size_t errl
 			break;
 		}
 	}
+	if (!rc && ferror(f)) {
+		rc = -EIO;
+		snprintf(err, errlen, "--config: cannot read %s: %s", path, strerror(errno));
+	}
 	fclose(f);
 	return rc;
 }
@@ -288,8 +299,12 @@ void cfg_print_help(FILE *out, const char *prog)
 			 o->type == CFG_BYTES ? "SIZE" : "N");
 		fprintf(out, "  %-34s %s (default: %s)\n", left, o->help,
 			*o->def ? o->def : "none");
-		if (o->alias)
-			fprintf(out, "  %-34s alias of --%s (LMCache name)\n", "", o->name);
+		if (o->alias) {
+			snprintf(left, sizeof(left), "--%s=%s", o->alias,
+				 o->type == CFG_ENUM ? o->choices : o->type == CFG_STR ? "STR" :
+				 o->type == CFG_BYTES ? "SIZE" : "N");
+			fprintf(out, "  %-34s alias of --%s (LMCache name)\n", left, o->name);
+		}
 	}
 	fprintf(out, "  %-34s %s\n", "--l1-size-gb=GIB", "LMCache alias: --pool-size in GiB");
 	fprintf(out, "  %-34s %s\n", "--config=FILE", "read options from FILE first; flags override it");

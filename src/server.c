@@ -27,6 +27,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <stddef.h>
 #include <inttypes.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -48,6 +49,7 @@
 #include "layout.h"
 #include "lock.h"
 #include "log.h"
+#include "metrics.h"
 #include "pool.h"
 #include "protocol.h"
 #include "transfer.h"
@@ -69,6 +71,10 @@
 #define SRV_SESSION_MAX 65536u
 /* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
 #define SRV_IO_NICE (-10)
+/* Health: the io loop must turn, and a probe must cross the transfer queue. */
+#define SRV_HEALTH_IO_MS 2000
+#define SRV_HEALTH_PROBE_MS 2000
+#define SRV_PROBE_MS 1000
 /* How long shutdown lets queued transfers finish before failing them. */
 #define SRV_DRAIN_MS 5000
 /* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
@@ -125,6 +131,8 @@ struct srv_xfer_job {
 	int result;			/* 0 or -errno, set by run() */
 	char err[SRV_ERR_MAX];
 	uint32_t committed;		/* STORE: chunks made READY */
+	uint64_t recv_ns;		/* when the request arrived (latency) */
+	bool probe;			/* a data-path health probe, not a request */
 };
 
 struct srv_lookup_job {
@@ -180,10 +188,20 @@ struct srv {
 	struct srv_lookup_job *jobs;	/* [SRV_JOB_SLOTS] */
 	int64_t next_job_id;
 	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
-	size_t nsessions;
+	size_t nsessions;		/* io thread */
+	_Atomic uint64_t nsessions_pub;	/* mirror for other threads */
+	_Atomic uint64_t ninstances;	/* registry size, for other threads */
 	struct srv_last_error *last_errors;	/* [SRV_LAST_ERROR_SLOTS] */
 	uint64_t last_tick_ms;
 	struct srv_counters ctr;
+	/* Latency from request receipt to reply, per kind (any thread reads). */
+	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
+	/* Health: the io loop's last turn, and the data-path probe. */
+	_Atomic uint64_t io_alive_ms;
+	_Atomic uint64_t probe_sent_ms;	/* 0 = none outstanding */
+	_Atomic uint64_t probe_done_ms;
+	uint64_t probe_stall_ms;	/* test hook: KVSTASH_TEST_PROBE_STALL_MS */
+	uint64_t cur_recv_ns;		/* receipt time of the request being dispatched */
 	/* Scratch for hashing and key expansion (io thread only). */
 	uint8_t (*hash_buf)[KS_HASH_LEN];
 	size_t hash_cap;
@@ -377,6 +395,7 @@ static bool instance_remove(struct srv *s, int64_t id)
 		if (in->id == id) {
 			*pp = in->next;
 			in->next = NULL;
+			atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
 			instance_put(in);
 			return true;
 		}
@@ -576,6 +595,7 @@ static bool session_unlink(struct srv *s, const char *rid, size_t len)
 			*pp = ss->next;
 			session_free(ss);
 			s->nsessions--;
+			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
 			return true;
 		}
 	}
@@ -602,6 +622,7 @@ static void sessions_expire(struct srv *s, uint64_t now_ms)
 			}
 		}
 	}
+	atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
 }
 
 static int ensure_hash_cap(struct srv *s, size_t n)
@@ -644,6 +665,7 @@ static const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 			ss->next = *bucket;
 			*bucket = ss;
 			s->nsessions++;
+			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
 		}
 	}
 	if (ss) {
@@ -754,6 +776,7 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 			 rq->instance_id);
 	in->next = s->instances;
 	s->instances = in;
+	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
 	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers %s %s "
 		 "[NB %u, BS %u, NH %u, HS %u], %zu mapping(s), object %" PRIu64 " bytes",
 		 in->id, in->model, in->world_size, in->layout.num_layers,
@@ -858,6 +881,7 @@ static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
 }
 
 static void handle_stats(struct srv *s, const struct srv_reply_addr *a);
+static void maybe_probe(struct srv *s, uint64_t now);
 static void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
 
 /* ------------------------------------------------------------------------ */
@@ -1097,6 +1121,7 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	j->srv = s;
 	j->addr = *a;
 	j->op = rq->type;
+	j->recv_ns = s->cur_recv_ns;
 	j->skip_tokens = rq->skip_first_n_tokens;
 	rc = xfer_prepare(s, rq, j, err, sizeof(err));
 	if (rc == -EPROTO) {
@@ -1131,6 +1156,14 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 {
 	bool ok = j->result == 0;
 
+	if (j->probe) {
+		if (!xfer_job_cancelled(&j->base))
+			atomic_store(&s->probe_done_ms, ks_now_ms());
+		atomic_store(&s->probe_sent_ms, 0);
+		free(j);
+		return;
+	}
+
 	if (xfer_job_cancelled(&j->base)) {
 		/* Never ran (shutdown): it reserved and pinned nothing yet. */
 		snprintf(j->err, sizeof(j->err), "server shutting down");
@@ -1150,6 +1183,8 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
 		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
 	reply_xfer(s, &j->addr, ok);
+	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
+			     ks_now_ns() - j->recv_ns);
 	xfer_job_free(j);
 }
 
@@ -1217,6 +1252,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		return;
 	}
 	count_request(s, rq.type);
+	s->cur_recv_ns = ks_now_ns();
 	switch (rq.type) {
 	case PROTO_PING:
 		if (rq.has_instance_id) {
@@ -1274,6 +1310,10 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		handle_stats(s, &a);
 		break;
 	}
+	if (rq.type == PROTO_PING)
+		metrics_hist_observe(&s->lat_ping, ks_now_ns() - s->cur_recv_ns);
+	else if (rq.type == PROTO_LOOKUP)
+		metrics_hist_observe(&s->lat_lookup, ks_now_ns() - s->cur_recv_ns);
 	proto_request_free(&rq);
 }
 
@@ -1343,6 +1383,7 @@ static void reap_instances(struct srv *s, uint64_t now)
 			 in->last_ping_ms ? "no PING within --client-timeout-s" :
 					    "never pinged within --registration-grace-s");
 		ctr_add(&s->ctr.instances_reaped, 1);
+		atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
 		*pp = in->next;
 		in->next = NULL;
 		instance_put(in);
@@ -1362,73 +1403,238 @@ static void housekeeping(struct srv *s)
 		log_info("expired the locks or reservations of %zu object(s)", n);
 	sessions_expire(s, now);
 	reap_instances(s, now);
+	maybe_probe(s, now);
 }
 
 /* ------------------------------------------------------------------------ */
-/* Stats                                                                    */
+/* Stats, metrics, health: one table feeds KS_STATS, /metrics and /stats.   */
 
-static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
+enum stat_kind { STAT_COUNTER, STAT_GAUGE };
+
+struct stat_row {
+	const char *name;	/* KS_STATS / JSON key */
+	const char *prom;	/* Prometheus name */
+	const char *help;
+	enum stat_kind kind;
+	uint64_t value;
+};
+
+#define SRV_MAX_STATS 64
+
+/* Fill @rows with every counter. Safe from any thread: atomics and stats calls only. */
+static size_t collect_stats(struct srv *s, struct stat_row *rows)
 {
 	struct pool_stats ps;
 	struct idx_stats is;
 	struct xfer_stats xs;
-	const char *names[64];
-	uint64_t vals[64];
 	size_t n = 0;
-	struct proto_msg m = { 0 };
-	uint64_t ninst = 0;
 
-#define STAT(name, v) do { names[n] = (name); vals[n] = (uint64_t)(v); n++; } while (0)
+#define ROW(nm, pr, kd, v, hp) \
+	(rows[n++] = (struct stat_row){ (nm), (pr), (hp), (kd), (uint64_t)(v) })
+#define CTR(field) atomic_load_explicit(&s->ctr.field, memory_order_relaxed)
 	pool_get_stats(s->pool, &ps);
 	idx_get_stats(s->idx, &is);
 	xfer_get_stats(s->host_xfer, &xs);
-	for (struct srv_instance *in = s->instances; in; in = in->next)
-		ninst++;
-	STAT("pool_bytes", ps.region_bytes);
-	STAT("slot_bytes", ps.slot_bytes);
-	STAT("slots_total", ps.nslots);
-	STAT("slots_free", ps.free_slots);
-	STAT("pool_used_bytes", ps.used_bytes);
-	STAT("objects", is.entries);
-	STAT("objects_ready", is.ready);
-	STAT("objects_writing", is.writing);
-	STAT("objects_reading", is.reading);
-	STAT("read_locks", is.read_locks);
-	STAT("pins", is.pins);
-	STAT("evictions", is.evictions);
-	STAT("expired_read_locks", is.expired_read_locks);
-	STAT("expired_writes", is.expired_writes);
-	STAT("lock_timeouts", ks_lock_timeouts_total());
-	STAT("instances", ninst);
-	STAT("sessions", s->nsessions);
-	STAT("xfer_queued", xs.queued);
-	STAT("xfer_running", xs.running);
-	STAT("xfer_completed", xs.completed);
-	STAT("xfer_rejected_full", xs.rejected_full);
-	STAT("workers", xs.nworkers);
-	STAT("requests_store", atomic_load(&s->ctr.requests[PROTO_STORE]));
-	STAT("requests_retrieve", atomic_load(&s->ctr.requests[PROTO_RETRIEVE]));
-	STAT("requests_lookup", atomic_load(&s->ctr.requests[PROTO_LOOKUP]));
-	STAT("requests_ping", atomic_load(&s->ctr.requests[PROTO_PING]));
-	STAT("frame_faults", atomic_load(&s->ctr.frame_faults));
-	STAT("semantic_errors", atomic_load(&s->ctr.semantic_errors));
-	STAT("replies_dropped", atomic_load(&s->ctr.replies_dropped));
-	STAT("store_chunks_stored", atomic_load(&s->ctr.store_chunks_stored));
-	STAT("store_chunks_skipped", atomic_load(&s->ctr.store_chunks_skipped));
-	STAT("store_chunks_nospace", atomic_load(&s->ctr.store_chunks_nospace));
-	STAT("store_chunks_lost", atomic_load(&s->ctr.store_chunks_lost));
-	STAT("retrieve_ok", atomic_load(&s->ctr.retrieve_ok));
-	STAT("retrieve_miss", atomic_load(&s->ctr.retrieve_miss));
-	STAT("bytes_stored", atomic_load(&s->ctr.bytes_stored));
-	STAT("bytes_retrieved", atomic_load(&s->ctr.bytes_retrieved));
-	STAT("lookup_hit_chunks", atomic_load(&s->ctr.lookup_hit_chunks));
-	STAT("instances_reaped", atomic_load(&s->ctr.instances_reaped));
-	STAT("copy_faults", atomic_load(&s->ctr.copy_faults));
-	STAT("log_dropped", log_dropped_total());
-#undef STAT
+	ROW("pool_bytes", "kvstash_l1_pool_bytes", STAT_GAUGE, ps.region_bytes,
+	    "Bytes reserved for the host pool.");
+	ROW("slot_bytes", "kvstash_l1_slot_bytes", STAT_GAUGE, ps.slot_bytes,
+	    "Bytes per pool slot (one chunk object).");
+	ROW("slots_total", "kvstash_l1_slots", STAT_GAUGE, ps.nslots, "Pool slots.");
+	ROW("slots_free", "kvstash_l1_slots_free", STAT_GAUGE, ps.free_slots, "Free pool slots.");
+	ROW("pool_used_bytes", "kvstash_l1_used_bytes", STAT_GAUGE, ps.used_bytes,
+	    "Bytes of pool slots in use.");
+	ROW("objects", "kvstash_l1_objects", STAT_GAUGE, is.entries, "Objects in the L1 index.");
+	ROW("objects_ready", "kvstash_l1_objects_ready", STAT_GAUGE, is.ready,
+	    "Objects READY (unpinned).");
+	ROW("objects_writing", "kvstash_l1_objects_writing", STAT_GAUGE, is.writing,
+	    "Objects being written by a STORE.");
+	ROW("objects_reading", "kvstash_l1_objects_reading", STAT_GAUGE, is.reading,
+	    "Objects with read locks or pins.");
+	ROW("read_locks", "kvstash_l1_read_locks", STAT_GAUGE, is.read_locks,
+	    "LOOKUP read locks held.");
+	ROW("pins", "kvstash_l1_pins", STAT_GAUGE, is.pins, "Transfer pins held.");
+	ROW("evictions", "lmcache_mp_l1_evicted_keys_total", STAT_COUNTER, is.evictions,
+	    "Objects evicted from L1 (LRU).");
+	ROW("expired_read_locks", "kvstash_expired_read_locks_total", STAT_COUNTER,
+	    is.expired_read_locks, "Objects whose LOOKUP read locks expired (TTL).");
+	ROW("expired_writes", "kvstash_expired_writes_total", STAT_COUNTER, is.expired_writes,
+	    "STORE reservations that expired (TTL).");
+	ROW("lock_timeouts", "kvstash_lock_timeouts_total", STAT_COUNTER, ks_lock_timeouts_total(),
+	    "Lock waits that hit their deadline.");
+	ROW("instances", "kvstash_instances", STAT_GAUGE, atomic_load(&s->ninstances),
+	    "Registered engine instances.");
+	ROW("sessions", "kvstash_sessions", STAT_GAUGE, atomic_load(&s->nsessions_pub),
+	    "Per-request hash sessions cached.");
+	ROW("xfer_queued", "kvstash_xfer_queue_depth", STAT_GAUGE, xs.queued,
+	    "Transfer jobs waiting for a worker.");
+	ROW("xfer_running", "kvstash_xfer_running", STAT_GAUGE, xs.running,
+	    "Transfer jobs being copied now.");
+	ROW("xfer_completed", "kvstash_xfer_completed_total", STAT_COUNTER, xs.completed,
+	    "Transfer jobs completed.");
+	ROW("xfer_rejected_full", "kvstash_xfer_rejected_total", STAT_COUNTER, xs.rejected_full,
+	    "Transfer jobs refused because the queue was full.");
+	ROW("workers", "kvstash_xfer_workers", STAT_GAUGE, xs.nworkers, "Transfer worker threads.");
+	ROW("requests_store", "lmcache_mp_sm_write_requests_total", STAT_COUNTER,
+	    atomic_load(&s->ctr.requests[PROTO_STORE]), "STORE requests received.");
+	ROW("requests_retrieve", "lmcache_mp_sm_read_requests_total", STAT_COUNTER,
+	    atomic_load(&s->ctr.requests[PROTO_RETRIEVE]), "RETRIEVE requests received.");
+	ROW("requests_lookup", "kvstash_lookup_requests_total", STAT_COUNTER,
+	    atomic_load(&s->ctr.requests[PROTO_LOOKUP]), "LOOKUP requests received.");
+	ROW("requests_ping", "kvstash_ping_requests_total", STAT_COUNTER,
+	    atomic_load(&s->ctr.requests[PROTO_PING]), "PING requests received.");
+	ROW("frame_faults", "kvstash_frame_faults_total", STAT_COUNTER, CTR(frame_faults),
+	    "Malformed requests dropped (protocol.md Errors rule 1).");
+	ROW("semantic_errors", "kvstash_semantic_errors_total", STAT_COUNTER, CTR(semantic_errors),
+	    "Well-formed requests refused (unknown instance, bad range, ...).");
+	ROW("replies_dropped", "kvstash_replies_dropped_total", STAT_COUNTER, CTR(replies_dropped),
+	    "Replies ZMQ could not queue (peer gone or full).");
+	ROW("store_chunks_stored", "kvstash_store_chunks_total", STAT_COUNTER,
+	    CTR(store_chunks_stored), "Chunks made READY by STORE.");
+	ROW("store_chunks_skipped", "kvstash_store_chunks_skipped_total", STAT_COUNTER,
+	    CTR(store_chunks_skipped), "STORE chunks already present.");
+	ROW("store_chunks_nospace", "kvstash_store_chunks_nospace_total", STAT_COUNTER,
+	    CTR(store_chunks_nospace), "STORE chunks skipped for lack of space.");
+	ROW("store_chunks_lost", "kvstash_store_chunks_lost_total", STAT_COUNTER,
+	    CTR(store_chunks_lost), "STORE chunks whose reservation expired or was cleared.");
+	ROW("retrieve_ok", "kvstash_retrieve_ok_total", STAT_COUNTER, CTR(retrieve_ok),
+	    "RETRIEVEs that copied every chunk.");
+	ROW("retrieve_miss", "kvstash_retrieve_miss_total", STAT_COUNTER, CTR(retrieve_miss),
+	    "RETRIEVEs refused because a chunk was missing.");
+	ROW("bytes_stored", "kvstash_store_bytes_total", STAT_COUNTER, CTR(bytes_stored),
+	    "Bytes copied into the pool by STORE.");
+	ROW("bytes_retrieved", "kvstash_retrieve_bytes_total", STAT_COUNTER, CTR(bytes_retrieved),
+	    "Bytes copied out of the pool by RETRIEVE.");
+	ROW("lookup_hit_chunks", "kvstash_lookup_hit_chunks_total", STAT_COUNTER,
+	    CTR(lookup_hit_chunks), "Chunks reported as hits by LOOKUP.");
+	ROW("instances_reaped", "kvstash_reaped_instances_total", STAT_COUNTER,
+	    CTR(instances_reaped), "Instances unregistered by the reaper.");
+	ROW("copy_faults", "kvstash_copy_faults_total", STAT_COUNTER, CTR(copy_faults),
+	    "Copies stopped by a bus error (client file truncated).");
+	ROW("log_dropped", "kvstash_log_dropped_total", STAT_COUNTER, log_dropped_total(),
+	    "Log lines dropped because the log ring was full.");
+#undef CTR
+#undef ROW
+	return n;
+}
+
+static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
+{
+	struct stat_row rows[SRV_MAX_STATS];
+	const char *names[SRV_MAX_STATS];
+	uint64_t vals[SRV_MAX_STATS];
+	struct proto_msg m = { 0 };
+	size_t n = collect_stats(s, rows);
+
+	for (size_t i = 0; i < n; i++) {
+		names[i] = rows[i].name;
+		vals[i] = rows[i].value;
+	}
 	if (proto_encode_stats(&m, names, vals, n) == 0)
 		send_reply(s, a, &m);
 	proto_msg_free(&m);
+}
+
+static const struct {
+	const char *name, *kind;
+	size_t off;
+} srv_hists[] = {
+	{ "kvstash_request_duration_seconds", "store", offsetof(struct srv, lat_store) },
+	{ "kvstash_request_duration_seconds", "retrieve", offsetof(struct srv, lat_retrieve) },
+	{ "kvstash_request_duration_seconds", "lookup", offsetof(struct srv, lat_lookup) },
+	{ "kvstash_request_duration_seconds", "ping", offsetof(struct srv, lat_ping) },
+};
+
+void srv_render_metrics(struct srv *s, struct metrics_buf *out)
+{
+	struct stat_row rows[SRV_MAX_STATS];
+	size_t n = collect_stats(s, rows);
+	char labels[64];
+
+	for (size_t i = 0; i < n; i++) {
+		if (rows[i].kind == STAT_COUNTER)
+			metrics_counter(out, rows[i].prom, rows[i].help, NULL, rows[i].value);
+		else
+			metrics_gauge(out, rows[i].prom, rows[i].help, NULL, (double)rows[i].value);
+	}
+	for (size_t i = 0; i < KS_ARRAY_SIZE(srv_hists); i++) {
+		snprintf(labels, sizeof(labels), "request=\"%s\"", srv_hists[i].kind);
+		metrics_histogram(out, srv_hists[i].name,
+				  i == 0 ? "Time from receiving a request to sending its reply." : NULL,
+				  labels,
+				  (const struct metrics_hist *)((const char *)s + srv_hists[i].off));
+	}
+	char why[256];
+	metrics_gauge(out, "kvstash_healthy", "1 when /healthz reports healthy.", NULL,
+		      srv_health(s, why, sizeof(why)) == 0 ? 1.0 : 0.0);
+}
+
+void srv_render_stats_json(struct srv *s, struct metrics_buf *out)
+{
+	struct stat_row rows[SRV_MAX_STATS];
+	size_t n = collect_stats(s, rows);
+	char why[256];
+	int rc = srv_health(s, why, sizeof(why));
+
+	metrics_printf(out, "{\"endpoint\":\"%s\",\"healthy\":%s", s->endpoint, rc ? "false" : "true");
+	for (size_t i = 0; i < n; i++)
+		metrics_printf(out, ",\"%s\":%" PRIu64, rows[i].name, rows[i].value);
+	for (size_t i = 0; i < KS_ARRAY_SIZE(srv_hists); i++) {
+		const struct metrics_hist *h =
+			(const struct metrics_hist *)((const char *)s + srv_hists[i].off);
+
+		metrics_printf(out, ",\"%s_p50_ms\":%.3f,\"%s_p99_ms\":%.3f", srv_hists[i].kind,
+			       metrics_hist_quantile(h, 0.5) * 1e3, srv_hists[i].kind,
+			       metrics_hist_quantile(h, 0.99) * 1e3);
+	}
+	metrics_printf(out, "}\n");
+}
+
+int srv_health(struct srv *s, char *why, size_t len)
+{
+	uint64_t now = ks_now_ms();
+	uint64_t io = atomic_load(&s->io_alive_ms), sent = atomic_load(&s->probe_sent_ms);
+
+	if (now > io && now - io > SRV_HEALTH_IO_MS) {
+		snprintf(why, len, "io thread: no loop turn for %" PRIu64 " ms", now - io);
+		return -EAGAIN;
+	}
+	if (sent && now > sent && now - sent > SRV_HEALTH_PROBE_MS) {
+		snprintf(why, len, "device host: data-path probe waiting %" PRIu64 " ms "
+			 "(workers stalled or queue backed up)", now - sent);
+		return -EAGAIN;
+	}
+	snprintf(why, len, "ok");
+	return 0;
+}
+
+/* Worker side of a probe: nothing to copy; the test hook can stall it. */
+static void run_probe(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+
+	(void)worker;
+	if (j->srv->probe_stall_ms)
+		usleep((useconds_t)KS_MIN(j->srv->probe_stall_ms, 60000) * 1000);
+}
+
+/* Send a probe through the host transfer queue once a second (io thread). */
+static void maybe_probe(struct srv *s, uint64_t now)
+{
+	struct srv_xfer_job *j;
+
+	if (atomic_load(&s->probe_sent_ms) || now - atomic_load(&s->probe_done_ms) < SRV_PROBE_MS)
+		return;
+	j = calloc(1, sizeof(*j));
+	if (!j)
+		return;
+	j->srv = s;
+	j->probe = true;
+	j->base.run = run_probe;
+	atomic_store(&s->probe_sent_ms, now);
+	if (xfer_submit(s->host_xfer, &j->base)) {
+		atomic_store(&s->probe_sent_ms, 0);
+		free(j);
+	}
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1517,6 +1723,13 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 			 "can read and write this cache", s->endpoint);
 	install_sigbus_guard();
 	s->last_tick_ms = ks_now_ms();
+	atomic_store(&s->io_alive_ms, s->last_tick_ms);
+	atomic_store(&s->probe_done_ms, s->last_tick_ms);
+	const char *stall = getenv("KVSTASH_TEST_PROBE_STALL_MS");
+	if (stall && *stall) {
+		s->probe_stall_ms = strtoull(stall, NULL, 10);
+		log_warn("test hook: data-path probes stall %" PRIu64 " ms", s->probe_stall_ms);
+	}
 	*out = s;
 	return 0;
 out_destroy:
@@ -1558,6 +1771,8 @@ int srv_run(struct srv *s)
 		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
 	for (;;) {
 		int n = zmq_poll(items, 3, SRV_TICK_MS);
+
+		atomic_store_explicit(&s->io_alive_ms, ks_now_ms(), memory_order_relaxed);
 
 		if (n < 0 && zmq_errno() != EINTR) {
 			log_error("zmq_poll: %s", zmq_strerror(zmq_errno()));

@@ -181,9 +181,16 @@ static uint64_t mono_ns(void)
  * which is exactly the object's dense [K, NL, n_c, hidden] order.
  */
 struct kv_xfer_args {
-	const uint64_t *layers;	/* [NL] device address of layer l's element 0 */
-	const uint64_t *objs;	/* [NCHUNKS] host (UVA) address of chunk c's object */
-	const int64_t *slots;	/* [NTOKENS] paged slot of each range token, < NB*BS */
+	/*
+	 * [NL + NCHUNKS + NTOKENS] the job's table, on the device (NULL when
+	 * it travels inline in the kernel's parameters):
+	 *   [0, NL)                  device address of layer l's element 0
+	 *   [objs_off, +NCHUNKS)     host (UVA) address of chunk c's object
+	 *   [slots_off, +NTOKENS)    paged slot of each range token, < NB*BS
+	 */
+	const uint64_t *table;
+	uint32_t objs_off;	/* NL */
+	uint32_t slots_off;	/* NL + NCHUNKS */
 	char *stage;		/* [nrows, row_bytes] staging segment, or NULL (zero-copy) */
 	uint32_t row_begin;	/* first request row of this launch, < R */
 	uint32_t nrows;		/* rows of this launch, row_begin + nrows <= R */
@@ -205,15 +212,39 @@ struct kv_xfer_args {
 };
 
 /*
+ * A small job's table travels in the launch's parameter space instead of
+ * through a host->device copy that the first kernel would wait for (~4 us,
+ * 2-3% of a 256-token MLA chunk). 480 entries keep args + table under the
+ * classic 4 KiB kernel parameter limit: a 256-token chunk of a 61-layer
+ * model needs 318.
+ */
+#define XFER_INLINE_ENTRIES 480
+struct kv_xfer_table {
+	uint64_t e[XFER_INLINE_ENTRIES];
+};
+/* The table's stand-in for jobs whose table is on the device. */
+struct kv_xfer_notable {
+	uint64_t unused;
+};
+static_assert(sizeof(struct kv_xfer_args) + sizeof(struct kv_xfer_table) <= 4096,
+	      "kernel parameters over 4 KiB");
+
+/*
  * Grid: one CTA per rows_per_cta consecutive request rows (x only).
  * Block: XFER_THREADS threads striding the CTA's rows * row_words words,
  * so a warp touches 32 consecutive words of the object side: coalesced,
  * full 128-byte lines on PCIe. The first rows_per_cta threads resolve
  * their row's two addresses into shared memory first.
  */
-template <typename T, bool STORE>	// T: the copy word (uint4, uint64_t, ...), not the KV dtype
-__global__ void __launch_bounds__(XFER_THREADS) kv_xfer_kernel(const struct kv_xfer_args a)
+template <typename T, bool STORE, typename TAB>	// T: the copy word (uint4, uint64_t, ...),
+							// not the KV dtype; TAB: kv_xfer_table
+							// (inline) or kv_xfer_notable
+__global__ void __launch_bounds__(XFER_THREADS)
+kv_xfer_kernel(const __grid_constant__ struct kv_xfer_args a,	// the launch, above
+	       const __grid_constant__ TAB tab)		// [NL + NCHUNKS + NTOKENS] or unused
 {
+	/* __grid_constant__: indexed in place in parameter space, no copy. */
+	const uint64_t *table = a.table ? a.table : (const uint64_t *)&tab;
 	__shared__ char *s_paged[XFER_MAX_ROWS_PER_CTA];
 	__shared__ char *s_obj[XFER_MAX_ROWS_PER_CTA];
 	const uint32_t first = a.row_begin + blockIdx.x * a.rows_per_cta;
@@ -233,14 +264,14 @@ __global__ void __launch_bounds__(XFER_THREADS) kv_xfer_kernel(const struct kv_x
 		char *paged = NULL, *obj = NULL;
 
 		if (token >= a.skip_tokens) {
-			const int64_t slot = a.slots[token];
+			const int64_t slot = (int64_t)table[a.slots_off + token];
 			const int64_t blk = slot / a.block_size;
 			const int64_t off = slot - blk * a.block_size;
 
-			paged = (char *)a.layers[l] + k * a.plane_stride_b + blk * a.block_stride_b +
+			paged = (char *)table[l] + k * a.plane_stride_b + blk * a.block_stride_b +
 				off * a.token_stride_b;
 			obj = a.stage ? a.stage + (uint64_t)(r - a.row_begin) * a.row_bytes
-				      : (char *)a.objs[c] + (uint64_t)rr * a.row_bytes;
+				      : (char *)table[a.objs_off + c] + (uint64_t)rr * a.row_bytes;
 		}
 		s_paged[threadIdx.x] = paged;
 		s_obj[threadIdx.x] = obj;
@@ -294,20 +325,27 @@ __global__ void __launch_bounds__(XFER_THREADS) kv_xfer_kernel(const struct kv_x
 }
 
 template <typename T>
-static void kv_xfer_launch(bool store, const struct kv_xfer_args &a, unsigned grid,
-			   cudaStream_t s)
+static void kv_xfer_launch(bool store, const struct kv_xfer_args &a,
+			   const struct kv_xfer_table *inl, unsigned grid, cudaStream_t s)
 {
-	if (store)
-		kv_xfer_kernel<T, true><<<grid, XFER_THREADS, 0, s>>>(a);
+	const struct kv_xfer_notable none = {};
+
+	if (inl && store)
+		kv_xfer_kernel<T, true><<<grid, XFER_THREADS, 0, s>>>(a, *inl);
+	else if (inl)
+		kv_xfer_kernel<T, false><<<grid, XFER_THREADS, 0, s>>>(a, *inl);
+	else if (store)
+		kv_xfer_kernel<T, true><<<grid, XFER_THREADS, 0, s>>>(a, none);
 	else
-		kv_xfer_kernel<T, false><<<grid, XFER_THREADS, 0, s>>>(a);
+		kv_xfer_kernel<T, false><<<grid, XFER_THREADS, 0, s>>>(a, none);
 }
 
 /*
  * Launch rows [row_begin, row_begin + nrows) with the widest copy word that
  * every address and stride of the job is aligned to (@align: the OR of them).
  */
-static int kv_xfer_dispatch(bool store, struct kv_xfer_args a, uint64_t align, cudaStream_t s)
+static int kv_xfer_dispatch(bool store, struct kv_xfer_args a, const struct kv_xfer_table *inl,
+			    uint64_t align, cudaStream_t s)
 {
 	unsigned w;
 
@@ -327,11 +365,11 @@ static int kv_xfer_dispatch(bool store, struct kv_xfer_args a, uint64_t align, c
 	a.head_words = a.head_words / w;	/* set in bytes by the caller */
 	const unsigned grid = (a.nrows + a.rows_per_cta - 1) / a.rows_per_cta;
 	switch (w) {
-	case 16: kv_xfer_launch<uint4>(store, a, grid, s); break;
-	case 8: kv_xfer_launch<uint64_t>(store, a, grid, s); break;
-	case 4: kv_xfer_launch<uint32_t>(store, a, grid, s); break;
-	case 2: kv_xfer_launch<uint16_t>(store, a, grid, s); break;
-	default: kv_xfer_launch<uint8_t>(store, a, grid, s); break;
+	case 16: kv_xfer_launch<uint4>(store, a, inl, grid, s); break;
+	case 8: kv_xfer_launch<uint64_t>(store, a, inl, grid, s); break;
+	case 4: kv_xfer_launch<uint32_t>(store, a, inl, grid, s); break;
+	case 2: kv_xfer_launch<uint16_t>(store, a, inl, grid, s); break;
+	default: kv_xfer_launch<uint8_t>(store, a, inl, grid, s); break;
 	}
 	return CUDA_RC(cudaGetLastError());
 }
@@ -883,6 +921,7 @@ struct job_plan {
 	uint32_t first_chunk;	/* RETRIEVE: chunks before it are fully skipped */
 	uint64_t row_bytes;
 	uint64_t align;		/* OR of every address and stride the kernel uses */
+	const struct kv_xfer_table *inl;	/* the table inline, or NULL: ctx->tab_dev */
 };
 
 #define KS_MINU(a, b) ((a) < (b) ? (a) : (b))
@@ -964,9 +1003,9 @@ static struct kv_xfer_args job_args(const struct xfer_cuda_ctx *ctx, const struc
 	struct kv_xfer_args a = {};
 	uint64_t rpc = XFER_CTA_BYTES / pl->row_bytes;
 
-	a.layers = ctx->tab_dev;
-	a.objs = ctx->tab_dev + pl->NL;
-	a.slots = (const int64_t *)(ctx->tab_dev + pl->NL + pl->nchunks);
+	a.table = pl->inl ? NULL : ctx->tab_dev;
+	a.objs_off = pl->NL;
+	a.slots_off = pl->NL + pl->nchunks;
 	a.rows_per_cta = (uint32_t)(rpc < 1 ? 1 : rpc > XFER_MAX_ROWS_PER_CTA ? XFER_MAX_ROWS_PER_CTA
 									     : rpc);
 	a.rows_per_chunk = pl->K * pl->NL * pl->C;
@@ -994,7 +1033,7 @@ static int run_zerocopy(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j
 
 	a.row_begin = pl->first_chunk * a.rows_per_chunk;
 	a.nrows = R > a.row_begin ? R - a.row_begin : 0;
-	return kv_xfer_dispatch(store, a, pl->align, ctx->sk);
+	return kv_xfer_dispatch(store, a, pl->inl, pl->align, ctx->sk);
 }
 
 /*
@@ -1050,7 +1089,7 @@ static int run_staged(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j,
 				if (nseg >= XFER_STAGE_BUFS &&
 				    CTX_RC(ctx, cudaStreamWaitEvent(ctx->sk, ctx->seg_free[b], 0)))
 					return -EIO;
-				rc = kv_xfer_dispatch(true, a, pl->align, ctx->sk);
+				rc = kv_xfer_dispatch(true, a, pl->inl, pl->align, ctx->sk);
 				if (rc || CTX_RC(ctx, cudaEventRecord(ctx->seg_ready[b], ctx->sk)) ||
 				    CTX_RC(ctx, cudaStreamWaitEvent(ctx->sc, ctx->seg_ready[b], 0)) ||
 				    CTX_RC(ctx, cudaMemcpyAsync(host, buf, bytes, cudaMemcpyDeviceToHost,
@@ -1066,7 +1105,7 @@ static int run_staged(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j,
 				    CTX_RC(ctx, cudaEventRecord(ctx->seg_ready[b], ctx->sc)) ||
 				    CTX_RC(ctx, cudaStreamWaitEvent(ctx->sk, ctx->seg_ready[b], 0)))
 					return -EIO;
-				rc = kv_xfer_dispatch(false, a, pl->align, ctx->sk);
+				rc = kv_xfer_dispatch(false, a, pl->inl, pl->align, ctx->sk);
 				if (rc || CTX_RC(ctx, cudaEventRecord(ctx->seg_free[b], ctx->sk)))
 					return -EIO;
 			}
@@ -1107,19 +1146,30 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 	if (rc)
 		return rc;
 
-	/* Table: layers[NL] | objs[nchunks] | slots[ntokens], one H2D copy. */
+	/*
+	 * Table: layers[NL] | objs[nchunks] | slots[ntokens]: inline in the
+	 * launch parameters when it fits, else one H2D copy into the ctx's
+	 * device table (the pinned twin is free: the previous job completed).
+	 */
 	const size_t entries = (size_t)pl.NL + pl.nchunks + j->ntokens;
-	rc = ctx_table_reserve(ctx, entries);
-	if (rc)
-		return rc;
-	uint64_t *t = ctx->tab_host;
+	struct kv_xfer_table inl;
+	uint64_t *t;
+	if (entries <= XFER_INLINE_ENTRIES) {
+		pl.inl = &inl;
+		t = inl.e;
+	} else {
+		rc = ctx_table_reserve(ctx, entries);
+		if (rc)
+			return rc;
+		t = ctx->tab_host;
+	}
 	for (uint32_t i = 0; i < pl.NL; i++)
 		*t++ = (uint64_t)(uintptr_t)j->layers[i];
 	for (uint32_t c = 0; c < pl.nchunks; c++)
 		*t++ = (uint64_t)(uintptr_t)j->objs[c];
 	memcpy(t, j->slots, (size_t)j->ntokens * sizeof(int64_t));
-	if (CTX_RC(ctx, cudaMemcpyAsync(ctx->tab_dev, ctx->tab_host, entries * 8,
-					cudaMemcpyHostToDevice, ctx->sk)))
+	if (!pl.inl && CTX_RC(ctx, cudaMemcpyAsync(ctx->tab_dev, ctx->tab_host, entries * 8,
+						   cudaMemcpyHostToDevice, ctx->sk)))
 		return -EIO;
 
 	if (j->wait_event) {

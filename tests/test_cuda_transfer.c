@@ -332,7 +332,7 @@ static void test_round_trips(struct xfer_cuda_ctx *ctx, struct xfer_cuda_ctx *ti
 	for (unsigned ki = 0; ki < 3; ki++)
 		for (unsigned di = 0; di < 3; di++)
 			for (unsigned pi = 0; pi < 3; pi++)
-				for (unsigned v = 0; v < 3; v++) {
+				for (unsigned v = 0; v < 4; v++) {
 					struct tcase tc = {
 						.kind = kinds[ki], .dtype = dtypes[di],
 						.NL = 3, .NB = 24, .BS = 16, .NH = 2, .HS = 40,
@@ -346,7 +346,8 @@ static void test_round_trips(struct xfer_cuda_ctx *ctx, struct xfer_cuda_ctx *ti
 					 *     inside chunk 0;
 					 * v1: padded heads and blocks, BS 12, skip past chunk 0,
 					 *     misaligned bases (narrow copy words);
-					 * v2: one chunk per block, skip inside the last block. */
+					 * v2: one chunk per block, skip inside the last block;
+					 * v3: a table too big to travel inline. */
 					if (v == 1) {
 						tc.head_pad = 4, tc.block_pad = 8, tc.BS = 12;
 						tc.C = 24, tc.ntokens = 61, tc.skip = 30;
@@ -355,6 +356,11 @@ static void test_round_trips(struct xfer_cuda_ctx *ctx, struct xfer_cuda_ctx *ti
 							tc.misalign = 1;
 					} else if (v == 2) {
 						tc.C = 16, tc.ntokens = 64, tc.skip = 60;
+					} else if (v == 3) {
+						/* > 480 table entries: the device-side
+						 * table instead of the inline one. */
+						tc.NB = 40, tc.C = 64, tc.ntokens = 520;
+						tc.skip = 130;
 					} else {
 						tc.skip = 5;
 					}

@@ -447,13 +447,13 @@ static void expect_reply(const char *what, int type, const struct frame *args, s
 	check_case(what, &before, o);
 }
 
-static struct t_daemon *d;
+static struct t_daemon *the_daemon;
 
 /* A REQUIRE failure exits: take the daemon down too. */
 static void kill_daemon_at_exit(void)
 {
-	if (d && d->pid > 0)
-		kill(d->pid, SIGKILL);
+	if (the_daemon && the_daemon->pid > 0)
+		kill(the_daemon->pid, SIGKILL);
 }
 
 static const uint8_t XFER_FALSE[] = { 0x92, 0xc4, 0x00, 0xc2 };
@@ -535,6 +535,7 @@ static size_t blk_off(int layer, int plane, int64_t block)
 int main(void)
 {
 	struct kvstash_host_buffer buf = { .fd = -1 };
+	struct t_daemon *d;
 	struct counters s0, s1;
 	char args[256];
 	uint32_t tok[3 * C];
@@ -546,6 +547,7 @@ int main(void)
 		 C, MAX_MESSAGE_MB);
 	d = t_daemon_start(args);
 	REQUIRE(d);
+	the_daemon = d;
 	atexit(kill_daemon_at_exit);
 	REQUIRE(kvstash_host_buffer_create(&buf, NL * LAYER_BYTES, "badinput") == 0);
 	raw_open(&R, d->endpoint);
@@ -1145,7 +1147,7 @@ int main(void)
 	proto_msg_free(&m_ws);
 	kvstash_host_buffer_destroy(&buf);
 	int st = t_daemon_stop(d);
-	d = NULL;
+	the_daemon = NULL;
 	CHECK_EQ(st, 0);	/* a clean exit (and, under ASan, no leak report) */
 	return t_result("server_badinput");
 }
