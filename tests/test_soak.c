@@ -1,0 +1,276 @@
+/*
+ * Description: soak: 64 clients do random REGISTER / STORE / LOOKUP /
+ * RETRIEVE / FREE_LOOKUP_LOCKS / END_SESSION / CLEAR / UNREGISTER against one
+ * kvstashd while a watchdog PINGs every 10 ms. Fails if any PING takes over
+ * 100 ms, any request goes unanswered past its timeout, or any retrieved byte
+ * differs from what was stored. 120 s in the plain build, 20 s under
+ * sanitizers (KVSTASH_SOAK_SECONDS overrides). Labels: tsan long
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "helpers.h"
+#include "kvfix.h"
+
+#define NCLIENTS 64
+#define NL 2
+#define NB 64
+#define BS 16
+#define NH 2
+#define HS 64		/* 256-byte rows: the soak is about protocol paths, not bandwidth */
+#define C 256
+#define NPROMPTS 32
+#define MAX_CHUNKS 3
+#define PING_PERIOD_MS 10
+#define PING_LIMIT_MS 100.0
+#define REQUEST_TIMEOUT_MS 10000
+#define MAX_PINGS 100000
+#define CLIENT_NICE 5	/* load clients model engines on other cores; the watchdog stays at 0 */
+
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define DEFAULT_SECONDS 20
+#else
+#define DEFAULT_SECONDS 120
+#endif
+
+enum op { OP_STORE, OP_LOOKUP, OP_RETRIEVE, OP_FREE, OP_END, OP_CLEAR, OP_REREGISTER, OP_N };
+static const char *const op_names[OP_N] = { "store", "lookup", "retrieve", "free_locks",
+					     "end_session", "clear", "re-register" };
+
+static const char *endpoint;
+static _Atomic bool stop;
+static _Atomic uint64_t ops[OP_N], lost, corrupt, unexpected;
+static double pings[MAX_PINGS];
+static size_t npings;
+static _Atomic uint64_t ping_fail;
+
+/* Prompt p's tokens; prompts share leading chunks in groups so prefixes overlap. */
+static void prompt_tokens(int p, uint32_t *tok)
+{
+	for (size_t t = 0; t < MAX_CHUNKS * C; t++) {
+		size_t chunk = t / C;
+		int owner = chunk == 0 ? p / 8 : chunk == 1 ? p / 2 : p;
+
+		tok[t] = (uint32_t)owner * 1000003u + (uint32_t)(chunk << 20) + (uint32_t)t;
+	}
+}
+
+/* A chunk's bytes depend only on its prefix owner, so every client agrees. */
+static uint64_t token_seed(int p, size_t t)
+{
+	size_t chunk = t / C;
+	int owner = chunk == 0 ? p / 8 : chunk == 1 ? p / 2 : p;
+
+	return 0xabcdef00ull ^ ((uint64_t)owner << 32) ^ (uint64_t)chunk;
+}
+
+static void note(int rc, bool enoent_ok)
+{
+	if (rc == -ETIMEDOUT || rc == -EIO)
+		atomic_fetch_add(&lost, 1);
+	else if (rc && !(enoent_ok && rc == -ENOENT))
+		atomic_fetch_add(&unexpected, 1);
+}
+
+static void *client_main(void *arg)
+{
+	int id = (int)(intptr_t)arg;
+	int64_t inst = 5000 + id;
+	kvstash_client *c;
+	struct t_kv kv;
+	uint32_t tok[MAX_CHUNKS * C];
+	int64_t src[MAX_CHUNKS * C / BS], dst[MAX_CHUNKS * C / BS];
+	uint64_t rng = 0x2545f4914f6cdd1dull * (uint64_t)(id + 1);
+	char rid[48];
+
+	setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), CLIENT_NICE);
+	REQUIRE(kvstash_connect(endpoint, REQUEST_TIMEOUT_MS, &c) == 0);
+	REQUIRE(t_kv_create(&kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, NH, HS) == 0);
+	note(t_kv_register(&kv, c, inst, "m-soak", 1), false);
+	for (size_t b = 0; b < MAX_CHUNKS * C / BS; b++) {
+		src[b] = (int64_t)b;
+		dst[b] = (int64_t)(NB - 1 - b);
+	}
+	for (uint64_t it = 0; !atomic_load(&stop); it++) {
+		int p, rc;
+		int64_t chunks = 0;
+		uint64_t r;
+
+		rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
+		r = rng;
+		p = (int)(r % NPROMPTS);
+		size_t nch = 1 + (size_t)((r >> 8) % MAX_CHUNKS);
+		prompt_tokens(p, tok);
+		snprintf(rid, sizeof(rid), "s%d-%d", id, p);
+		struct kvstash_key key = { .model = "m-soak", .world_size = 1, .worker_id = 0,
+					   .tokens = tok, .ntokens = nch * C, .start = 0,
+					   .end = nch * C, .request_id = rid };
+		unsigned pick = (unsigned)((r >> 16) % 1000);
+		enum op op = pick < 350 ? OP_STORE : pick < 650 ? OP_LOOKUP : pick < 900 ? OP_RETRIEVE :
+			     pick < 960 ? OP_FREE : pick < 995 ? OP_END : pick < 998 ? OP_REREGISTER :
+			     OP_CLEAR;
+
+		atomic_fetch_add(&ops[op], 1);
+		switch (op) {
+		case OP_STORE:
+			for (size_t t = 0; t < nch * C; t++)
+				t_kv_fill_token(&kv, t_kv_slot(&kv, src, t), token_seed(p, t), t);
+			note(kvstash_store(c, &key, inst, src, nch * C / BS), false);
+			break;
+		case OP_LOOKUP:
+			key.worker_id = -1;
+			note(kvstash_lookup_chunks(c, &key, 1, &chunks), false);
+			break;
+		case OP_RETRIEVE:
+			/* Without a LOOKUP lock the chunks may be evicted or cleared: a
+			 * miss is fine, wrong bytes are not. */
+			for (size_t t = 0; t < nch * C; t++)
+				for (int l = 0; l < NL; l++)
+					for (int pl = 0; pl < 2; pl++)
+						memset(t_kv_row(&kv, l, pl, t_kv_slot(&kv, dst, t)), 0x5a,
+						       kv.row_bytes);
+			rc = kvstash_retrieve(c, &key, inst, dst, nch * C / BS, 0);
+			note(rc, true);
+			if (rc == 0)
+				for (size_t t = 0; t < nch * C; t++)
+					if (!t_kv_check_token(&kv, t_kv_slot(&kv, dst, t),
+							      token_seed(p, t), t)) {
+						atomic_fetch_add(&corrupt, 1);
+						break;
+					}
+			break;
+		case OP_FREE:
+			key.worker_id = -1;
+			note(kvstash_free_lookup_locks(c, &key, 1), false);
+			break;
+		case OP_END:
+			note(kvstash_end_session(c, rid), false);
+			break;
+		case OP_CLEAR:
+			note(kvstash_clear(c), false);
+			break;
+		case OP_REREGISTER:
+			note(kvstash_unregister(c, inst), false);
+			note(t_kv_register(&kv, c, inst, "m-soak", 1), false);
+			break;
+		case OP_N:
+			break;
+		}
+	}
+	note(kvstash_unregister(c, inst), false);
+	kvstash_close(c);
+	t_kv_destroy(&kv);
+	return NULL;
+}
+
+static void *watchdog_main(void *arg)
+{
+	kvstash_client *c;
+
+	(void)arg;
+	REQUIRE(kvstash_connect(endpoint, (int)PING_LIMIT_MS * 10, &c) == 0);
+	while (!atomic_load(&stop) && npings < MAX_PINGS) {
+		double rtt;
+
+		if (kvstash_ping(c, &rtt)) {
+			atomic_fetch_add(&ping_fail, 1);
+			fprintf(stderr, "watchdog: PING failed: %s\n", kvstash_last_error());
+		} else {
+			pings[npings++] = rtt;
+			if (rtt > PING_LIMIT_MS)
+				fprintf(stderr, "watchdog: PING took %.1f ms\n", rtt);
+		}
+		usleep(PING_PERIOD_MS * 1000);
+	}
+	kvstash_close(c);
+	return NULL;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+static const char *want_stat;
+static uint64_t got_stat;
+static int find_stat(const char *name, uint64_t v, void *arg)
+{
+	(void)arg;
+	if (strcmp(name, want_stat))
+		return 0;
+	got_stat = v;
+	return 1;
+}
+
+static uint64_t stat_of(kvstash_client *c, const char *name)
+{
+	want_stat = name;
+	got_stat = UINT64_MAX;
+	CHECK_EQ(kvstash_stats(c, find_stat, NULL), 0);
+	return got_stat;
+}
+
+int main(void)
+{
+	pthread_t th[NCLIENTS], wd;
+	const char *env = getenv("KVSTASH_SOAK_SECONDS");
+	int seconds = env ? atoi(env) : DEFAULT_SECONDS;
+	/* A small pool so eviction runs all the time; short TTLs so locks of
+	 * LOOKUPs never followed by RETRIEVE/FREE expire within the run. */
+	struct t_daemon *d = t_daemon_start("--pool-size=64M --workers=2 --read-ttl-s=2 "
+					    "--write-ttl-s=5");
+	size_t over = 0;
+
+	REQUIRE(d);
+	endpoint = d->endpoint;
+	REQUIRE(pthread_create(&wd, NULL, watchdog_main, NULL) == 0);
+	for (int i = 0; i < NCLIENTS; i++)
+		REQUIRE(pthread_create(&th[i], NULL, client_main, (void *)(intptr_t)i) == 0);
+	sleep((unsigned)(seconds > 0 ? seconds : 1));
+	atomic_store(&stop, true);
+	for (int i = 0; i < NCLIENTS; i++)
+		pthread_join(th[i], NULL);
+	pthread_join(wd, NULL);
+
+	qsort(pings, npings, sizeof(double), cmp_double);
+	for (size_t i = 0; i < npings; i++)
+		over += pings[i] > PING_LIMIT_MS;
+	fprintf(stderr, "soak %d s, %d clients:", seconds, NCLIENTS);
+	for (int o = 0; o < OP_N; o++)
+		fprintf(stderr, " %s %" PRIu64, op_names[o], atomic_load(&ops[o]));
+	fprintf(stderr, "\n  lost %" PRIu64 ", corrupt %" PRIu64 ", unexpected errors %" PRIu64 "\n",
+		atomic_load(&lost), atomic_load(&corrupt), atomic_load(&unexpected));
+	if (npings)
+		fprintf(stderr, "  ping: %zu, p50 %.3f ms, p99 %.3f ms, max %.3f ms, over %.0f ms: %zu\n",
+			npings, pings[npings / 2], pings[npings * 99 / 100], pings[npings - 1],
+			PING_LIMIT_MS, over);
+	CHECK_EQ(atomic_load(&lost), 0);
+	CHECK_EQ(atomic_load(&corrupt), 0);
+	CHECK_EQ(atomic_load(&unexpected), 0);
+	CHECK_EQ(atomic_load(&ping_fail), 0);
+	CHECK_EQ(over, 0);
+	CHECK(npings > (size_t)seconds * 20);
+	CHECK(atomic_load(&ops[OP_RETRIEVE]) > 0 && atomic_load(&ops[OP_CLEAR]) > 0);
+
+	/* Quiescent: nothing pinned, nothing being written, every slot accounted. */
+	kvstash_client *c;
+	REQUIRE(kvstash_connect(d->endpoint, 5000, &c) == 0);
+	sleep(3);	/* read locks of the last LOOKUPs expire (2 s TTL) */
+	CHECK_EQ(stat_of(c, "pins"), 0);
+	CHECK_EQ(stat_of(c, "read_locks"), 0);
+	CHECK_EQ(stat_of(c, "objects_writing"), 0);
+	CHECK_EQ(stat_of(c, "xfer_queued"), 0);
+	CHECK_EQ(stat_of(c, "slots_free") + stat_of(c, "objects"), stat_of(c, "slots_total"));
+	CHECK_EQ(stat_of(c, "instances"), 0);
+	kvstash_close(c);
+	CHECK_EQ(t_daemon_stop(d), 0);
+	return t_result("soak");
+}
