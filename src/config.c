@@ -76,6 +76,10 @@ static const struct cfg_opt cfg_opts[] = {
 	  "log verbosity" },
 	{ "log-format", NULL, CFG_ENUM, F(log_format), "text", 0, 0, "text|json",
 	  "log line format" },
+	{ "http-host", NULL, CFG_STR, F(http_host), "127.0.0.1", 0, 0, NULL,
+	  "address of the HTTP endpoint (/metrics, /healthz, /stats); it has no authentication" },
+	{ "http-port", NULL, CFG_U32, F(http_port), "8080", 0, 65535, NULL,
+	  "TCP port of the HTTP endpoint (0 = no HTTP endpoint)" },
 };
 
 static int parse_u64(const char *s, uint64_t *out, bool bytes)

@@ -29,6 +29,8 @@ struct srv_config {
 	uint32_t evict_watermark_pct;
 	char log_level[16];
 	char log_format[16];
+	char http_host[256];	/* HTTP endpoint (/metrics, /healthz, /stats) */
+	uint32_t http_port;	/* 0 = no HTTP endpoint */
 };
 
 /* Fill @c with every option's default. */

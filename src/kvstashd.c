@@ -9,6 +9,7 @@
 #include <zmq.h>
 
 #include "config.h"
+#include "http.h"
 #include "log.h"
 #include "server.h"
 
@@ -25,6 +26,7 @@ int main(int argc, char **argv)
 {
 	struct srv_config cfg;
 	struct sigaction sa;
+	struct http *http = NULL;
 	char err[512], line[2048];
 	int rc;
 
@@ -54,6 +56,19 @@ int main(int argc, char **argv)
 		log_stop();
 		return 1;
 	}
+	if (cfg.http_port) {
+		rc = http_start(cfg.http_host, (uint16_t)cfg.http_port, the_server, &http);
+		if (rc) {
+			log_error("startup failed: http endpoint %s:%u: %s", cfg.http_host,
+				  cfg.http_port, strerror(-rc));
+			srv_destroy(the_server);
+			log_stop();
+			return 1;
+		}
+		log_info("http: serving http://%s%s%s:%u/metrics, /healthz, /stats",
+			 strchr(cfg.http_host, ':') ? "[" : "", cfg.http_host,
+			 strchr(cfg.http_host, ':') ? "]" : "", http_port(http));
+	}
 	memset(&sa, 0, sizeof(sa));
 	sa.sa_handler = on_stop_signal;
 	sigemptyset(&sa.sa_mask);
@@ -61,6 +76,7 @@ int main(int argc, char **argv)
 	sigaction(SIGINT, &sa, NULL);
 
 	srv_run(the_server);
+	http_stop(http);
 	srv_destroy(the_server);
 	the_server = NULL;
 	log_stop();

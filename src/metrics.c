@@ -126,6 +126,7 @@ void metrics_histogram(struct metrics_buf *b, const char *name, const char *help
 {
 	uint64_t cum = 0;
 	const char *sep = labels && *labels ? "," : "";
+	const char *lb, *rb;
 
 	family(b, name, help, "histogram");
 	if (!labels)
@@ -139,7 +140,10 @@ void metrics_histogram(struct metrics_buf *b, const char *name, const char *help
 			metrics_printf(b, "%s_bucket{%s%sle=\"+Inf\"} %" PRIu64 "\n", name, labels,
 				       sep, cum);
 	}
-	metrics_printf(b, "%s_sum{%s} %.9f\n", name, labels,
+	/* No labels: "name_sum 1.5", never "name_sum{} 1.5". */
+	lb = *labels ? "{" : "";
+	rb = *labels ? "}" : "";
+	metrics_printf(b, "%s_sum%s%s%s %.9f\n", name, lb, labels, rb,
 		       (double)atomic_load_explicit(&h->sum_ns, memory_order_relaxed) / 1e9);
-	metrics_printf(b, "%s_count{%s} %" PRIu64 "\n", name, labels, cum);
+	metrics_printf(b, "%s_count%s%s%s %" PRIu64 "\n", name, lb, labels, rb, cum);
 }

@@ -211,7 +211,9 @@ int t_daemon_stop(struct t_daemon *d)
 
 	if (!d)
 		return -1;
-	if (d->pid > 0) {
+	if (d->pid <= 0)
+		status = 0;	/* already reaped by the caller */
+	else {
 		kill(d->pid, SIGTERM);
 		for (int i = 0; i < 1000; i++) {
 			if (waitpid(d->pid, &status, WNOHANG) == d->pid)

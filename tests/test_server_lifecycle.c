@@ -1,0 +1,183 @@
+/*
+ * Description: connection churn and shutdown: 10,000 connections opened,
+ * used once and dropped leave the server's file descriptors where they
+ * were and PING still answers; SIGTERM while STOREs are in flight answers
+ * every request the server had taken (ok or failed), then exits 0.
+ * Labels: unit
+ */
+#include <dirent.h>
+#include <errno.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+#include <zmq.h>
+
+#include "helpers.h"
+#include "kvfix.h"
+
+#define CHURN 10000
+#define NSTORERS 8
+#define NL 8
+#define NB 64
+#define BS 16
+
+static int count_fds(pid_t pid)
+{
+	char path[64];
+	struct dirent *de;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/fd", (int)pid);
+	d = opendir(path);
+	if (!d)
+		return -1;
+	while ((de = readdir(d)))
+		n += de->d_name[0] != '.';
+	closedir(d);
+	return n;
+}
+
+/* Open a DEALER, PING, close: one connection's whole life. */
+static int churn_once(void *ctx, const char *ep)
+{
+	void *s = zmq_socket(ctx, ZMQ_DEALER);
+	int linger = 0, tmo = 2000, ok = -1, more = 1;
+	uint8_t uid = 1, type = 0x0c, buf[16];
+	size_t sz = sizeof(more);
+
+	zmq_setsockopt(s, ZMQ_LINGER, &linger, sizeof(linger));
+	zmq_setsockopt(s, ZMQ_RCVTIMEO, &tmo, sizeof(tmo));
+	if (zmq_connect(s, ep) == 0 && zmq_send(s, &uid, 1, ZMQ_SNDMORE) == 1 &&
+	    zmq_send(s, &type, 1, 0) == 1) {
+		int frames = 0;
+
+		while (more && zmq_recv(s, buf, sizeof(buf), 0) >= 0) {
+			frames++;
+			zmq_getsockopt(s, ZMQ_RCVMORE, &more, &sz);
+		}
+		ok = frames == 3 && buf[0] == 0xc3 ? 0 : -1;
+	}
+	zmq_close(s);
+	return ok;
+}
+
+static void test_churn(void)
+{
+	struct t_daemon *d = t_daemon_start("--pool-size=64M");
+	void *ctx = zmq_ctx_new();
+	int fails = 0, fd0, fd1;
+	double rtt;
+	kvstash_client *c;
+
+	REQUIRE(d && ctx);
+	usleep(100000);
+	fd0 = count_fds(d->pid);
+	for (int i = 0; i < CHURN; i++)
+		fails += churn_once(ctx, d->endpoint) != 0;
+	zmq_ctx_term(ctx);
+	usleep(300000);	/* let the server's ZMQ I/O thread close the dropped pipes */
+	fd1 = count_fds(d->pid);
+	fprintf(stderr, "churn: %d connections, %d failed; server fds %d -> %d\n", CHURN, fails,
+		fd0, fd1);
+	CHECK_EQ(fails, 0);
+	CHECK(fd0 > 0 && fd1 <= fd0 + 4);
+	REQUIRE(kvstash_connect(d->endpoint, 2000, &c) == 0);
+	CHECK_EQ(kvstash_ping(c, &rtt), 0);
+	kvstash_close(c);
+	CHECK_EQ(t_daemon_stop(d), 0);
+}
+
+static const char *g_endpoint;
+static _Atomic int answered, unanswered, calls;
+
+static void *storer(void *arg)
+{
+	int id = (int)(intptr_t)arg;
+	kvstash_client *c;
+	struct t_kv kv;
+	uint32_t tok[4 * 256];
+	int64_t blocks[4 * 256 / BS];
+
+	REQUIRE(kvstash_connect(g_endpoint, 3000, &c) == 0);
+	REQUIRE(t_kv_create(&kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, 8, 128) == 0);
+	if (t_kv_register(&kv, c, 900 + id, "m-life", 1)) {
+		atomic_fetch_add(&unanswered, 1);
+		goto out;
+	}
+	for (size_t b = 0; b < 4 * 256 / BS; b++)
+		blocks[b] = (int64_t)b;
+	for (uint32_t it = 0;; it++) {
+		for (size_t t = 0; t < 4 * 256; t++)
+			tok[t] = (uint32_t)id << 24 | it << 12 | (uint32_t)t;
+		struct kvstash_key k = { .model = "m-life", .world_size = 1, .worker_id = 0,
+					 .tokens = tok, .ntokens = 4 * 256, .start = 0, .end = 4 * 256,
+					 .request_id = "life" };
+		int rc = kvstash_store(c, &k, 900 + id, blocks, 4 * 256 / BS);
+
+		atomic_fetch_add(&calls, 1);
+		if (rc == -ETIMEDOUT) {
+			/* The server stopped: this request was either never read (fine)
+			 * or taken and not answered (a bug the daemon log shows). */
+			atomic_fetch_add(&unanswered, 1);
+			break;
+		}
+		atomic_fetch_add(&answered, 1);
+	}
+out:
+	kvstash_close(c);
+	t_kv_destroy(&kv);
+	return NULL;
+}
+
+static void test_sigterm(void)
+{
+	struct t_daemon *d = t_daemon_start("--pool-size=256M --workers=2");
+	pthread_t th[NSTORERS];
+	int status = -1;
+
+	REQUIRE(d);
+	g_endpoint = d->endpoint;
+	for (int i = 0; i < NSTORERS; i++)
+		REQUIRE(pthread_create(&th[i], NULL, storer, (void *)(intptr_t)i) == 0);
+	usleep(1500000);
+	REQUIRE(kill(d->pid, SIGTERM) == 0);
+	for (int i = 0; i < 1000; i++) {
+		if (waitpid(d->pid, &status, WNOHANG) == d->pid)
+			break;
+		usleep(10000);
+	}
+	for (int i = 0; i < NSTORERS; i++)
+		pthread_join(th[i], NULL);
+	fprintf(stderr, "sigterm: %d STOREs answered before the stop, %d clients saw the stop\n",
+		atomic_load(&answered), atomic_load(&unanswered));
+	CHECK(WIFEXITED(status) && WEXITSTATUS(status) == 0);
+	CHECK(atomic_load(&answered) > 0);
+	CHECK_EQ(atomic_load(&unanswered), NSTORERS);
+
+	/* Every request the server took was answered: its log says the queue
+	 * was finished, and no "taken but unanswered" path exists in the drain. */
+	char line[1024];
+	FILE *f = fopen(d->log_path, "r");
+	bool drained = false, stopped = false;
+
+	REQUIRE(f);
+	while (fgets(line, sizeof(line), f)) {
+		drained |= strstr(line, "finishing queued transfers") != NULL;
+		stopped |= strstr(line, "stopped") != NULL;
+	}
+	fclose(f);
+	CHECK(drained && stopped);
+	d->pid = 0;	/* already reaped */
+	t_daemon_stop(d);
+}
+
+int main(void)
+{
+	test_churn();
+	test_sigterm();
+	return t_result("server_lifecycle");
+}
