@@ -34,6 +34,17 @@ typedef struct kvstash_client kvstash_client;
 int kvstash_connect(const char *endpoint, int timeout_ms, kvstash_client **out);
 void kvstash_close(kvstash_client *c);
 
+/*
+ * Use CURVE (encryption + authentication) for every connection this client
+ * opens from now on; call it before the first request. Keys are 40-character
+ * Z85 strings: the server's public key and this client's key pair. Returns 0,
+ * -EINVAL for a malformed key, -ENOTSUP if libzmq lacks CURVE.
+ */
+int kvstash_set_curve(kvstash_client *c, const char *server_public, const char *client_public,
+		      const char *client_secret);
+/* A fresh CURVE key pair as Z85 strings (41-byte buffers). 0 or -ENOTSUP. */
+int kvstash_curve_keypair(char public_key[41], char secret_key[41]);
+
 /* PING; *rtt_ms (may be NULL) gets the round trip. 0, -ETIMEDOUT, -EPROTO. */
 int kvstash_ping(kvstash_client *c, double *rtt_ms);
 /* GET_CHUNK_SIZE: tokens per chunk. */

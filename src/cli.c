@@ -1,11 +1,13 @@
 /*
- * cli.c - the kvstash command-line tool: ping, stats, store-test.
+ * cli.c - the kvstash command-line tool: ping, stats, top, store-test.
  *
  * The only file in src/ that prints with printf: everything else logs.
  */
 #include <errno.h>
+#include <stdbool.h>
 #include <getopt.h>
 #include <inttypes.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -21,6 +23,8 @@ struct cli_opts {
 	int timeout_ms;
 	int count;
 	int interval_ms;
+	bool count_set, interval_set;	/* top has its own defaults */
+	bool json;
 	int chunks;
 	int layers;
 	const char *layout;
@@ -36,15 +40,20 @@ static void usage(FILE *out)
 		"Talk to a running kvstashd.\n\n"
 		"Commands:\n"
 		"  ping         send PING and print the round-trip time\n"
-		"  stats        print the server's counters as a table\n"
+		"  stats        print the server's counters as a table (--json: one JSON object)\n"
+		"  top          refreshing view of request rates, GB/s, evictions and latency,\n"
+		"               from consecutive stats snapshots (Ctrl-C stops)\n"
 		"  store-test   register a synthetic paged KV buffer, STORE and RETRIEVE\n"
 		"               chunks, and verify every byte came back\n\n"
 		"Options:\n"
 		"  -e, --endpoint=EP     server endpoint (default " KVSTASH_DEFAULT_ENDPOINT
 		", or $KVSTASH_ENDPOINT)\n"
 		"  -t, --timeout-ms=N    per-request timeout (default %d)\n"
-		"  -c, --count=N         ping: number of pings (default 1)\n"
-		"  -i, --interval-ms=N   ping: pause between pings (default 100)\n"
+		"  -c, --count=N         ping: number of pings (default 1);\n"
+		"                        top: refreshes before exiting (default: until Ctrl-C)\n"
+		"  -i, --interval-ms=N   ping: pause between pings (default 100);\n"
+		"                        top: refresh interval (default 1000, at least 10)\n"
+		"      --json            stats: print the counters as one JSON object\n"
 		"      --chunks=N        store-test: chunks to store (default 8)\n"
 		"      --layers=N        store-test: layers (default 4)\n"
 		"      --layout=L        store-test: flash_attn | flashinfer | mla (default flash_attn)\n"
@@ -116,6 +125,213 @@ static int cmd_stats(const struct cli_opts *o)
 		fprintf(stderr, "kvstash stats: %s\n", kvstash_last_error());
 	kvstash_close(c);
 	return rc ? 1 : 0;
+}
+
+/* ---- top ---------------------------------------------------------------- */
+
+#define TOP_MAX_STATS 256
+#define TOP_MIN_INTERVAL_MS 10
+#define TOP_DEFAULT_INTERVAL_MS 1000
+
+/* One KS_STATS reply and when it arrived. */
+struct top_snap {
+	size_t n;
+	char names[TOP_MAX_STATS][48];
+	uint64_t vals[TOP_MAX_STATS];
+	double t;		/* CLOCK_MONOTONIC seconds */
+};
+
+static double now_s(void);
+
+static int top_collect(const char *name, uint64_t value, void *arg)
+{
+	struct top_snap *sn = arg;
+
+	if (sn->n < TOP_MAX_STATS) {
+		snprintf(sn->names[sn->n], sizeof(sn->names[0]), "%s", name);
+		sn->vals[sn->n++] = value;
+	}
+	return 0;
+}
+
+static int top_snapshot(kvstash_client *c, struct top_snap *sn)
+{
+	int rc;
+
+	sn->n = 0;
+	rc = kvstash_stats(c, top_collect, sn);
+	sn->t = now_s();
+	return rc;
+}
+
+/* The value of @name, or -1 if the server does not report it. */
+static double top_val(const struct top_snap *sn, const char *name)
+{
+	for (size_t i = 0; i < sn->n; i++)
+		if (!strcmp(sn->names[i], name))
+			return (double)sn->vals[i];
+	return -1;
+}
+
+/* Per-second change of counter @name from @a to @b (0 if absent or reset). */
+static double top_rate(const struct top_snap *a, const struct top_snap *b, const char *name)
+{
+	double va = top_val(a, name), vb = top_val(b, name), dt = b->t - a->t;
+
+	if (va < 0 || vb < va || dt <= 0)
+		return 0;
+	return (vb - va) / dt;
+}
+
+/*
+ * Mean server-side latency (ms) of @kind over the interval, from the
+ * "latency_<kind>_sum_us" / "latency_<kind>_count" counters: "-" when the
+ * server does not report them or nothing of that kind completed.
+ */
+static void top_latency(const struct top_snap *a, const struct top_snap *b, const char *kind,
+			char *out, size_t len)
+{
+	char sn[64], cn[64];
+	double s0, s1, c0, c1;
+
+	snprintf(sn, sizeof(sn), "latency_%s_sum_us", kind);
+	snprintf(cn, sizeof(cn), "latency_%s_count", kind);
+	s0 = top_val(a, sn);
+	s1 = top_val(b, sn);
+	c0 = top_val(a, cn);
+	c1 = top_val(b, cn);
+	if (s0 < 0 || s1 < s0 || c0 < 0 || c1 <= c0)
+		snprintf(out, len, "-");
+	else
+		snprintf(out, len, "%.3f", (s1 - s0) / (c1 - c0) / 1e3);
+}
+
+static void top_print(const struct cli_opts *o, const struct top_snap *a, const struct top_snap *b,
+		      int refresh, double ping_ms, bool tty)
+{
+	static const char *const kinds[] = { "store", "retrieve", "lookup", "ping" };
+	double req[4], total = 0;
+	char lat[4][32];
+	double used = top_val(b, "pool_used_bytes"), pool = top_val(b, "pool_bytes");
+
+	for (int i = 0; i < 4; i++) {
+		char name[32];
+
+		snprintf(name, sizeof(name), "requests_%s", kinds[i]);
+		req[i] = top_rate(a, b, name);
+		total += req[i];
+		top_latency(a, b, kinds[i], lat[i], sizeof(lat[i]));
+	}
+	if (tty)
+		printf("\033[H\033[2J");	/* cursor home, clear screen */
+	else if (refresh > 1)
+		printf("\n");
+	printf("kvstash top: %s  interval %.2f s  refresh %d\n",
+	       o->endpoint ? o->endpoint : KVSTASH_DEFAULT_ENDPOINT, b->t - a->t, refresh);
+	printf("%-12s %10s %10s %10s %10s %10s\n", "requests/s", "store", "retrieve", "lookup",
+	       "ping", "total");
+	printf("%-12s %10.1f %10.1f %10.1f %10.1f %10.1f\n", "", req[0], req[1], req[2], req[3],
+	       total);
+	printf("%-12s %10s %10s\n", "GB/s", "stored", "retrieved");
+	printf("%-12s %10.3f %10.3f\n", "", top_rate(a, b, "bytes_stored") / 1e9,
+	       top_rate(a, b, "bytes_retrieved") / 1e9);
+	printf("%-12s %10s %10s %10s %10s\n", "chunks/s", "stored", "skipped", "no-space",
+	       "evicted");
+	printf("%-12s %10.1f %10.1f %10.1f %10.1f\n", "", top_rate(a, b, "store_chunks_stored"),
+	       top_rate(a, b, "store_chunks_skipped"), top_rate(a, b, "store_chunks_nospace"),
+	       top_rate(a, b, "evictions"));
+	printf("%-12s %10s %10s %10s %10s %10s\n", "latency ms", "store", "retrieve", "lookup",
+	       "ping", "rtt");
+	printf("%-12s %10s %10s %10s %10s %10.3f\n", "", lat[0], lat[1], lat[2], lat[3], ping_ms);
+	printf("%-12s %10s %10s %10s %10s %10s\n", "pool", "used MiB", "total MiB", "used %",
+	       "objects", "pins");
+	printf("%-12s %10.1f %10.1f %10.1f %10.0f %10.0f\n", "", used / (1 << 20), pool / (1 << 20),
+	       pool > 0 ? 100.0 * used / pool : 0.0, top_val(b, "objects"), top_val(b, "pins"));
+	printf("%-12s %10s %10s %10s %10s %10s\n", "transfers", "queued", "running", "workers",
+	       "rejected/s", "errors/s");
+	printf("%-12s %10.0f %10.0f %10.0f %10.1f %10.1f\n", "", top_val(b, "xfer_queued"),
+	       top_val(b, "xfer_running"), top_val(b, "workers"),
+	       top_rate(a, b, "xfer_rejected_full"),
+	       top_rate(a, b, "semantic_errors") + top_rate(a, b, "frame_faults"));
+	fflush(stdout);
+}
+
+/*
+ * Each refresh: sleep the interval, PING (for the round trip, so top's own
+ * PING counts in the ping rate: one per interval), snapshot, print the rates
+ * since the previous snapshot over the measured time between them. Stops
+ * after --count refreshes or on the first error.
+ */
+static int cmd_top(const struct cli_opts *o)
+{
+	struct top_snap *snap = calloc(2, sizeof(*snap));
+	kvstash_client *c = NULL;
+	int interval_ms = o->interval_set ? o->interval_ms : TOP_DEFAULT_INTERVAL_MS;
+	int count = o->count_set ? o->count : 0, cur = 0, ret = 1;
+	bool tty = isatty(STDOUT_FILENO);
+
+	if (!snap) {
+		fprintf(stderr, "kvstash top: out of memory\n");
+		return 1;
+	}
+	if (interval_ms < TOP_MIN_INTERVAL_MS) {
+		fprintf(stderr, "kvstash: --interval-ms: top needs at least %d\n", TOP_MIN_INTERVAL_MS);
+		free(snap);
+		return 2;
+	}
+	if (connect_or_fail(o, &c))
+		goto out;
+	if (top_snapshot(c, &snap[0])) {
+		fprintf(stderr, "kvstash top: %s\n", kvstash_last_error());
+		goto out;
+	}
+	for (int refresh = 1; !count || refresh <= count; refresh++) {
+		double rtt = NAN;
+
+		usleep((useconds_t)interval_ms * 1000);
+		if (kvstash_ping(c, &rtt) || top_snapshot(c, &snap[cur ^ 1])) {
+			fprintf(stderr, "kvstash top: %s\n", kvstash_last_error());
+			goto out;
+		}
+		top_print(o, &snap[cur], &snap[cur ^ 1], refresh, rtt, tty);
+		cur ^= 1;
+	}
+	ret = 0;
+out:
+	if (c)
+		kvstash_close(c);
+	free(snap);
+	return ret;
+}
+
+/* The counters as one JSON object, in the server's order. */
+static int cmd_stats_json(const struct cli_opts *o)
+{
+	struct top_snap *sn = calloc(1, sizeof(*sn));
+	kvstash_client *c = NULL;
+	int ret = 1;
+
+	if (!sn) {
+		fprintf(stderr, "kvstash stats: out of memory\n");
+		return 1;
+	}
+	if (connect_or_fail(o, &c))
+		goto out;
+	if (top_snapshot(c, sn)) {
+		fprintf(stderr, "kvstash stats: %s\n", kvstash_last_error());
+		goto out;
+	}
+	/* Counter names are [a-z0-9_]: nothing to escape. */
+	printf("{");
+	for (size_t i = 0; i < sn->n; i++)
+		printf("%s\n  \"%s\": %" PRIu64, i ? "," : "", sn->names[i], sn->vals[i]);
+	printf("\n}\n");
+	ret = 0;
+out:
+	if (c)
+		kvstash_close(c);
+	free(sn);
+	return ret;
 }
 
 static uint64_t mix64(uint64_t x)
@@ -336,7 +552,7 @@ static int parse_int(const char *s, const char *flag, int min, int max, int *out
 int main(int argc, char **argv)
 {
 	enum { OPT_CHUNKS = 256, OPT_LAYERS, OPT_LAYOUT, OPT_DTYPE, OPT_MODEL, OPT_HEADS,
-	       OPT_HEAD_SIZE, OPT_BLOCK_SIZE };
+	       OPT_HEAD_SIZE, OPT_BLOCK_SIZE, OPT_JSON };
 	static const struct option long_opts[] = {
 		{ "endpoint", required_argument, NULL, 'e' },
 		{ "timeout-ms", required_argument, NULL, 't' },
@@ -350,6 +566,7 @@ int main(int argc, char **argv)
 		{ "heads", required_argument, NULL, OPT_HEADS },
 		{ "head-size", required_argument, NULL, OPT_HEAD_SIZE },
 		{ "block-size", required_argument, NULL, OPT_BLOCK_SIZE },
+		{ "json", no_argument, NULL, OPT_JSON },
 		{ "help", no_argument, NULL, 'h' },
 		{ NULL, 0, NULL, 0 },
 	};
@@ -372,8 +589,15 @@ int main(int argc, char **argv)
 		switch (opt) {
 		case 'e': o.endpoint = optarg; break;
 		case 't': bad |= parse_int(optarg, "--timeout-ms", 1, 3600000, &o.timeout_ms); break;
-		case 'c': bad |= parse_int(optarg, "--count", 1, 1000000, &o.count); break;
-		case 'i': bad |= parse_int(optarg, "--interval-ms", 0, 3600000, &o.interval_ms); break;
+		case 'c':
+			bad |= parse_int(optarg, "--count", 1, 1000000, &o.count);
+			o.count_set = true;
+			break;
+		case 'i':
+			bad |= parse_int(optarg, "--interval-ms", 0, 3600000, &o.interval_ms);
+			o.interval_set = true;
+			break;
+		case OPT_JSON: o.json = true; break;
 		case OPT_CHUNKS: bad |= parse_int(optarg, "--chunks", 1, 4096, &o.chunks); break;
 		case OPT_LAYERS: bad |= parse_int(optarg, "--layers", 1, 1024, &o.layers); break;
 		case OPT_LAYOUT: o.layout = optarg; break;
@@ -395,7 +619,9 @@ int main(int argc, char **argv)
 	if (!strcmp(cmd, "ping"))
 		return cmd_ping(&o);
 	if (!strcmp(cmd, "stats"))
-		return cmd_stats(&o);
+		return o.json ? cmd_stats_json(&o) : cmd_stats(&o);
+	if (!strcmp(cmd, "top"))
+		return cmd_top(&o);
 	if (!strcmp(cmd, "store-test"))
 		return cmd_store_test(&o);
 	fprintf(stderr, "kvstash: unknown command '%s'\n\n", cmd);

@@ -45,6 +45,8 @@ struct kvstash_client {
 	int timeout_ms;
 	struct ks_mutex idle_lock;	/* protects idle */
 	struct client_conn *idle;
+	bool curve;			/* set before the first call, read-only after */
+	char curve_server[41], curve_public[41], curve_secret[41];
 };
 
 static _Thread_local char last_error[CLIENT_ERR_MAX];
@@ -150,6 +152,15 @@ static int conn_get(kvstash_client *c, struct client_conn **out)
 		return fail(-EMFILE, "zmq_socket: %s", zmq_strerror(zmq_errno()));
 	}
 	zmq_setsockopt(cn->sock, ZMQ_LINGER, &linger, sizeof(linger));
+	if (c->curve &&
+	    (zmq_setsockopt(cn->sock, ZMQ_CURVE_SERVERKEY, c->curve_server, 40) < 0 ||
+	     zmq_setsockopt(cn->sock, ZMQ_CURVE_PUBLICKEY, c->curve_public, 40) < 0 ||
+	     zmq_setsockopt(cn->sock, ZMQ_CURVE_SECRETKEY, c->curve_secret, 40) < 0)) {
+		int e = zmq_errno();
+
+		conn_close(cn);
+		return fail(-EINVAL, "CURVE keys: %s", zmq_strerror(e));
+	}
 	if (zmq_connect(cn->sock, c->endpoint) < 0) {
 		int e = zmq_errno();
 
@@ -322,6 +333,34 @@ static int expect(const struct proto_reply *r, enum proto_reply_kind kind, enum 
 	if (r->kind != kind)
 		return fail(-EPROTO, "%s: unexpected reply kind %d", proto_type_name(type),
 			    (int)r->kind);
+	return 0;
+}
+
+static bool z85_key_ok(const char *k)
+{
+	uint8_t raw[32];
+
+	return k && strlen(k) == 40 && zmq_z85_decode(raw, k) != NULL;
+}
+
+int kvstash_set_curve(kvstash_client *c, const char *server_public, const char *client_public,
+		      const char *client_secret)
+{
+	if (!zmq_has("curve"))
+		return fail(-ENOTSUP, "this libzmq has no CURVE support");
+	if (!z85_key_ok(server_public) || !z85_key_ok(client_public) || !z85_key_ok(client_secret))
+		return fail(-EINVAL, "CURVE keys must be 40-character Z85 strings");
+	memcpy(c->curve_server, server_public, 41);
+	memcpy(c->curve_public, client_public, 41);
+	memcpy(c->curve_secret, client_secret, 41);
+	c->curve = true;
+	return 0;
+}
+
+int kvstash_curve_keypair(char public_key[41], char secret_key[41])
+{
+	if (zmq_curve_keypair(public_key, secret_key) < 0)
+		return fail(-ENOTSUP, "zmq_curve_keypair: %s", zmq_strerror(zmq_errno()));
 	return 0;
 }
 

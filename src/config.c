@@ -72,6 +72,14 @@ static const struct cfg_opt cfg_opts[] = {
 	  "longest wait for any internal lock before the request fails" },
 	{ "evict-watermark-pct", NULL, CFG_U32, F(evict_watermark_pct), "2", 0, 50, NULL,
 	  "when a STORE needs space, evict until this percent of slots is free" },
+	{ "cuda", NULL, CFG_ENUM, F(cuda), "auto", 0, 0, "auto|off",
+	  "serve CUDA IPC registrations on every visible GPU (auto) or host buffers only (off)" },
+	{ "curve-secret-key-file", NULL, CFG_STR, F(curve_secret_key_file), "", 0, 0, NULL,
+	  "file with the server's Z85 CURVE secret key: encrypt all traffic and require "
+	  "clients to know the server's public key (kvstash keygen makes one)" },
+	{ "curve-allowed-clients", NULL, CFG_STR, F(curve_allowed_clients), "", 0, 0, NULL,
+	  "file of Z85 client public keys, one per line: only these may connect "
+	  "(needs --curve-secret-key-file)" },
 	{ "log-level", NULL, CFG_ENUM, F(log_level), "info", 0, 0, "error|warn|info|debug",
 	  "log verbosity" },
 	{ "log-format", NULL, CFG_ENUM, F(log_format), "text", 0, 0, "text|json",

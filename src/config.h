@@ -29,6 +29,9 @@ struct srv_config {
 	uint32_t evict_watermark_pct;
 	char log_level[16];
 	char log_format[16];
+	char cuda[8];
+	char curve_secret_key_file[512];
+	char curve_allowed_clients[512];
 	char http_host[256];	/* HTTP endpoint (/metrics, /healthz, /stats) */
 	uint32_t http_port;	/* 0 = no HTTP endpoint */
 };

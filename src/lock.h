@@ -14,6 +14,8 @@
  *   idx_shard->lock         (one per shard; never two shards at once)
  *     lru->lock             (eviction list; the walker only trylocks shards)
  *       pool->free_lock     (free slot stack)
+ *         tier locks        (tier_disk index/LRU/queue; tier_redis per-node queue;
+ *                            never two at once, never across tier I/O or callbacks)
  *         queue->lock       (transfer job queues, completion queue; leaves)
  *           log ring lock   (log lines; taken from anywhere, takes nothing)
  *             metrics       (atomics; leaves, never take another lock)
@@ -58,6 +60,8 @@ enum lock_rank {
 	LOCK_RANK_IDX_SHARD = 20,
 	LOCK_RANK_LRU = 30,
 	LOCK_RANK_POOL = 40,
+	/* tier_disk->lock, tier_redis node->lock: one at a time, leaves but for the log ring */
+	LOCK_RANK_TIER = 45,
 	LOCK_RANK_QUEUE = 50,
 	LOCK_RANK_LOG = 60,
 };

@@ -43,6 +43,7 @@
 #include <unistd.h>
 #include <zmq.h>
 
+#include "auth.h"
 #include "compiler.h"
 #include "hash.h"
 #include "index.h"
@@ -53,8 +54,13 @@
 #include "pool.h"
 #include "protocol.h"
 #include "transfer.h"
+#include "transfer_cuda.h"
 #include "transfer_host.h"
 
+/* Engines: [0] the host backend, [1 + d] CUDA device d. */
+#define SRV_MAX_DEVICES 16
+#define SRV_MAX_ENGINES (1 + SRV_MAX_DEVICES)
+#define SRV_MAX_WORKERS 256
 /* Frames in one request: identity + uid + type + up to 5 arguments, with room. */
 #define SRV_MAX_FRAMES 16
 /* Messages handled per poll round before completions and timers get a turn. */
@@ -85,21 +91,25 @@
 /* Types                                                                    */
 
 struct srv_mapping {
-	void *base;
-	size_t len;
-	char path[PROTO_PATH_MAX + 1];
+	void *base;		/* host: mmap base; CUDA: the IPC-opened allocation base */
+	size_t len;		/* host: bytes mapped; CUDA: the allocation's size */
+	char path[PROTO_PATH_MAX + 1];	/* host_shm */
+	uint8_t handle[PROTO_MEM_HANDLE_LEN];	/* cuda_ipc */
 };
 
 /* One engine worker's registration (REGISTER_KV_CACHE). */
 struct srv_instance {
 	_Atomic int refs;	/* registry + each queued job; last put unmaps */
+	struct srv *srv;	/* borrowed: for the CUDA unmap job */
 	int64_t id;
 	char model[KS_MODEL_MAX + 1];
 	uint16_t model_len;
 	uint32_t world_size;
 	struct kv_layout layout;
 	uint64_t object_bytes;
-	void **layer_ptrs;	/* [num_layers] element 0 of each layer; owned */
+	int device;		/* -1: host buffers; else the CUDA ordinal (cuda_ipc) */
+	void **layer_ptrs;	/* [num_layers] element 0 of each layer (device
+				 * addresses for cuda_ipc); owned */
 	struct srv_mapping *maps;	/* owned */
 	size_t nmaps;
 	uint64_t registered_ms;
@@ -132,7 +142,13 @@ struct srv_xfer_job {
 	char err[SRV_ERR_MAX];
 	uint32_t committed;		/* STORE: chunks made READY */
 	uint64_t recv_ns;		/* when the request arrived (latency) */
-	bool probe;			/* a data-path health probe, not a request */
+	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
+	bool has_wait;
+	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
+	bool has_done;
+	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP } kind;
+	unsigned engine;		/* index into srv.engines it was queued on */
+	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
 };
 
 struct srv_lookup_job {
@@ -179,10 +195,21 @@ struct srv {
 	struct srv_config cfg;
 	char endpoint[512];
 	void *zctx, *sock;
+	struct auth *auth;	/* CURVE + ZAP, or NULL */
 	int stop_fd;
 	struct pool *pool;
 	struct idx *idx;
-	struct xfer_engine *host_xfer;
+	struct xfer_engine *host_xfer;	/* == engines[0] */
+	struct xfer_engine *engines[SRV_MAX_ENGINES];	/* [0] host, [1 + d] CUDA device d */
+	unsigned nengines;
+	int ncuda;			/* CUDA devices served (0: host only) */
+	char cuda_uuid[SRV_MAX_DEVICES][XFER_CUDA_UUID_STR_BYTES];	/* lowercase, no GPU- */
+	pthread_t io_thread;		/* the thread in srv_run */
+	bool io_running;
+	bool pool_pinned;		/* pool registered with cudaHostRegister */
+	/* Per CUDA device, per worker: that worker's context, created on its
+	 * first job and touched only by that worker thread (no lock). */
+	struct xfer_cuda_ctx *cuda_ctx[SRV_MAX_DEVICES][SRV_MAX_WORKERS];
 	uint8_t none_hash[KS_HASH_LEN];
 	struct srv_instance *instances;
 	struct srv_lookup_job *jobs;	/* [SRV_JOB_SLOTS] */
@@ -198,8 +225,8 @@ struct srv {
 	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
 	/* Health: the io loop's last turn, and the data-path probe. */
 	_Atomic uint64_t io_alive_ms;
-	_Atomic uint64_t probe_sent_ms;	/* 0 = none outstanding */
-	_Atomic uint64_t probe_done_ms;
+	_Atomic uint64_t probe_sent_ms[SRV_MAX_ENGINES];	/* 0 = none outstanding */
+	_Atomic uint64_t probe_done_ms[SRV_MAX_ENGINES];
 	uint64_t probe_stall_ms;	/* test hook: KVSTASH_TEST_PROBE_STALL_MS */
 	uint64_t cur_recv_ns;		/* receipt time of the request being dispatched */
 	/* Scratch for hashing and key expansion (io thread only). */
@@ -208,6 +235,11 @@ struct srv {
 	struct ks_key *key_buf;
 	size_t key_cap;
 };
+
+static void registry_insert(struct srv *s, struct srv_instance *in);
+static void run_register(struct xfer_job *base, unsigned worker);
+static void xfer_job_free(struct srv_xfer_job *j);
+static int pin_all(struct srv_xfer_job *j);
 
 /* ------------------------------------------------------------------------ */
 /* Copy guard: a client that shrinks its shared file under us raises        */
@@ -352,6 +384,17 @@ static void reply_str(struct srv *s, const struct srv_reply_addr *a, const char 
 	proto_msg_free(&m);
 }
 
+/* [bin(64) event, ok]: the GPU path's reply (protocol.md §5.3). */
+static void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a,
+			     const uint8_t *event, bool ok)
+{
+	struct proto_msg m = { 0 };
+
+	if (proto_encode_xfer_reply(&m, event, PROTO_EVENT_HANDLE_LEN, ok) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
 /* [c4 00, ok]: the host path's reply (protocol.md §5.3). */
 static void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
 {
@@ -365,17 +408,52 @@ static void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
 /* ------------------------------------------------------------------------ */
 /* Instances                                                                */
 
+static void run_unmap(struct xfer_job *base, unsigned worker);
+static int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j);
+
+/* Unmap and free; CUDA mappings are closed on the thread that calls this. */
+static void instance_free(struct srv_instance *in)
+{
+	ks_assert_unlocked();
+	for (size_t i = 0; i < in->nmaps; i++) {
+		if (!in->maps[i].base)
+			continue;
+		if (in->device >= 0)
+			xfer_cuda_ipc_close_mem(in->device, in->maps[i].base);
+		else
+			munmap(in->maps[i].base, in->maps[i].len);
+	}
+	free(in->maps);
+	free(in->layer_ptrs);
+	free(in);
+}
+
+/*
+ * Drop a reference; the last one unmaps. The io thread makes no CUDA call
+ * (a driver call can wait behind a running transfer), so a CUDA instance
+ * released there is unmapped by a job on its device's workers.
+ */
 static void instance_put(struct srv_instance *in)
 {
 	if (atomic_fetch_sub_explicit(&in->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	ks_assert_unlocked();
-	for (size_t i = 0; i < in->nmaps; i++)
-		if (in->maps[i].base)
-			munmap(in->maps[i].base, in->maps[i].len);
-	free(in->maps);
-	free(in->layer_ptrs);
-	free(in);
+	if (in->device >= 0 && in->nmaps && in->srv && in->srv->io_running &&
+	    pthread_equal(pthread_self(), in->srv->io_thread)) {
+		struct srv_xfer_job *j = calloc(1, sizeof(*j));
+
+		if (j) {
+			j->srv = in->srv;
+			j->kind = JOB_UNMAP;
+			j->inst = in;
+			j->base.run = run_unmap;
+			if (submit_job(in->srv, 1 + (unsigned)in->device, j) == 0)
+				return;
+			free(j);
+		}
+		log_warn("instance %" PRId64 ": unmapping on the io thread (device queue full)",
+			 in->id);
+	}
+	instance_free(in);
 }
 
 static struct srv_instance *instance_find(struct srv *s, int64_t id)
@@ -410,6 +488,17 @@ static bool model_registered(struct srv *s, const char *model, size_t len, uint3
 		    !memcmp(in->model, model, len))
 			return true;
 	return false;
+}
+
+/* Device ordinal whose UUID is @uuid (8-4-4-4-12, optional "GPU-"), or -1. */
+static int cuda_device_of(const struct srv *s, const char *uuid)
+{
+	if (!strncasecmp(uuid, "GPU-", 4))
+		uuid += 4;
+	for (int d = 0; d < s->ncuda; d++)
+		if (!strcasecmp(uuid, s->cuda_uuid[d]))
+			return d;
+	return -1;
 }
 
 /* Map @path (a POSIX shm name or a file path) read-write, @need bytes at least. */
@@ -489,16 +578,29 @@ static int instance_build(struct srv *s, const struct proto_request *rq,
 			return -EINVAL;
 		}
 	}
-	if (d0->kind != PROTO_KV_HOST_SHM) {
-		snprintf(err, errlen, "kv_caches kind cuda_ipc needs the CUDA backend, which this "
-			 "kvstashd does not have");
-		return -EOPNOTSUPP;
-	}
-
 	in = calloc(1, sizeof(*in));
 	if (!in)
 		return -ENOMEM;
 	atomic_init(&in->refs, 1);
+	in->srv = s;
+	in->device = -1;
+	if (d0->kind == PROTO_KV_CUDA_IPC) {
+		for (size_t l = 1; l < rq->nlayers; l++)
+			if (strcasecmp(rq->layers[l].device_uuid, d0->device_uuid)) {
+				snprintf(err, errlen, "layer %zu is on another device than layer 0", l);
+				rc = -EINVAL;
+				goto out_put;
+			}
+		in->device = cuda_device_of(s, d0->device_uuid);
+		if (in->device < 0) {
+			snprintf(err, errlen, s->ncuda ? "no visible GPU has UUID %s" :
+				 "kv_caches kind cuda_ipc needs the CUDA backend, which this kvstashd "
+				 "does not have (no CUDA device, or --cuda=off); device %s",
+				 d0->device_uuid);
+			rc = s->ncuda ? -ENODEV : -EOPNOTSUPP;
+			goto out_put;
+		}
+	}
 	in->id = rq->instance_id;
 	memcpy(in->model, rq->model, rq->model_len);
 	in->model_len = rq->model_len;
@@ -546,6 +648,8 @@ static int instance_build(struct srv *s, const struct proto_request *rq,
 			rc = -EINVAL;
 			goto out_put;
 		}
+		if (in->device >= 0)
+			continue;	/* mapped by a job on the device's workers: run_register */
 		for (m = 0; m < in->nmaps; m++)
 			if (!strcmp(in->maps[m].path, d->path))
 				break;
@@ -771,19 +875,57 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 		reply_nil(s, a);
 		return;
 	}
-	if (instance_remove(s, rq->instance_id))
+	if (in->device >= 0) {
+		/* IPC handles are opened by the device's workers; the reply waits for it. */
+		struct srv_xfer_job *j = calloc(1, sizeof(*j));
+
+		if (j)
+			j->descs = malloc(rq->nlayers * sizeof(*j->descs));
+		if (!j || !j->descs) {
+			if (j)
+				free(j);
+			instance_put(in);
+			set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": out of memory",
+				       rq->instance_id);
+			reply_nil(s, a);
+			return;
+		}
+		memcpy(j->descs, rq->layers, rq->nlayers * sizeof(*j->descs));
+		j->srv = s;
+		j->addr = *a;
+		j->kind = JOB_REGISTER;
+		j->op = PROTO_REGISTER_KV_CACHE;
+		j->inst = in;
+		j->base.run = run_register;
+		rc = submit_job(s, 1 + (unsigned)in->device, j);
+		if (rc) {
+			set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": device queue: %s",
+				       rq->instance_id, strerror(-rc));
+			xfer_job_free(j);
+			reply_nil(s, a);
+		}
+		return;
+	}
+	registry_insert(s, in);
+	reply_nil(s, a);
+}
+
+/* Put a built instance into the registry, replacing one with the same id. */
+static void registry_insert(struct srv *s, struct srv_instance *in)
+{
+	if (instance_remove(s, in->id))
 		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
-			 rq->instance_id);
+			 in->id);
 	in->next = s->instances;
 	s->instances = in;
 	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
 	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers %s %s "
-		 "[NB %u, BS %u, NH %u, HS %u], %zu mapping(s), object %" PRIu64 " bytes",
+		 "[NB %u, BS %u, NH %u, HS %u] on %s %d, %zu mapping(s), object %" PRIu64 " bytes",
 		 in->id, in->model, in->world_size, in->layout.num_layers,
 		 kv_layout_kind_name(in->layout.kind), kv_dtype_name(in->layout.dtype),
 		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
-		 in->layout.head_size, in->nmaps, in->object_bytes);
-	reply_nil(s, a);
+		 in->layout.head_size, in->device >= 0 ? "cuda device" : "host, pid-shared files",
+		 in->device >= 0 ? in->device : (int)in->nmaps, in->nmaps, in->object_bytes);
 }
 
 static void handle_unregister(struct srv *s, const struct srv_reply_addr *a,
@@ -894,7 +1036,249 @@ static void xfer_job_free(struct srv_xfer_job *j)
 	free(j->keys);
 	free(j->entries);
 	free(j->slots);
+	free(j->descs);
 	free(j);
+}
+
+/* Queue @j on engine @engine (io thread). 0 or -errno from xfer_submit. */
+static int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
+{
+	if (engine >= s->nengines || !s->engines[engine])
+		return -ENODEV;
+	j->engine = engine;
+	return xfer_submit(s->engines[engine], &j->base);
+}
+
+/* ---- CUDA jobs: run on device d's workers, each with its own context ---- */
+
+#define SRV_CUDA_TIMEOUT_MS 30000	/* one copy; then drained before slots are released */
+#define SRV_CUDA_DRAIN_STEP_MS 1000
+
+/* This worker's context on @dev, created on first use (only this thread touches it). */
+static struct xfer_cuda_ctx *cuda_ctx_of(struct srv *s, int dev, unsigned worker, char *err,
+					 size_t errlen)
+{
+	struct xfer_cuda_ctx **slot = &s->cuda_ctx[dev][worker];
+	struct xfer_cuda_opts o = { .host_base = pool_region(s->pool),
+				    .host_bytes = pool_region_bytes(s->pool) };
+	int rc;
+
+	if (*slot && xfer_cuda_ctx_failed(*slot)) {
+		snprintf(err, errlen, "cuda device %d: this worker's context failed earlier "
+			 "(sticky CUDA error)", dev);
+		return NULL;
+	}
+	if (*slot)
+		return *slot;
+	rc = xfer_cuda_ctx_create(dev, &o, slot);
+	if (rc) {
+		snprintf(err, errlen, "cuda device %d: cannot create a transfer context: %s", dev,
+			 strerror(-rc));
+		*slot = NULL;
+		return NULL;
+	}
+	return *slot;
+}
+
+/* Run one CUDA copy; on a timeout wait for the device before anything is released. */
+static int cuda_copy(struct xfer_cuda_ctx *ctx, bool store, const struct xfer_cuda_job *cj)
+{
+	int rc = store ? xfer_cuda_store(ctx, cj) : xfer_cuda_retrieve(ctx, cj);
+
+	if (rc == -ETIMEDOUT || rc == -EBUSY) {
+		int d;
+
+		log_error("cuda copy not done after %u ms: waiting for the device before "
+			  "releasing its buffers", cj->timeout_ms);
+		while ((d = xfer_cuda_drain(ctx, SRV_CUDA_DRAIN_STEP_MS)) == -ETIMEDOUT)
+			;
+		if (rc == -EBUSY && d == 0)	/* an older job was in flight: retry once */
+			rc = store ? xfer_cuda_store(ctx, cj) : xfer_cuda_retrieve(ctx, cj);
+	}
+	return rc;
+}
+
+static void run_store_cuda(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens, nres = 0;
+	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
+	int64_t *slots = NULL;
+	void **objs = NULL;
+	int rc;
+
+	if (!ctx) {
+		j->result = -EIO;
+		return;
+	}
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		rc = idx_reserve_write(j->srv->idx, &j->keys[c], in->object_bytes, &j->entries[c]);
+		if (rc) {
+			j->entries[c] = NULL;
+			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
+				&j->srv->ctr.store_chunks_nospace, 1);
+		} else {
+			nres++;
+		}
+	}
+	/* Only the reserved chunks are copied: pack their slots and objects. */
+	slots = malloc((size_t)nres * C * sizeof(*slots));
+	objs = malloc((nres ? nres : 1) * sizeof(*objs));
+	if (!slots || !objs) {
+		snprintf(j->err, sizeof(j->err), "out of memory");
+		j->result = -ENOMEM;
+		goto out_abort;
+	}
+	nres = 0;
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		if (!j->entries[c])
+			continue;
+		memcpy(slots + (size_t)nres * C, j->slots + (size_t)c * C, (size_t)C * sizeof(*slots));
+		objs[nres++] = idx_entry_data(j->srv->idx, j->entries[c]);
+	}
+	struct xfer_cuda_job cj = {
+		.layout = &in->layout, .layers = in->layer_ptrs, .slots = slots,
+		.ntokens = nres * C, .chunk_tokens = C, .objs = objs,
+		.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
+		.timeout_ms = SRV_CUDA_TIMEOUT_MS,
+	};
+	rc = cuda_copy(ctx, true, &cj);
+	if (rc) {
+		snprintf(j->err, sizeof(j->err), "cuda device %d: STORE copy failed: %s", in->device,
+			 strerror(-rc));
+		j->result = rc;
+		goto out_abort;
+	}
+	j->has_done = nres > 0;
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		if (!j->entries[c])
+			continue;
+		if (idx_commit_write(j->srv->idx, j->entries[c]) == 0)
+			j->committed++;
+		else
+			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+		j->entries[c] = NULL;
+	}
+	free(slots);
+	free(objs);
+	return;
+out_abort:
+	for (uint32_t c = 0; c < j->nchunks; c++)
+		if (j->entries[c]) {
+			idx_abort_write(j->srv->idx, j->entries[c]);
+			j->entries[c] = NULL;
+		}
+	free(slots);
+	free(objs);
+}
+
+static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
+	void **objs;
+	int rc;
+
+	if (!ctx) {
+		j->result = -EIO;
+		return;
+	}
+	if (pin_all(j))
+		return;
+	objs = malloc(j->nchunks * sizeof(*objs));
+	if (!objs) {
+		snprintf(j->err, sizeof(j->err), "out of memory");
+		j->result = -ENOMEM;
+	} else {
+		for (uint32_t c = 0; c < j->nchunks; c++)
+			objs[c] = idx_entry_data(j->srv->idx, j->entries[c]);
+		struct xfer_cuda_job cj = {
+			.layout = &in->layout, .layers = in->layer_ptrs, .slots = j->slots,
+			.ntokens = j->nchunks * j->chunk_tokens, .chunk_tokens = j->chunk_tokens,
+			.objs = objs,
+			.skip_tokens = (uint32_t)KS_MIN(j->skip_tokens, (uint64_t)j->nchunks *
+							j->chunk_tokens),
+			.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
+			.timeout_ms = SRV_CUDA_TIMEOUT_MS,
+		};
+		rc = cuda_copy(ctx, false, &cj);
+		if (rc) {
+			snprintf(j->err, sizeof(j->err), "cuda device %d: RETRIEVE copy failed: %s",
+				 in->device, strerror(-rc));
+			j->result = rc;
+		} else {
+			j->has_done = true;
+		}
+		free(objs);
+	}
+	/* Unpin after the device is done (cuda_copy drained it); locks go only on success. */
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		idx_unpin(j->srv->idx, j->entries[c]);
+		if (j->result == 0)
+			idx_release_read_locks(j->srv->idx, &j->keys[c], 1);
+		j->entries[c] = NULL;
+	}
+}
+
+/* Open each distinct IPC handle once, check every layer against its allocation. */
+static void run_register(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	struct srv_instance *in = j->inst;
+	int dev = in->device, rc;
+
+	(void)worker;
+	for (uint32_t l = 0; l < in->layout.num_layers; l++) {
+		const struct proto_kv_desc *d = &j->descs[l];
+		size_t m;
+
+		for (m = 0; m < in->nmaps; m++)
+			if (!memcmp(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN))
+				break;
+		if (m == in->nmaps) {
+			void *base_ptr = NULL, *alloc = NULL;
+			size_t bytes = 0;
+
+			rc = xfer_cuda_ipc_open_mem(dev, d->mem_handle, &base_ptr);
+			if (rc) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cudaIpcOpenMemHandle on "
+					 "device %d failed (stale handle, or one from this process)",
+					 l, dev);
+				j->result = rc;
+				return;
+			}
+			memcpy(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN);
+			in->maps[m].base = base_ptr;
+			in->nmaps++;
+			rc = xfer_cuda_mem_range(dev, base_ptr, &alloc, &bytes);
+			if (rc || alloc != base_ptr) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cannot size the shared "
+					 "allocation: %s", l, strerror(rc ? -rc : EINVAL));
+				j->result = rc ? rc : -EINVAL;
+				return;
+			}
+			in->maps[m].len = bytes;
+		}
+		if (d->offset + in->layout.extent_bytes > in->maps[m].len) {
+			snprintf(j->err, sizeof(j->err), "layer %u: offset %" PRIu64 " + extent %" PRIu64
+				 " exceeds the shared allocation's %zu bytes", l, d->offset,
+				 in->layout.extent_bytes, in->maps[m].len);
+			j->result = -ERANGE;
+			return;
+		}
+		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+	}
+}
+
+static void run_unmap(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+
+	(void)worker;
+	instance_free(j->inst);
+	j->inst = NULL;
 }
 
 /* Worker side of STORE: gather each reserved chunk, then make it READY. */
@@ -951,20 +1335,15 @@ static void run_store(struct xfer_job *base, unsigned worker)
 	}
 }
 
-/* Worker side of RETRIEVE: scatter each chunk past the skip, unpin, unlock. */
-static void run_retrieve(struct xfer_job *base, unsigned worker)
+/*
+ * Pin every chunk of a RETRIEVE, all or nothing: a missing chunk fails it,
+ * writes nothing and releases no read locks (protocol.md §3 RETRIEVE step 4).
+ * Returns 0, or the error (also in j->result / j->err) with nothing pinned.
+ */
+static int pin_all(struct srv_xfer_job *j)
 {
-	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
-	const struct srv_instance *in = j->inst;
-	uint32_t C = j->chunk_tokens;
-	sigjmp_buf jb;
-	volatile uint32_t i = 0;
-
-	(void)worker;
-	/* All or nothing: a missing chunk fails the RETRIEVE, writes nothing and
-	 * releases no read locks (protocol.md §3 RETRIEVE step 4). */
 	for (uint32_t c = 0; c < j->nchunks; c++) {
-		int rc = idx_pin(j->srv->idx, &j->keys[c], in->object_bytes, &j->entries[c]);
+		int rc = idx_pin(j->srv->idx, &j->keys[c], j->inst->object_bytes, &j->entries[c]);
 
 		if (rc) {
 			char hex[2 * KS_HASH_LEN + 1];
@@ -978,9 +1357,24 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 				 rc == -ENOENT ? "is not cached" :
 				 rc == -EMSGSIZE ? "has another layout's size" : strerror(-rc));
 			j->result = rc;
-			return;
+			return rc;
 		}
 	}
+	return 0;
+}
+
+/* Worker side of RETRIEVE: scatter each chunk past the skip, unpin, unlock. */
+static void run_retrieve(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens;
+	sigjmp_buf jb;
+	volatile uint32_t i = 0;
+
+	(void)worker;
+	if (pin_all(j))
+		return;
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -1029,7 +1423,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 rq->instance_id);
 		return -ENOENT;
 	}
-	if (rq->event_len != 0) {
+	if (rq->event_len != 0 && in->device < 0) {
 		/* protocol.md §5.3: on the host path a non-empty handle is a frame-level
 		 * fault, dropped without a reply (§3 Errors rule 1). */
 		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
@@ -1123,6 +1517,10 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	j->op = rq->type;
 	j->recv_ns = s->cur_recv_ns;
 	j->skip_tokens = rq->skip_first_n_tokens;
+	if (rq->event_len == PROTO_EVENT_HANDLE_LEN) {
+		memcpy(j->wait_event, rq->event, PROTO_EVENT_HANDLE_LEN);
+		j->has_wait = true;
+	}
 	rc = xfer_prepare(s, rq, j, err, sizeof(err));
 	if (rc == -EPROTO) {
 		frame_fault(s, a, rc, err);
@@ -1140,8 +1538,11 @@ static void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 		xfer_job_free(j);
 		return;
 	}
-	j->base.run = store ? run_store : run_retrieve;
-	rc = xfer_submit(s->host_xfer, &j->base);
+	if (j->inst->device >= 0)
+		j->base.run = store ? run_store_cuda : run_retrieve_cuda;
+	else
+		j->base.run = store ? run_store : run_retrieve;
+	rc = submit_job(s, j->inst->device >= 0 ? 1 + (unsigned)j->inst->device : 0, j);
 	if (rc == 0)
 		return;
 	set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
@@ -1156,12 +1557,34 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 {
 	bool ok = j->result == 0;
 
-	if (j->probe) {
+	switch (j->kind) {
+	case JOB_PROBE:
 		if (!xfer_job_cancelled(&j->base))
-			atomic_store(&s->probe_done_ms, ks_now_ms());
-		atomic_store(&s->probe_sent_ms, 0);
+			atomic_store(&s->probe_done_ms[j->engine], ks_now_ms());
+		atomic_store(&s->probe_sent_ms[j->engine], 0);
 		free(j);
 		return;
+	case JOB_UNMAP:
+		if (xfer_job_cancelled(&j->base))
+			instance_free(j->inst);	/* shutting down: the workers are gone */
+		free(j);
+		return;
+	case JOB_REGISTER:
+		if (ok && !xfer_job_cancelled(&j->base)) {
+			j->inst->registered_ms = ks_now_ms();
+			registry_insert(s, j->inst);
+			j->inst = NULL;	/* the registry owns it now */
+		} else {
+			ctr_add(&s->ctr.semantic_errors, 1);
+			set_last_error(s, &j->addr, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
+				       j->inst->id, xfer_job_cancelled(&j->base) ?
+				       "server shutting down" : j->err);
+		}
+		reply_nil(s, &j->addr);
+		xfer_job_free(j);
+		return;
+	case JOB_XFER:
+		break;
 	}
 
 	if (xfer_job_cancelled(&j->base)) {
@@ -1182,7 +1605,10 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		  proto_type_name(j->op), j->inst->id, j->nchunks,
 		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
 		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
-	reply_xfer(s, &j->addr, ok);
+	if (j->has_done)
+		reply_xfer_event(s, &j->addr, j->done_event, ok);
+	else
+		reply_xfer(s, &j->addr, ok);
 	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
 			     ks_now_ns() - j->recv_ns);
 	xfer_job_free(j);
@@ -1193,9 +1619,10 @@ static void drain_completions(struct srv *s)
 	struct xfer_job *done[64];
 	size_t n;
 
-	while ((n = xfer_reap(s->host_xfer, done, KS_ARRAY_SIZE(done))) > 0)
-		for (size_t i = 0; i < n; i++)
-			complete_xfer(s, (struct srv_xfer_job *)done[i]);
+	for (unsigned e = 0; e < s->nengines; e++)
+		while ((n = xfer_reap(s->engines[e], done, KS_ARRAY_SIZE(done))) > 0)
+			for (size_t i = 0; i < n; i++)
+				complete_xfer(s, (struct srv_xfer_job *)done[i]);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1434,7 +1861,19 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 #define CTR(field) atomic_load_explicit(&s->ctr.field, memory_order_relaxed)
 	pool_get_stats(s->pool, &ps);
 	idx_get_stats(s->idx, &is);
-	xfer_get_stats(s->host_xfer, &xs);
+	memset(&xs, 0, sizeof(xs));
+	for (unsigned e = 0; e < s->nengines; e++) {
+		struct xfer_stats es;
+
+		xfer_get_stats(s->engines[e], &es);
+		xs.queued += es.queued;
+		xs.running += es.running;
+		xs.completed += es.completed;
+		xs.rejected_full += es.rejected_full;
+		xs.nworkers += es.nworkers;
+	}
+	ROW("cuda_devices", "kvstash_cuda_devices", STAT_GAUGE, s->ncuda,
+	    "CUDA devices served (0: host backend only).");
 	ROW("pool_bytes", "kvstash_l1_pool_bytes", STAT_GAUGE, ps.region_bytes,
 	    "Bytes reserved for the host pool.");
 	ROW("slot_bytes", "kvstash_l1_slot_bytes", STAT_GAUGE, ps.slot_bytes,
@@ -1592,16 +2031,24 @@ void srv_render_stats_json(struct srv *s, struct metrics_buf *out)
 int srv_health(struct srv *s, char *why, size_t len)
 {
 	uint64_t now = ks_now_ms();
-	uint64_t io = atomic_load(&s->io_alive_ms), sent = atomic_load(&s->probe_sent_ms);
+	uint64_t io = atomic_load(&s->io_alive_ms);
 
 	if (now > io && now - io > SRV_HEALTH_IO_MS) {
 		snprintf(why, len, "io thread: no loop turn for %" PRIu64 " ms", now - io);
 		return -EAGAIN;
 	}
-	if (sent && now > sent && now - sent > SRV_HEALTH_PROBE_MS) {
-		snprintf(why, len, "device host: data-path probe waiting %" PRIu64 " ms "
-			 "(workers stalled or queue backed up)", now - sent);
-		return -EAGAIN;
+	for (unsigned e = 0; e < s->nengines; e++) {
+		uint64_t sent = atomic_load(&s->probe_sent_ms[e]);
+
+		if (sent && now > sent && now - sent > SRV_HEALTH_PROBE_MS) {
+			if (e == 0)
+				snprintf(why, len, "device host: data-path probe waiting %" PRIu64
+					 " ms (workers stalled or queue backed up)", now - sent);
+			else
+				snprintf(why, len, "device cuda:%u: data-path probe waiting %" PRIu64
+					 " ms (workers stalled or queue backed up)", e - 1, now - sent);
+			return -EAGAIN;
+		}
 	}
 	snprintf(why, len, "ok");
 	return 0;
@@ -1617,23 +2064,26 @@ static void run_probe(struct xfer_job *base, unsigned worker)
 		usleep((useconds_t)KS_MIN(j->srv->probe_stall_ms, 60000) * 1000);
 }
 
-/* Send a probe through the host transfer queue once a second (io thread). */
+/* Send a probe through each device's transfer queue once a second (io thread). */
 static void maybe_probe(struct srv *s, uint64_t now)
 {
-	struct srv_xfer_job *j;
+	for (unsigned e = 0; e < s->nengines; e++) {
+		struct srv_xfer_job *j;
 
-	if (atomic_load(&s->probe_sent_ms) || now - atomic_load(&s->probe_done_ms) < SRV_PROBE_MS)
-		return;
-	j = calloc(1, sizeof(*j));
-	if (!j)
-		return;
-	j->srv = s;
-	j->probe = true;
-	j->base.run = run_probe;
-	atomic_store(&s->probe_sent_ms, now);
-	if (xfer_submit(s->host_xfer, &j->base)) {
-		atomic_store(&s->probe_sent_ms, 0);
-		free(j);
+		if (atomic_load(&s->probe_sent_ms[e]) ||
+		    now - atomic_load(&s->probe_done_ms[e]) < SRV_PROBE_MS)
+			continue;
+		j = calloc(1, sizeof(*j));
+		if (!j)
+			return;
+		j->srv = s;
+		j->kind = JOB_PROBE;
+		j->base.run = run_probe;
+		atomic_store(&s->probe_sent_ms[e], now);
+		if (submit_job(s, e, j)) {
+			atomic_store(&s->probe_sent_ms[e], 0);
+			free(j);
+		}
 	}
 }
 
@@ -1644,6 +2094,54 @@ static bool is_loopback_endpoint(const char *ep)
 {
 	return strncmp(ep, "tcp://", 6) != 0 || !strncmp(ep, "tcp://127.", 10) ||
 	       !strncmp(ep, "tcp://localhost:", 16) || !strncmp(ep, "tcp://[::1]:", 12);
+}
+
+/*
+ * With --cuda=auto and a visible GPU: pin the pool for every device
+ * (cudaHostRegister touches every page: NOTE: takes about a second per
+ * 10 GiB), learn each device's UUID, and start one engine per device.
+ */
+static int cuda_setup(struct srv *s)
+{
+	int n = 0, rc;
+
+	if (strcmp(s->cfg.cuda, "auto") || xfer_cuda_device_count(&n) || n <= 0)
+		return 0;
+	if (n > SRV_MAX_DEVICES) {
+		log_warn("%d CUDA devices: serving the first %d", n, SRV_MAX_DEVICES);
+		n = SRV_MAX_DEVICES;
+	}
+	if (s->cfg.workers > SRV_MAX_WORKERS) {
+		log_error("--workers %u: at most %d with CUDA", s->cfg.workers, SRV_MAX_WORKERS);
+		return -EINVAL;
+	}
+	rc = xfer_cuda_host_register(pool_region(s->pool), pool_region_bytes(s->pool));
+	if (rc) {
+		log_error("cannot pin the %" PRIu64 "-byte pool for CUDA: %s",
+			  pool_region_bytes(s->pool), strerror(-rc));
+		return rc;
+	}
+	s->pool_pinned = true;
+	for (int d = 0; d < n; d++) {
+		char name[32], gpu[128] = "?";
+
+		rc = xfer_cuda_device_uuid(d, s->cuda_uuid[d]);
+		if (rc)
+			return rc;
+		snprintf(name, sizeof(name), "cuda%d-xfer", d);
+		rc = xfer_engine_create(name, s->cfg.workers, s->cfg.queue_depth,
+					&s->engines[1 + d]);
+		if (rc) {
+			log_error("transfer workers for cuda:%d: %s", d, strerror(-rc));
+			return rc;
+		}
+		s->nengines = 2 + (unsigned)d;
+		s->ncuda = d + 1;
+		xfer_cuda_device_name(d, gpu, sizeof(gpu));
+		log_info("cuda:%d %s (GPU-%s): %u transfer worker(s)", d, gpu, s->cuda_uuid[d],
+			 s->cfg.workers);
+	}
+	return 0;
 }
 
 int srv_create(const struct srv_config *cfg, struct srv **out)
@@ -1691,6 +2189,11 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		log_error("transfer workers: %s", strerror(-rc));
 		goto out_destroy;
 	}
+	s->engines[0] = s->host_xfer;
+	s->nengines = 1;
+	rc = cuda_setup(s);
+	if (rc)
+		goto out_destroy;
 	s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (s->stop_fd < 0) {
 		rc = -errno;
@@ -1710,6 +2213,16 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	maxmsg = (int64_t)cfg->max_message_mb << 20;
 	zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
 	zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof(linger));
+	{
+		char err[512];
+
+		rc = auth_setup(s->zctx, s->sock, cfg->curve_secret_key_file,
+				cfg->curve_allowed_clients, &s->auth, err, sizeof(err));
+		if (rc) {
+			log_error("CURVE: %s", err);
+			goto out_destroy;
+		}
+	}
 	cfg_endpoint(cfg, s->endpoint, sizeof(s->endpoint));
 	if (zmq_bind(s->sock, s->endpoint) < 0) {
 		rc = -zmq_errno();
@@ -1718,13 +2231,17 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	}
 	ep_len = sizeof(s->endpoint);
 	zmq_getsockopt(s->sock, ZMQ_LAST_ENDPOINT, s->endpoint, &ep_len);
-	if (!is_loopback_endpoint(s->endpoint))
-		log_warn("listening on %s, which is not loopback: any host that can reach it "
-			 "can read and write this cache", s->endpoint);
+	if (s->auth)
+		log_info("CURVE on: server public key %s%s", auth_server_public(s->auth),
+			 cfg->curve_allowed_clients[0] ? ", clients limited to the allowed list" : "");
+	else if (!is_loopback_endpoint(s->endpoint))
+		log_warn("listening on %s, which is not loopback, without CURVE: any host that "
+			 "can reach it can read and write this cache", s->endpoint);
 	install_sigbus_guard();
 	s->last_tick_ms = ks_now_ms();
 	atomic_store(&s->io_alive_ms, s->last_tick_ms);
-	atomic_store(&s->probe_done_ms, s->last_tick_ms);
+	for (unsigned e = 0; e < SRV_MAX_ENGINES; e++)
+		atomic_store(&s->probe_done_ms[e], s->last_tick_ms);
 	const char *stall = getenv("KVSTASH_TEST_PROBE_STALL_MS");
 	if (stall && *stall) {
 		s->probe_stall_ms = strtoull(stall, NULL, 10);
@@ -1753,11 +2270,19 @@ void srv_request_stop(struct srv *s)
 
 int srv_run(struct srv *s)
 {
-	zmq_pollitem_t items[3] = {
+	/* [0] socket, [1] stop, [2 + e] completions of engine e */
+	zmq_pollitem_t items[2 + SRV_MAX_ENGINES] = {
 		{ .socket = s->sock, .events = ZMQ_POLLIN },
-		{ .fd = xfer_completion_fd(s->host_xfer), .events = ZMQ_POLLIN },
 		{ .fd = s->stop_fd, .events = ZMQ_POLLIN },
 	};
+	int nitems = 2 + (int)s->nengines;
+
+	for (unsigned e = 0; e < s->nengines; e++) {
+		items[2 + e].fd = xfer_completion_fd(s->engines[e]);
+		items[2 + e].events = ZMQ_POLLIN;
+	}
+	s->io_thread = pthread_self();
+	s->io_running = true;
 	struct pool_stats ps;
 
 	/* The heartbeat outranks the bulk path for CPU: workers run at nice +10
@@ -1770,7 +2295,8 @@ int srv_run(struct srv *s)
 		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,
 		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
 	for (;;) {
-		int n = zmq_poll(items, 3, SRV_TICK_MS);
+		int n = zmq_poll(items, nitems, SRV_TICK_MS);
+		bool completions = false;
 
 		atomic_store_explicit(&s->io_alive_ms, ks_now_ms(), memory_order_relaxed);
 
@@ -1778,18 +2304,22 @@ int srv_run(struct srv *s)
 			log_error("zmq_poll: %s", zmq_strerror(zmq_errno()));
 			break;
 		}
-		if (items[2].revents & ZMQ_POLLIN)
-			break;
-		/* Completions first: they free pins and slots other requests may need. */
 		if (items[1].revents & ZMQ_POLLIN)
+			break;
+		for (int i = 2; i < nitems; i++)
+			completions |= (items[i].revents & ZMQ_POLLIN) != 0;
+		/* Completions first: they free pins and slots other requests may need. */
+		if (completions)
 			drain_completions(s);
 		if (items[0].revents & ZMQ_POLLIN)
 			drain_socket(s);
 		housekeeping(s);
 	}
 	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
-	xfer_engine_stop(s->host_xfer, SRV_DRAIN_MS);
+	for (unsigned e = 0; e < s->nengines; e++)
+		xfer_engine_stop(s->engines[e], SRV_DRAIN_MS);
 	drain_completions(s);
+	s->io_running = false;
 	log_info("stopped");
 	return 0;
 }
@@ -1798,11 +2328,15 @@ void srv_destroy(struct srv *s)
 {
 	if (!s)
 		return;
-	if (s->host_xfer) {
-		xfer_engine_stop(s->host_xfer, 0);
-		drain_completions(s);
-		xfer_engine_destroy(s->host_xfer);
-	}
+	s->io_running = false;	/* from here CUDA instances are unmapped inline */
+	for (unsigned e = 0; e < s->nengines; e++)
+		xfer_engine_stop(s->engines[e], 0);
+	drain_completions(s);
+	for (unsigned e = 0; e < s->nengines; e++)
+		xfer_engine_destroy(s->engines[e]);
+	for (int d = 0; d < s->ncuda; d++)
+		for (unsigned w = 0; w < SRV_MAX_WORKERS; w++)
+			xfer_cuda_ctx_destroy(s->cuda_ctx[d][w]);
 	while (s->instances) {
 		struct srv_instance *in = s->instances;
 
@@ -1820,10 +2354,13 @@ void srv_destroy(struct srv *s)
 	}
 	if (s->sock)
 		zmq_close(s->sock);
+	auth_stop(s->auth);
 	if (s->zctx)
 		zmq_ctx_term(s->zctx);
 	if (s->idx)
 		idx_destroy(s->idx);
+	if (s->pool_pinned)
+		xfer_cuda_host_unregister(pool_region(s->pool));
 	if (s->pool)
 		pool_destroy(s->pool);
 	if (s->stop_fd >= 0)

@@ -5,20 +5,24 @@
  *
  * DESIGN: each transfer worker thread owns one struct xfer_cuda_ctx per
  * device: two streams (kernel, copy), its events, a device-side table of
- * layer/object/slot addresses, a pinned host twin of that table and a
- * staging ring. Nothing on the data path is shared between workers, so this
- * file takes no lock at all, and a caller must hold none across a call
- * (docs/architecture.md: no lock across a CUDA call). A job is: validate on
- * the host (slots against NB*BS, objects against the pool) -> upload the
- * table -> optionally wait on the client's IPC event -> launch -> record the
- * completion events -> poll cudaEventQuery up to the job's timeout. The
+ * layer/object/slot addresses with a pinned host twin (for jobs whose
+ * table does not fit in the launch parameters) and a staging ring. Nothing
+ * on the data path is shared between workers, so this file takes no lock
+ * at all, and a caller must hold none across a call (docs/architecture.md:
+ * no lock across a CUDA call). A job is: validate on the host (slots
+ * against NB*BS, objects against the pool) -> build the table (inline, or
+ * uploaded) -> optionally wait on the client's IPC event -> launch ->
+ * record the completion events -> poll cudaEventQuery up to the job's
+ * timeout. The
  * caller's thread returns only after the copy completed, or with
  * -ETIMEDOUT while it still runs (the ctx then refuses jobs with -EBUSY
  * until xfer_cuda_drain() sees it finish, so no buffer is reused under a
  * running copy). Nothing here runs CUDA callbacks.
  *
- * Two ways across PCIe (enum xfer_cuda_path, chosen by measurement, see
- * docs/performance.md):
+ * Two ways across PCIe (enum xfer_cuda_path; STAGED is the default, chosen
+ * by measurement: on an H100/H200 it is 1-6% faster one direction at a
+ * time and ~1.7x faster with STOREs and RETRIEVEs running at once, where
+ * SM-issued PCIe traffic tops out near 52 GB/s; docs/performance.md):
  *   ZEROCOPY  one launch of kv_xfer_kernel moves every row of the request,
  *             all layers, K and V, reading/writing the mapped host objects
  *             directly through UVA.
@@ -27,6 +31,7 @@
  *             engine moves the segment with one cudaMemcpyAsync, and the two
  *             streams overlap kernel i+1 with the copy of segment i.
  */
+#include <cuda.h>	/* types only: the driver is reached through the runtime */
 #include <cuda_runtime.h>
 
 #include <errno.h>
@@ -573,6 +578,35 @@ extern "C" int xfer_cuda_ipc_open_mem(int dev, const void *handle, void **dev_pt
 	if (CUDA_RC(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess)))
 		return -EIO;
 	*dev_ptr = p;
+	return 0;
+}
+
+extern "C" int xfer_cuda_mem_range(int dev, const void *ptr, void **base, size_t *bytes)
+{
+	typedef CUresult (*range_fn)(CUdeviceptr *, size_t *, CUdeviceptr);
+	cudaDriverEntryPointQueryResult q;
+	void *fn = NULL;
+	CUdeviceptr b = 0;
+	size_t sz = 0;
+	int rc;
+
+	if (!ptr || !base || !bytes)
+		return -EINVAL;
+	rc = check_dev(dev);
+	if (rc)
+		return rc;
+	if (CUDA_RC(cudaSetDevice(dev)))
+		return -EIO;
+	/* The runtime hands out driver entry points, so kvstashd does not link
+	 * libcuda and still starts on machines without a GPU driver. */
+	if (CUDA_RC(cudaGetDriverEntryPointByVersion("cuMemGetAddressRange", &fn, 12000,
+						     cudaEnableDefault, &q)) ||
+	    q != cudaDriverEntryPointSuccess || !fn)
+		return -EIO;
+	if (((range_fn)fn)(&b, &sz, (CUdeviceptr)(uintptr_t)ptr) != CUDA_SUCCESS)
+		return -EINVAL;
+	*base = (void *)(uintptr_t)b;
+	*bytes = sz;
 	return 0;
 }
 

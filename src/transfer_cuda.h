@@ -87,6 +87,13 @@ int xfer_cuda_host_unregister(void *base);
  * the handle: stale, from this process, or another machine's).
  */
 int xfer_cuda_ipc_open_mem(int dev, const void *handle, void **dev_ptr);
+/*
+ * The device allocation containing @ptr on @dev: its base and size
+ * (cuMemGetAddressRange). Used to check a registration's layers against
+ * what the client really shared, so a wrong nbytes cannot make a kernel
+ * fault. 0, -EINVAL (not a device allocation), -ENODEV, -EIO.
+ */
+int xfer_cuda_mem_range(int dev, const void *ptr, void **base, size_t *bytes);
 /* Unmap what xfer_cuda_ipc_open_mem() returned. No job may be using it. 0, -EINVAL, -ENODEV, -EIO. */
 int xfer_cuda_ipc_close_mem(int dev, void *dev_ptr);
 

@@ -53,6 +53,15 @@ int xfer_cuda_ipc_open_mem(int dev, const void *handle, void **dev_ptr)
 	return -ENODEV;
 }
 
+int xfer_cuda_mem_range(int dev, const void *ptr, void **base, size_t *bytes)
+{
+	(void)dev;
+	(void)ptr;
+	(void)base;
+	(void)bytes;
+	return -ENODEV;
+}
+
 int xfer_cuda_ipc_close_mem(int dev, void *dev_ptr)
 {
 	(void)dev, (void)dev_ptr;

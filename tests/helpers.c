@@ -159,6 +159,8 @@ struct t_daemon *t_daemon_start(const char *args)
 	argv[argc++] = (char *)t_build_path("kvstashd");
 	argv[0] = strdup(argv[0]);
 	argv[argc++] = bind_arg;
+	/* No HTTP endpoint unless a test asks: tests run in parallel. */
+	argv[argc++] = "--http-port=0";
 	if (args) {
 		argbuf = strdup(args);
 		for (char *tok = strtok(argbuf, " "); tok && argc < 62; tok = strtok(NULL, " "))

@@ -66,7 +66,7 @@ start_daemon() {
 	local name=$1
 	shift
 	EP=ipc://$TMP/$name.sock
-	"$KVSTASHD" --listen="$EP" "$@" >"$TMP/$name.log" 2>&1 &
+	"$KVSTASHD" --listen="$EP" --http-port=0 "$@" >"$TMP/$name.log" 2>&1 &
 	DPID=$!
 	PIDS+=("$DPID")
 	for _ in $(seq 100); do
@@ -214,7 +214,7 @@ LONG=$(printf 'x%.0s' $(seq 5000))
 bad_flag() {
 	local name=$1
 	shift
-	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" --pool-size=64M "$@" \
+	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" --http-port=0 --pool-size=64M "$@" \
 		>"$TMP/out" 2>&1
 	RC=$?
 	check "kvstashd $(echo "$*" | cut -c1-60) exits 2 (got $RC)" [ "$RC" -eq 2 ]
@@ -267,7 +267,7 @@ done
 check "flag values tested for every listed option (got $ntested)" [ "$ntested" -ge 15 ]
 
 for args in "--no-such-flag=1" "--no-such-flag" "stray" "-x"; do
-	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" $args >"$TMP/out" 2>&1
+	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" --http-port=0 $args >"$TMP/out" 2>&1
 	RC=$?
 	check "kvstashd $args exits 2 (got $RC)" [ "$RC" -eq 2 ]
 	shown=${args#--}
@@ -312,7 +312,7 @@ stop_daemon "$DPID"
 bad_conf() {
 	local what=$1 lineno=$2 content=$3
 	printf '%b' "$content" >"$TMP/bad.conf"
-	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" --config "$TMP/bad.conf" \
+	timeout 5 "$KVSTASHD" --listen="ipc://$TMP/flagtest.sock" --http-port=0 --config "$TMP/bad.conf" \
 		>"$TMP/out" 2>&1
 	RC=$?
 	check "config $what exits 2 (got $RC)" [ "$RC" -eq 2 ]

@@ -484,7 +484,7 @@ class Server(object):
         self.endpoint = "ipc://%s/sock" % self.dir
         self.logpath = os.path.join(self.dir, "kvstashd.log")
         self.log = open(self.logpath, "wb")
-        self.proc = subprocess.Popen([self.binary, "--listen=" + self.endpoint, "--pool-size=256M"],
+        self.proc = subprocess.Popen([self.binary, "--listen=" + self.endpoint, "--pool-size=256M", "--http-port=0"],
                                      stdout=self.log, stderr=subprocess.STDOUT,
                                      preexec_fn=_die_with_parent)
 

@@ -1,0 +1,190 @@
+# Description: golden-style checks of `kvstash top --count 2` and `kvstash stats --json`. Labels: unit
+#
+# Against a real kvstashd on ipc://<mktemp -d>/sock:
+#   top --count 2 prints exactly two frames of the fixed layout (header,
+#   row labels, column names, numeric rows), no ANSI escapes when stdout is
+#   not a terminal, exits 0; on an idle server every rate is 0 except ping,
+#   which is top's own one PING per interval; with a store-test load running
+#   the stored GB/s and STORE rate are > 0 in some frame; top against a dead
+#   endpoint exits 1 with the error; --interval-ms below 10 exits 2.
+#   stats --json is one JSON object equal to the `stats` table.
+set -u
+
+BUILD=${KVSTASH_BUILD_DIR:-$(cd "$(dirname "$0")/.." && pwd)/build}
+KVSTASHD=$BUILD/kvstashd
+KVSTASH=$BUILD/kvstash
+PY=/usr/bin/python3
+[ -x "$KVSTASHD" ] && [ -x "$KVSTASH" ] || { echo "no kvstashd/kvstash in $BUILD"; exit 1; }
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/kvstash-top-XXXXXX")
+PIDS=()
+FAILS=0
+CHECKS=0
+
+cleanup() {
+	local p
+	for p in "${PIDS[@]}"; do
+		kill -TERM "$p" 2>/dev/null
+	done
+	for p in "${PIDS[@]}"; do
+		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
+		kill -KILL "$p" 2>/dev/null
+		wait "$p" 2>/dev/null
+	done
+	rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM HUP
+
+fail() {
+	echo "FAIL: $*"
+	FAILS=$((FAILS + 1))
+}
+
+check() {
+	local what=$1
+	shift
+	CHECKS=$((CHECKS + 1))
+	"$@" || fail "$what"
+}
+
+EP=ipc://$TMP/sock
+"$KVSTASHD" --listen="$EP" --pool-size=256M --http-port=0 >"$TMP/kvstashd.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+	"$KVSTASH" ping -e "$EP" --timeout-ms=100 >/dev/null 2>&1 && break
+	sleep 0.1
+done
+
+# ---- the layout of one frame ------------------------------------------------------------
+
+N='[0-9]+\.[0-9]'
+# golden_frames FILE NFRAMES: every frame has exactly this shape.
+golden_frames() {
+	"$PY" - "$1" "$2" "$EP" <<'PYEOF'
+import re, sys
+path, nframes, ep = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+text = open(path).read()
+if "\x1b" in text:
+    sys.exit("ANSI escape in non-tty output")
+frames = text.split("\n\n")
+if len(frames) != nframes:
+    sys.exit("%d frames, want %d" % (len(frames), nframes))
+F = r"-?[0-9]+\.[0-9]+"
+I = r"[0-9]+"
+golden = [
+    r"kvstash top: %s  interval %s s  refresh {n}" % (re.escape(ep), F),
+    r"requests/s +store +retrieve +lookup +ping +total",
+    r" {12}( +%s){5}" % F,
+    r"GB/s +stored +retrieved",
+    r" {12}( +%s){2}" % F,
+    r"chunks/s +stored +skipped +no-space +evicted",
+    r" {12}( +%s){4}" % F,
+    r"latency ms +store +retrieve +lookup +ping +rtt",
+    r" {12}( +(%s|-)){4} +%s" % (F, F),
+    r"pool +used MiB +total MiB +used % +objects +pins",
+    r" {12}( +%s){3}( +%s){2}" % (F, I),
+    r"transfers +queued +running +workers +rejected/s +errors/s",
+    r" {12}( +%s){3}( +%s){2}" % (I, F),
+]
+for n, fr in enumerate(frames, 1):
+    lines = fr.rstrip("\n").split("\n")
+    if len(lines) != len(golden):
+        sys.exit("frame %d: %d lines, want %d:\n%s" % (n, len(lines), len(golden), fr))
+    for i, (line, pat) in enumerate(zip(lines, golden)):
+        if not re.fullmatch(pat.replace("{n}", str(n)), line):
+            sys.exit("frame %d line %d: %r does not match %r" % (n, i + 1, line, pat))
+PYEOF
+}
+
+# row FILE FRAME LABEL-LINE-NUMBER FIELD: field N (1-based, after the label) of a value row.
+row() {
+	awk -v RS= -v f="$2" -v l="$3" -v k="$4" 'NR == f { split($0, L, "\n"); split(L[l], w, " "); print w[k] }' "$1"
+}
+
+# Idle server: exact zeros except top's own PING.
+timeout 20 "$KVSTASH" top -e "$EP" --count 2 --interval-ms 300 >"$TMP/idle" 2>"$TMP/idle.err"
+RC=$?
+check "top --count 2 exits 0 (got $RC): $(cat "$TMP/idle.err")" [ "$RC" -eq 0 ]
+golden_frames "$TMP/idle" 2 >"$TMP/g" 2>&1
+check "top --count 2 output has the golden layout: $(cat "$TMP/g")" [ $? -eq 0 ]
+check "top prints nothing on stderr" [ ! -s "$TMP/idle.err" ]
+for f in 1 2; do
+	check "idle frame $f: store/retrieve/lookup rates 0: $(row "$TMP/idle" $f 3 1) $(row "$TMP/idle" $f 3 2) $(row "$TMP/idle" $f 3 3)" \
+		[ "$(row "$TMP/idle" $f 3 1)/$(row "$TMP/idle" $f 3 2)/$(row "$TMP/idle" $f 3 3)" = "0.0/0.0/0.0" ]
+	check "idle frame $f: GB/s 0" [ "$(row "$TMP/idle" $f 5 1)/$(row "$TMP/idle" $f 5 2)" = "0.000/0.000" ]
+	# One PING per ~0.3 s interval: 1/interval, i.e. between 1 and 3.4 per second.
+	ping=$(row "$TMP/idle" $f 3 4)
+	check "idle frame $f: ping rate is top's own (~3.3/s, got $ping)" \
+		"$PY" -c "import sys; sys.exit(0 if 1.0 <= float(sys.argv[1]) <= 3.4 else 1)" "$ping"
+	check "idle frame $f: total == ping" [ "$(row "$TMP/idle" $f 3 5)" = "$ping" ]
+	check "idle frame $f: pool total 256 MiB" [ "$(row "$TMP/idle" $f 11 2)" = "256.0" ]
+	check "idle frame $f: 2 workers" [ "$(row "$TMP/idle" $f 13 3)" = 2 ]
+done
+
+# Under load: STOREs and GB/s show up.
+(
+	for i in $(seq 20); do
+		"$KVSTASH" store-test -e "$EP" --chunks 4 >/dev/null 2>&1 || exit 1
+	done
+) &
+LOAD=$!
+timeout 20 "$KVSTASH" top -e "$EP" --count 2 --interval-ms 400 >"$TMP/busy" 2>&1
+RC=$?
+kill "$LOAD" 2>/dev/null
+wait "$LOAD" 2>/dev/null
+check "top under load exits 0 (got $RC)" [ "$RC" -eq 0 ]
+golden_frames "$TMP/busy" 2 >"$TMP/g" 2>&1
+check "top under load has the golden layout: $(cat "$TMP/g")" [ $? -eq 0 ]
+busy=0
+for f in 1 2; do
+	s=$(row "$TMP/busy" $f 3 1)
+	g=$(row "$TMP/busy" $f 5 1)
+	c=$(row "$TMP/busy" $f 7 1)
+	"$PY" -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 and float(sys.argv[2]) > 0 and float(sys.argv[3]) > 0 else 1)" "$s" "$g" "$c" && busy=1
+done
+check "top under load: some frame shows STORE/s, stored GB/s and chunks/s > 0: $(tr '\n' '|' <"$TMP/busy")" [ "$busy" -eq 1 ]
+
+# Errors.
+timeout 20 "$KVSTASH" top -e "ipc://$TMP/nobody" --count 1 --interval-ms 10 --timeout-ms 200 >"$TMP/out" 2>&1
+RC=$?
+check "top of a dead endpoint exits 1 (got $RC)" [ "$RC" -eq 1 ]
+check "top of a dead endpoint says why: $(cat "$TMP/out")" grep -q "^kvstash top: .*no reply" "$TMP/out"
+timeout 5 "$KVSTASH" top -e "$EP" --interval-ms 5 --count 1 >"$TMP/out" 2>&1
+RC=$?
+check "top --interval-ms 5 exits 2 (got $RC)" [ "$RC" -eq 2 ]
+check "top --interval-ms 5 names the flag" grep -q -- "--interval-ms" "$TMP/out"
+timeout 5 "$KVSTASH" --help >"$TMP/out" 2>&1
+check "usage lists top" grep -Eq "^  top +refreshing view" "$TMP/out"
+check "usage lists --json" grep -Eq "^ +--json +stats:" "$TMP/out"
+
+# ---- stats --json equals the table ----------------------------------------------------
+
+timeout 10 "$KVSTASH" stats -e "$EP" --json >"$TMP/json" 2>&1
+RC=$?
+check "stats --json exits 0 (got $RC)" [ "$RC" -eq 0 ]
+timeout 10 "$KVSTASH" stats -e "$EP" >"$TMP/table" 2>&1
+"$PY" - "$TMP/json" "$TMP/table" >"$TMP/out" 2>&1 <<'PYEOF'
+import json, sys
+j = json.load(open(sys.argv[1]))
+table = {}
+for line in open(sys.argv[2]).read().splitlines()[1:]:
+    w = line.split()
+    table[w[0]] = int(w[1])
+# requests_* and a few gauges may move between the two calls; compare the stable ones.
+stable = ["pool_bytes", "slots_total", "workers", "store_chunks_stored", "bytes_stored",
+          "instances", "frame_faults"]
+bad = [k for k in stable if j.get(k) != table.get(k)]
+if set(j) != set(table) or bad or not all(isinstance(v, int) for v in j.values()):
+    sys.exit("json vs table differ: keys %s, values %s" % (set(j) ^ set(table), bad))
+if j["store_chunks_stored"] < 4 or j["pool_bytes"] != 256 << 20:
+    sys.exit("unexpected values: %r" % {k: j[k] for k in stable})
+PYEOF
+check "stats --json is a JSON object equal to the table: $(cat "$TMP/out")" [ $? -eq 0 ]
+timeout 10 "$KVSTASH" stats -e "ipc://$TMP/nobody" --json --timeout-ms 200 >"$TMP/out" 2>"$TMP/err"
+RC=$?
+check "stats --json of a dead endpoint exits 1 with nothing on stdout" [ "$RC" -eq 1 ] && [ ! -s "$TMP/out" ]
+
+echo "$CHECKS checks, $FAILS failed"
+[ "$FAILS" -eq 0 ] && exit 0
+exit 1
