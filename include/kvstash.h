@@ -84,6 +84,32 @@ int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *mo
 			  const struct kvstash_host_layer *layers, size_t nlayers);
 int kvstash_unregister(kvstash_client *c, int64_t instance_id);
 
+/* One layer's GPU buffer, shared by CUDA IPC (protocol.md §5.2 cuda_ipc). */
+struct kvstash_cuda_layer {
+	uint8_t mem_handle[64];	/* cudaIpcGetMemHandle() of the allocation holding the layer */
+	uint64_t offset;	/* bytes from the allocation's base to element 0 */
+	uint64_t nbytes;	/* bytes of the allocation the server may touch */
+};
+
+/*
+ * REGISTER_KV_CACHE with GPU layers on the device with @device_uuid
+ * (8-4-4-4-12 hex, "GPU-" optional). The server opens each distinct handle
+ * once and checks every layer against the real allocation size. Like
+ * kvstash_register_host(), returns -EINVAL with the server's reason if it
+ * refused the registration.
+ */
+int kvstash_register_cuda(kvstash_client *c, int64_t instance_id, const char *model,
+			  uint32_t world_size, const struct kvstash_kv_layout *layout,
+			  const char *device_uuid, const struct kvstash_cuda_layer *layers,
+			  size_t nlayers);
+
+/*
+ * PING carrying @instance_id (later LMCache clients do): the server then
+ * unregisters that instance --client-timeout-s after its last heartbeat,
+ * closing its mappings, if the engine dies without UNREGISTER.
+ */
+int kvstash_heartbeat(kvstash_client *c, int64_t instance_id);
+
 /* A shareable host buffer: memfd mapped here, passed to the server by path. */
 struct kvstash_host_buffer {
 	void *ptr;
@@ -122,6 +148,19 @@ int kvstash_store(kvstash_client *c, const struct kvstash_key *key, int64_t inst
  */
 int kvstash_retrieve(kvstash_client *c, const struct kvstash_key *key, int64_t instance_id,
 		     const int64_t *block_ids, size_t nblocks, uint64_t skip_first_n_tokens);
+/*
+ * STORE / RETRIEVE of a CUDA registration with IPC events (protocol.md
+ * §5.3): @wait_event (64 bytes, or NULL) is a cudaIpcEventHandle_t the
+ * server's copy waits for; @done_event (64 bytes out, or NULL) receives the
+ * handle of the server's event recorded after its copies. Same results as
+ * kvstash_store()/kvstash_retrieve().
+ */
+int kvstash_store_event(kvstash_client *c, const struct kvstash_key *key, int64_t instance_id,
+			const int64_t *block_ids, size_t nblocks, const void *wait_event,
+			void *done_event);
+int kvstash_retrieve_event(kvstash_client *c, const struct kvstash_key *key,
+			   int64_t instance_id, const int64_t *block_ids, size_t nblocks,
+			   uint64_t skip_first_n_tokens, const void *wait_event, void *done_event);
 /* LOOKUP: *job_id for the QUERY calls. */
 int kvstash_lookup(kvstash_client *c, const struct kvstash_key *key, uint32_t tp_size,
 		   int64_t *job_id);

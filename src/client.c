@@ -415,9 +415,14 @@ static int key_to_proto(const struct kvstash_key *k, struct proto_key *pk)
 	return 0;
 }
 
-int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *model,
-			  uint32_t world_size, const struct kvstash_kv_layout *layout,
-			  const struct kvstash_host_layer *layers, size_t nlayers)
+/*
+ * REGISTER_KV_CACHE of @nlayers layers: host files (@host) or CUDA IPC
+ * allocations (@cuda on @device_uuid); exactly one of them is non-NULL.
+ */
+static int register_layers(kvstash_client *c, int64_t instance_id, const char *model,
+			   uint32_t world_size, const struct kvstash_kv_layout *layout,
+			   const struct kvstash_host_layer *host, const char *device_uuid,
+			   const struct kvstash_cuda_layer *cuda, size_t nlayers)
 {
 	struct proto_msg args[4] = { 0 };
 	struct proto_kv_desc *d;
@@ -426,7 +431,8 @@ int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *mo
 	enum kv_dtype dt;
 	int rc;
 
-	if (!layout || !layers || !nlayers || !model || layout->ndim == 0 || layout->ndim > 5)
+	if (!layout || (!host && !cuda) || !nlayers || !model || layout->ndim == 0 ||
+	    layout->ndim > 5 || (cuda && (!device_uuid || strlen(device_uuid) > PROTO_UUID_MAX)))
 		return fail(-EINVAL, "register: bad arguments");
 	if (!layout->dtype || kv_dtype_parse(layout->dtype, strlen(layout->dtype), &dt))
 		return fail(-EINVAL, "register: unknown dtype '%s'",
@@ -437,7 +443,7 @@ int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *mo
 	for (size_t l = 0; l < nlayers; l++) {
 		bool dense = true;
 
-		d[l].kind = PROTO_KV_HOST_SHM;
+		d[l].kind = host ? PROTO_KV_HOST_SHM : PROTO_KV_CUDA_IPC;
 		d[l].layout.kind = (enum kv_layout_kind)layout->layout;
 		d[l].layout.dtype = dt;
 		d[l].layout.elem_bytes = kv_dtype_bytes(dt);
@@ -455,13 +461,20 @@ int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *mo
 				s *= layout->shape[i];
 			}
 		}
-		d[l].offset = layers[l].offset;
-		d[l].nbytes = layers[l].nbytes;
-		if (!layers[l].path || strlen(layers[l].path) > PROTO_PATH_MAX) {
+		if (cuda) {
+			d[l].offset = cuda[l].offset;
+			d[l].nbytes = cuda[l].nbytes;
+			memcpy(d[l].mem_handle, cuda[l].mem_handle, PROTO_MEM_HANDLE_LEN);
+			snprintf(d[l].device_uuid, sizeof(d[l].device_uuid), "%s", device_uuid);
+			continue;
+		}
+		d[l].offset = host[l].offset;
+		d[l].nbytes = host[l].nbytes;
+		if (!host[l].path || strlen(host[l].path) > PROTO_PATH_MAX) {
 			free(d);
 			return fail(-EINVAL, "register: layer %zu: bad path", l);
 		}
-		snprintf(d[l].path, sizeof(d[l].path), "%s", layers[l].path);
+		snprintf(d[l].path, sizeof(d[l].path), "%s", host[l].path);
 	}
 	rc = proto_encode_int(&args[0], instance_id);
 	if (!rc)
@@ -490,6 +503,41 @@ int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *mo
 	return rc;
 }
 
+int kvstash_register_host(kvstash_client *c, int64_t instance_id, const char *model,
+			  uint32_t world_size, const struct kvstash_kv_layout *layout,
+			  const struct kvstash_host_layer *layers, size_t nlayers)
+{
+	if (!layers)
+		return fail(-EINVAL, "register: no layers");
+	return register_layers(c, instance_id, model, world_size, layout, layers, NULL, NULL,
+			       nlayers);
+}
+
+int kvstash_register_cuda(kvstash_client *c, int64_t instance_id, const char *model,
+			  uint32_t world_size, const struct kvstash_kv_layout *layout,
+			  const char *device_uuid, const struct kvstash_cuda_layer *layers,
+			  size_t nlayers)
+{
+	if (!layers)
+		return fail(-EINVAL, "register: no layers");
+	return register_layers(c, instance_id, model, world_size, layout, NULL, device_uuid,
+			       layers, nlayers);
+}
+
+int kvstash_heartbeat(kvstash_client *c, int64_t instance_id)
+{
+	struct proto_msg a = { 0 };
+	struct proto_reply r;
+	int rc = proto_encode_int(&a, instance_id);
+
+	if (!rc)
+		rc = call(c, PROTO_PING, &a, 1, &r, NULL);
+	proto_msg_free(&a);
+	if (!rc && (r.kind != PROTO_REPLY_BOOL || !r.b))
+		rc = fail(-EPROTO, "PING: reply is not true");
+	return rc;
+}
+
 int kvstash_unregister(kvstash_client *c, int64_t instance_id)
 {
 	struct proto_msg a = { 0 };
@@ -503,7 +551,8 @@ int kvstash_unregister(kvstash_client *c, int64_t instance_id)
 }
 
 static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_key *key,
-		int64_t instance_id, const int64_t *block_ids, size_t nblocks, uint64_t skip)
+		int64_t instance_id, const int64_t *block_ids, size_t nblocks, uint64_t skip,
+		const void *wait_event, void *done_event)
 {
 	struct proto_msg args[5] = { 0 };
 	struct proto_key pk;
@@ -522,7 +571,7 @@ static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_ke
 	if (!rc)
 		rc = proto_encode_int_list(&args[2], block_ids, nblocks);
 	if (!rc)
-		rc = proto_encode_bin(&args[3], NULL, 0);
+		rc = proto_encode_bin(&args[3], wait_event, wait_event ? PROTO_EVENT_HANDLE_LEN : 0);
 	if (!rc && nargs == 5)
 		rc = proto_encode_int(&args[4], (int64_t)skip);
 	if (rc) {
@@ -538,6 +587,11 @@ static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_ke
 	} else if (!r.b) {
 		fetch_server_error(c, cn, proto_type_name(type));
 		rc = type == PROTO_STORE ? -EIO : -ENOENT;
+	} else if (done_event) {
+		if (r.event_len == PROTO_EVENT_HANDLE_LEN)
+			memcpy(done_event, r.event, PROTO_EVENT_HANDLE_LEN);
+		else
+			memset(done_event, 0, PROTO_EVENT_HANDLE_LEN);	/* nothing was copied */
 	}
 	conn_put(c, cn);
 	return rc;
@@ -546,14 +600,30 @@ static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_ke
 int kvstash_store(kvstash_client *c, const struct kvstash_key *key, int64_t instance_id,
 		  const int64_t *block_ids, size_t nblocks)
 {
-	return xfer(c, PROTO_STORE, key, instance_id, block_ids, nblocks, 0);
+	return xfer(c, PROTO_STORE, key, instance_id, block_ids, nblocks, 0, NULL, NULL);
+}
+
+int kvstash_store_event(kvstash_client *c, const struct kvstash_key *key, int64_t instance_id,
+			const int64_t *block_ids, size_t nblocks, const void *wait_event,
+			void *done_event)
+{
+	return xfer(c, PROTO_STORE, key, instance_id, block_ids, nblocks, 0, wait_event,
+		    done_event);
+}
+
+int kvstash_retrieve_event(kvstash_client *c, const struct kvstash_key *key,
+			   int64_t instance_id, const int64_t *block_ids, size_t nblocks,
+			   uint64_t skip_first_n_tokens, const void *wait_event, void *done_event)
+{
+	return xfer(c, PROTO_RETRIEVE, key, instance_id, block_ids, nblocks, skip_first_n_tokens,
+		    wait_event, done_event);
 }
 
 int kvstash_retrieve(kvstash_client *c, const struct kvstash_key *key, int64_t instance_id,
 		     const int64_t *block_ids, size_t nblocks, uint64_t skip_first_n_tokens)
 {
 	return xfer(c, PROTO_RETRIEVE, key, instance_id, block_ids, nblocks,
-		    skip_first_n_tokens);
+		    skip_first_n_tokens, NULL, NULL);
 }
 
 /* Requests whose arguments are (key, tp_size). */
