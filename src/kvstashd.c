@@ -10,6 +10,7 @@
 
 #include "config.h"
 #include "http.h"
+#include "lock.h"
 #include "log.h"
 #include "server.h"
 
@@ -38,6 +39,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "kvstashd: %s\n", err);
 		return 2;
 	}
+	ks_lock_set_default_timeout_ms(cfg.lock_timeout_ms);
 	log_set_level((enum log_level)log_level_parse(cfg.log_level));
 	log_set_format(strcmp(cfg.log_format, "json") ? LOG_FORMAT_TEXT : LOG_FORMAT_JSON);
 	rc = log_start();

@@ -26,6 +26,12 @@
 #endif
 
 static _Atomic uint64_t lock_timeouts;
+static _Atomic unsigned default_timeout_ms = KS_LOCK_TIMEOUT_MS_DEFAULT;
+
+void ks_lock_set_default_timeout_ms(unsigned ms)
+{
+	atomic_store(&default_timeout_ms, ms ? ms : KS_LOCK_TIMEOUT_MS_DEFAULT);
+}
 
 #ifdef KS_LOCKDEP
 /* Locks held by this thread, in the order taken. Deeper nesting is a bug. */
@@ -102,7 +108,7 @@ int ks_mutex_init(struct ks_mutex *m, enum lock_rank rank, const char *name)
 
 	m->rank = rank;
 	m->name = name;
-	m->timeout_ms = KS_LOCK_TIMEOUT_MS_DEFAULT;
+	m->timeout_ms = atomic_load(&default_timeout_ms);
 	rc = pthread_mutexattr_init(&attr);
 	if (rc)
 		return -rc;

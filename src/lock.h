@@ -105,6 +105,9 @@ int ks_cond_wait_ms(struct ks_cond *c, struct ks_mutex *m, uint64_t timeout_ms) 
 void ks_cond_signal(struct ks_cond *c);
 void ks_cond_broadcast(struct ks_cond *c);
 
+/* Timeout given to mutexes initialised from now on (--lock-timeout-ms). */
+void ks_lock_set_default_timeout_ms(unsigned ms);
+
 /* Lock waits that timed out since start (metrics). */
 uint64_t ks_lock_timeouts_total(void);
 
