@@ -1,0 +1,282 @@
+/*
+ * gpu_server_bench.c - STORE / RETRIEVE GB/s through a real kvstashd on a
+ * GPU (CUDA IPC registration, IPC events, the server's transfer workers),
+ * next to plain pinned cudaMemcpy measured in the same run.
+ *
+ * Layout: Llama-3-8B-like, 32 layers of flash_attn [2, NB, 16, 8, 128] bf16
+ * in one device allocation per client; chunks of 256 tokens (32 MiB objects).
+ * For each request size it times STORE of fresh prompts, RETRIEVE of stored
+ * ones, and (two clients, each with its own allocation) STORE and RETRIEVE
+ * at the same time, so both PCIe directions are busy.
+ *
+ * Usage: gpu_server_bench [--tokens N[,N...]] [--seconds S] [--pool-size SIZE]
+ * It starts ../kvstashd (next to this program's folder) on a private ipc://
+ * endpoint. Without a GPU (or built without CUDA) it says so and exits 77.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "kvstash.h"
+
+#ifndef KVSTASH_HAVE_CUDA
+int main(void)
+{
+	fprintf(stderr, "gpu_server_bench: built without CUDA\n");
+	return 77;
+}
+#else
+#include <cuda_runtime.h>
+
+#define NL 32
+#define BS 16
+#define NH 8
+#define HS 128
+#define ROW (NH * HS * 2)
+#define C 256
+#define OBJ ((double)2 * NL * C * ROW)
+#define MAX_TOKENS 16384
+#define NB (2 * MAX_TOKENS / BS)	/* room for a source and a target range */
+
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+static char uuid[48];
+static const char *endpoint;
+
+struct cl {
+	int id;
+	kvstash_client *c;
+	void *dev;
+	uint32_t *tok[4];	/* the last stored prompts, for RETRIEVE */
+	unsigned stored;
+	int64_t src[MAX_TOKENS / BS], dst[MAX_TOKENS / BS];
+};
+
+static int cl_setup(struct cl *k)
+{
+	size_t layer = (size_t)2 * NB * BS * ROW;
+	struct kvstash_kv_layout lay = { .layout = KVSTASH_LAYOUT_FLASH_ATTN, .dtype = "bfloat16",
+					 .ndim = 5, .shape = { 2, NB, BS, NH, HS } };
+	struct kvstash_cuda_layer layers[NL];
+	cudaIpcMemHandle_t h;
+
+	if (kvstash_connect(endpoint, 120000, &k->c) || cudaMalloc(&k->dev, layer * NL) ||
+	    cudaMemset(k->dev, k->id + 1, layer * NL) || cudaIpcGetMemHandle(&h, k->dev))
+		return -1;
+	for (int l = 0; l < NL; l++) {
+		memcpy(layers[l].mem_handle, &h, 64);
+		layers[l].offset = (uint64_t)l * layer;
+		layers[l].nbytes = layer * NL;
+	}
+	if (kvstash_register_cuda(k->c, 10 + k->id, "bench-gpu", 1, &lay, uuid, layers, NL)) {
+		fprintf(stderr, "register: %s\n", kvstash_last_error());
+		return -1;
+	}
+	for (int b = 0; b < MAX_TOKENS / BS; b++) {
+		k->src[b] = (int64_t)((b * 7919) % (NB / 2)) * 2;	/* shuffled even blocks */
+		k->dst[b] = (int64_t)((b * 104729) % (NB / 2)) * 2 + 1;	/* shuffled odd blocks */
+	}
+	for (int i = 0; i < 4; i++)
+		if (!(k->tok[i] = malloc(MAX_TOKENS * sizeof(uint32_t))))
+			return -1;
+	return 0;
+}
+
+static int do_store(struct cl *k, uint32_t ntok)
+{
+	uint32_t *t = k->tok[k->stored % 4];
+
+	for (uint32_t i = 0; i < ntok; i++)
+		t[i] = (uint32_t)k->id << 28 ^ k->stored << 14 ^ i;
+	struct kvstash_key key = { .model = "bench-gpu", .world_size = 1, .worker_id = 0,
+				   .tokens = t, .ntokens = ntok, .start = 0, .end = ntok,
+				   .request_id = "b" };
+	int rc = kvstash_store_event(k->c, &key, 10 + k->id, k->src, ntok / BS, NULL, NULL);
+
+	if (!rc)
+		k->stored++;
+	kvstash_end_session(k->c, "b");
+	return rc;
+}
+
+static int do_retrieve(struct cl *k, uint32_t ntok, unsigned i)
+{
+	unsigned n = k->stored < 4 ? k->stored : 4;
+	struct kvstash_key key = { .model = "bench-gpu", .world_size = 1, .worker_id = 0,
+				   .tokens = k->tok[(k->stored - 1 - i % n) % 4], .ntokens = ntok,
+				   .start = 0, .end = ntok, .request_id = "r" };
+
+	return kvstash_retrieve_event(k->c, &key, 10 + k->id, k->dst, ntok / BS, 0, NULL, NULL);
+}
+
+struct phase_arg {
+	struct cl *k;
+	uint32_t ntok;
+	int op;		/* 0 store, 1 retrieve */
+	double seconds, bytes;
+	int errors;
+};
+
+static void *phase_main(void *p)
+{
+	struct phase_arg *a = p;
+	double t0 = now_s();
+
+	for (unsigned i = 0; now_s() - t0 < a->seconds; i++) {
+		int rc = a->op ? do_retrieve(a->k, a->ntok, i) : do_store(a->k, a->ntok);
+
+		if (rc)
+			a->errors++;
+		else
+			a->bytes += (double)a->ntok / C * OBJ;
+	}
+	a->seconds = now_s() - t0;
+	return NULL;
+}
+
+static double memcpy_gbps(enum cudaMemcpyKind kind, size_t bytes)
+{
+	void *h, *d;
+	cudaEvent_t a, b;
+	float ms = 0;
+
+	if (cudaMallocHost(&h, bytes) || cudaMalloc(&d, bytes))
+		return 0;
+	memset(h, 1, bytes);
+	cudaEventCreate(&a);
+	cudaEventCreate(&b);
+	for (int warm = 0; warm < 2; warm++)
+		cudaMemcpy(kind == cudaMemcpyHostToDevice ? d : h, kind == cudaMemcpyHostToDevice ? h : d,
+			   bytes, kind);
+	cudaEventRecord(a, 0);
+	for (int i = 0; i < 5; i++)
+		cudaMemcpyAsync(kind == cudaMemcpyHostToDevice ? d : h,
+				kind == cudaMemcpyHostToDevice ? h : d, bytes, kind, 0);
+	cudaEventRecord(b, 0);
+	cudaEventSynchronize(b);
+	cudaEventElapsedTime(&ms, a, b);
+	cudaFreeHost(h);
+	cudaFree(d);
+	return 5.0 * (double)bytes / (ms / 1e3) / 1e9;
+}
+
+int main(int argc, char **argv)
+{
+	uint32_t sizes[8] = { 256, 4096, 16384 };
+	int nsizes = 3;
+	double seconds = 3;
+	const char *pool = "16G";
+	static char ep[600];
+	char dir[] = "/tmp/kvstash-gbench-XXXXXX", exe[1024];
+	struct cudaDeviceProp prop;
+	int n = 0;
+	pid_t pid;
+
+	for (int i = 1; i + 1 < argc; i += 2) {
+		if (!strcmp(argv[i], "--seconds"))
+			seconds = atof(argv[i + 1]);
+		else if (!strcmp(argv[i], "--pool-size"))
+			pool = argv[i + 1];
+		else if (!strcmp(argv[i], "--tokens")) {
+			nsizes = 0;
+			for (char *t = strtok(argv[i + 1], ","); t && nsizes < 8; t = strtok(NULL, ","))
+				sizes[nsizes++] = (uint32_t)atoi(t);
+		}
+	}
+	for (int i = 0; i < nsizes; i++)
+		if (sizes[i] == 0 || sizes[i] % C || sizes[i] > MAX_TOKENS) {
+			fprintf(stderr, "--tokens: multiples of %d up to %d\n", C, MAX_TOKENS);
+			return 2;
+		}
+	/* The daemon first: a fork after CUDA is initialised is not allowed. */
+	if (!mkdtemp(dir))
+		return 1;
+	snprintf(ep, sizeof(ep), "ipc://%s/sock", dir);
+	const char *slash = strrchr(argv[0], '/');
+	snprintf(exe, sizeof(exe), "%.*s/../kvstashd", slash ? (int)(slash - argv[0]) : 1,
+		 slash ? argv[0] : ".");
+	pid = fork();
+	if (pid == 0) {
+		char l[700], p[64];
+
+		snprintf(l, sizeof(l), "--listen=%s", ep);
+		snprintf(p, sizeof(p), "--pool-size=%s", pool);
+		execl(exe, exe, l, p, "--workers=2", "--http-port=0", "--log-level=warn",
+		      (char *)NULL);
+		_exit(127);
+	}
+	endpoint = ep;
+	if (cudaGetDeviceCount(&n) || !n || cudaGetDeviceProperties(&prop, 0)) {
+		fprintf(stderr, "gpu_server_bench: no CUDA device\n");
+		kill(pid, SIGTERM);
+		return 77;
+	}
+	const unsigned char *u = (const unsigned char *)prop.uuid.bytes;
+	snprintf(uuid, sizeof(uuid), "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x",
+		 u[0], u[1], u[2], u[3], u[4], u[5], u[6], u[7], u[8], u[9], u[10], u[11], u[12], u[13],
+		 u[14], u[15]);
+	/* Wait for the daemon (pinning the pool takes a while). */
+	kvstash_client *probe;
+	double rtt = -1;
+	kvstash_connect(ep, 500, &probe);
+	for (int i = 0; i < 120 && kvstash_ping(probe, &rtt); i++)
+		;
+	kvstash_close(probe);
+	if (rtt < 0) {
+		fprintf(stderr, "gpu_server_bench: kvstashd did not start\n");
+		kill(pid, SIGTERM);
+		return 1;
+	}
+	struct cl k[2] = { { .id = 0 }, { .id = 1 } };
+	if (cl_setup(&k[0]) || cl_setup(&k[1])) {
+		fprintf(stderr, "gpu_server_bench: setup failed: %s\n", kvstash_last_error());
+		kill(pid, SIGTERM);
+		return 1;
+	}
+	double d2h = memcpy_gbps(cudaMemcpyDeviceToHost, 512u << 20);
+	double h2d = memcpy_gbps(cudaMemcpyHostToDevice, 512u << 20);
+
+	printf("kvstashd end to end on %s: Llama-3-8B-like (32 layers, 8x128 bf16, block 16),\n"
+	       "CUDA IPC registration, 2 transfer workers, %.0f s per cell\n", prop.name, seconds);
+	printf("contiguous pinned cudaMemcpy: D2H %.1f GB/s, H2D %.1f GB/s\n", d2h, h2d);
+	printf("%8s %14s %16s %22s %8s\n", "tokens", "STORE GB/s", "RETRIEVE GB/s",
+	       "STORE+RETRIEVE GB/s", "errors");
+	for (int si = 0; si < nsizes; si++) {
+		struct phase_arg st = { &k[0], sizes[si], 0, seconds, 0, 0 };
+		struct phase_arg rt = { &k[0], sizes[si], 1, seconds, 0, 0 };
+		struct phase_arg both[2] = { { &k[1], sizes[si], 0, seconds, 0, 0 },
+					     { &k[0], sizes[si], 1, seconds, 0, 0 } };
+		pthread_t th[2];
+
+		phase_main(&st);
+		phase_main(&rt);
+		do_store(&k[1], sizes[si]);
+		for (int i = 0; i < 2; i++)
+			pthread_create(&th[i], NULL, phase_main, &both[i]);
+		for (int i = 0; i < 2; i++)
+			pthread_join(th[i], NULL);
+		double sg = st.bytes / st.seconds / 1e9, rg = rt.bytes / rt.seconds / 1e9;
+		double wall = both[0].seconds > both[1].seconds ? both[0].seconds : both[1].seconds;
+		double bg = (both[0].bytes + both[1].bytes) / wall / 1e9;
+		printf("%8u %8.1f (%.2fx) %10.1f (%.2fx) %16.1f %8d\n", sizes[si], sg, sg / d2h, rg,
+		       rg / h2d, bg, st.errors + rt.errors + both[0].errors + both[1].errors);
+	}
+	kill(pid, SIGTERM);
+	waitpid(pid, NULL, 0);
+	return 0;
+}
+#endif
