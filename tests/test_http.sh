@@ -89,6 +89,16 @@ start_daemon() {
 	return 1
 }
 
+# stop_daemon PID NAME: SIGTERM must end it with status 0 (sanitizer reports make it non-zero).
+stop_daemon() {
+	local st
+	kill -TERM "$1" 2>/dev/null
+	wait "$1"
+	st=$?
+	check "kvstashd $2 exits 0 after SIGTERM (got $st): $(grep -m3 -E 'ERROR|Sanitizer|runtime error' "$TMP/$2.log")" \
+		[ "$st" -eq 0 ]
+}
+
 # metric NAME [FILE]: the value of one unlabelled (or fully labelled) sample.
 metric() {
 	awk -v n="$1" '$1 == n { print $2; found = 1 } END { if (!found) print "missing" }' \
@@ -101,6 +111,7 @@ scrape() {
 
 start_daemon main || exit 1
 MAIN_EP=$EP
+MAIN_PID=$DPID
 MAIN_HTTP=$HTTP
 check "startup log names the http URL" grep -q "http: serving $MAIN_HTTP/metrics, /healthz, /stats" \
 	"$TMP/main.log"
@@ -302,6 +313,9 @@ check "stalled probe: PING still answers" "$KVSTASH" ping -e "$EP" --timeout-ms=
 # The main daemon is unaffected.
 code=$(HTTP=$MAIN_HTTP scrape /healthz "$TMP/health")
 check "main daemon still healthy (got $code)" [ "$code" = 200 ]
+
+stop_daemon "$DPID" stalled
+stop_daemon "$MAIN_PID" main
 
 echo "$CHECKS checks, $FAILS failed"
 [ "$FAILS" -eq 0 ] && exit 0

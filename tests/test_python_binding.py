@@ -35,7 +35,7 @@ def start_daemon(tmp, name, *args):
     ep = "ipc://%s/%s.sock" % (tmp, name)
     log = open(os.path.join(tmp, name + ".log"), "w")
     p = subprocess.Popen([KVSTASHD, "--listen=" + ep, "--pool-size=128M", "--http-port=0"]
-                         + list(args), stdout=log, stderr=subprocess.STDOUT)
+                         + list(args), stdout=log, stderr=subprocess.STDOUT, env=daemon_env())
     return p, ep
 
 
@@ -50,10 +50,42 @@ def stop_daemon(p):
     return p.returncode
 
 
+def asan_runtime(lib):
+    """Path of the ASan runtime @lib links against (sanitizer builds), or None."""
+    try:
+        out = subprocess.run(["ldd", lib], stdout=subprocess.PIPE, text=True).stdout
+    except OSError:
+        return None
+    for line in out.splitlines():
+        w = line.split()
+        if w and w[0].startswith("libasan") and len(w) >= 3 and w[1] == "=>":
+            return w[2]
+    return None
+
+
+def daemon_env():
+    """kvstashd gets the environment ctest gave us, not our ASan preload."""
+    env = dict(os.environ)
+    if "KVSTASH_TEST_ORIG_LD_PRELOAD" in env:
+        env["LD_PRELOAD"] = env.pop("KVSTASH_TEST_ORIG_LD_PRELOAD")
+        env["ASAN_OPTIONS"] = env.pop("KVSTASH_TEST_ORIG_ASAN_OPTIONS")
+    return env
+
+
 def main():
     if not (os.path.exists(KVSTASHD) and os.path.exists(LIB)):
         print("no kvstashd/libkvstash.so in", BUILD)
         return 1
+    # An ASan-built libkvstash can only be loaded into python with the ASan
+    # runtime preloaded; python's own allocations are not ours to leak-check.
+    asan = asan_runtime(LIB)
+    if asan and "KVSTASH_TEST_ORIG_LD_PRELOAD" not in os.environ:
+        env = dict(os.environ)
+        env["KVSTASH_TEST_ORIG_LD_PRELOAD"] = env.get("LD_PRELOAD", "")
+        env["KVSTASH_TEST_ORIG_ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "")
+        env["LD_PRELOAD"] = asan
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":detect_leaks=0"
+        os.execve(sys.executable, [sys.executable] + sys.argv, env)
     os.environ["KVSTASH_LIB"] = LIB
     sys.path.insert(0, os.path.join(SRC, "python"))
     import kvstash
