@@ -476,6 +476,28 @@ static int register_layers(kvstash_client *c, int64_t instance_id, const char *m
 		}
 		snprintf(d[l].path, sizeof(d[l].path), "%s", host[l].path);
 	}
+	/* Check here what the server would refuse: it drops a malformed REGISTER
+	 * without a reply (protocol.md §3 Errors rule 1), which would cost the
+	 * caller a whole timeout and no reason. */
+	{
+		struct kv_layout chk = d[0].layout;
+		char why[256];
+
+		chk.num_layers = (uint32_t)nlayers;
+		if (kv_layout_init(&chk, why, sizeof(why))) {
+			free(d);
+			return fail(-EINVAL, "register: %s", why);
+		}
+		for (size_t l = 0; l < nlayers; l++)
+			if (d[l].offset > d[l].nbytes ||
+			    chk.extent_bytes > d[l].nbytes - d[l].offset) {
+				free(d);
+				return fail(-EINVAL, "register: layer %zu: offset %llu + extent %llu "
+					    "exceeds nbytes %llu", l, (unsigned long long)d[l].offset,
+					    (unsigned long long)chk.extent_bytes,
+					    (unsigned long long)d[l].nbytes);
+			}
+	}
 	rc = proto_encode_int(&args[0], instance_id);
 	if (!rc)
 		rc = proto_encode_kv_descs(&args[1], d, nlayers);

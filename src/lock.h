@@ -14,11 +14,11 @@
  *   idx_shard->lock         (one per shard; never two shards at once)
  *     lru->lock             (eviction list; the walker only trylocks shards)
  *       pool->free_lock     (free slot stack)
- *         tier locks        (tier_disk index/LRU/queue; tier_redis per-node queue;
- *                            never two at once, never across tier I/O or callbacks)
- *         queue->lock       (transfer job queues, completion queue; leaves)
- *           log ring lock   (log lines; taken from anywhere, takes nothing)
- *             metrics       (atomics; leaves, never take another lock)
+ *         tier locks        (tier_disk index/LRU/queue, tier_redis node queue;
+ *                            one at a time; never across tier I/O or callbacks)
+ *           queue->lock     (transfer job queues, completion queue; leaves)
+ *             log ring lock (log lines; taken from anywhere, takes nothing)
+ *               metrics     (atomics; leaves, never take another lock)
  *
  * Never held across a CUDA call, pread/pwrite, zmq_send/zmq_msg_recv, Redis
  * I/O or a wait on another thread (ks_cond_wait releases its own mutex).

@@ -1956,23 +1956,6 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	return n;
 }
 
-static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
-{
-	struct stat_row rows[SRV_MAX_STATS];
-	const char *names[SRV_MAX_STATS];
-	uint64_t vals[SRV_MAX_STATS];
-	struct proto_msg m = { 0 };
-	size_t n = collect_stats(s, rows);
-
-	for (size_t i = 0; i < n; i++) {
-		names[i] = rows[i].name;
-		vals[i] = rows[i].value;
-	}
-	if (proto_encode_stats(&m, names, vals, n) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
-}
-
 static const struct {
 	const char *name, *kind;
 	size_t off;
@@ -1982,6 +1965,39 @@ static const struct {
 	{ "kvstash_request_duration_seconds", "lookup", offsetof(struct srv, lat_lookup) },
 	{ "kvstash_request_duration_seconds", "ping", offsetof(struct srv, lat_ping) },
 };
+
+static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
+{
+	struct stat_row rows[SRV_MAX_STATS];
+	const char *names[SRV_MAX_STATS + 2 * KS_ARRAY_SIZE(srv_hists)];
+	uint64_t vals[SRV_MAX_STATS + 2 * KS_ARRAY_SIZE(srv_hists)];
+	static char hist_names[2 * KS_ARRAY_SIZE(srv_hists)][40];	/* io thread only */
+	struct proto_msg m = { 0 };
+	size_t n = collect_stats(s, rows);
+
+	for (size_t i = 0; i < n; i++) {
+		names[i] = rows[i].name;
+		vals[i] = rows[i].value;
+	}
+	/* Latency sums and counts, so clients (kvstash top) can derive means per interval. */
+	for (size_t i = 0; i < KS_ARRAY_SIZE(srv_hists); i++) {
+		const struct metrics_hist *h =
+			(const struct metrics_hist *)((const char *)s + srv_hists[i].off);
+
+		snprintf(hist_names[2 * i], sizeof(hist_names[0]), "latency_%s_sum_us",
+			 srv_hists[i].kind);
+		snprintf(hist_names[2 * i + 1], sizeof(hist_names[0]), "latency_%s_count",
+			 srv_hists[i].kind);
+		names[n] = hist_names[2 * i];
+		vals[n++] = atomic_load_explicit(&h->sum_ns, memory_order_relaxed) / 1000;
+		names[n] = hist_names[2 * i + 1];
+		vals[n++] = atomic_load_explicit(&h->count, memory_order_relaxed);
+	}
+	if (proto_encode_stats(&m, names, vals, n) == 0)
+		send_reply(s, a, &m);
+	proto_msg_free(&m);
+}
+
 
 void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 {

@@ -51,7 +51,9 @@
 
 /* Requests in the ring at once: enough to keep an NVMe queue busy with
  * multi-MiB writes, few enough that the ring (2x, plus the wake read) is small. */
+#ifndef TD_MAX_INFLIGHT
 #define TD_MAX_INFLIGHT 16
+#endif
 #define TD_RING_ENTRIES 64
 /* Longest sleep of an idle worker: bounds how late it sees a stop flag
  * if an eventfd wake were lost. */
@@ -803,7 +805,8 @@ static int td_scan(struct tier_disk *td) NO_THREAD_SAFETY_ANALYSIS	/* no other t
 	}
 	closedir(d);
 	/* Oldest first, each pushed at the head: the newest file ends up hottest. */
-	qsort(found, n, sizeof(*found), cmp_mtime);
+	if (n)
+		qsort(found, n, sizeof(*found), cmp_mtime);
 	for (size_t i = 0; i < n; i++)
 		do_td_insert(td, found[i]);
 	free(found);

@@ -527,8 +527,7 @@ static void *tr_worker(void *p)
 			*tail = r;
 			tail = &r->next;
 			count++;
-			if (r->op == TR_PUT)
-				bytes += r->nbytes;
+			bytes += r->nbytes;	/* put: value sent; get: reply buffer */
 		}
 		ks_unlock(&n->lock);
 
