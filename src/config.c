@@ -74,6 +74,18 @@ static const struct cfg_opt cfg_opts[] = {
 	  "when a STORE needs space, evict until this percent of slots is free" },
 	{ "cuda", NULL, CFG_ENUM, F(cuda), "auto", 0, 0, "auto|off",
 	  "serve CUDA IPC registrations on every visible GPU (auto) or host buffers only (off)" },
+	{ "disk-path", NULL, CFG_STR, F(disk_path), "", 0, 0, NULL,
+	  "directory for the L2 disk tier (evicted chunks are written there, found again "
+	  "after a restart); empty = no disk tier" },
+	{ "disk-size-gb", NULL, CFG_U32, F(disk_size_gb), "100", 1, 1 << 20, NULL,
+	  "capacity of the disk tier in GiB (oldest chunks are removed beyond it)" },
+	{ "redis-url", NULL, CFG_STR, F(redis_url), "", 0, 0, NULL,
+	  "L3 Redis/Valkey tier: redis://host:port, several separated by commas (keys are "
+	  "sharded over them; every kvstashd sharing the tier lists them in the same order)" },
+	{ "redis-prefix", NULL, CFG_STR, F(redis_prefix), "kvstash:", 0, 0, NULL,
+	  "prefix of the Redis keys" },
+	{ "redis-ttl-s", NULL, CFG_U32, F(redis_ttl_s), "86400", 0, 31536000, NULL,
+	  "expiry of chunks written to Redis, seconds (0 = never)" },
 	{ "curve-secret-key-file", NULL, CFG_STR, F(curve_secret_key_file), "", 0, 0, NULL,
 	  "file with the server's Z85 CURVE secret key: encrypt all traffic and require "
 	  "clients to know the server's public key (kvstash keygen makes one)" },

@@ -30,6 +30,11 @@ struct srv_config {
 	char log_level[16];
 	char log_format[16];
 	char cuda[8];
+	char disk_path[512];
+	uint32_t disk_size_gb;
+	char redis_url[1024];
+	char redis_prefix[64];
+	uint32_t redis_ttl_s;
 	char curve_secret_key_file[512];
 	char curve_allowed_clients[512];
 	char http_host[256];	/* HTTP endpoint (/metrics, /healthz, /stats) */

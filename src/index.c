@@ -130,6 +130,8 @@ struct idx {
 
 	/* Metrics: totals since creation. */
 	_Atomic uint64_t evictions;
+	idx_evict_fn evict_fn;	/* set before use, read-only after */
+	void *evict_arg;
 	_Atomic uint64_t expired_read_locks;
 	_Atomic uint64_t expired_writes;
 	_Atomic uint64_t lock_timeouts;
@@ -506,9 +508,9 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 	size_t total = 0;
 
 	while (total < max && pool_free_slots(ix->pool) < target_free) {
-		struct idx_entry *garbage = NULL;
+		struct idx_entry *garbage = NULL, *hooked[EVICT_BATCH];
 		struct lru_node *node;
-		size_t n = 0, scanned = 0;
+		size_t n = 0, scanned = 0, nhook = 0;
 
 		if (lru_lock(&ix->lru)) {
 			idx_timed_out(ix);
@@ -532,6 +534,14 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 				/* On the LRU and we hold both locks: READY, unlocked, unpinned. */
 				do_lru_remove(&ix->lru, &e->lru);
 				e->on_lru = false;
+				if (ix->evict_fn && nhook < EVICT_BATCH) {
+					/* Pinned, it goes to the orphans: the slot stays ours
+					 * until the hook has read it outside the locks. */
+					entry_account(sh, e, -1);
+					e->pins++;
+					entry_account(sh, e, +1);
+					hooked[nhook++] = e;
+				}
 				do_entry_unlink(ix, sh, e, &garbage);
 				ks_unlock(&sh->lock);
 				n++;
@@ -542,6 +552,12 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 		}
 		lru_unlock(&ix->lru);
 		free_garbage(garbage);
+		for (size_t h = 0; h < nhook; h++) {
+			ks_assert_unlocked();
+			ix->evict_fn(ix->evict_arg, &hooked[h]->key,
+				     pool_slot_ptr(ix->pool, hooked[h]->slot), hooked[h]->nbytes);
+			idx_unpin(ix, hooked[h]);	/* last pin: the slot goes back */
+		}
 		total += n;
 		if (n == 0)
 			break;
@@ -549,6 +565,12 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 	if (total)
 		atomic_fetch_add_explicit(&ix->evictions, total, memory_order_relaxed);
 	return total;
+}
+
+void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg)
+{
+	ix->evict_arg = arg;
+	ix->evict_fn = fn;
 }
 
 size_t idx_evict(struct idx *ix, size_t n)

@@ -166,6 +166,19 @@ bool idx_contains(struct idx *ix, const struct ks_key *k);
 /* Snapshot of linked @k into *info: 0, -ENOENT (not linked), -ETIMEDOUT. */
 int idx_key_info(struct idx *ix, const struct ks_key *k, struct idx_entry_info *info);
 
+/* ---- eviction hook (demotion to a lower tier) ---- */
+
+/*
+ * Called once per evicted object, before its slot can be reused: on the
+ * evicting thread, with no index lock held, the entry already unlinked (the
+ * key can be stored again meanwhile). @data is readable only during the
+ * call; copy what you keep. Must not block for long (a bounded copy).
+ */
+typedef void (*idx_evict_fn)(void *arg, const struct ks_key *k, const void *data,
+			     uint64_t nbytes);
+/* Install @fn (NULL: none). Call before other threads use @ix. */
+void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg);
+
 /* ---- housekeeping ---- */
 
 /*

@@ -23,6 +23,27 @@ static void on_stop_signal(int sig)
 		srv_request_stop(the_server);
 }
 
+/* Log "config: k=v ..." over as many lines as it takes, split between options. */
+static void log_config_line(const char *line)
+{
+	const size_t max = 360;	/* well inside one log line */
+	const char *p = line + (strncmp(line, "config:", 7) ? 0 : 7);
+
+	while (*p) {
+		size_t n = strlen(p);
+
+		if (n > max) {
+			n = max;
+			while (n > 0 && p[n] != ' ')
+				n--;
+			if (n == 0)
+				n = max;
+		}
+		log_info("config:%.*s", (int)n, p);
+		p += n;
+	}
+}
+
 int main(int argc, char **argv)
 {
 	struct srv_config cfg;
@@ -48,7 +69,7 @@ int main(int argc, char **argv)
 		return 1;
 	}
 	cfg_format(&cfg, line, sizeof(line));
-	log_info("%s", line);
+	log_config_line(line);
 
 	/* A client vanishing mid-reply must not kill us; ZMQ reports it as an error. */
 	signal(SIGPIPE, SIG_IGN);

@@ -35,6 +35,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/eventfd.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
@@ -55,6 +56,8 @@
 #include "protocol.h"
 #include "transfer.h"
 #include "transfer_cuda.h"
+#include "tier_disk.h"
+#include "tier_redis.h"
 #include "transfer_host.h"
 
 /* Engines: [0] the host backend, [1 + d] CUDA device d. */
@@ -77,6 +80,8 @@
 #define SRV_SESSION_MAX 65536u
 /* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
 #define SRV_IO_NICE (-10)
+/* LOOKUP's L3 EXISTS round trip, waited for on a worker. */
+#define SRV_L3_EXISTS_TIMEOUT_MS 500
 /* Health: the io loop must turn, and a probe must cross the transfer queue. */
 #define SRV_HEALTH_IO_MS 2000
 #define SRV_HEALTH_PROBE_MS 2000
@@ -146,14 +151,20 @@ struct srv_xfer_job {
 	bool has_wait;
 	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
 	bool has_done;
-	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP } kind;
+	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
+	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
+	size_t nkeys, l1_hits;
+	uint32_t group, locks_per_key;
+	uint64_t object_bytes;
+	int64_t lookup_job;
+	int64_t prefetch_chunks;	/* result */
 	unsigned engine;		/* index into srv.engines it was queued on */
 	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
 };
 
 struct srv_lookup_job {
 	int64_t id;		/* -1 = empty */
-	int64_t chunks;
+	int64_t chunks;		/* -1 while a prefetch from L2/L3 is loading */
 };
 
 struct srv_session {
@@ -189,6 +200,9 @@ struct srv_counters {
 	_Atomic uint64_t lookup_hit_chunks;
 	_Atomic uint64_t instances_reaped;
 	_Atomic uint64_t copy_faults;	/* SIGBUS while copying a client's buffer */
+	_Atomic uint64_t demoted, demote_dropped, demote_failed;	/* L1 -> L2 */
+	_Atomic uint64_t l3_written, l3_dropped, l3_failed;	/* L1 -> L3 write-through */
+	_Atomic uint64_t promoted_l2, promoted_l3, promote_failed;	/* L2/L3 -> L1 */
 };
 
 struct srv {
@@ -200,6 +214,8 @@ struct srv {
 	struct pool *pool;
 	struct idx *idx;
 	struct xfer_engine *host_xfer;	/* == engines[0] */
+	struct tier_disk *l2;		/* or NULL */
+	struct tier_redis *l3;		/* or NULL */
 	struct xfer_engine *engines[SRV_MAX_ENGINES];	/* [0] host, [1 + d] CUDA device d */
 	unsigned nengines;
 	int ncuda;			/* CUDA devices served (0: host only) */
@@ -240,6 +256,9 @@ static void registry_insert(struct srv *s, struct srv_instance *in);
 static void run_register(struct xfer_job *base, unsigned worker);
 static void xfer_job_free(struct srv_xfer_job *j);
 static int pin_all(struct srv_xfer_job *j);
+static struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
+					 size_t l1_hits, uint32_t group, uint32_t locks_per_key,
+					 uint64_t object_bytes);
 
 /* ------------------------------------------------------------------------ */
 /* Copy guard: a client that shrinks its shared file under us raises        */
@@ -481,13 +500,15 @@ static bool instance_remove(struct srv *s, int64_t id)
 	return false;
 }
 
-static bool model_registered(struct srv *s, const char *model, size_t len, uint32_t world_size)
+/* An instance serving (@model, @world_size), or NULL (io thread). */
+static struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
+					   uint32_t world_size)
 {
 	for (struct srv_instance *in = s->instances; in; in = in->next)
 		if (in->world_size == world_size && in->model_len == len &&
 		    !memcmp(in->model, model, len))
-			return true;
-	return false;
+			return in;
+	return NULL;
 }
 
 /* Device ordinal whose UUID is @uuid (8-4-4-4-12, optional "GPU-"), or -1. */
@@ -856,6 +877,203 @@ static uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size)
 	return tp > world_size ? tp - 1 : 0;
 }
 
+
+/* ------------------------------------------------------------------------ */
+/* Tiers: demotion on L1 eviction, write-through to L3, prefetch into L1.   */
+
+/*
+ * The tag stored with a chunk in L2/L3 is its object size: together with the
+ * key (hash, model, rank) it identifies the layout, and a promoted chunk of
+ * another size is refused rather than served.
+ */
+static void demote_done(void *arg, int status, uint64_t tag, size_t nbytes)
+{
+	struct srv *s = arg;
+
+	(void)tag;
+	(void)nbytes;
+	ctr_add(status ? &s->ctr.demote_failed : &s->ctr.demoted, 1);
+}
+
+/* idx eviction hook: runs on the evicting worker with no index lock held. */
+static void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
+{
+	struct srv *s = arg;
+
+	/* A copy into the tier's bounded staging; a full tier drops, never blocks. */
+	if (tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done, s))
+		ctr_add(&s->ctr.demote_dropped, 1);
+}
+
+static void l3_done(void *arg, int status, uint64_t tag, size_t nbytes)
+{
+	struct srv *s = arg;
+
+	(void)tag;
+	(void)nbytes;
+	ctr_add(status ? &s->ctr.l3_failed : &s->ctr.l3_written, 1);
+}
+
+/* After a STORE committed @k: copy it to Redis so other kvstashd can find it. */
+static void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes)
+{
+	struct idx_entry *e;
+
+	if (!s->l3)
+		return;
+	/* Pinned while copied: eviction cannot reuse the slot under the copy. */
+	if (idx_pin(s->idx, k, nbytes, &e))
+		return;
+	if (tier_redis_put(s->l3, k, nbytes, idx_entry_data(s->idx, e), nbytes, TIER_REDIS_PUT_COPY,
+			   l3_done, s))
+		ctr_add(&s->ctr.l3_dropped, 1);
+	idx_unpin(s->idx, e);
+}
+
+/* One tier read, waited for on a worker. The callback touches only this struct. */
+struct tier_wait {
+	int efd;
+	_Atomic int status;
+	size_t nbytes;
+	uint64_t tag;
+};
+
+static void tier_wait_done(void *arg, int status, uint64_t tag, size_t nbytes)
+{
+	struct tier_wait *w = arg;
+	uint64_t one = 1;
+
+	w->tag = tag;
+	w->nbytes = nbytes;
+	atomic_store(&w->status, status);
+	if (write(w->efd, &one, sizeof(one)) < 0)
+		log_error("tier wait: eventfd write: %s", strerror(errno));
+}
+
+#define SRV_TIER_WAIT_STEP_MS 1000
+#define SRV_TIER_WAIT_STEPS 30
+
+/*
+ * Wait for the callback of a submitted read. Returns its status, or
+ * -ETIMEDOUT after 30 s: then the read still owns @w and its buffer, which
+ * are deliberately leaked (never freed under I/O).
+ */
+static int tier_wait(struct tier_wait *w)
+{
+	struct pollfd pfd = { .fd = w->efd, .events = POLLIN };
+
+	ks_assert_unlocked();
+	for (int i = 0; i < SRV_TIER_WAIT_STEPS; i++)
+		if (poll(&pfd, 1, SRV_TIER_WAIT_STEP_MS) > 0)
+			return atomic_load(&w->status);
+	return -ETIMEDOUT;
+}
+
+/* Read @k from L2, else L3, into @dst. 0, or -errno (the chunk is not served). */
+static int tier_read(struct srv *s, const struct ks_key *k, void *dst, uint64_t nbytes,
+		     bool *from_l3, bool *leaked)
+{
+	struct tier_wait *w = calloc(1, sizeof(*w));
+	int rc = -ENOENT;
+
+	*leaked = false;
+	*from_l3 = false;
+	if (!w)
+		return -ENOMEM;
+	w->efd = eventfd(0, EFD_CLOEXEC);
+	if (w->efd < 0) {
+		free(w);
+		return -EMFILE;
+	}
+	*from_l3 = false;
+	if (s->l2 && tier_disk_contains(s->l2, k, NULL, NULL)) {
+		rc = tier_disk_get(s->l2, k, dst, nbytes, tier_wait_done, w);
+		if (rc == 0)
+			rc = tier_wait(w);
+	}
+	if (rc && rc != -ETIMEDOUT && s->l3) {
+		uint64_t v;
+
+		if (read(w->efd, &v, sizeof(v)) < 0) {
+			/* nothing pending: fine */
+		}
+		*from_l3 = true;
+		rc = tier_redis_get(s->l3, k, dst, nbytes, tier_wait_done, w);
+		if (rc == 0)
+			rc = tier_wait(w);
+	}
+	if (rc == -ETIMEDOUT) {
+		*leaked = true;
+		log_error("tier read did not complete in %d s: its buffer stays reserved",
+			  SRV_TIER_WAIT_STEPS * SRV_TIER_WAIT_STEP_MS / 1000);
+		return rc;
+	}
+	if (rc == 0 && (w->nbytes != nbytes || w->tag != nbytes))
+		rc = -EMSGSIZE;	/* another layout's object: never served */
+	close(w->efd);
+	free(w);
+	return rc;
+}
+
+/*
+ * Worker side of a LOOKUP that missed in L1: find how far the prefix goes on
+ * in L2 (in-memory index) and L3 (EXISTS), load those chunks into L1 in
+ * order, stop at the first that fails to load (a shorter hit, never wrong
+ * bytes), then read-lock the whole prefix as LOOKUP does.
+ */
+static void run_prefetch(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	struct srv *s = j->srv;
+	size_t start = j->l1_hits, rest = j->nkeys - start, k2 = 0, k3 = 0, loaded = 0;
+	size_t lock_start = start / j->group * j->group, hits = 0;
+
+	(void)worker;
+	if (s->l2)
+		k2 = tier_disk_contains_prefix(s->l2, j->keys + start, rest);
+	if (s->l3 && k2 < rest) {
+		bool *present = calloc(rest - k2, sizeof(*present));
+
+		if (present) {
+			long r = tier_redis_exists_wait(s->l3, j->keys + start + k2, rest - k2, present,
+							SRV_L3_EXISTS_TIMEOUT_MS);
+			k3 = r > 0 ? (size_t)r : 0;
+			free(present);
+		}
+	}
+	for (; loaded < k2 + k3; loaded++) {
+		const struct ks_key *k = &j->keys[start + loaded];
+		struct idx_entry *e;
+		bool from_l3 = false, leaked = false;
+		int rc = idx_reserve_write(s->idx, k, j->object_bytes, &e);
+
+		if (rc == -EEXIST)
+			continue;	/* stored meanwhile (or being stored): counts if READY below */
+		if (rc)
+			break;
+		rc = tier_read(s, k, idx_entry_data(s->idx, e), j->object_bytes, &from_l3, &leaked);
+		if (leaked)
+			break;	/* the reservation stays: the read may still write its slot */
+		if (rc) {
+			idx_abort_write(s->idx, e);
+			ctr_add(&s->ctr.promote_failed, 1);
+			log_info("prefetch: %s chunk failed to load (%s): prefix ends here",
+				 from_l3 ? "L3" : "L2", strerror(-rc));
+			break;
+		}
+		if (idx_commit_write(s->idx, e) != 0)
+			break;
+		ctr_add(from_l3 ? &s->ctr.promoted_l3 : &s->ctr.promoted_l2, 1);
+	}
+	/* Lock what is READY now from the first unlocked group on (LOOKUP locked
+	 * [0, lock_start) already); idx_lookup_lock stops at the first miss. */
+	if (idx_lookup_lock(s->idx, j->keys + lock_start, start + loaded - lock_start, j->group,
+			    j->locks_per_key, &hits) == 0)
+		j->prefetch_chunks = (int64_t)((lock_start + hits) / j->group);
+	else
+		j->prefetch_chunks = (int64_t)(lock_start / j->group);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Inline handlers                                                          */
 
@@ -945,10 +1163,12 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 	size_t nchunks = k->ntokens / s->cfg.chunk_tokens, hits = 0;
 	int64_t chunks = 0;
 	struct srv_lookup_job *job;
+	struct srv_instance *in = NULL;
+	struct srv_xfer_job *pf = NULL;
 
 	if (k->world_size == 0 || k->world_size > 255) {
 		set_last_error(s, a, "LOOKUP: world_size %u out of range 1..255", k->world_size);
-	} else if (model_registered(s, k->model, k->model_len, k->world_size) && nchunks) {
+	} else if ((in = model_instance(s, k->model, k->model_len, k->world_size)) && nchunks) {
 		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, nchunks);
 		ssize_t nk = h ? expand_keys(s, k, h, 0, nchunks) : -ENOMEM;
 
@@ -962,15 +1182,55 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 				set_last_error(s, a, "LOOKUP: index: %s", strerror(-rc));
 			else
 				chunks = (int64_t)(hits / k->world_size);
+			if (!rc && hits < (size_t)nk && (s->l2 || s->l3))
+				pf = prefetch_job(s, s->key_buf, (size_t)nk, hits, k->world_size,
+						  1 + extra_lock_count(rq->tp_size, k->world_size),
+						  in->object_bytes);
 		}
 	}
-	ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
 	job = &s->jobs[(uint64_t)s->next_job_id % SRV_JOB_SLOTS];
 	job->id = s->next_job_id;
 	job->chunks = chunks;
+	if (pf) {
+		/* The rest of the prefix may be in L2/L3: QUERY_* answer nil until loaded. */
+		pf->lookup_job = job->id;
+		if (submit_job(s, 0, pf) == 0) {
+			job->chunks = -1;
+			chunks = 0;
+		} else {
+			xfer_job_free(pf);
+		}
+	}
+	ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
 	log_debug("LOOKUP model '%s' %zu tokens: %" PRId64 " chunk(s) hit, job %" PRId64,
 		  k->model, k->ntokens, chunks, job->id);
 	reply_int(s, a, s->next_job_id++);
+}
+
+/* A prefetch job for LOOKUP keys [@l1_hits, @nkeys) (copies the keys), or NULL. */
+static struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
+					 size_t l1_hits, uint32_t group, uint32_t locks_per_key,
+					 uint64_t object_bytes)
+{
+	struct srv_xfer_job *j = calloc(1, sizeof(*j));
+
+	if (!j)
+		return NULL;
+	j->keys = malloc(nkeys * sizeof(*j->keys));
+	if (!j->keys) {
+		free(j);
+		return NULL;
+	}
+	memcpy(j->keys, keys, nkeys * sizeof(*keys));
+	j->srv = s;
+	j->kind = JOB_PREFETCH;
+	j->nkeys = nkeys;
+	j->l1_hits = l1_hits;
+	j->group = group;
+	j->locks_per_key = locks_per_key;
+	j->object_bytes = object_bytes;
+	j->base.run = run_prefetch;
+	return j;
 }
 
 static void handle_query(struct srv *s, const struct srv_reply_addr *a,
@@ -983,8 +1243,8 @@ static void handle_query(struct srv *s, const struct srv_reply_addr *a,
 		return;
 	}
 	job = &s->jobs[(uint64_t)rq->job_id % SRV_JOB_SLOTS];
-	if (job->id != rq->job_id) {
-		reply_nil(s, a);	/* unknown, consumed, or too old */
+	if (job->id != rq->job_id || job->chunks < 0) {
+		reply_nil(s, a);	/* unknown, consumed, too old, or still loading */
 		return;
 	}
 	reply_int(s, a, job->chunks);
@@ -1154,10 +1414,12 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 	for (uint32_t c = 0; c < j->nchunks; c++) {
 		if (!j->entries[c])
 			continue;
-		if (idx_commit_write(j->srv->idx, j->entries[c]) == 0)
+		if (idx_commit_write(j->srv->idx, j->entries[c]) == 0) {
 			j->committed++;
-		else
+			l3_write_through(j->srv, &j->keys[c], in->object_bytes);
+		} else {
 			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+		}
 		j->entries[c] = NULL;
 	}
 	free(slots);
@@ -1329,6 +1591,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 		j->entries[i] = NULL;
 		if (idx_commit_write(j->srv->idx, e) == 0) {
 			j->committed++;
+			l3_write_through(j->srv, &j->keys[i], in->object_bytes);
 		} else {
 			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
 		}
@@ -1583,6 +1846,17 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		reply_nil(s, &j->addr);
 		xfer_job_free(j);
 		return;
+	case JOB_PREFETCH: {
+		struct srv_lookup_job *lj = &s->jobs[(uint64_t)j->lookup_job % SRV_JOB_SLOTS];
+
+		if (xfer_job_cancelled(&j->base))
+			j->prefetch_chunks = (int64_t)(j->l1_hits / j->group);	/* unlocked: shutdown */
+		if (lj->id == j->lookup_job)
+			lj->chunks = j->prefetch_chunks;
+		ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)j->prefetch_chunks);
+		xfer_job_free(j);
+		return;
+	}
 	case JOB_XFER:
 		break;
 	}
@@ -1846,7 +2120,7 @@ struct stat_row {
 	uint64_t value;
 };
 
-#define SRV_MAX_STATS 64
+#define SRV_MAX_STATS 80
 
 /* Fill @rows with every counter. Safe from any thread: atomics and stats calls only. */
 static size_t collect_stats(struct srv *s, struct stat_row *rows)
@@ -1951,6 +2225,44 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	    "Copies stopped by a bus error (client file truncated).");
 	ROW("log_dropped", "kvstash_log_dropped_total", STAT_COUNTER, log_dropped_total(),
 	    "Log lines dropped because the log ring was full.");
+	ROW("l2_demoted", "kvstash_l2_demoted_total", STAT_COUNTER, CTR(demoted),
+	    "Evicted L1 chunks written to the disk tier.");
+	ROW("l2_demote_dropped", "kvstash_l2_demote_dropped_total", STAT_COUNTER, CTR(demote_dropped),
+	    "Evicted chunks dropped because the disk tier's queue was full.");
+	ROW("l2_demote_failed", "kvstash_l2_demote_failed_total", STAT_COUNTER, CTR(demote_failed),
+	    "Disk tier writes that failed (disk full, I/O error).");
+	ROW("l2_promoted", "kvstash_l2_promoted_total", STAT_COUNTER, CTR(promoted_l2),
+	    "Chunks loaded from the disk tier into L1 by LOOKUP.");
+	ROW("l3_written", "kvstash_l3_written_total", STAT_COUNTER, CTR(l3_written),
+	    "Chunks written through to Redis.");
+	ROW("l3_dropped", "kvstash_l3_dropped_total", STAT_COUNTER, CTR(l3_dropped),
+	    "Write-throughs dropped (Redis queue full or down).");
+	ROW("l3_failed", "kvstash_l3_failed_total", STAT_COUNTER, CTR(l3_failed),
+	    "Redis writes that failed.");
+	ROW("l3_promoted", "kvstash_l3_promoted_total", STAT_COUNTER, CTR(promoted_l3),
+	    "Chunks loaded from Redis into L1 by LOOKUP.");
+	ROW("promote_failed", "kvstash_promote_failed_total", STAT_COUNTER, CTR(promote_failed),
+	    "Tier reads that failed (checksum, I/O, Redis down): the hit count was shortened.");
+	if (s->l2) {
+		struct tier_disk_stats ds;
+
+		tier_disk_get_stats(s->l2, &ds);
+		ROW("l2_objects", "kvstash_l2_objects", STAT_GAUGE, ds.objects, "Chunks on disk.");
+		ROW("l2_bytes", "kvstash_l2_bytes", STAT_GAUGE, ds.bytes, "Bytes of chunk files.");
+		ROW("l2_corrupt", "kvstash_l2_corrupt_total", STAT_COUNTER, ds.corrupt,
+		    "Disk chunks that failed their checksum (removed, never served).");
+	}
+	if (s->l3) {
+		struct tier_redis_stats rs;
+
+		tier_redis_get_stats(s->l3, &rs);
+		ROW("l3_notconn", "kvstash_l3_notconn_total", STAT_COUNTER, rs.notconn,
+		    "Redis requests failed because a node was down.");
+		ROW("l3_corrupt", "kvstash_l3_corrupt_total", STAT_COUNTER, rs.corrupt,
+		    "Redis values that failed their checksum (deleted, never served).");
+		ROW("l3_nodes_up", "kvstash_l3_nodes_up", STAT_GAUGE, rs.nodes_up,
+		    "Redis nodes connected.");
+	}
 #undef CTR
 #undef ROW
 	return n;
@@ -2112,6 +2424,54 @@ static bool is_loopback_endpoint(const char *ep)
 	       !strncmp(ep, "tcp://localhost:", 16) || !strncmp(ep, "tcp://[::1]:", 12);
 }
 
+/* Open the L2 disk and L3 Redis tiers that the configuration names. */
+static int tiers_open(struct srv *s)
+{
+	int rc;
+
+	if (s->cfg.disk_path[0]) {
+		struct tier_disk_config dc = {
+			.path = s->cfg.disk_path,
+			.capacity_bytes = (uint64_t)s->cfg.disk_size_gb << 30,
+			.lock_timeout_ms = s->cfg.lock_timeout_ms,
+		};
+		struct tier_disk_stats st;
+
+		rc = tier_disk_open(&dc, &s->l2);
+		if (rc) {
+			log_error("disk tier at %s: %s", s->cfg.disk_path, strerror(-rc));
+			return rc;
+		}
+		tier_disk_get_stats(s->l2, &st);
+		log_info("disk tier %s: %" PRIu64 " chunk(s) found (%" PRIu64 " bad removed), "
+			 "capacity %u GiB, %s", s->cfg.disk_path, st.scan_found, st.scan_bad,
+			 s->cfg.disk_size_gb, st.uring ? "io_uring" : "pread/pwrite");
+		idx_set_evict_hook(s->idx, demote_hook, s);
+	}
+	if (s->cfg.redis_url[0]) {
+		char urls_buf[sizeof(s->cfg.redis_url)];
+		const char *urls[TIER_REDIS_MAX_NODES];
+		size_t n = 0;
+
+		snprintf(urls_buf, sizeof(urls_buf), "%s", s->cfg.redis_url);
+		for (char *save = NULL, *u = strtok_r(urls_buf, ",", &save);
+		     u && n < TIER_REDIS_MAX_NODES; u = strtok_r(NULL, ",", &save))
+			urls[n++] = u;
+		struct tier_redis_config rcfg = {
+			.urls = urls, .nurls = n, .key_prefix = s->cfg.redis_prefix,
+			.ttl_s = s->cfg.redis_ttl_s, .lock_timeout_ms = s->cfg.lock_timeout_ms,
+		};
+		rc = tier_redis_open(&rcfg, &s->l3);
+		if (rc) {
+			log_error("redis tier %s: %s", s->cfg.redis_url, strerror(-rc));
+			return rc;
+		}
+		log_info("redis tier: %zu node(s) (%s), key prefix '%s', ttl %u s", n,
+			 s->cfg.redis_url, s->cfg.redis_prefix, s->cfg.redis_ttl_s);
+	}
+	return 0;
+}
+
 /*
  * With --cuda=auto and a visible GPU: pin the pool for every device
  * (cudaHostRegister touches every page: NOTE: takes about a second per
@@ -2207,6 +2567,9 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	}
 	s->engines[0] = s->host_xfer;
 	s->nengines = 1;
+	rc = tiers_open(s);
+	if (rc)
+		goto out_destroy;
 	rc = cuda_setup(s);
 	if (rc)
 		goto out_destroy;
@@ -2350,6 +2713,12 @@ void srv_destroy(struct srv *s)
 	drain_completions(s);
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_destroy(s->engines[e]);
+	/* After the workers: their prefetches wait on tier reads. Queued tier
+	 * requests are cancelled; their callbacks only touch counters of @s. */
+	if (s->l2)
+		tier_disk_close(s->l2);
+	if (s->l3)
+		tier_redis_close(s->l3);
 	for (int d = 0; d < s->ncuda; d++)
 		for (unsigned w = 0; w < SRV_MAX_WORKERS; w++)
 			xfer_cuda_ctx_destroy(s->cuda_ctx[d][w]);

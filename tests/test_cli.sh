@@ -290,8 +290,8 @@ log-level = debug
 EOF
 start_daemon conf1 --config "$CONF" || exit 1
 check "--config: config line shows the file's values" \
-	grep -q "config: .* chunk-size=512 pool-size=134217728 workers=3 .*read-ttl-s=7 .*log-level=debug" \
-	"$TMP/conf1.log"
+	bash -c '# the server splits its config line: join the pieces
+config_of() { grep -o "config:.*" "$1" | sed "s/^config://" | tr "\n" " " | sed "s/^/config: /"; }; config_of "$1" | grep -q "config: .* chunk-size=512 pool-size=134217728 workers=3 .*read-ttl-s=7 .*log-level=debug"' _ "$TMP/conf1.log"
 check "--config: stats workers == 3" [ "$(srv_stat "$EP" workers)" = 3 ]
 check "--config: stats pool_bytes == 128 MiB" [ "$(srv_stat "$EP" pool_bytes)" = 134217728 ]
 stop_daemon "$DPID"

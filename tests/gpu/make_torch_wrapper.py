@@ -41,6 +41,10 @@ import types
 CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS = 1
 
 
+class IpcMemHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * 64)]
+
+
 def libcuda():
     lib = ctypes.CDLL(ctypes.util.find_library("cuda") or "libcuda.so.1")
     u64 = ctypes.c_uint64
@@ -215,8 +219,12 @@ def child_open(recs_path):
             rc = 0
         else:
             p = u64()
-            hbuf = ctypes.create_string_buffer(handle, 64)
-            rc = cuda.cuIpcOpenMemHandle_v2(ctypes.byref(p), hbuf,
+            # CUipcMemHandle is passed BY VALUE (a 64-byte struct), not by pointer
+            hval = IpcMemHandle()
+            ctypes.memmove(ctypes.addressof(hval), handle, 64)
+            cuda.cuIpcOpenMemHandle_v2.argtypes = [ctypes.POINTER(u64), IpcMemHandle,
+                                                   ctypes.c_uint]
+            rc = cuda.cuIpcOpenMemHandle_v2(ctypes.byref(p), hval,
                                             CU_IPC_MEM_LAZY_ENABLE_PEER_ACCESS)
             ptr = p.value
             if rc == 0:
@@ -341,7 +349,9 @@ def main():
     try:
         import kvstash.torch as kt
 
-        for r, t in ((recs[1], keep[1]), (recs[3], v), (recs[5], fi)):
+        by_name = {r["name"]: r for r in recs}
+        for r, t in ((by_name["flash_attn_l0"], keep[1]), (by_name["flash_attn_view"], v),
+                     (by_name["flashinfer"], fi), (by_name["small_pool"], small)):
             h, off, nb = kt.cuda_ipc_layer(t)
             kt_res[r["name"]] = {"offset_ok": off == r["expect_offset"],
                                  "nbytes_ok": nb == r["alloc_size"],
