@@ -980,7 +980,7 @@ static int tier_read(struct srv *s, const struct ks_key *k, void *dst, uint64_t 
 	*from_l3 = false;
 	if (!w)
 		return -ENOMEM;
-	w->efd = eventfd(0, EFD_CLOEXEC);
+	w->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (w->efd < 0) {
 		free(w);
 		return -EMFILE;
