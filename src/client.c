@@ -491,11 +491,12 @@ static int register_layers(kvstash_client *c, int64_t instance_id, const char *m
 		for (size_t l = 0; l < nlayers; l++)
 			if (d[l].offset > d[l].nbytes ||
 			    chk.extent_bytes > d[l].nbytes - d[l].offset) {
+				rc = fail(-EINVAL, "register: layer %zu: offset %llu + extent %llu "
+					  "exceeds nbytes %llu", l, (unsigned long long)d[l].offset,
+					  (unsigned long long)chk.extent_bytes,
+					  (unsigned long long)d[l].nbytes);
 				free(d);
-				return fail(-EINVAL, "register: layer %zu: offset %llu + extent %llu "
-					    "exceeds nbytes %llu", l, (unsigned long long)d[l].offset,
-					    (unsigned long long)chk.extent_bytes,
-					    (unsigned long long)d[l].nbytes);
+				return rc;
 			}
 	}
 	rc = proto_encode_int(&args[0], instance_id);
