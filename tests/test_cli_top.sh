@@ -107,7 +107,8 @@ timeout 20 "$KVSTASH" top -e "$EP" --count 2 --interval-ms 300 >"$TMP/idle" 2>"$
 RC=$?
 check "top --count 2 exits 0 (got $RC): $(cat "$TMP/idle.err")" [ "$RC" -eq 0 ]
 golden_frames "$TMP/idle" 2 >"$TMP/g" 2>&1
-check "top --count 2 output has the golden layout: $(cat "$TMP/g")" [ $? -eq 0 ]
+RC=$?	# saved first: the $(cat) below would reset $?
+check "top --count 2 output has the golden layout: $(cat "$TMP/g")" [ "$RC" -eq 0 ]
 check "top prints nothing on stderr" [ ! -s "$TMP/idle.err" ]
 for f in 1 2; do
 	check "idle frame $f: store/retrieve/lookup rates 0: $(row "$TMP/idle" $f 3 1) $(row "$TMP/idle" $f 3 2) $(row "$TMP/idle" $f 3 3)" \
@@ -135,7 +136,8 @@ kill "$LOAD" 2>/dev/null
 wait "$LOAD" 2>/dev/null
 check "top under load exits 0 (got $RC)" [ "$RC" -eq 0 ]
 golden_frames "$TMP/busy" 2 >"$TMP/g" 2>&1
-check "top under load has the golden layout: $(cat "$TMP/g")" [ $? -eq 0 ]
+RC=$?
+check "top under load has the golden layout: $(cat "$TMP/g")" [ "$RC" -eq 0 ]
 busy=0
 for f in 1 2; do
 	s=$(row "$TMP/busy" $f 3 1)
@@ -180,7 +182,8 @@ if set(j) != set(table) or bad or not all(isinstance(v, int) for v in j.values()
 if j["store_chunks_stored"] < 4 or j["pool_bytes"] != 256 << 20:
     sys.exit("unexpected values: %r" % {k: j[k] for k in stable})
 PYEOF
-check "stats --json is a JSON object equal to the table: $(cat "$TMP/out")" [ $? -eq 0 ]
+RC=$?
+check "stats --json is a JSON object equal to the table: $(cat "$TMP/out")" [ "$RC" -eq 0 ]
 timeout 10 "$KVSTASH" stats -e "ipc://$TMP/nobody" --json --timeout-ms 200 >"$TMP/out" 2>"$TMP/err"
 RC=$?
 check "stats --json of a dead endpoint exits 1 with nothing on stdout" [ "$RC" -eq 1 ] && [ ! -s "$TMP/out" ]
