@@ -31,6 +31,8 @@
 #include "protocol.h"
 
 #define CLIENT_MAX_FRAMES 8
+/* Instances one client keeps a dedicated connection for (its engine workers). */
+#define CLIENT_MAX_INSTANCES 64
 #define CLIENT_ERR_MAX 512
 
 struct client_conn {
@@ -45,6 +47,18 @@ struct kvstash_client {
 	int timeout_ms;
 	struct ks_mutex idle_lock;	/* protects idle */
 	struct client_conn *idle;
+	/*
+	 * kvstashd lets only the connection that registered an instance use it
+	 * (--owner-check): each registered instance keeps its own connection,
+	 * used by one call at a time. Guarded by idle_lock.
+	 */
+	struct {
+		int64_t instance;
+		struct client_conn *cn;
+		bool busy;
+	} owned[CLIENT_MAX_INSTANCES];
+	size_t nowned;
+	struct ks_cond owned_free;	/* an owned connection became free */
 	bool curve;			/* set before the first call, read-only after */
 	char curve_server[41], curve_public[41], curve_secret[41];
 };
@@ -97,6 +111,12 @@ int kvstash_connect(const char *endpoint, int timeout_ms, kvstash_client **out)
 		free(c);
 		return fail(rc, "mutex: %s", strerror(-rc));
 	}
+	rc = ks_cond_init(&c->owned_free);
+	if (rc) {
+		ks_mutex_destroy(&c->idle_lock);
+		free(c);
+		return fail(rc, "condition: %s", strerror(-rc));
+	}
 	c->zctx = zmq_ctx_new();
 	if (!c->zctx) {
 		ks_mutex_destroy(&c->idle_lock);
@@ -123,7 +143,10 @@ void kvstash_close(kvstash_client *c)
 		c->idle = cn->next;
 		conn_close(cn);
 	}
+	for (size_t i = 0; i < c->nowned; i++)
+		conn_close(c->owned[i].cn);
 	zmq_ctx_term(c->zctx);
+	ks_cond_destroy(&c->owned_free);
 	ks_mutex_destroy(&c->idle_lock);
 	free(c);
 }
@@ -322,6 +345,99 @@ static int call(kvstash_client *c, enum proto_type type, const struct proto_msg 
 	return rc;
 }
 
+/*
+ * The connection that registered @instance, waiting (bounded by the
+ * client's timeout) while another thread uses it. Without one: with
+ * @create, a connection that becomes @instance's; else any connection.
+ */
+static int inst_conn_get(kvstash_client *c, int64_t instance, bool create,
+			 struct client_conn **out)
+{
+	uint64_t deadline = ks_now_ms() + (uint64_t)c->timeout_ms;
+	struct client_conn *cn = NULL;
+	int rc;
+
+	if (ks_lock(&c->idle_lock))
+		return fail(-ETIMEDOUT, "client lock timed out");
+	for (size_t i = 0; i < c->nowned; i++) {
+		if (c->owned[i].instance != instance)
+			continue;
+		while (c->owned[i].busy) {
+			uint64_t now = ks_now_ms();
+
+			if (now >= deadline) {
+				ks_unlock(&c->idle_lock);
+				return fail(-ETIMEDOUT, "instance %lld: its connection stayed busy "
+					    "for %d ms", (long long)instance, c->timeout_ms);
+			}
+			ks_cond_wait_ms(&c->owned_free, &c->idle_lock, deadline - now);
+		}
+		c->owned[i].busy = true;
+		*out = c->owned[i].cn;
+		ks_unlock(&c->idle_lock);
+		return 0;
+	}
+	ks_unlock(&c->idle_lock);
+	rc = conn_get(c, &cn);
+	if (rc || !create) {
+		*out = cn;
+		return rc;
+	}
+	if (ks_lock(&c->idle_lock) == 0) {
+		if (c->nowned < CLIENT_MAX_INSTANCES) {
+			c->owned[c->nowned].instance = instance;
+			c->owned[c->nowned].cn = cn;
+			c->owned[c->nowned].busy = true;
+			c->nowned++;
+		}
+		ks_unlock(&c->idle_lock);
+	}
+	*out = cn;
+	return 0;
+}
+
+/* Give back a connection from inst_conn_get(); @forget drops the binding. */
+static void inst_conn_put(kvstash_client *c, struct client_conn *cn, bool forget)
+{
+	if (ks_lock(&c->idle_lock) == 0) {
+		for (size_t i = 0; i < c->nowned; i++) {
+			if (c->owned[i].cn != cn)
+				continue;
+			if (forget) {
+				c->owned[i] = c->owned[--c->nowned];
+				break;	/* back to the idle pool below */
+			}
+			c->owned[i].busy = false;
+			ks_cond_broadcast(&c->owned_free);
+			ks_unlock(&c->idle_lock);
+			return;
+		}
+		ks_unlock(&c->idle_lock);
+	}
+	conn_put(c, cn);
+}
+
+/* call() on @instance's own connection (see inst_conn_get). */
+static int call_inst(kvstash_client *c, int64_t instance, bool create, enum proto_type type,
+		     const struct proto_msg *args, size_t nargs, struct proto_reply *reply,
+		     struct client_conn **keep)
+{
+	struct client_conn *cn = NULL;
+	int rc = inst_conn_get(c, instance, create, &cn);
+
+	if (rc)
+		return rc;
+	/* A timed-out owned connection is kept: its identity is the instance's
+	 * and a late reply is discarded by uid. */
+	rc = conn_call(c, cn, type, args, nargs, reply);
+	if (keep && rc == 0) {
+		*keep = cn;
+		return 0;
+	}
+	inst_conn_put(c, cn, false);
+	return rc;
+}
+
 static void free_msgs(struct proto_msg *m, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
@@ -511,7 +627,7 @@ static int register_layers(kvstash_client *c, int64_t instance_id, const char *m
 		free_msgs(args, 4);
 		return fail(rc, "register: encoding failed");
 	}
-	rc = call(c, PROTO_REGISTER_KV_CACHE, args, 4, &r, &cn);
+	rc = call_inst(c, instance_id, true, PROTO_REGISTER_KV_CACHE, args, 4, &r, &cn);
 	free_msgs(args, 4);
 	if (rc)
 		return rc;
@@ -519,10 +635,7 @@ static int register_layers(kvstash_client *c, int64_t instance_id, const char *m
 	rc = conn_call(c, cn, PROTO_KS_LAST_ERROR, NULL, 0, &r);
 	if (rc == 0 && r.kind == PROTO_REPLY_STR && !strncmp(r.str, "REGISTER_KV_CACHE", 17))
 		rc = fail(-EINVAL, "%s", r.str);
-	if (rc == -ETIMEDOUT || rc == -EIO)
-		conn_close(cn);
-	else
-		conn_put(c, cn);
+	inst_conn_put(c, cn, rc == -EINVAL);
 	return rc;
 }
 
@@ -554,7 +667,7 @@ int kvstash_heartbeat(kvstash_client *c, int64_t instance_id)
 	int rc = proto_encode_int(&a, instance_id);
 
 	if (!rc)
-		rc = call(c, PROTO_PING, &a, 1, &r, NULL);
+		rc = call_inst(c, instance_id, false, PROTO_PING, &a, 1, &r, NULL);
 	proto_msg_free(&a);
 	if (!rc && (r.kind != PROTO_REPLY_BOOL || !r.b))
 		rc = fail(-EPROTO, "PING: reply is not true");
@@ -565,10 +678,13 @@ int kvstash_unregister(kvstash_client *c, int64_t instance_id)
 {
 	struct proto_msg a = { 0 };
 	struct proto_reply r;
+	struct client_conn *cn = NULL;
 	int rc = proto_encode_int(&a, instance_id);
 
 	if (!rc)
-		rc = call(c, PROTO_UNREGISTER_KV_CACHE, &a, 1, &r, NULL);
+		rc = call_inst(c, instance_id, false, PROTO_UNREGISTER_KV_CACHE, &a, 1, &r, &cn);
+	if (rc == 0)
+		inst_conn_put(c, cn, true);	/* the instance is gone: a plain connection again */
 	proto_msg_free(&a);
 	return rc;
 }
@@ -601,7 +717,7 @@ static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_ke
 		free_msgs(args, nargs);
 		return fail(rc, "%s: encoding failed", proto_type_name(type));
 	}
-	rc = call(c, type, args, nargs, &r, &cn);
+	rc = call_inst(c, instance_id, false, type, args, nargs, &r, &cn);
 	free_msgs(args, nargs);
 	if (rc)
 		return rc;
@@ -616,7 +732,7 @@ static int xfer(kvstash_client *c, enum proto_type type, const struct kvstash_ke
 		else
 			memset(done_event, 0, PROTO_EVENT_HANDLE_LEN);	/* nothing was copied */
 	}
-	conn_put(c, cn);
+	inst_conn_put(c, cn, false);
 	return rc;
 }
 

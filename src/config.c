@@ -72,6 +72,9 @@ static const struct cfg_opt cfg_opts[] = {
 	  "longest wait for any internal lock before the request fails" },
 	{ "evict-watermark-pct", NULL, CFG_U32, F(evict_watermark_pct), "2", 0, 50, NULL,
 	  "when a STORE needs space, evict until this percent of slots is free" },
+	{ "owner-check", NULL, CFG_ENUM, F(owner_check), "on", 0, 0, "on|off",
+	  "only the connection that registered an instance may STORE, RETRIEVE, UNREGISTER "
+	  "or heartbeat it (a re-REGISTER moves it); off: any connection may" },
 	{ "cuda", NULL, CFG_ENUM, F(cuda), "auto", 0, 0, "auto|off",
 	  "serve CUDA IPC registrations on every visible GPU (auto) or host buffers only (off)" },
 	{ "disk-path", NULL, CFG_STR, F(disk_path), "", 0, 0, NULL,

@@ -30,6 +30,7 @@ struct srv_config {
 	char log_level[16];
 	char log_format[16];
 	char cuda[8];
+	char owner_check[8];
 	char disk_path[512];
 	uint32_t disk_size_gb;
 	char redis_url[1024];

@@ -119,6 +119,8 @@ struct srv_instance {
 	size_t nmaps;
 	uint64_t registered_ms;
 	uint64_t last_ping_ms;	/* 0 = never pinged with its id */
+	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the registering connection */
+	size_t owner_len;
 	struct srv_instance *next;	/* registry list (io thread) */
 };
 
@@ -484,6 +486,15 @@ static struct srv_instance *instance_find(struct srv *s, int64_t id)
 }
 
 /* Unlink @id from the registry and drop the registry's reference. */
+/* True if @a may use @in (--owner-check): the connection that registered it. */
+static bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
+			      const struct srv_reply_addr *a)
+{
+	if (strcmp(s->cfg.owner_check, "on"))
+		return true;
+	return in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len);
+}
+
 static bool instance_remove(struct srv *s, int64_t id)
 {
 	for (struct srv_instance **pp = &s->instances; *pp; pp = &(*pp)->next) {
@@ -1093,6 +1104,8 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 		reply_nil(s, a);
 		return;
 	}
+	memcpy(in->owner, a->identity, a->identity_len);
+	in->owner_len = a->identity_len;
 	if (in->device >= 0) {
 		/* IPC handles are opened by the device's workers; the reply waits for it. */
 		struct srv_xfer_job *j = calloc(1, sizeof(*j));
@@ -1149,6 +1162,15 @@ static void registry_insert(struct srv *s, struct srv_instance *in)
 static void handle_unregister(struct srv *s, const struct srv_reply_addr *a,
 			      const struct proto_request *rq)
 {
+	struct srv_instance *in = instance_find(s, rq->instance_id);
+
+	if (in && !instance_owned_by(s, in, a)) {
+		ctr_add(&s->ctr.semantic_errors, 1);
+		set_last_error(s, a, "UNREGISTER_KV_CACHE: instance %" PRId64 " was registered by "
+			       "another connection", rq->instance_id);
+		reply_nil(s, a);
+		return;
+	}
 	if (instance_remove(s, rq->instance_id))
 		log_info("instance %" PRId64 ": unregistered", rq->instance_id);
 	else
@@ -1686,6 +1708,11 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 rq->instance_id);
 		return -ENOENT;
 	}
+	if (!instance_owned_by(s, in, &j->addr)) {
+		snprintf(err, errlen, "%s: instance %" PRId64 " was registered by another "
+			 "connection (--owner-check)", op, rq->instance_id);
+		return -EPERM;
+	}
 	if (rq->event_len != 0 && in->device < 0) {
 		/* protocol.md §5.3: on the host path a non-empty handle is a frame-level
 		 * fault, dropped without a reply (§3 Errors rule 1). */
@@ -1959,7 +1986,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		if (rq.has_instance_id) {
 			struct srv_instance *in = instance_find(s, rq.instance_id);
 
-			if (in)
+			if (in && instance_owned_by(s, in, &a))
 				in->last_ping_ms = ks_now_ms();
 		}
 		reply_bool(s, &a, true);

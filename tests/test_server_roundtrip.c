@@ -105,7 +105,11 @@ static void run_case(enum kvstash_layout layout, const char *dtype, int hs)
 		for (int l = 0; l < NL; l++)
 			for (int p = 0; p < kv.planes; p++)
 				memset(t_kv_row(&kv, l, p, t_kv_slot(&kv, dst2, t)), 0, kv.row_bytes);
-	CHECK_EQ(kvstash_retrieve(b, &key, 7, dst2, nblk, 300), 0);
+	/* Only the connection that registered instance 7 may write its blocks. */
+	CHECK_EQ(kvstash_retrieve(b, &key, 7, dst2, nblk, 300), -ENOENT);
+	CHECK(strstr(kvstash_last_error(), "registered by another connection") != NULL);
+	CHECK_EQ(kvstash_unregister(b, 7), 0);	/* refused (logged), instance stays */
+	CHECK_EQ(kvstash_retrieve(a, &key, 7, dst2, nblk, 300), 0);
 	size_t wrong_skipped = 0, wrong_copied = 0;
 	for (size_t t = 0; t < nrange; t++) {
 		int64_t slot = t_kv_slot(&kv, dst2, t);
