@@ -30,6 +30,7 @@
 #include <msgpack.h>
 
 #include "compiler.h"
+#include "pickle.h"
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                   */
@@ -543,24 +544,115 @@ static int desc_extent(const struct kv_layout *l, uint64_t *out)
 	return 0;
 }
 
+/*
+ * The layout rules (dims per kind, overlap, 8-byte rows) live in layout.c;
+ * run them on a copy, since the derived fields are the server's to fill once
+ * the layer count is final. Then offset + extent must fit in nbytes.
+ */
+static int desc_check_extent(const struct proto_kv_desc *d, struct perr *e)
+{
+	struct kv_layout tmp = d->layout;
+	uint64_t extent, end;
+	char lerr[160];
+
+	tmp.num_layers = 1;
+	lerr[0] = '\0';
+	if (kv_layout_init(&tmp, lerr, sizeof(lerr)))
+		return perr_set(e, -EPROTO, "%s", lerr);
+	if (desc_extent(&d->layout, &extent) || __builtin_add_overflow(d->offset, extent, &end))
+		return perr_set(e, -EPROTO, "tensor extent overflows 64 bits");
+	if (end > d->nbytes)
+		return perr_set(e, -EPROTO, "offset %llu + extent %llu exceeds nbytes %llu",
+				(unsigned long long)d->offset, (unsigned long long)extent,
+				(unsigned long long)d->nbytes);
+	return 0;
+}
+
+/*
+ * LMCache's CudaIPCWrapper (protocol.md §5.1; docs/pytorch-ipc.md): ext 1
+ * holding a pickle of the wrapper, decoded by pickle.c into the same
+ * descriptor as a native cuda_ipc map. PyTorch's handle names the caching
+ * allocator's segment (a cudaMalloc'd block); the storage starts
+ * storage_offset_bytes into it and the tensor storage_offset elements later:
+ *   offset = storage_offset_bytes + storage_offset * elem_bytes
+ *   nbytes = storage_offset_bytes + storage_size_bytes   (segment base -> storage end)
+ * RawCudaIPCWrapper's raw handle is opened by LMCache as element 0 (its
+ * to_tensor() ignores storage_offset), so it is taken as offset 0 and a
+ * non-zero storage_offset is refused rather than guessed.
+ */
+static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_desc *d,
+				 struct perr *e)
+{
+	struct kv_layout *l = &d->layout;
+	struct pk_cuda_ipc w;
+	char msg[224], q[40];
+	uint64_t off;
+	int rc;
+
+	rc = pk_cuda_ipc_decode(p, len, &w, msg, sizeof(msg));
+	if (rc)
+		return perr_set(e, rc == -ENOMEM || rc == -E2BIG ? rc : -EPROTO,
+				"LMCache CudaIPCWrapper: %s", msg);
+	memset(d, 0, sizeof(*d));
+	d->kind = PROTO_KV_CUDA_IPC;
+	if (kv_dtype_parse(w.dtype, strlen(w.dtype), &l->dtype))
+		return perr_set(e, -EPROTO, "CudaIPCWrapper: dtype torch.%s is not a KV dtype",
+				w.dtype);
+	l->elem_bytes = kv_dtype_bytes(l->dtype);
+	if (w.ndim != 3 && w.ndim != 5)
+		return perr_set(e, -EPROTO,
+				"CudaIPCWrapper: shape has %u dims, expected 3 (mla) or 5", w.ndim);
+	l->ndim = w.ndim;
+	for (uint32_t i = 0; i < w.ndim; i++) {
+		if (w.shape[i] < 1 || w.shape[i] > UINT32_MAX)
+			return perr_set(e, -EPROTO, "CudaIPCWrapper: shape[%u] = %lld out of range "
+					"[1, %u]", i, (long long)w.shape[i], UINT32_MAX);
+		l->shape[i] = w.shape[i];
+		l->stride[i] = w.stride[i];
+	}
+	if (l->stride[w.ndim - 1] != 1)
+		return perr_set(e, -EPROTO, "CudaIPCWrapper: last stride must be 1, got %lld",
+				(long long)l->stride[w.ndim - 1]);
+	if (kv_layout_infer(l->shape, l->ndim, &l->kind))
+		return perr_set(e, -EPROTO, "CudaIPCWrapper: no layout inferred from the shape "
+				"(needs 3 dims, or shape[0] or shape[1] == 2)");
+	if (w.kind == PK_WRAPPER_RAW_CUDA_IPC) {
+		if (w.storage_offset)
+			return perr_set(e, -EPROTO, "RawCudaIPCWrapper with storage_offset %llu: "
+					"LMCache maps its handle as element 0",
+					(unsigned long long)w.storage_offset);
+		d->offset = 0;
+		d->nbytes = w.storage_size_bytes;
+	} else {
+		if (__builtin_mul_overflow(w.storage_offset, (uint64_t)l->elem_bytes, &off) ||
+		    __builtin_add_overflow(off, w.storage_offset_bytes, &d->offset) ||
+		    __builtin_add_overflow(w.storage_offset_bytes, w.storage_size_bytes,
+					   &d->nbytes))
+			return perr_set(e, -EPROTO, "CudaIPCWrapper: offsets overflow 64 bits");
+	}
+	memcpy(d->mem_handle, w.mem_handle, PROTO_MEM_HANDLE_LEN);
+	if (!uuid_valid(w.device_uuid, strlen(w.device_uuid)))
+		return perr_set(e, -EPROTO, "CudaIPCWrapper: device_uuid '%s' is not "
+				"[GPU-]8-4-4-4-12 hex",
+				quote(w.device_uuid, strlen(w.device_uuid), q));
+	snprintf(d->device_uuid, sizeof(d->device_uuid), "%s", w.device_uuid);
+	return desc_check_extent(d, e);
+}
+
 static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, struct perr *e)
 {
 	const msgpack_object *f[DF_N];
 	struct kv_layout *l = &d->layout;
-	struct kv_layout tmp;
-	uint64_t extent, end;
-	char q[40], lerr[160];
+	char q[40];
 	size_t len, ndim;
 	int rc;
 
 	if (o->type == MSGPACK_OBJECT_EXT) {
 		if (o->via.ext.type == 1)
-			return perr_set(e, -EPROTO,
-					"LMCache CudaIPCWrapper (ext 1, a Python pickle) is not "
-					"accepted; send the kvstash native descriptor map "
-					"(protocol.md 5.2)");
-		return perr_set(e, -EPROTO, "ext type %d, expected a descriptor map",
-				(int)o->via.ext.type);
+			return decode_kv_desc_pickle((const uint8_t *)o->via.ext.ptr,
+						     o->via.ext.size, d, e);
+		return perr_set(e, -EPROTO, "ext type %d, expected a descriptor map or "
+				"CudaIPCWrapper (ext 1)", (int)o->via.ext.type);
 	}
 	if (o->type != MSGPACK_OBJECT_MAP)
 		return perr_set(e, -EPROTO, "expected a descriptor map, got %s",
@@ -648,20 +740,9 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 	if (rc)
 		return rc;
 
-	/* The layout rules (dims per kind, overlap, 8-byte rows) live in layout.c;
-	 * run them on a copy, since the derived fields are the server's to fill
-	 * once the layer count is final. */
-	tmp = *l;
-	tmp.num_layers = 1;
-	lerr[0] = '\0';
-	if (kv_layout_init(&tmp, lerr, sizeof(lerr)))
-		return perr_set(e, -EPROTO, "%s", lerr);
-	if (desc_extent(l, &extent) || __builtin_add_overflow(d->offset, extent, &end))
-		return perr_set(e, -EPROTO, "tensor extent overflows 64 bits");
-	if (end > d->nbytes)
-		return perr_set(e, -EPROTO, "offset %llu + extent %llu exceeds nbytes %llu",
-				(unsigned long long)d->offset, (unsigned long long)extent,
-				(unsigned long long)d->nbytes);
+	rc = desc_check_extent(d, e);
+	if (rc)
+		return rc;
 
 	if (d->kind == PROTO_KV_CUDA_IPC) {
 		if (!f[DF_MEM_HANDLE])

@@ -83,7 +83,12 @@ struct proto_key {
 
 enum proto_kv_kind { PROTO_KV_HOST_SHM = 0, PROTO_KV_CUDA_IPC = 1 };
 
-/* One element of REGISTER_KV_CACHE's kv_caches (protocol.md §5.2). */
+/*
+ * One element of REGISTER_KV_CACHE's kv_caches: a native descriptor map
+ * (protocol.md §5.2), or LMCache's CudaIPCWrapper (§5.1: ext 1 holding a
+ * pickle, decoded by pickle.c into a PROTO_KV_CUDA_IPC descriptor; the forms
+ * accepted are in docs/pytorch-ipc.md).
+ */
 struct proto_kv_desc {
 	enum proto_kv_kind kind;
 	/* kind, dtype, elem_bytes, ndim, shape, stride are filled (layout

@@ -532,6 +532,114 @@ static int reg_spec(const struct dspec *d)
 	return rc;
 }
 
+/*
+ * LMCache's CudaIPCWrapper of a [2, 4, 16, 2, 8] bf16 view, pickled by
+ * tests/data/make_pickles.py's stubs (protocol 4): handle = (0, 02 'c' +
+ * bytes 0x40..0x7f, 4160, 1 MiB, b"/torch_1_2_0", 0, event 0xc0..0xff,
+ * True), storage_offset 32 elements, uuid eb785ce3-... The 66-byte blob is
+ * PyTorch's versioned handle: version 2, type 'c', cudaIpcMemHandle_t.
+ */
+static const char wrapper_pickle_hex[] =
+	"80049585010000000000008c246c6d63616368652e76312e6d756c746970726f"
+	"636573732e637573746f6d5f7479706573948c0e437564614950435772617070"
+	"65729493942981947d94288c0668616e646c6594284b00434202634041424344"
+	"45464748494a4b4c4d4e4f505152535455565758595a5b5c5d5e5f6061626364"
+	"65666768696a6b6c6d6e6f707172737475767778797a7b7c7d7e7f944d40104a"
+	"00001000430c2f746f7263685f315f325f30944b004340c0c1c2c3c4c5c6c7c8"
+	"c9cacbcccdcecfd0d1d2d3d4d5d6d7d8d9dadbdcdddedfe0e1e2e3e4e5e6e7e8"
+	"e9eaebecedeeeff0f1f2f3f4f5f6f7f8f9fafbfcfdfeff948874948c05647479"
+	"7065948c05746f726368948c0862666c6f617431369493948c05736861706594"
+	"284b024b044b104b024b0874948c0673747269646594284d00044d00014b104b"
+	"084b0174948c0e73746f726167655f6f6666736574944b208c0b646576696365"
+	"5f75756964948c2465623738356365332d336166342d643133322d323335342d"
+	"6163303465663039396537619475622e";
+
+/* A kv_caches frame of @n ext-1 elements holding @pkl. */
+static struct proto_buf ext1_frame(const uint8_t *pkl, size_t len, unsigned n)
+{
+	msgpack_packer *pk = P();
+
+	msgpack_pack_array(pk, n);
+	for (unsigned i = 0; i < n; i++) {
+		msgpack_pack_ext(pk, len, 1);
+		msgpack_pack_ext_body(pk, pkl, len);
+	}
+	return P_done();
+}
+
+static void test_register_ext1(void)
+{
+	static uint8_t pkl[512];
+	size_t len = unhex(wrapper_pickle_hex, pkl, sizeof(pkl));
+	struct proto_request r;
+
+	REQUIRE(len == 400);
+	REQUIRE(DEC(PROTO_REGISTER_KV_CACHE, &r, H("07"), ext1_frame(pkl, len, 3), H("a16d"),
+		    H("02")) == 0);
+	CHECK_EQ(r.nlayers, 3);
+	for (size_t i = 0; i < r.nlayers; i++) {
+		const struct proto_kv_desc *d = &r.layers[i];
+
+		CHECK_EQ(d->kind, PROTO_KV_CUDA_IPC);
+		CHECK_EQ(d->layout.kind, KV_LAYOUT_FLASH_ATTN);	/* inferred: shape[0] == 2 */
+		CHECK_EQ(d->layout.dtype, KV_DTYPE_BFLOAT16);
+		CHECK_EQ(d->layout.ndim, 5);
+		CHECK_EQ(d->layout.shape[1], 4);
+		CHECK_EQ(d->layout.stride[0], 1024);
+		CHECK_EQ(d->layout.num_layers, 3);
+		/* storage offset bytes + storage_offset * 2 */
+		CHECK_EQ(d->offset, (1u << 20) + 64);
+		/* segment base -> storage end */
+		CHECK_EQ(d->nbytes, (1u << 20) + 4160);
+		CHECK_EQ(d->mem_handle[0], 0x40);
+		CHECK_EQ(d->mem_handle[63], 0x7f);
+		CHECK(!strcmp(d->device_uuid, "eb785ce3-3af4-d132-2354-ac04ef099e7a"));
+	}
+	proto_request_free(&r);
+
+	/* ext 1 mixed with a native map is refused: layers must share one kind */
+	{
+		struct dspec d = host_spec();
+		msgpack_packer *pk = P();
+
+		msgpack_pack_array(pk, 2);
+		msgpack_pack_ext(pk, len, 1);
+		msgpack_pack_ext_body(pk, pkl, len);
+		pack_desc(pk, &d);
+		EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), P_done(), H("a16d"), H("02")));
+		CHECK(strstr(g_err, "kv_caches[1]") != NULL);
+	}
+	/* every truncation of the pickle is a clean -EPROTO naming the wrapper */
+	for (size_t n = 0; n < len; n++) {
+		EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), ext1_frame(pkl, n, 1),
+				    H("a16d"), H("02")));
+		CHECK(strstr(g_err, "CudaIPCWrapper") != NULL);
+	}
+	/* the wrapper's extent must fit its storage: shrink the storage size 4160 -> 4159 */
+	{
+		uint8_t bad[512];
+
+		memcpy(bad, pkl, len);
+		REQUIRE(bad[0x9c] == 0x4d && bad[0x9d] == 0x40 && bad[0x9e] == 0x10);
+		bad[0x9d] = 0x3f;
+		EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), ext1_frame(bad, len, 1),
+				    H("a16d"), H("02")));
+		CHECK(strstr(g_err, "exceeds") != NULL);
+		/* the dtype global renamed to torch.float64_: not on the allow-list */
+		memcpy(bad, pkl, len);
+		REQUIRE(!memcmp(bad + 0x10d, "bfloat16", 8));
+		memcpy(bad + 0x10d, "float64_", 8);
+		EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), ext1_frame(bad, len, 1),
+				    H("a16d"), H("02")));
+		CHECK(strstr(g_err, "not allowed") != NULL);
+	}
+	/* a hostile pickle: the GLOBAL is refused before anything else */
+	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"),
+			    H("91 c7 16 01 80 02 63 6f 73 0a 73 79 73 74 65 6d 0a 58 01 00 00 00 "
+			      "78 85 52 2e"), H("a16d"), H("02")));
+	CHECK(strstr(g_err, "os.system is not allowed") != NULL);
+}
+
 static void test_register(void)
 {
 	struct proto_request r;
@@ -749,10 +857,11 @@ static void test_register(void)
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("90"), H("a16d"), H("02")));
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("80"), H("a16d"), H("02")));
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("91 01"), H("a16d"), H("02")));
-	/* LMCache's CudaIPCWrapper: ext 1 + pickle, refused with a clear reason */
+	/* LMCache's CudaIPCWrapper (ext 1 + pickle): a broken pickle is refused with a reason */
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("91 c7 05 01 80 04 95 00 2e"),
 			    H("a16d"), H("02")));
 	CHECK(strstr(g_err, "pickle") != NULL && strstr(g_err, "CudaIPCWrapper") != NULL);
+	test_register_ext1();
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("91 d4 01 00"), H("a16d"),
 			    H("02")));
 	EXPECT(-EPROTO, DEC(PROTO_REGISTER_KV_CACHE, H("07"), H("91 d4 05 00"), H("a16d"),

@@ -59,10 +59,6 @@ class _KvLayout(ctypes.Structure):
                 ("stride", ctypes.c_int64 * 5)]
 
 
-class _IpcHandle(ctypes.Structure):
-    _fields_ = [("reserved", ctypes.c_char * _IPC_HANDLE_BYTES)]
-
-
 # ---- libcuda (the driver API: present wherever a GPU works) ----------------------
 
 _cuda = None
@@ -78,7 +74,7 @@ def _libcuda():
     lib.cuMemGetAddressRange_v2.argtypes = [ctypes.POINTER(u64), ctypes.POINTER(ctypes.c_size_t),
                                             u64]
     lib.cuMemGetAddressRange_v2.restype = ctypes.c_int
-    lib.cuIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), u64]
+    lib.cuIpcGetMemHandle.argtypes = [ctypes.c_char_p, u64]
     lib.cuIpcGetMemHandle.restype = ctypes.c_int
     lib.cuGetErrorName.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_char_p)]
     lib.cuGetErrorName.restype = ctypes.c_int
@@ -113,8 +109,8 @@ def cuda_ipc_layer(t):
     torch.cuda.init()
     with torch.cuda.device(t.device):
         base, size = allocation_range(t.data_ptr())
-        h = _IpcHandle()
-        rc = _libcuda().cuIpcGetMemHandle(ctypes.byref(h), base)
+        h = ctypes.create_string_buffer(_IPC_HANDLE_BYTES)
+        rc = _libcuda().cuIpcGetMemHandle(h, base)
         if rc != _CUDA_SUCCESS:
             try:
                 _cu_check(rc, "cuIpcGetMemHandle")
@@ -123,7 +119,7 @@ def cuda_ipc_layer(t):
                                    "e.g. PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, "
                                    "cannot be shared by cudaIpc handles)",
                                    "kvstash.torch") from None
-    return bytes(h.reserved.raw), t.data_ptr() - base, size
+    return h.raw, t.data_ptr() - base, size
 
 
 def _infer_layout(shape):
