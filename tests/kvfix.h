@@ -130,4 +130,28 @@ static inline int64_t t_kv_slot(const struct t_kv *kv, const int64_t *blocks, ui
 	return blocks[t / (uint64_t)kv->bs] * kv->bs + (int64_t)(t % (uint64_t)kv->bs);
 }
 
+struct t_stat_query {
+	const char *name;
+	uint64_t value;
+};
+
+static inline int t_stat_match(const char *name, uint64_t v, void *arg)
+{
+	struct t_stat_query *q = arg;
+
+	if (strcmp(name, q->name))
+		return 0;
+	q->value = v;
+	return 1;
+}
+
+/* One server counter by its KS_STATS name; UINT64_MAX if absent or on error. */
+static inline uint64_t t_stat(kvstash_client *c, const char *name)
+{
+	struct t_stat_query q = { name, UINT64_MAX };
+
+	kvstash_stats(c, t_stat_match, &q);
+	return q.value;
+}
+
 #endif /* KS_TEST_KVFIX_H */

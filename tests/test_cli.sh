@@ -14,43 +14,8 @@
 # Every daemon this script starts is killed on every exit path (trap).
 set -u
 
-BUILD=${KVSTASH_BUILD_DIR:-$(cd "$(dirname "$0")/.." && pwd)/build}
-KVSTASHD=$BUILD/kvstashd
-KVSTASH=$BUILD/kvstash
-[ -x "$KVSTASHD" ] && [ -x "$KVSTASH" ] || { echo "no kvstashd/kvstash in $BUILD"; exit 1; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/kvstash-cli-XXXXXX")
-PIDS=()
-FAILS=0
-CHECKS=0
-
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do
-		kill -TERM "$p" 2>/dev/null
-	done
-	for p in "${PIDS[@]}"; do
-		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$p" 2>/dev/null
-		wait "$p" 2>/dev/null
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
-
-fail() {
-	echo "FAIL: $*"
-	FAILS=$((FAILS + 1))
-}
-
-# check NAME CONDITION-COMMAND...: count one check.
-check() {
-	local what=$1
-	shift
-	CHECKS=$((CHECKS + 1))
-	"$@" || fail "$what"
-}
+. "$(dirname "$0")/lib.sh"
+t_setup cli
 
 # run_cmd OUTFILE CMD...: run with a hard timeout, stdout+stderr to OUTFILE, sets RC.
 run_cmd() {

@@ -13,43 +13,8 @@
 #   --gpu without a GPU/CUDA says so and exits 0; bad flags exit 2.
 set -u
 
-BUILD=${KVSTASH_BUILD_DIR:-$(cd "$(dirname "$0")/.." && pwd)/build}
-KVSTASHD=$BUILD/kvstashd
-KVSTASH=$BUILD/kvstash
-PY=/usr/bin/python3
-[ -x "$KVSTASHD" ] && [ -x "$KVSTASH" ] || { echo "no kvstashd/kvstash in $BUILD"; exit 1; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/kvstash-clibench-XXXXXX")
-PIDS=()
-FAILS=0
-CHECKS=0
-
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do
-		kill -TERM "$p" 2>/dev/null
-	done
-	for p in "${PIDS[@]}"; do
-		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$p" 2>/dev/null
-		wait "$p" 2>/dev/null
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
-
-fail() {
-	echo "FAIL: $*"
-	FAILS=$((FAILS + 1))
-}
-
-check() {
-	local what=$1
-	shift
-	CHECKS=$((CHECKS + 1))
-	"$@" || fail "$what"
-}
+. "$(dirname "$0")/lib.sh"
+t_setup clibench
 
 gone() {	# PID: given, and no such process
 	[ -n "$1" ] && ! kill -0 "$1" 2>/dev/null

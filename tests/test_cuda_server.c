@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "helpers.h"
+#include "kvfix.h"
 #include "kvstash.h"
 
 #ifndef KVSTASH_HAVE_CUDA
@@ -324,25 +325,6 @@ static pid_t spawn(const char *self, const char *mode, const char *ep, int id, i
 	return pid;
 }
 
-static uint64_t stat_value;
-static const char *stat_name;
-static int find_stat(const char *name, uint64_t v, void *arg)
-{
-	(void)arg;
-	if (strcmp(name, stat_name))
-		return 0;
-	stat_value = v;
-	return 1;
-}
-
-static uint64_t stat_of(kvstash_client *c, const char *name)
-{
-	stat_name = name;
-	stat_value = UINT64_MAX;
-	kvstash_stats(c, find_stat, NULL);
-	return stat_value;
-}
-
 int main(int argc, char **argv)
 {
 	struct t_daemon *d;
@@ -390,11 +372,11 @@ int main(int argc, char **argv)
 	uint64_t reaped = 0;
 	for (int i = 0; i < 80 && reaped == 0; i++) {
 		usleep(100000);
-		reaped = stat_of(c, "instances_reaped");
+		reaped = t_stat(c, "instances_reaped");
 	}
 	CHECK_EQ(reaped, 1);
-	CHECK_EQ(stat_of(c, "instances"), 0);
-	CHECK_EQ(stat_of(c, "pins"), 0);
+	CHECK_EQ(t_stat(c, "instances"), 0);
+	CHECK_EQ(t_stat(c, "pins"), 0);
 	CHECK(round_trip(c, &cases[1], 301, 78, "m-gpu") == 0);
 	kvstash_close(c);
 	CHECK_EQ(t_daemon_stop(d), 0);

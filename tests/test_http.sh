@@ -13,45 +13,10 @@
 # no endpoint. Every daemon is killed on every exit path (trap).
 set -u
 
-BUILD=${KVSTASH_BUILD_DIR:-$(cd "$(dirname "$0")/.." && pwd)/build}
-KVSTASHD=$BUILD/kvstashd
-KVSTASH=$BUILD/kvstash
-PY=/usr/bin/python3
-[ -x "$KVSTASHD" ] && [ -x "$KVSTASH" ] || { echo "no kvstashd/kvstash in $BUILD"; exit 1; }
+. "$(dirname "$0")/lib.sh"
 command -v curl >/dev/null || { echo "SKIP: no curl"; exit 77; }
 [ -x "$PY" ] || { echo "SKIP: no $PY"; exit 77; }
-
-TMP=$(mktemp -d "${TMPDIR:-/tmp}/kvstash-http-XXXXXX")
-PIDS=()
-FAILS=0
-CHECKS=0
-
-cleanup() {
-	local p
-	for p in "${PIDS[@]}"; do
-		kill -TERM "$p" 2>/dev/null
-	done
-	for p in "${PIDS[@]}"; do
-		for _ in $(seq 50); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
-		kill -KILL "$p" 2>/dev/null
-		wait "$p" 2>/dev/null
-	done
-	rm -rf "$TMP"
-}
-trap cleanup EXIT
-trap 'exit 1' INT TERM HUP
-
-fail() {
-	echo "FAIL: $*"
-	FAILS=$((FAILS + 1))
-}
-
-check() {
-	local what=$1
-	shift
-	CHECKS=$((CHECKS + 1))
-	"$@" || fail "$what"
-}
+t_setup http
 
 # A TCP port nobody listens on now (the kernel's pick; it may be taken again
 # before we bind it, so start_daemon retries).

@@ -183,18 +183,6 @@ static int cmp_double(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static uint64_t stat_value;
-static const char *stat_name;
-static int find_stat(const char *name, uint64_t v, void *arg)
-{
-	(void)arg;
-	if (!strcmp(name, stat_name)) {
-		stat_value = v;
-		return 1;
-	}
-	return 0;
-}
-
 int main(void)
 {
 	pthread_t th[256], pinger;
@@ -239,14 +227,8 @@ int main(void)
 	 * (each retrieved prefix released its locks; misses locked nothing). */
 	kvstash_client *c;
 	REQUIRE(kvstash_connect(d->endpoint, 5000, &c) == 0);
-	stat_name = "pins";
-	stat_value = UINT64_MAX;
-	CHECK_EQ(kvstash_stats(c, find_stat, NULL), 0);
-	CHECK_EQ(stat_value, 0);
-	stat_name = "read_locks";
-	stat_value = UINT64_MAX;
-	CHECK_EQ(kvstash_stats(c, find_stat, NULL), 0);
-	CHECK_EQ(stat_value, 0);
+	CHECK_EQ(t_stat(c, "pins"), 0);
+	CHECK_EQ(t_stat(c, "read_locks"), 0);
 	kvstash_close(c);
 	CHECK_EQ(t_daemon_stop(d), 0);
 	return t_result("server_concurrency");

@@ -199,25 +199,6 @@ static int cmp_double(const void *a, const void *b)
 	return x < y ? -1 : x > y;
 }
 
-static const char *want_stat;
-static uint64_t got_stat;
-static int find_stat(const char *name, uint64_t v, void *arg)
-{
-	(void)arg;
-	if (strcmp(name, want_stat))
-		return 0;
-	got_stat = v;
-	return 1;
-}
-
-static uint64_t stat_of(kvstash_client *c, const char *name)
-{
-	want_stat = name;
-	got_stat = UINT64_MAX;
-	CHECK_EQ(kvstash_stats(c, find_stat, NULL), 0);
-	return got_stat;
-}
-
 int main(void)
 {
 	pthread_t th[NCLIENTS], wd;
@@ -264,12 +245,12 @@ int main(void)
 	kvstash_client *c;
 	REQUIRE(kvstash_connect(d->endpoint, 5000, &c) == 0);
 	sleep(3);	/* read locks of the last LOOKUPs expire (2 s TTL) */
-	CHECK_EQ(stat_of(c, "pins"), 0);
-	CHECK_EQ(stat_of(c, "read_locks"), 0);
-	CHECK_EQ(stat_of(c, "objects_writing"), 0);
-	CHECK_EQ(stat_of(c, "xfer_queued"), 0);
-	CHECK_EQ(stat_of(c, "slots_free") + stat_of(c, "objects"), stat_of(c, "slots_total"));
-	CHECK_EQ(stat_of(c, "instances"), 0);
+	CHECK_EQ(t_stat(c, "pins"), 0);
+	CHECK_EQ(t_stat(c, "read_locks"), 0);
+	CHECK_EQ(t_stat(c, "objects_writing"), 0);
+	CHECK_EQ(t_stat(c, "xfer_queued"), 0);
+	CHECK_EQ(t_stat(c, "slots_free") + t_stat(c, "objects"), t_stat(c, "slots_total"));
+	CHECK_EQ(t_stat(c, "instances"), 0);
 	kvstash_close(c);
 	CHECK_EQ(t_daemon_stop(d), 0);
 	return t_result("soak");

@@ -141,23 +141,9 @@ static long retrieve_check(struct node *n, int p, int nchunks)
 	return bad;
 }
 
-static const char *g_stat;
-static uint64_t g_val;
-static int find_stat(const char *name, uint64_t v, void *arg)
+static uint64_t t_stat_n(struct node *n, const char *name)
 {
-	(void)arg;
-	if (strcmp(name, g_stat))
-		return 0;
-	g_val = v;
-	return 1;
-}
-
-static uint64_t stat_of(struct node *n, const char *name)
-{
-	g_stat = name;
-	g_val = UINT64_MAX;
-	kvstash_stats(n->c, find_stat, NULL);
-	return g_val;
+	return t_stat(n->c, name);
 }
 
 /* Wait until @name reaches @want (async tier writes). */
@@ -165,7 +151,7 @@ static uint64_t wait_stat(struct node *n, const char *name, uint64_t want)
 {
 	uint64_t v = 0;
 
-	for (int i = 0; i < 250 && (v = stat_of(n, name)) < want; i++)
+	for (int i = 0; i < 250 && (v = t_stat(n->c, name)) < want; i++)
 		usleep(20000);
 	return v;
 }
@@ -189,11 +175,11 @@ static void test_disk(const char *dir)
 	CHECK_EQ(store_prompt(&n, 2, PROMPT), 0);
 	push_out(&n, 10, 5);	/* 20 chunks more through 16 slots */
 	CHECK(wait_stat(&n, "l2_demoted", 12) >= 12);
-	CHECK_EQ(stat_of(&n, "l2_demote_failed"), 0);
+	CHECK_EQ(t_stat_n(&n, "l2_demote_failed"), 0);
 
 	/* Demoted and promoted back: byte-exact. */
 	CHECK_EQ(lookup_prompt(&n, 0), PROMPT);
-	CHECK(stat_of(&n, "l2_promoted") >= PROMPT);
+	CHECK(t_stat_n(&n, "l2_promoted") >= PROMPT);
 	CHECK_EQ(retrieve_check(&n, 0, PROMPT), 0);
 	CHECK_EQ(node_stop(&n), 0);
 
@@ -236,8 +222,8 @@ static void test_disk(const char *dir)
 	node_start(&n, args, 3);
 	int64_t hit = lookup_prompt(&n, 2);
 	CHECK_EQ(hit, 0);	/* chunk 0's file is corrupt: no prefix, no wrong bytes */
-	CHECK(stat_of(&n, "l2_corrupt") >= 1);
-	CHECK(stat_of(&n, "promote_failed") >= 1);
+	CHECK(t_stat_n(&n, "l2_corrupt") >= 1);
+	CHECK(t_stat_n(&n, "promote_failed") >= 1);
 	CHECK_EQ(node_stop(&n), 0);
 }
 
@@ -298,7 +284,7 @@ static void test_redis(const char *dir)
 	CHECK_EQ(store_prompt(&a, 30, PROMPT), 0);
 	CHECK(wait_stat(&a, "l3_written", PROMPT) >= PROMPT);
 	CHECK_EQ(lookup_prompt(&b, 30), PROMPT);
-	CHECK(stat_of(&b, "l3_promoted") >= PROMPT);
+	CHECK(t_stat_n(&b, "l3_promoted") >= PROMPT);
 	CHECK_EQ(retrieve_check(&b, 30, PROMPT), 0);
 
 	/* One prefix over three tiers on B: chunk 0 in L1, chunk 1 in L2, chunks
@@ -309,10 +295,10 @@ static void test_redis(const char *dir)
 	CHECK_EQ(store_prompt(&b, 31, 1), 0);	/* chunk 0 back into L1 */
 	CHECK_EQ(store_prompt(&a, 31, PROMPT), 0);	/* all 4 into Redis via A */
 	CHECK(wait_stat(&a, "l3_written", 2 * PROMPT) >= 2 * PROMPT);
-	uint64_t l2_before = stat_of(&b, "l2_promoted"), l3_before = stat_of(&b, "l3_promoted");
+	uint64_t l2_before = t_stat_n(&b, "l2_promoted"), l3_before = t_stat_n(&b, "l3_promoted");
 	CHECK_EQ(lookup_prompt(&b, 31), PROMPT);
-	CHECK(stat_of(&b, "l2_promoted") > l2_before);
-	CHECK(stat_of(&b, "l3_promoted") > l3_before);
+	CHECK(t_stat_n(&b, "l2_promoted") > l2_before);
+	CHECK(t_stat_n(&b, "l3_promoted") > l3_before);
 	CHECK_EQ(retrieve_check(&b, 31, PROMPT), 0);
 
 	/* Redis killed mid-run: requests keep being answered; failures counted. */
@@ -323,12 +309,12 @@ static void test_redis(const char *dir)
 	CHECK_EQ(lookup_prompt(&b, 50), 0);		/* only in A's L1: B cannot see it */
 	double rtt;
 	CHECK_EQ(kvstash_ping(b.c, &rtt), 0);
-	CHECK(stat_of(&a, "l3_notconn") + stat_of(&a, "l3_dropped") + stat_of(&a, "l3_failed") > 0);
+	CHECK(t_stat_n(&a, "l3_notconn") + t_stat_n(&a, "l3_dropped") + t_stat_n(&a, "l3_failed") > 0);
 
 	/* Restarted on the same port: the tier reconnects and sharing works again. */
 	rpid = redis_start(port);
-	uint64_t w0 = stat_of(&a, "l3_written");
-	for (int i = 0; i < 100 && stat_of(&a, "l3_nodes_up") != 1; i++)
+	uint64_t w0 = t_stat_n(&a, "l3_written");
+	for (int i = 0; i < 100 && t_stat_n(&a, "l3_nodes_up") != 1; i++)
 		usleep(50000);
 	CHECK_EQ(store_prompt(&a, 60, PROMPT), 0);
 	CHECK(wait_stat(&a, "l3_written", w0 + PROMPT) >= w0 + PROMPT);
