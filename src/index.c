@@ -41,6 +41,7 @@
 #include "index.h"
 
 #include <errno.h>
+#include <sched.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -70,7 +71,7 @@
 #define EVICT_BATCH 16u
 #define EVICT_SCAN 64u
 /* idx_reserve_write: evict-and-retry rounds when other threads take the slots first. */
-#define RESERVE_EVICT_TRIES 4
+#define RESERVE_EVICT_TRIES 8
 
 struct idx_entry {
 	/*
@@ -125,7 +126,7 @@ struct idx {
 	uint32_t shard_mask;
 	uint64_t read_ttl_ms;
 	uint64_t write_ttl_ms;
-	uint32_t low_wm;	/* evict_low_watermark_slots */
+	_Atomic uint32_t low_wm;	/* evict_low_watermark_slots; idx_set_low_watermark */
 	struct lru lru;		/* evictable entries; lock ranks below every shard */
 
 	/* Metrics: totals since creation. */
@@ -420,7 +421,7 @@ int idx_create(const struct idx_config *cfg, struct pool *pool, struct idx **out
 	ix->shard_mask = c.nshards - 1;
 	ix->read_ttl_ms = c.read_ttl_ms ? c.read_ttl_ms : IDX_DEFAULT_READ_TTL_MS;
 	ix->write_ttl_ms = c.write_ttl_ms ? c.write_ttl_ms : IDX_DEFAULT_WRITE_TTL_MS;
-	ix->low_wm = c.evict_low_watermark_slots ? c.evict_low_watermark_slots : 1;
+	atomic_init(&ix->low_wm, c.evict_low_watermark_slots ? c.evict_low_watermark_slots : 1);
 
 	/* Size the tables for a full pool when its geometry is known already. */
 	if (pool_nslots(pool)) {
@@ -567,6 +568,11 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 	return total;
 }
 
+void idx_set_low_watermark(struct idx *ix, uint32_t slots)
+{
+	atomic_store(&ix->low_wm, slots ? slots : 1);
+}
+
 void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg)
 {
 	ix->evict_arg = arg;
@@ -593,9 +599,11 @@ static int reserve_slot(struct idx *ix, uint32_t *slot)
 
 		if (rc != -ENOSPC || round == RESERVE_EVICT_TRIES)
 			return rc;
-		if (evict_lru(ix, SIZE_MAX, KS_MAX(ix->low_wm, 1u), &busy) == 0 && !busy &&
-		    pool_free_slots(ix->pool) == 0)
+		if (evict_lru(ix, SIZE_MAX, KS_MAX(atomic_load(&ix->low_wm), 1u), &busy) == 0 &&
+		    !busy && pool_free_slots(ix->pool) == 0)
 			return -ENOSPC;	/* nothing evictable: every entry is in use */
+		if (busy)
+			sched_yield();	/* the shards at the cold end are held: let them go */
 	}
 }
 

@@ -166,6 +166,13 @@ bool idx_contains(struct idx *ix, const struct ks_key *k);
 /* Snapshot of linked @k into *info: 0, -ENOENT (not linked), -ETIMEDOUT. */
 int idx_key_info(struct idx *ix, const struct ks_key *k, struct idx_entry_info *info);
 
+/*
+ * Evict down to @slots free slots when a reservation finds the pool full
+ * (hysteresis, so concurrent STOREs do not each evict one and take each
+ * other's slot). Any thread; takes effect for later reservations.
+ */
+void idx_set_low_watermark(struct idx *ix, uint32_t slots);
+
 /* ---- eviction hook (demotion to a lower tier) ---- */
 
 /*

@@ -650,6 +650,9 @@ static int instance_build(struct srv *s, const struct proto_request *rq,
 	}
 	in->object_bytes = kv_object_bytes(&in->layout, s->cfg.chunk_tokens);
 	rc = pool_configure_slots(s->pool, in->object_bytes);
+	if (rc == 0)	/* --evict-watermark-pct of the slots, once their size is known */
+		idx_set_low_watermark(s->idx, (uint32_t)((uint64_t)pool_nslots(s->pool) *
+							 s->cfg.evict_watermark_pct / 100));
 	if (rc) {
 		snprintf(err, errlen, "objects of %" PRIu64 " bytes do not fit the pool's %" PRIu64
 			 "-byte slots (layout mismatch with the first registration, or pool too small)",
