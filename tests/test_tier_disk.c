@@ -11,48 +11,13 @@
 #include "chunk_file.h"
 #include "hash.h"
 #include "helpers.h"
+#include "tierwait.h"
 #include "tier_disk.h"
-
-struct waiter {
-	_Atomic int done;
-	int status;
-	uint64_t tag;
-	size_t n;
-	_Atomic int entered;	/* block_cb: the callback is running */
-	_Atomic int release;	/* block_cb: let it return */
-};
-
-static void done_cb(void *arg, int status, uint64_t tag, size_t n)
-{
-	struct waiter *w = arg;
-
-	w->status = status;
-	w->tag = tag;
-	w->n = n;
-	atomic_store_explicit(&w->done, 1, memory_order_release);
-}
-
-/* Holds the worker inside a callback until the test releases it (10 s at most). */
-static void block_cb(void *arg, int status, uint64_t tag, size_t n)
-{
-	struct waiter *w = arg;
-
-	atomic_store(&w->entered, 1);
-	for (int i = 0; i < 10000 && !atomic_load(&w->release); i++)
-		usleep(1000);
-	done_cb(arg, status, tag, n);
-}
 
 /* Wait (10 s at most) for @w; returns its status, or -ETIME on timeout. */
 static int wait_done(struct waiter *w)
 {
-	for (int i = 0; i < 100000; i++) {
-		if (atomic_load_explicit(&w->done, memory_order_acquire))
-			return w->status;
-		usleep(100);
-	}
-	fprintf(stderr, "callback never came\n");
-	return -ETIME;
+	return wait_done_ms(w, 10000);
 }
 
 static struct ks_key mkkey(unsigned i)

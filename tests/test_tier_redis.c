@@ -16,47 +16,15 @@
 #include "compiler.h"
 #include "hash.h"
 #include "helpers.h"
+#include "tierwait.h"
 #include "tier_redis.h"
 
 extern char **environ;
 
-struct waiter {
-	_Atomic int done;
-	int status;
-	uint64_t tag;
-	size_t n;
-	_Atomic int entered, release;
-};
-
-static void done_cb(void *arg, int status, uint64_t tag, size_t n)
-{
-	struct waiter *w = arg;
-
-	w->status = status;
-	w->tag = tag;
-	w->n = n;
-	atomic_store_explicit(&w->done, 1, memory_order_release);
-}
-
-static void block_cb(void *arg, int status, uint64_t tag, size_t n)
-{
-	struct waiter *w = arg;
-
-	atomic_store(&w->entered, 1);
-	for (int i = 0; i < 10000 && !atomic_load(&w->release); i++)
-		usleep(1000);
-	done_cb(arg, status, tag, n);
-}
-
+/* Wait (20 s at most) for @w; returns its status, or -ETIME on timeout. */
 static int wait_done(struct waiter *w)
 {
-	for (int i = 0; i < 200000; i++) {
-		if (atomic_load_explicit(&w->done, memory_order_acquire))
-			return w->status;
-		usleep(100);
-	}
-	fprintf(stderr, "callback never came\n");
-	return -ETIME;
+	return wait_done_ms(w, 20000);
 }
 
 /* ---- a real redis-server on a free loopback port ------------------------- */
