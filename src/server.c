@@ -2694,8 +2694,8 @@ int srv_run(struct srv *s)
 	s->io_running = true;
 	struct pool_stats ps;
 
-	/* The heartbeat outranks the bulk path for CPU: workers run at nice +10
-	 * (transfer.c) and, where permitted, this thread below 0. */
+	/* The heartbeat outranks the bulk path for CPU: where permitted, this
+	 * thread runs below nice 0 and the transfer workers at 0. */
 	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SRV_IO_NICE) < 0)
 		log_info("io thread keeps nice 0 (%s): PING latency then depends more on "
 			 "the load of other processes", strerror(errno));
