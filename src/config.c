@@ -70,6 +70,9 @@ static const struct cfg_opt cfg_opts[] = {
 	  "largest request accepted (ZMQ_MAXMSGSIZE); bigger ones close that connection" },
 	{ "lock-timeout-ms", NULL, CFG_U32, F(lock_timeout_ms), "2000", 1, 600000, NULL,
 	  "longest wait for any internal lock before the request fails" },
+	{ "transfer-timeout-ms", NULL, CFG_U32, F(transfer_timeout_ms), "30000", 100, 3600000, NULL,
+	  "longest wait for one GPU copy or one tier read before the request fails (a GPU copy "
+	  "still running then keeps its buffers until the device confirms it ended)" },
 	{ "evict-watermark-pct", NULL, CFG_U32, F(evict_watermark_pct), "2", 0, 50, NULL,
 	  "when a STORE needs space, evict until this percent of slots is free" },
 	{ "owner-check", NULL, CFG_ENUM, F(owner_check), "on", 0, 0, "on|off",

@@ -26,6 +26,7 @@ struct srv_config {
 	uint32_t registration_grace_s;
 	uint32_t max_message_mb;
 	uint32_t lock_timeout_ms;
+	uint32_t transfer_timeout_ms;
 	uint32_t evict_watermark_pct;
 	char log_level[16];
 	char log_format[16];

@@ -964,20 +964,20 @@ static void tier_wait_done(void *arg, int status, uint64_t tag, size_t nbytes)
 		log_error("tier wait: eventfd write: %s", strerror(errno));
 }
 
-#define SRV_TIER_WAIT_STEP_MS 1000
-#define SRV_TIER_WAIT_STEPS 30
+#define SRV_TIER_WAIT_STEP_MS 100
 
 /*
  * Wait for the callback of a submitted read. Returns its status, or
- * -ETIMEDOUT after 30 s: then the read still owns @w and its buffer, which
- * are deliberately leaked (never freed under I/O).
+ * -ETIMEDOUT after @timeout_ms (--transfer-timeout-ms): then the read still
+ * owns @w and its buffer, which are deliberately leaked (never freed under
+ * I/O).
  */
-static int tier_wait(struct tier_wait *w)
+static int tier_wait(struct tier_wait *w, uint32_t timeout_ms)
 {
 	struct pollfd pfd = { .fd = w->efd, .events = POLLIN };
 
 	ks_assert_unlocked();
-	for (int i = 0; i < SRV_TIER_WAIT_STEPS; i++)
+	for (uint32_t waited = 0; waited < timeout_ms; waited += SRV_TIER_WAIT_STEP_MS)
 		if (poll(&pfd, 1, SRV_TIER_WAIT_STEP_MS) > 0)
 			return atomic_load(&w->status);
 	return -ETIMEDOUT;
@@ -1003,7 +1003,7 @@ static int tier_read(struct srv *s, const struct ks_key *k, void *dst, uint64_t 
 	if (s->l2 && tier_disk_contains(s->l2, k, NULL, NULL)) {
 		rc = tier_disk_get(s->l2, k, dst, nbytes, tier_wait_done, w);
 		if (rc == 0)
-			rc = tier_wait(w);
+			rc = tier_wait(w, s->cfg.transfer_timeout_ms);
 	}
 	if (rc && rc != -ETIMEDOUT && s->l3) {
 		uint64_t v;
@@ -1014,12 +1014,12 @@ static int tier_read(struct srv *s, const struct ks_key *k, void *dst, uint64_t 
 		*from_l3 = true;
 		rc = tier_redis_get(s->l3, k, dst, nbytes, tier_wait_done, w);
 		if (rc == 0)
-			rc = tier_wait(w);
+			rc = tier_wait(w, s->cfg.transfer_timeout_ms);
 	}
 	if (rc == -ETIMEDOUT) {
 		*leaked = true;
-		log_error("tier read did not complete in %d s: its buffer stays reserved",
-			  SRV_TIER_WAIT_STEPS * SRV_TIER_WAIT_STEP_MS / 1000);
+		log_error("tier read did not complete in %u ms: its buffer stays reserved",
+			  s->cfg.transfer_timeout_ms);
 		return rc;
 	}
 	if (rc == 0 && (w->nbytes != nbytes || w->tag != nbytes))
@@ -1336,7 +1336,6 @@ static int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
 
 /* ---- CUDA jobs: run on device d's workers, each with its own context ---- */
 
-#define SRV_CUDA_TIMEOUT_MS 30000	/* one copy; then drained before slots are released */
 #define SRV_CUDA_DRAIN_STEP_MS 1000
 
 /* This worker's context on @dev, created on first use (only this thread touches it). */
@@ -1426,7 +1425,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 		.layout = &in->layout, .layers = in->layer_ptrs, .slots = slots,
 		.ntokens = nres * C, .chunk_tokens = C, .objs = objs,
 		.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
-		.timeout_ms = SRV_CUDA_TIMEOUT_MS,
+		.timeout_ms = j->srv->cfg.transfer_timeout_ms,
 	};
 	rc = cuda_copy(ctx, true, &cj);
 	if (rc) {
@@ -1488,7 +1487,7 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 			.skip_tokens = (uint32_t)KS_MIN(j->skip_tokens, (uint64_t)j->nchunks *
 							j->chunk_tokens),
 			.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
-			.timeout_ms = SRV_CUDA_TIMEOUT_MS,
+			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
 		};
 		rc = cuda_copy(ctx, false, &cj);
 		if (rc) {
