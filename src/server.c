@@ -846,8 +846,9 @@ static const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 		memcpy(ss->tokens + reuse * C, k->token_ids + reuse * C,
 		       (nchunks - reuse) * (size_t)C * 4);
 	}
-	/* A shorter request keeps the longer cached prefix only if it matched. */
-	if (nchunks > ss->nchunks || reuse < ss->nchunks)
+	/* Grow to @nchunks; a shorter request keeps the longer cached prefix
+	 * unless it diverged inside it (then what follows is stale). */
+	if (nchunks > ss->nchunks || reuse < KS_MIN(ss->nchunks, nchunks))
 		ss->nchunks = nchunks;
 	return (const uint8_t(*)[KS_HASH_LEN])ss->hashes;
 }
