@@ -2360,6 +2360,30 @@ void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 				  labels,
 				  (const struct metrics_hist *)((const char *)s + srv_hists[i].off));
 	}
+	/* Per device: its queue, and how long its last data-path probe has waited.
+	 * One pass per family: Prometheus wants a family's samples together. */
+	static const char *const dev_family[3][2] = {
+		{ "kvstash_device_queue_depth", "Transfer jobs waiting for a worker, per device." },
+		{ "kvstash_device_running", "Transfer jobs being copied now, per device." },
+		{ "kvstash_device_probe_wait_seconds",
+		  "How long the device's outstanding health probe has waited (0: none)." },
+	};
+	for (unsigned f = 0; f < 3; f++) {
+		for (unsigned e = 0; e < s->nengines; e++) {
+			struct xfer_stats xs;
+			uint64_t sent = atomic_load(&s->probe_sent_ms[e]), now = ks_now_ms();
+			double v;
+
+			xfer_get_stats(s->engines[e], &xs);
+			if (e == 0)
+				snprintf(labels, sizeof(labels), "device=\"host\"");
+			else
+				snprintf(labels, sizeof(labels), "device=\"cuda:%u\"", e - 1);
+			v = f == 0 ? (double)xs.queued : f == 1 ? (double)xs.running :
+			    sent && now > sent ? (double)(now - sent) / 1e3 : 0.0;
+			metrics_gauge(out, dev_family[f][0], e == 0 ? dev_family[f][1] : NULL, labels, v);
+		}
+	}
 	char why[256];
 	metrics_gauge(out, "kvstash_healthy", "1 when /healthz reports healthy.", NULL,
 		      srv_health(s, why, sizeof(why)) == 0 ? 1.0 : 0.0);

@@ -88,7 +88,8 @@ check "/metrics 200 with Prometheus 0.0.4 content type (got $CT)" \
 	[ "$CT" = "200 text/plain; version=0.0.4; charset=utf-8" ]
 for n in lmcache_mp_sm_read_requests_total lmcache_mp_sm_write_requests_total \
 	lmcache_mp_l1_evicted_keys_total kvstash_store_chunks_total kvstash_l1_objects \
-	kvstash_healthy kvstash_ping_requests_total 'kvstash_request_duration_seconds_count{request="store"}'; do
+	kvstash_healthy kvstash_ping_requests_total 'kvstash_request_duration_seconds_count{request="store"}' \
+	'kvstash_device_queue_depth{device="host"}' 'kvstash_device_probe_wait_seconds{device="host"}'; do
 	check "/metrics has sample $n" grep -Eq "^${n//[\{\}\"]/.} [0-9.e+-]+$" "$TMP/m0"
 done
 check "/metrics: kvstash_healthy 1 at rest" [ "$(metric kvstash_healthy "$TMP/m0")" = 1 ]
@@ -271,6 +272,9 @@ check "stalled probe: reason names the device probe: $(cat "$TMP/health")" \
 # The probe stays stuck until ~5 s after start: /metrics and /stats agree meanwhile.
 scrape /metrics >/dev/null
 check "stalled probe: kvstash_healthy 0" [ "$(metric kvstash_healthy)" = 0 ]
+check "stalled probe: the host device's probe wait is over 1 s" \
+	awk '$1 == "kvstash_device_probe_wait_seconds{device=\"host\"}" && $2 > 1 { ok = 1 } END { exit !ok }' \
+	"$TMP/metrics"
 scrape /stats "$TMP/stats.json" >/dev/null
 check "stalled probe: /stats healthy false" grep -q '"healthy":false' "$TMP/stats.json"
 # The stalled worker blocks only the probe: PING still answers at once.
