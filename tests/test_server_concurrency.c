@@ -17,6 +17,7 @@
 #include "compiler.h"
 #include "helpers.h"
 #include "kvfix.h"
+#include "pinger.h"
 
 #define NCLIENTS_DEFAULT 32
 #define NL 4
@@ -28,7 +29,6 @@
 #define NPROMPTS 24	/* shared by all clients: the same prompt -> the same bytes */
 #define PROMPT_CHUNKS 2
 #define PING_PERIOD_MS 10
-#define MAX_PINGS 100000
 #define PING_P99_LIMIT_MS 100.0
 #define CLIENT_NICE 5
 
@@ -41,9 +41,7 @@
 static const char *endpoint;
 static _Atomic bool stop;
 static _Atomic uint64_t n_store, n_retrieve, n_lookup, n_miss, n_lost, n_corrupt, n_other;
-static double ping_ms[MAX_PINGS];
-static size_t nping;
-static _Atomic uint64_t ping_failures;
+static struct t_pinger pinger;
 
 static uint64_t prompt_seed(int p)
 {
@@ -155,37 +153,9 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
-static void *pinger_main(void *arg)
-{
-	kvstash_client *c;
-
-	(void)arg;
-	REQUIRE(kvstash_connect(endpoint, 2000, &c) == 0);
-	while (!atomic_load(&stop) && nping < MAX_PINGS) {
-		double rtt;
-
-		if (kvstash_ping(c, &rtt)) {
-			atomic_fetch_add(&ping_failures, 1);
-			fprintf(stderr, "ping failed: %s\n", kvstash_last_error());
-		} else {
-			ping_ms[nping++] = rtt;
-		}
-		usleep(PING_PERIOD_MS * 1000);
-	}
-	kvstash_close(c);
-	return NULL;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 int main(void)
 {
-	pthread_t th[256], pinger;
+	pthread_t th[256];
 	const char *nenv = getenv("KVSTASH_TEST_CLIENTS");
 	int nclients = nenv ? atoi(nenv) : NCLIENTS_DEFAULT;
 	const char *env = getenv("KVSTASH_TEST_SECONDS");
@@ -194,18 +164,16 @@ int main(void)
 
 	REQUIRE(d);
 	endpoint = d->endpoint;
-	REQUIRE(pthread_create(&pinger, NULL, pinger_main, NULL) == 0);
+	pinger = (struct t_pinger){ .endpoint = endpoint, .period_ms = PING_PERIOD_MS,
+				    .timeout_ms = 2000, .slow_ms = PING_P99_LIMIT_MS };
+	t_pinger_start(&pinger);
 	for (int i = 0; i < nclients; i++)
 		REQUIRE(pthread_create(&th[i], NULL, client_main, (void *)(intptr_t)i) == 0);
 	sleep((unsigned)(seconds > 0 ? seconds : 1));
 	atomic_store(&stop, true);
 	for (int i = 0; i < nclients; i++)
 		pthread_join(th[i], NULL);
-	pthread_join(pinger, NULL);
-
-	qsort(ping_ms, nping, sizeof(double), cmp_double);
-	double p50 = nping ? ping_ms[nping / 2] : 0, p99 = nping ? ping_ms[nping * 99 / 100] : 0;
-	double pmax = nping ? ping_ms[nping - 1] : 0;
+	t_pinger_stop(&pinger);
 	fprintf(stderr,
 		"%d s, %d clients: %" PRIu64 " stores, %" PRIu64 " lookups, %" PRIu64
 		" retrieves, %" PRIu64 " lookup misses; lost %" PRIu64 ", corrupt %" PRIu64
@@ -213,15 +181,15 @@ int main(void)
 		seconds, nclients, atomic_load(&n_store), atomic_load(&n_lookup),
 		atomic_load(&n_retrieve), atomic_load(&n_miss), atomic_load(&n_lost),
 		atomic_load(&n_corrupt), atomic_load(&n_other));
-	fprintf(stderr, "ping under load: %zu pings, p50 %.3f ms, p99 %.3f ms, max %.3f ms\n", nping,
-		p50, p99, pmax);
+	fprintf(stderr, "ping under load: %zu pings, p50 %.3f ms, p99 %.3f ms, max %.3f ms\n",
+		pinger.n, pinger.p50, pinger.p99, pinger.max);
 	CHECK_EQ(atomic_load(&n_lost), 0);
 	CHECK_EQ(atomic_load(&n_corrupt), 0);
 	CHECK_EQ(atomic_load(&n_other), 0);
-	CHECK_EQ(atomic_load(&ping_failures), 0);
-	CHECK(nping > (size_t)seconds * 20);	/* the pinger really ran */
+	CHECK_EQ(pinger.failures, 0);
+	CHECK(pinger.n > (size_t)seconds * 20);	/* the pinger really ran */
 	CHECK(atomic_load(&n_retrieve) > 0);
-	CHECK(p99 < PING_P99_LIMIT_MS);
+	CHECK(pinger.p99 < PING_P99_LIMIT_MS);
 
 	/* Everything released: no pins, no read locks beyond what LOOKUPs left
 	 * (each retrieved prefix released its locks; misses locked nothing). */

@@ -17,6 +17,7 @@
 
 #include "helpers.h"
 #include "kvfix.h"
+#include "pinger.h"
 
 #define NCLIENTS 64
 #define NL 2
@@ -30,7 +31,6 @@
 #define PING_PERIOD_MS 10
 #define PING_LIMIT_MS 100.0
 #define REQUEST_TIMEOUT_MS 10000
-#define MAX_PINGS 100000
 #define CLIENT_NICE 5	/* load clients model engines on other cores; the watchdog stays at 0 */
 
 #if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
@@ -46,9 +46,7 @@ static const char *const op_names[OP_N] = { "store", "lookup", "retrieve", "free
 static const char *endpoint;
 static _Atomic bool stop;
 static _Atomic uint64_t ops[OP_N], lost, corrupt, unexpected;
-static double pings[MAX_PINGS];
-static size_t npings;
-static _Atomic uint64_t ping_fail;
+static struct t_pinger watchdog;
 
 /* Prompt p's tokens; prompts share leading chunks in groups so prefixes overlap. */
 static void prompt_tokens(int p, uint32_t *tok)
@@ -169,76 +167,42 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
-static void *watchdog_main(void *arg)
-{
-	kvstash_client *c;
-
-	(void)arg;
-	REQUIRE(kvstash_connect(endpoint, (int)PING_LIMIT_MS * 10, &c) == 0);
-	while (!atomic_load(&stop) && npings < MAX_PINGS) {
-		double rtt;
-
-		if (kvstash_ping(c, &rtt)) {
-			atomic_fetch_add(&ping_fail, 1);
-			fprintf(stderr, "watchdog: PING failed: %s\n", kvstash_last_error());
-		} else {
-			pings[npings++] = rtt;
-			if (rtt > PING_LIMIT_MS)
-				fprintf(stderr, "watchdog: PING took %.1f ms\n", rtt);
-		}
-		usleep(PING_PERIOD_MS * 1000);
-	}
-	kvstash_close(c);
-	return NULL;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-	double x = *(const double *)a, y = *(const double *)b;
-
-	return x < y ? -1 : x > y;
-}
-
 int main(void)
 {
-	pthread_t th[NCLIENTS], wd;
+	pthread_t th[NCLIENTS];
 	const char *env = getenv("KVSTASH_SOAK_SECONDS");
 	int seconds = env ? atoi(env) : DEFAULT_SECONDS;
 	/* A small pool so eviction runs all the time; short TTLs so locks of
 	 * LOOKUPs never followed by RETRIEVE/FREE expire within the run. */
 	struct t_daemon *d = t_daemon_start("--pool-size=64M --workers=2 --read-ttl-s=2 "
 					    "--write-ttl-s=5");
-	size_t over = 0;
 
 	REQUIRE(d);
 	endpoint = d->endpoint;
-	REQUIRE(pthread_create(&wd, NULL, watchdog_main, NULL) == 0);
+	watchdog = (struct t_pinger){ .endpoint = endpoint, .period_ms = PING_PERIOD_MS,
+				      .timeout_ms = (unsigned)PING_LIMIT_MS * 10,
+				      .slow_ms = PING_LIMIT_MS };
+	t_pinger_start(&watchdog);
 	for (int i = 0; i < NCLIENTS; i++)
 		REQUIRE(pthread_create(&th[i], NULL, client_main, (void *)(intptr_t)i) == 0);
 	sleep((unsigned)(seconds > 0 ? seconds : 1));
 	atomic_store(&stop, true);
 	for (int i = 0; i < NCLIENTS; i++)
 		pthread_join(th[i], NULL);
-	pthread_join(wd, NULL);
-
-	qsort(pings, npings, sizeof(double), cmp_double);
-	for (size_t i = 0; i < npings; i++)
-		over += pings[i] > PING_LIMIT_MS;
+	t_pinger_stop(&watchdog);
 	fprintf(stderr, "soak %d s, %d clients:", seconds, NCLIENTS);
 	for (int o = 0; o < OP_N; o++)
 		fprintf(stderr, " %s %" PRIu64, op_names[o], atomic_load(&ops[o]));
 	fprintf(stderr, "\n  lost %" PRIu64 ", corrupt %" PRIu64 ", unexpected errors %" PRIu64 "\n",
 		atomic_load(&lost), atomic_load(&corrupt), atomic_load(&unexpected));
-	if (npings)
-		fprintf(stderr, "  ping: %zu, p50 %.3f ms, p99 %.3f ms, max %.3f ms, over %.0f ms: %zu\n",
-			npings, pings[npings / 2], pings[npings * 99 / 100], pings[npings - 1],
-			PING_LIMIT_MS, over);
+	fprintf(stderr, "  ping: %zu, p50 %.3f ms, p99 %.3f ms, max %.3f ms, over %.0f ms: %zu\n",
+		watchdog.n, watchdog.p50, watchdog.p99, watchdog.max, PING_LIMIT_MS, watchdog.over);
 	CHECK_EQ(atomic_load(&lost), 0);
 	CHECK_EQ(atomic_load(&corrupt), 0);
 	CHECK_EQ(atomic_load(&unexpected), 0);
-	CHECK_EQ(atomic_load(&ping_fail), 0);
-	CHECK_EQ(over, 0);
-	CHECK(npings > (size_t)seconds * 20);
+	CHECK_EQ(watchdog.failures, 0);
+	CHECK_EQ(watchdog.over, 0);
+	CHECK(watchdog.n > (size_t)seconds * 20);
 	CHECK(atomic_load(&ops[OP_RETRIEVE]) > 0 && atomic_load(&ops[OP_CLEAR]) > 0);
 
 	/* Quiescent: nothing pinned, nothing being written, every slot accounted. */

@@ -15,9 +15,11 @@
 #include "tier_disk.h"
 
 /* Wait (10 s at most) for @w; returns its status, or -ETIME on timeout. */
+#define WAIT_MS 10000	/* the longest a tier callback may take here */
+
 static int wait_done(struct waiter *w)
 {
-	return wait_done_ms(w, 10000);
+	return wait_done_ms(w, WAIT_MS);
 }
 
 static struct ks_key mkkey(unsigned i)
@@ -56,25 +58,16 @@ static int put_sync(struct tier_disk *td, const struct ks_key *k, uint64_t tag, 
 		    size_t n, unsigned flags)
 {
 	struct waiter w = { 0 };
-	int rc = tier_disk_put(td, k, tag, d, n, flags, done_cb, &w);
 
-	return rc ? rc : wait_done(&w);
+	return waiter_finish(&w, tier_disk_put(td, k, tag, d, n, flags, done_cb, &w), WAIT_MS, NULL, NULL);
 }
 
 static int get_sync(struct tier_disk *td, const struct ks_key *k, void *dst, size_t cap,
 		    uint64_t *tag, size_t *n)
 {
 	struct waiter w = { 0 };
-	int rc = tier_disk_get(td, k, dst, cap, done_cb, &w);
 
-	if (rc)
-		return rc;
-	rc = wait_done(&w);
-	if (tag)
-		*tag = w.tag;
-	if (n)
-		*n = w.n;
-	return rc;
+	return waiter_finish(&w, tier_disk_get(td, k, dst, cap, done_cb, &w), WAIT_MS, tag, n);
 }
 
 static const size_t sizes[] = { 1, 511, 4096, 65537, (1u << 20) + 3, 8u << 20 };

@@ -22,9 +22,11 @@
 extern char **environ;
 
 /* Wait (20 s at most) for @w; returns its status, or -ETIME on timeout. */
+#define WAIT_MS 20000	/* the longest a tier callback may take here */
+
 static int wait_done(struct waiter *w)
 {
-	return wait_done_ms(w, 20000);
+	return wait_done_ms(w, WAIT_MS);
 }
 
 /* ---- a real redis-server on a free loopback port ------------------------- */
@@ -151,25 +153,16 @@ static int put_sync(struct tier_redis *tr, const struct ks_key *k, uint64_t tag,
 		    size_t n, unsigned flags)
 {
 	struct waiter w = { 0 };
-	int rc = tier_redis_put(tr, k, tag, d, n, flags, done_cb, &w);
 
-	return rc ? rc : wait_done(&w);
+	return waiter_finish(&w, tier_redis_put(tr, k, tag, d, n, flags, done_cb, &w), WAIT_MS, NULL, NULL);
 }
 
 static int get_sync(struct tier_redis *tr, const struct ks_key *k, void *dst, size_t cap,
 		    uint64_t *tag, size_t *n)
 {
 	struct waiter w = { 0 };
-	int rc = tier_redis_get(tr, k, dst, cap, done_cb, &w);
 
-	if (rc)
-		return rc;
-	rc = wait_done(&w);
-	if (tag)
-		*tag = w.tag;
-	if (n)
-		*n = w.n;
-	return rc;
+	return waiter_finish(&w, tier_redis_get(tr, k, dst, cap, done_cb, &w), WAIT_MS, tag, n);
 }
 
 static const size_t sizes[] = { 1, 4096, (1u << 20) + 3, 8u << 20 };

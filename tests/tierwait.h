@@ -57,4 +57,24 @@ static inline int wait_done_ms(struct waiter *w, unsigned timeout_ms)
 	return -ETIME;
 }
 
+/*
+ * The rest of a synchronous tier call: @submit_rc is what the submit
+ * returned (its error is the result; no callback comes), else wait for the
+ * callback and pass its tag and length out (either may be NULL).
+ */
+static inline int waiter_finish(struct waiter *w, int submit_rc, unsigned timeout_ms,
+				uint64_t *tag, size_t *n)
+{
+	int rc;
+
+	if (submit_rc)
+		return submit_rc;
+	rc = wait_done_ms(w, timeout_ms);
+	if (tag)
+		*tag = w->tag;
+	if (n)
+		*n = w->n;
+	return rc;
+}
+
 #endif /* KS_TEST_TIERWAIT_H */
