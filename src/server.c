@@ -369,61 +369,55 @@ static void send_reply(struct srv *s, const struct srv_reply_addr *a, const stru
 	}
 }
 
+/* Send an encoded response frame (@rc: the encoder's result) and free it. */
+static void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
+			 struct proto_msg *m)
+{
+	if (rc == 0)
+		send_reply(s, a, m);
+	proto_msg_free(m);
+}
+
 static void reply_nil(struct srv *s, const struct srv_reply_addr *a)
 {
 	struct proto_msg m = { 0 };
 
-	if (proto_encode_nil(&m) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_nil(&m), &m);
 }
 
 static void reply_bool(struct srv *s, const struct srv_reply_addr *a, bool v)
 {
 	struct proto_msg m = { 0 };
 
-	if (proto_encode_bool(&m, v) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_bool(&m, v), &m);
 }
 
 static void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
 {
 	struct proto_msg m = { 0 };
 
-	if (proto_encode_int(&m, v) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_int(&m, v), &m);
 }
 
 static void reply_str(struct srv *s, const struct srv_reply_addr *a, const char *v)
 {
 	struct proto_msg m = { 0 };
 
-	if (proto_encode_str(&m, v) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_str(&m, v), &m);
 }
 
-/* [bin(64) event, ok]: the GPU path's reply (protocol.md §5.3). */
+/* [bin event, ok]: 64 bytes on the GPU path, c4 00 on the host path (protocol.md §5.3). */
 static void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a,
-			     const uint8_t *event, bool ok)
+			     const uint8_t *event, size_t event_len, bool ok)
 {
 	struct proto_msg m = { 0 };
 
-	if (proto_encode_xfer_reply(&m, event, PROTO_EVENT_HANDLE_LEN, ok) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_xfer_reply(&m, event, event_len, ok), &m);
 }
 
-/* [c4 00, ok]: the host path's reply (protocol.md §5.3). */
 static void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
 {
-	struct proto_msg m = { 0 };
-
-	if (proto_encode_xfer_reply(&m, NULL, 0, ok) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	reply_xfer_event(s, a, NULL, 0, ok);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1335,6 +1329,45 @@ static int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
 	return xfer_submit(s->engines[engine], &j->base);
 }
 
+/*
+ * STORE, on a worker: reserve a WRITING entry per chunk (not on the io
+ * thread: it takes no index lock a busy worker might hold). Present chunks
+ * and those without space are skipped and counted. Returns how many were
+ * reserved; j->entries[c] is NULL for the others.
+ */
+static uint32_t reserve_chunks(struct srv_xfer_job *j)
+{
+	uint32_t n = 0;
+
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		int rc = idx_reserve_write(j->srv->idx, &j->keys[c], j->inst->object_bytes,
+					   &j->entries[c]);
+
+		if (rc) {
+			j->entries[c] = NULL;
+			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
+				&j->srv->ctr.store_chunks_nospace, 1);
+		} else {
+			n++;
+		}
+	}
+	return n;
+}
+
+/* STORE, after chunk @c was copied: make it READY, write it through to L3. */
+static void commit_chunk(struct srv_xfer_job *j, uint32_t c)
+{
+	struct idx_entry *e = j->entries[c];
+
+	j->entries[c] = NULL;
+	if (idx_commit_write(j->srv->idx, e) == 0) {
+		j->committed++;
+		l3_write_through(j->srv, &j->keys[c], j->inst->object_bytes);
+	} else {
+		ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+	}
+}
+
 /* ---- CUDA jobs: run on device d's workers, each with its own context ---- */
 
 #define SRV_CUDA_DRAIN_STEP_MS 1000
@@ -1397,16 +1430,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 		j->result = -EIO;
 		return;
 	}
-	for (uint32_t c = 0; c < j->nchunks; c++) {
-		rc = idx_reserve_write(j->srv->idx, &j->keys[c], in->object_bytes, &j->entries[c]);
-		if (rc) {
-			j->entries[c] = NULL;
-			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
-				&j->srv->ctr.store_chunks_nospace, 1);
-		} else {
-			nres++;
-		}
-	}
+	nres = reserve_chunks(j);
 	/* Only the reserved chunks are copied: pack their slots and objects. */
 	slots = malloc((size_t)nres * C * sizeof(*slots));
 	objs = malloc((nres ? nres : 1) * sizeof(*objs));
@@ -1437,15 +1461,8 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 	}
 	j->has_done = nres > 0;
 	for (uint32_t c = 0; c < j->nchunks; c++) {
-		if (!j->entries[c])
-			continue;
-		if (idx_commit_write(j->srv->idx, j->entries[c]) == 0) {
-			j->committed++;
-			l3_write_through(j->srv, &j->keys[c], in->object_bytes);
-		} else {
-			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
-		}
-		j->entries[c] = NULL;
+		if (j->entries[c])
+			commit_chunk(j, c);
 	}
 	free(slots);
 	free(objs);
@@ -1578,18 +1595,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 	volatile uint32_t i = 0;
 
 	(void)worker;
-	/* Reserve here, not on the io thread: the io thread takes no index lock
-	 * that a busy worker might hold for the STORE/RETRIEVE path. */
-	for (uint32_t c = 0; c < j->nchunks; c++) {
-		int rc = idx_reserve_write(j->srv->idx, &j->keys[c], in->object_bytes,
-					   &j->entries[c]);
-
-		if (rc) {
-			j->entries[c] = NULL;
-			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
-				&j->srv->ctr.store_chunks_nospace, 1);
-		}
-	}
+	reserve_chunks(j);
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -1613,13 +1619,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 		xfer_host_gather(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
 				 idx_entry_data(j->srv->idx, e));
 		copy_jmp = NULL;
-		j->entries[i] = NULL;
-		if (idx_commit_write(j->srv->idx, e) == 0) {
-			j->committed++;
-			l3_write_through(j->srv, &j->keys[i], in->object_bytes);
-		} else {
-			ctr_add(&j->srv->ctr.store_chunks_lost, 1);
-		}
+		commit_chunk(j, i);
 	}
 }
 
@@ -1910,7 +1910,7 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
 		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
 	if (j->has_done)
-		reply_xfer_event(s, &j->addr, j->done_event, ok);
+		reply_xfer_event(s, &j->addr, j->done_event, PROTO_EVENT_HANDLE_LEN, ok);
 	else
 		reply_xfer(s, &j->addr, ok);
 	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
@@ -2335,9 +2335,7 @@ static void handle_stats(struct srv *s, const struct srv_reply_addr *a)
 		names[n] = hist_names[2 * i + 1];
 		vals[n++] = atomic_load_explicit(&h->count, memory_order_relaxed);
 	}
-	if (proto_encode_stats(&m, names, vals, n) == 0)
-		send_reply(s, a, &m);
-	proto_msg_free(&m);
+	send_encoded(s, a, proto_encode_stats(&m, names, vals, n), &m);
 }
 
 
