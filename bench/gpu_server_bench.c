@@ -9,6 +9,13 @@
  * ones, and (two clients, each with its own allocation) STORE and RETRIEVE
  * at the same time, so both PCIe directions are busy.
  *
+ * A second table splits each request's time, as the client saw it, into
+ * the server's phases (KS_STATS store_*_us / retrieve_*_us, summed over the
+ * same requests): accept (io thread: decode, hash, validate), queue,
+ * prepare (reserve / pin), copy, finish (commit / unpin), reply (completion
+ * hop to the io thread and the reply). What is left is the client side and
+ * the socket.
+ *
  * Usage: gpu_server_bench [--tokens N[,N...]] [--seconds S] [--pool-size SIZE]
  * It starts ../kvstashd (next to this program's folder) on a private ipc://
  * endpoint. Without a GPU (or built without CUDA) it says so and exits 77.
@@ -129,7 +136,45 @@ struct phase_arg {
 	int op;		/* 0 store, 1 retrieve */
 	double seconds, bytes;
 	int errors;
+	unsigned requests;
 };
+
+/* The server's phase sums (KS_STATS), per op: [0] STORE, [1] RETRIEVE. */
+#define NPHASES 6
+static const char *const phase_name[NPHASES] = { "accept", "queue", "prepare", "copy",
+						  "finish", "reply" };
+struct phase_sums {
+	uint64_t timed[2], us[2][NPHASES];
+};
+
+static int phase_stat(const char *name, uint64_t v, void *arg)
+{
+	struct phase_sums *ps = arg;
+
+	for (int op = 0; op < 2; op++) {
+		const char *pre = op ? "retrieve_" : "store_";
+		size_t pl = strlen(pre);
+		char want[40];
+
+		if (strncmp(name, pre, pl))
+			continue;
+		if (!strcmp(name + pl, "timed"))
+			ps->timed[op] = v;
+		for (int p = 0; p < NPHASES; p++) {
+			snprintf(want, sizeof(want), "%s_us", phase_name[p]);
+			if (!strcmp(name + pl, want))
+				ps->us[op][p] = v;
+		}
+	}
+	return 0;
+}
+
+static void phase_snapshot(struct cl *k, struct phase_sums *ps)
+{
+	memset(ps, 0, sizeof(*ps));
+	if (kvstash_stats(k->c, phase_stat, ps))
+		fprintf(stderr, "gpu_server_bench: KS_STATS: %s\n", kvstash_last_error());
+}
 
 static void *phase_main(void *p)
 {
@@ -143,6 +188,7 @@ static void *phase_main(void *p)
 			a->errors++;
 		else
 			a->bytes += (double)a->ntok / C * OBJ;
+		a->requests++;
 	}
 	a->seconds = now_s() - t0;
 	return NULL;
@@ -255,15 +301,29 @@ int main(int argc, char **argv)
 	printf("contiguous pinned cudaMemcpy: D2H %.1f GB/s, H2D %.1f GB/s\n", d2h, h2d);
 	printf("%8s %14s %16s %22s %8s\n", "tokens", "STORE GB/s", "RETRIEVE GB/s",
 	       "STORE+RETRIEVE GB/s", "errors");
+	/* Per size and op: ms per request seen by the client, then the server's phases. */
+	double split[8][2][1 + NPHASES] = { { { 0 } } };
 	for (int si = 0; si < nsizes; si++) {
+		struct phase_sums p0, p1;
+
 		struct phase_arg st = { &k[0], sizes[si], 0, seconds, 0, 0 };
 		struct phase_arg rt = { &k[0], sizes[si], 1, seconds, 0, 0 };
 		struct phase_arg both[2] = { { &k[1], sizes[si], 0, seconds, 0, 0 },
 					     { &k[0], sizes[si], 1, seconds, 0, 0 } };
 		pthread_t th[2];
 
+		phase_snapshot(&k[0], &p0);
 		phase_main(&st);
 		phase_main(&rt);
+		phase_snapshot(&k[0], &p1);
+		for (int op = 0; op < 2; op++) {
+			const struct phase_arg *pa = op ? &rt : &st;
+			double timed = (double)(p1.timed[op] - p0.timed[op]);
+
+			split[si][op][0] = pa->requests ? pa->seconds * 1e3 / pa->requests : 0;
+			for (int p = 0; p < NPHASES && timed > 0; p++)
+				split[si][op][1 + p] = (double)(p1.us[op][p] - p0.us[op][p]) / timed / 1e3;
+		}
 		do_store(&k[1], sizes[si]);
 		for (int i = 0; i < 2; i++)
 			pthread_create(&th[i], NULL, phase_main, &both[i]);
@@ -275,6 +335,22 @@ int main(int argc, char **argv)
 		printf("%8u %8.1f (%.2fx) %10.1f (%.2fx) %16.1f %8d\n", sizes[si], sg, sg / d2h, rg,
 		       rg / h2d, bg, st.errors + rt.errors + both[0].errors + both[1].errors);
 	}
+	printf("\nms per request (one client, synchronous): as the client saw it, then the server's "
+	       "phases\n%8s %-8s %8s", "tokens", "op", "client");
+	for (int p = 0; p < NPHASES; p++)
+		printf(" %8s", phase_name[p]);
+	printf(" %8s\n", "other");
+	for (int si = 0; si < nsizes; si++)
+		for (int op = 0; op < 2; op++) {
+			double rest = split[si][op][0];
+
+			printf("%8u %-8s %8.3f", sizes[si], op ? "RETRIEVE" : "STORE", split[si][op][0]);
+			for (int p = 0; p < NPHASES; p++) {
+				printf(" %8.3f", split[si][op][1 + p]);
+				rest -= split[si][op][1 + p];
+			}
+			printf(" %8.3f\n", rest);
+		}
 	kill(pid, SIGTERM);
 	waitpid(pid, NULL, 0);
 	return 0;

@@ -111,14 +111,26 @@ void metrics_counter(struct metrics_buf *b, const char *name, const char *help,
 		metrics_printf(b, "%s %" PRIu64 "\n", name, value);
 }
 
-void metrics_gauge(struct metrics_buf *b, const char *name, const char *help,
-		   const char *labels, double value)
+static void sample_f(struct metrics_buf *b, const char *name, const char *help, const char *type,
+		     const char *labels, double value)
 {
-	family(b, name, help, "gauge");
+	family(b, name, help, type);
 	if (labels)
 		metrics_printf(b, "%s{%s} %.17g\n", name, labels, value);
 	else
 		metrics_printf(b, "%s %.17g\n", name, value);
+}
+
+void metrics_gauge(struct metrics_buf *b, const char *name, const char *help,
+		   const char *labels, double value)
+{
+	sample_f(b, name, help, "gauge", labels, value);
+}
+
+void metrics_counter_f(struct metrics_buf *b, const char *name, const char *help,
+		       const char *labels, double value)
+{
+	sample_f(b, name, help, "counter", labels, value);
 }
 
 void metrics_histogram(struct metrics_buf *b, const char *name, const char *help,

@@ -46,6 +46,9 @@ void metrics_counter(struct metrics_buf *b, const char *name, const char *help,
 		     const char *labels, uint64_t value);
 void metrics_gauge(struct metrics_buf *b, const char *name, const char *help,
 		   const char *labels, double value);
+/* A counter with a fractional value (a total of seconds). */
+void metrics_counter_f(struct metrics_buf *b, const char *name, const char *help,
+		       const char *labels, double value);
 void metrics_histogram(struct metrics_buf *b, const char *name, const char *help,
 		       const char *labels, const struct metrics_hist *h);
 

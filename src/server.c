@@ -91,6 +91,21 @@
 /* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
 #define SRV_IDENTITY_MAX 255
 #define SRV_SMALL_FRAME_MAX 16	/* uid and type frames: one msgpack int */
+/* An io loop turn busier than this is logged (at most once a second): a PING
+ * that arrived during it waited that long. */
+#define SRV_IO_SLOW_NS (5ull * 1000 * 1000)
+
+/*
+ * The phases of a STORE/RETRIEVE, in order, from receipt to reply:
+ * decode..submit on the io thread, the transfer queue, reserve (STORE) or
+ * pin (RETRIEVE) on the worker, the copy (host STOREs also commit chunk by
+ * chunk inside it), commit/unpin, then the completion hop back to the io
+ * thread and the reply.
+ */
+enum srv_phase { PH_ACCEPT, PH_QUEUE, PH_PREPARE, PH_COPY, PH_FINISH, PH_REPLY, SRV_PHASES };
+static const char *const srv_phase_name[SRV_PHASES] = {
+	"accept", "queue", "prepare", "copy", "finish", "reply",
+};
 
 /* ------------------------------------------------------------------------ */
 /* Types                                                                    */
@@ -149,6 +164,7 @@ struct srv_xfer_job {
 	char err[SRV_ERR_MAX];
 	uint32_t committed;		/* STORE: chunks made READY */
 	uint64_t recv_ns;		/* when the request arrived (latency) */
+	uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy (phase accounting) */
 	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
 	bool has_wait;
 	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
@@ -241,6 +257,15 @@ struct srv {
 	struct srv_counters ctr;
 	/* Latency from request receipt to reply, per kind (any thread reads). */
 	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
+	/* Where STORE [0] / RETRIEVE [1] time goes, summed over finished jobs
+	 * (enum srv_phase); the io thread writes, any thread reads. */
+	_Atomic uint64_t phase_ns[2][SRV_PHASES];
+	_Atomic uint64_t phase_jobs[2];
+	/* The io loop's busy time per turn (poll return to next poll): what a
+	 * PING can wait behind. Max since start, and when a slow turn was last logged. */
+	struct metrics_hist io_busy;
+	_Atomic uint64_t io_busy_max_ns;
+	uint64_t io_slow_logged_ms;
 	/* Health: the io loop's last turn, and the data-path probe. */
 	_Atomic uint64_t io_alive_ms;
 	_Atomic uint64_t probe_sent_ms[SRV_MAX_ENGINES];	/* 0 = none outstanding */
@@ -1431,6 +1456,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 		return;
 	}
 	nres = reserve_chunks(j);
+	j->copy_begin_ns = ks_now_ns();
 	/* Only the reserved chunks are copied: pack their slots and objects. */
 	slots = malloc((size_t)nres * C * sizeof(*slots));
 	objs = malloc((nres ? nres : 1) * sizeof(*objs));
@@ -1453,6 +1479,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 		.timeout_ms = j->srv->cfg.transfer_timeout_ms,
 	};
 	rc = cuda_copy(ctx, true, &cj);
+	j->copy_end_ns = ks_now_ns();
 	if (rc) {
 		snprintf(j->err, sizeof(j->err), "cuda device %d: STORE copy failed: %s", in->device,
 			 strerror(-rc));
@@ -1491,6 +1518,7 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 	}
 	if (pin_all(j))
 		return;
+	j->copy_begin_ns = ks_now_ns();
 	objs = malloc(j->nchunks * sizeof(*objs));
 	if (!objs) {
 		snprintf(j->err, sizeof(j->err), "out of memory");
@@ -1508,6 +1536,7 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
 		};
 		rc = cuda_copy(ctx, false, &cj);
+		j->copy_end_ns = ks_now_ns();
 		if (rc) {
 			snprintf(j->err, sizeof(j->err), "cuda device %d: RETRIEVE copy failed: %s",
 				 in->device, strerror(-rc));
@@ -1596,6 +1625,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 
 	(void)worker;
 	reserve_chunks(j);
+	j->copy_begin_ns = ks_now_ns();
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -1621,6 +1651,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 		copy_jmp = NULL;
 		commit_chunk(j, i);
 	}
+	j->copy_end_ns = ks_now_ns();
 }
 
 /*
@@ -1663,6 +1694,7 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 	(void)worker;
 	if (pin_all(j))
 		return;
+	j->copy_begin_ns = ks_now_ns();
 	if (sigsetjmp(jb, 0)) {
 		copy_jmp = NULL;
 		ctr_add(&j->srv->ctr.copy_faults, 1);
@@ -1691,6 +1723,7 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 		idx_unpin(j->srv->idx, j->entries[i]);
 		idx_release_read_locks(j->srv->idx, &j->keys[i], 1);
 	}
+	j->copy_end_ns = ks_now_ns();
 }
 
 /*
@@ -1845,6 +1878,27 @@ out_fail:
 	xfer_job_free(j);
 }
 
+/*
+ * Add a finished job's phases to s->phase_ns (io thread, after the reply).
+ * Only jobs that copied: a failed one has no copy timestamps.
+ */
+static void account_phases(struct srv *s, const struct srv_xfer_job *j)
+{
+	const struct xfer_job *b = &j->base;
+	const uint64_t now = ks_now_ns();
+	const unsigned op = j->op != PROTO_STORE;
+	uint64_t t[SRV_PHASES + 1] = { j->recv_ns, b->submit_ns, b->start_ns, j->copy_begin_ns,
+				       j->copy_end_ns, b->end_ns, now };
+
+	if (!j->copy_begin_ns || !j->copy_end_ns)
+		return;
+	for (unsigned p = 0; p < SRV_PHASES; p++)
+		if (t[p + 1] >= t[p])	/* never wrap on a clock quirk */
+			atomic_fetch_add_explicit(&s->phase_ns[op][p], t[p + 1] - t[p],
+						  memory_order_relaxed);
+	atomic_fetch_add_explicit(&s->phase_jobs[op], 1, memory_order_relaxed);
+}
+
 /* A job came back from a worker: account, reply, free. */
 static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 {
@@ -1915,6 +1969,8 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		reply_xfer(s, &j->addr, ok);
 	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
 			     ks_now_ns() - j->recv_ns);
+	if (ok)
+		account_phases(s, j);
 	xfer_job_free(j);
 }
 
@@ -2150,7 +2206,7 @@ struct stat_row {
 	uint64_t value;
 };
 
-#define SRV_MAX_STATS 80
+#define SRV_MAX_STATS 96
 
 /* Fill @rows with every counter. Safe from any thread: atomics and stats calls only. */
 static size_t collect_stats(struct srv *s, struct stat_row *rows)
@@ -2273,6 +2329,23 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	    "Chunks loaded from Redis into L1 by LOOKUP.");
 	ROW("promote_failed", "kvstash_promote_failed_total", STAT_COUNTER, CTR(promote_failed),
 	    "Tier reads that failed (checksum, I/O, Redis down): the hit count was shortened.");
+	/* Phase sums (KS_STATS and /stats; /metrics has them in seconds, labelled). */
+	static const char *const phase_names[2][SRV_PHASES] = {
+		{ "store_accept_us", "store_queue_us", "store_prepare_us", "store_copy_us",
+		  "store_finish_us", "store_reply_us" },
+		{ "retrieve_accept_us", "retrieve_queue_us", "retrieve_prepare_us",
+		  "retrieve_copy_us", "retrieve_finish_us", "retrieve_reply_us" },
+	};
+	for (unsigned op = 0; op < 2; op++) {
+		ROW(op ? "retrieve_timed" : "store_timed", NULL, STAT_COUNTER,
+		    atomic_load_explicit(&s->phase_jobs[op], memory_order_relaxed), NULL);
+		for (unsigned p = 0; p < SRV_PHASES; p++)
+			ROW(phase_names[op][p], NULL, STAT_COUNTER,
+			    atomic_load_explicit(&s->phase_ns[op][p], memory_order_relaxed) / 1000,
+			    NULL);
+	}
+	ROW("io_turn_max_us", NULL, STAT_GAUGE,
+	    atomic_load_explicit(&s->io_busy_max_ns, memory_order_relaxed) / 1000, NULL);
 	if (s->l2) {
 		struct tier_disk_stats ds;
 
@@ -2346,6 +2419,8 @@ void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 	char labels[64];
 
 	for (size_t i = 0; i < n; i++) {
+		if (!rows[i].prom)	/* rendered below, in seconds and labelled */
+			continue;
 		if (rows[i].kind == STAT_COUNTER)
 			metrics_counter(out, rows[i].prom, rows[i].help, NULL, rows[i].value);
 		else
@@ -2358,6 +2433,21 @@ void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 				  labels,
 				  (const struct metrics_hist *)((const char *)s + srv_hists[i].off));
 	}
+	for (unsigned op = 0; op < 2; op++)
+		for (unsigned p = 0; p < SRV_PHASES; p++) {
+			snprintf(labels, sizeof(labels), "request=\"%s\",phase=\"%s\"",
+				 op ? "retrieve" : "store", srv_phase_name[p]);
+			metrics_counter_f(out, "kvstash_transfer_phase_seconds_total",
+					  op + p == 0 ? "Time successful STOREs/RETRIEVEs spent in "
+					  "each phase, receipt to reply: accept (io thread), queue, "
+					  "prepare (reserve/pin), copy, finish (commit/unpin), reply "
+					  "(completion hop)." : NULL, labels,
+					  (double)atomic_load_explicit(&s->phase_ns[op][p],
+								       memory_order_relaxed) / 1e9);
+		}
+	metrics_histogram(out, "kvstash_io_loop_turn_seconds",
+			  "Busy time of each io loop turn (poll return to next poll): how long a "
+			  "PING can wait behind other work.", NULL, &s->io_busy);
 	/* Per device: its queue, and how long its last data-path probe has waited.
 	 * One pass per family: Prometheus wants a family's samples together. */
 	static const char *const dev_family[3][2] = {
@@ -2699,6 +2789,28 @@ void srv_request_stop(struct srv *s)
 	}
 }
 
+/*
+ * Account one io loop turn that started at @t0 (completions until @t1,
+ * requests until @t2, then housekeeping): a PING arriving during the turn
+ * waited up to its length. A slow turn is logged with the split, at most
+ * once a second.
+ */
+static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
+{
+	const uint64_t t3 = ks_now_ns(), busy = t3 - t0;
+	uint64_t max = atomic_load_explicit(&s->io_busy_max_ns, memory_order_relaxed);
+
+	metrics_hist_observe(&s->io_busy, busy);
+	if (busy > max)
+		atomic_store_explicit(&s->io_busy_max_ns, busy, memory_order_relaxed);
+	if (busy >= SRV_IO_SLOW_NS && t3 / 1000000 - s->io_slow_logged_ms >= 1000) {
+		s->io_slow_logged_ms = t3 / 1000000;
+		log_warn("io loop turn took %.2f ms (completions %.2f, requests %.2f, "
+			 "housekeeping %.2f): PINGs waited that long", (double)busy / 1e6,
+			 (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6, (double)(t3 - t2) / 1e6);
+	}
+}
+
 int srv_run(struct srv *s)
 {
 	/* [0] socket, [1] stop, [2 + e] completions of engine e */
@@ -2728,8 +2840,9 @@ int srv_run(struct srv *s)
 	for (;;) {
 		int n = zmq_poll(items, nitems, SRV_TICK_MS);
 		bool completions = false;
+		uint64_t t0 = ks_now_ns(), t1, t2;
 
-		atomic_store_explicit(&s->io_alive_ms, ks_now_ms(), memory_order_relaxed);
+		atomic_store_explicit(&s->io_alive_ms, t0 / 1000000, memory_order_relaxed);
 
 		if (n < 0 && zmq_errno() != EINTR) {
 			log_error("zmq_poll: %s", zmq_strerror(zmq_errno()));
@@ -2742,9 +2855,12 @@ int srv_run(struct srv *s)
 		/* Completions first: they free pins and slots other requests may need. */
 		if (completions)
 			drain_completions(s);
+		t1 = ks_now_ns();
 		if (items[0].revents & ZMQ_POLLIN)
 			drain_socket(s);
+		t2 = ks_now_ns();
 		housekeeping(s);
+		io_turn_done(s, t0, t1, t2);
 	}
 	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
 	for (unsigned e = 0; e < s->nengines; e++)

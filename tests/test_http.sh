@@ -170,6 +170,42 @@ check_delta 'kvstash_request_duration_seconds_count{request="retrieve"}' $RUNS
 check_delta 'kvstash_request_duration_seconds_bucket{request="store",le="+Inf"}' $RUNS
 check "store latency sum grew" "$PY" -c "import sys; sys.exit(0 if float(sys.argv[1]) > 0 else 1)" \
 	"$(delta 'kvstash_request_duration_seconds_sum{request="store"}')"
+# Phases: each successful STORE/RETRIEVE adds to every phase; the copy of 4 MiB
+# chunks takes time, and the phases of one request add up to at most its latency.
+"$PY" - "$TMP/before" "$TMP/after" >"$TMP/phases" 2>&1 <<'PYEOF'
+import re, sys
+def parse(p):
+    d = {}
+    for line in open(p):
+        m = re.match(r'(kvstash_transfer_phase_seconds_total|kvstash_request_duration_seconds_sum|kvstash_io_loop_turn_seconds_count)(\{[^}]*\})? (\S+)$', line)
+        if m:
+            d[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return d
+a, b = parse(sys.argv[1]), parse(sys.argv[2])
+bad = []
+for op in ("store", "retrieve"):
+    tot = 0.0
+    for ph in ("accept", "queue", "prepare", "copy", "finish", "reply"):
+        k = 'kvstash_transfer_phase_seconds_total{request="%s",phase="%s"}' % (op, ph)
+        if k not in b:
+            bad.append("missing " + k); continue
+        d = b[k] - a.get(k, 0.0)
+        if d < 0:
+            bad.append("%s went backwards" % k)
+        tot += d
+    k = 'kvstash_transfer_phase_seconds_total{request="%s",phase="copy"}' % op
+    if b.get(k, 0) - a.get(k, 0) <= 0:
+        bad.append(op + " copy phase did not grow")
+    lat = b['kvstash_request_duration_seconds_sum{request="%s"}' % op] - \
+          a['kvstash_request_duration_seconds_sum{request="%s"}' % op]
+    if not 0 < tot <= lat * 1.01 + 1e-4:
+        bad.append("%s phases sum %.6f s, latency sum %.6f s" % (op, tot, lat))
+if b.get("kvstash_io_loop_turn_seconds_count", 0) <= a.get("kvstash_io_loop_turn_seconds_count", 0):
+    bad.append("io loop turn histogram did not grow")
+print("; ".join(bad))
+sys.exit(1 if bad else 0)
+PYEOF
+check "phase counters grew and add up to the latency: $(cat "$TMP/phases")" [ $? -eq 0 ]
 check "kvstash_l1_pins back to 0" [ "$(metric kvstash_l1_pins "$TMP/after")" = 0 ]
 check "kvstash_instances back to 0" [ "$(metric kvstash_instances "$TMP/after")" = 0 ]
 
@@ -215,6 +251,11 @@ if bad:
     sys.exit("mismatch (got, want): %r" % bad)
 if not isinstance(s.get("store_p50_ms"), float) or s["store_p50_ms"] <= 0:
     sys.exit("store_p50_ms: %r" % s.get("store_p50_ms"))
+if s.get("store_timed") != 9 or s.get("retrieve_timed") != 9 or not s.get("store_copy_us"):
+    sys.exit("phase sums: timed %r/%r, store_copy_us %r"
+             % (s.get("store_timed"), s.get("retrieve_timed"), s.get("store_copy_us")))
+if not 0 < s.get("io_turn_max_us", 0) < 60e6:
+    sys.exit("io_turn_max_us: %r" % s.get("io_turn_max_us"))
 ' "$TMP/stats.json" "$MAIN_EP" >"$TMP/out" 2>&1
 check "/stats is JSON with the counters: $(tr '\n' '|' <"$TMP/out")" [ $? -eq 0 ]
 

@@ -140,7 +140,7 @@ def role_pairs(ep, inst, n):
 def role_pinger(ep, seconds, stopfile):
     z = lw.Zmq()
     s = z.dealer(ep, 2000)
-    worst, n, uid, t_end = 0.0, 0, 0, time.time() + seconds
+    worst, n, uid, t_end, rtts = 0.0, 0, 0, time.time() + seconds, []
     while time.time() < t_end and not os.path.exists(stopfile):
         uid = (uid + 1) & 0x7f
         t0 = time.perf_counter()
@@ -150,9 +150,13 @@ def role_pinger(ep, seconds, stopfile):
         if r is None:
             dt = 1e9
         worst = max(worst, dt)
+        rtts.append(dt)
         n += 1
         time.sleep(0.01)
-    print("pinger: %d pings, max %.3f ms" % (n, worst), flush=True)
+    rtts.sort()
+    pct = (lambda q: rtts[min(len(rtts) - 1, int(q * len(rtts)))]) if rtts else (lambda q: 0.0)
+    print("pinger: %d pings, p50 %.3f ms, p99 %.3f ms, max %.3f ms, %d over 5 ms"
+          % (n, pct(0.5), pct(0.99), worst, sum(1 for r in rtts if r > 5)), flush=True)
     return 0 if worst <= 10.0 else 1
 
 
@@ -256,6 +260,11 @@ def main():
         out, _ = pinger.communicate(timeout=60)
         print(out, end="")
         lw.check("no PING over 10 ms while 10,000 pairs ran", pinger.returncode == 0)
+        st = ks_stats()
+        print("server: longest io loop turn %.3f ms; PING handled in %.1f us on average"
+              % (st.get("io_turn_max_us", 0) / 1e3,
+                 st.get("latency_ping_sum_us", 0) / max(1, st.get("latency_ping_count", 1))))
+        print("".join(l for l in open(logp) if "io loop turn took" in l)[-2000:], end="")
     finally:
         d.terminate()
         lw.check("kvstashd exit status 0", d.wait(timeout=30) == 0)
