@@ -32,6 +32,7 @@ struct cli_opts {
 	int interval_ms;
 	bool count_set, interval_set;	/* top has its own defaults */
 	bool json;
+	bool quiet;		/* ping: only the summary */
 	int chunks;
 	int layers;
 	const char *layout;
@@ -71,6 +72,7 @@ static void usage(FILE *out)
 		"                        top: refreshes before exiting (default: until Ctrl-C)\n"
 		"  -i, --interval-ms=N   ping: pause between pings (default 100);\n"
 		"                        top: refresh interval (default 1000, at least 10)\n"
+		"  -q, --quiet           ping: print only the summary (min/avg/p99/max)\n"
 		"      --json            stats: print the counters as one JSON object\n"
 		"      --chunks=N        store-test: chunks to store (default 8)\n"
 		"      --layers=N        store-test: layers (default 4)\n"
@@ -102,30 +104,78 @@ static int connect_or_fail(const struct cli_opts *o, kvstash_client **c)
 	return rc;
 }
 
+/* Set by SIGINT/SIGTERM: ping and bench stop at the next request and clean up. */
+static _Atomic int cli_stop;
+
+static void cli_on_signal(int sig)
+{
+	atomic_store_explicit(&cli_stop, sig, memory_order_relaxed);
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+	double x = *(const double *)a, y = *(const double *)b;
+
+	return (x > y) - (x < y);
+}
+
+/*
+ * ping -c N: one line per reply (none with --quiet), then, for N > 1, a
+ * summary as ping(8) prints it, with the 99th percentile a heartbeat
+ * budget is judged by.
+ */
 static int cmd_ping(const struct cli_opts *o)
 {
+	const char *ep = o->endpoint ? o->endpoint : KVSTASH_DEFAULT_ENDPOINT;
+	double *rtts = calloc((size_t)o->count, sizeof(*rtts));
+	double sum = 0;
 	kvstash_client *c;
-	int failures = 0;
+	int failures = 0, n = 0, sent = 0;
+	struct sigaction sa = { .sa_handler = cli_on_signal }, old_int, old_term;
 
-	if (connect_or_fail(o, &c))
+	if (!rtts) {
+		fprintf(stderr, "kvstash: out of memory\n");
 		return 1;
-	for (int i = 0; i < o->count; i++) {
+	}
+	if (connect_or_fail(o, &c)) {
+		free(rtts);
+		return 1;
+	}
+	/* Ctrl-C ends the run early with the summary, as ping(8) does. */
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGINT, &sa, &old_int);
+	sigaction(SIGTERM, &sa, &old_term);
+	for (int i = 0; i < o->count && !atomic_load(&cli_stop); i++) {
 		double rtt;
 		int rc = kvstash_ping(c, &rtt);
 
+		sent++;
 		if (rc) {
-			printf("ping %s: %s\n", o->endpoint ? o->endpoint : KVSTASH_DEFAULT_ENDPOINT,
-			       kvstash_last_error());
+			printf("ping %s: %s\n", ep, kvstash_last_error());
 			failures++;
 		} else {
-			printf("pong from %s: time=%.3f ms\n",
-			       o->endpoint ? o->endpoint : KVSTASH_DEFAULT_ENDPOINT, rtt);
+			rtts[n++] = rtt;
+			sum += rtt;
+			if (!o->quiet)
+				printf("pong from %s: time=%.3f ms\n", ep, rtt);
 		}
 		fflush(stdout);
-		if (i + 1 < o->count)
-			usleep((useconds_t)o->interval_ms * 1000);
+		if (i + 1 < o->count && !atomic_load(&cli_stop))
+			usleep((useconds_t)o->interval_ms * 1000);	/* a signal cuts it short */
 	}
+	sigaction(SIGINT, &old_int, NULL);
+	sigaction(SIGTERM, &old_term, NULL);
 	kvstash_close(c);
+	if (o->count > 1) {
+		printf("--- %s: %d sent, %d received", ep, sent, n);
+		if (n) {
+			qsort(rtts, (size_t)n, sizeof(*rtts), cmp_double);
+			printf(", rtt min/avg/p99/max = %.3f/%.3f/%.3f/%.3f ms", rtts[0], sum / n,
+			       rtts[(size_t)ceil(0.99 * n) - 1], rtts[n - 1]);
+		}
+		printf("\n");
+	}
+	free(rtts);
 	return failures ? 1 : 0;
 }
 
@@ -600,14 +650,6 @@ out:
 
 static const int bench_default_sizes[] = { 1, 2, 4, 8, 16 };
 
-/* Set by SIGINT/SIGTERM: the sweep stops at the next request and cleans up. */
-static _Atomic int bench_stop;
-
-static void bench_on_signal(int sig)
-{
-	atomic_store_explicit(&bench_stop, sig, memory_order_relaxed);
-}
-
 struct bench_row {
 	int chunks;
 	double mib;
@@ -826,7 +868,7 @@ static int bench_daemon_start(struct bench_daemon *d, const char *bindir, size_t
 			kvstash_close(probe);
 			return -1;
 		}
-		if (now_s() > deadline || atomic_load(&bench_stop)) {
+		if (now_s() > deadline || atomic_load(&cli_stop)) {
 			fprintf(stderr, "kvstash bench: kvstashd did not answer PING at %s in %.0f s\n",
 				d->endpoint, BENCH_START_TIMEOUT_S);
 			bench_daemon_print_log(d);
@@ -1056,14 +1098,14 @@ static int bench_time(struct bench_ctx *b, int chunks, bench_op_fn op, const cha
 	*gbps = 0;
 	bench_draw(&b->pg, 0, label, 0);
 	/* One untimed request: the server maps the client's pages on first use. */
-	if (atomic_load(&bench_stop))
+	if (atomic_load(&cli_stop))
 		return -EINTR;
 	rc = op(b, chunks);
 	if (rc)
 		return rc;
 	t0 = now_s();
 	do {
-		if (atomic_load(&bench_stop))
+		if (atomic_load(&cli_stop))
 			return -EINTR;
 		rc = op(b, chunks);
 		if (rc)
@@ -1130,7 +1172,7 @@ static int bench_warmup(struct bench_ctx *b, int chunks, double bytes)
 	while (done < bytes) {
 		int rc;
 
-		if (atomic_load(&bench_stop))
+		if (atomic_load(&cli_stop))
 			return -EINTR;
 		rc = bench_store(b, chunks);
 		if (rc)
@@ -1404,7 +1446,7 @@ static int bench_host(const struct cli_opts *o, const char *bindir)
 	const char *endpoint = o->endpoint, *gnuplot = NULL;
 	char gnuplot_path[4200];
 	int max_chunks = 0, rc = 0, ret = 1;
-	struct sigaction sa = { .sa_handler = bench_on_signal }, old_int, old_term;
+	struct sigaction sa = { .sa_handler = cli_on_signal }, old_int, old_term;
 
 	/* Fail fast, before a sweep of minutes, if the picture cannot be drawn. */
 	if (o->plot) {
@@ -1644,6 +1686,7 @@ int main(int argc, char **argv)
 		{ "head-size", required_argument, NULL, OPT_HEAD_SIZE },
 		{ "block-size", required_argument, NULL, OPT_BLOCK_SIZE },
 		{ "json", no_argument, NULL, OPT_JSON },
+		{ "quiet", no_argument, NULL, 'q' },
 		{ "seconds", required_argument, NULL, OPT_SECONDS },
 		{ "sizes", required_argument, NULL, OPT_SIZES },
 		{ "plot", required_argument, NULL, OPT_PLOT },
@@ -1667,7 +1710,7 @@ int main(int argc, char **argv)
 	}
 	cmd = argv[1];
 	optind = 2;
-	while ((opt = getopt_long(argc, argv, "e:t:c:i:h", long_opts, NULL)) != -1) {
+	while ((opt = getopt_long(argc, argv, "e:t:c:i:qh", long_opts, NULL)) != -1) {
 		switch (opt) {
 		case 'e':
 			o.endpoint = optarg;
@@ -1686,6 +1729,7 @@ int main(int argc, char **argv)
 			o.interval_set = true;
 			break;
 		case OPT_JSON: o.json = true; break;
+		case 'q': o.quiet = true; break;
 		case OPT_SECONDS:
 			bad |= parse_seconds(optarg, &o.seconds);
 			o.seconds_set = true;

@@ -74,6 +74,21 @@ check "ping prints nothing else" [ "$(wc -l <"$TMP/out")" -eq 1 ]
 run_cmd "$TMP/out" "$KVSTASH" ping -e "$MAIN_EP" -c 3 -i 10
 check "ping -c 3 exits 0" [ "$RC" -eq 0 ]
 check "ping -c 3 prints 3 pongs" [ "$(grep -Ec "^pong from ${MAIN_EP//./\\.}: time=[0-9.]+ ms$" "$TMP/out")" -eq 3 ]
+check "ping -c 3 ends with a summary: $(tail -1 "$TMP/out")" \
+	grep -Eq "^--- ${MAIN_EP//./\\.}: 3 sent, 3 received, rtt min/avg/p99/max = ([0-9.]+/){3}[0-9.]+ ms$" "$TMP/out"
+run_cmd "$TMP/out" "$KVSTASH" ping -e "$MAIN_EP" -c 5 -i 0 -q
+check "ping -q prints only the summary: $(cat "$TMP/out")" \
+	bash -c "[ \$(wc -l <'$TMP/out') -eq 1 ] && grep -q '5 sent, 5 received' '$TMP/out'"
+# SIGINT mid-run: the summary counts what was sent, exit 0.
+"$KVSTASH" ping -e "$MAIN_EP" -c 100000 -i 20 -q >"$TMP/out" 2>&1 &
+PING_PID=$!
+sleep 0.5
+kill -INT $PING_PID
+wait $PING_PID
+RC=$?
+check "ping stopped by SIGINT exits 0 (got $RC)" [ "$RC" -eq 0 ]
+check "ping stopped by SIGINT prints the summary: $(cat "$TMP/out")" \
+	grep -Eq "^--- .*: [0-9]+ sent, [0-9]+ received, rtt" "$TMP/out"
 
 # KVSTASH_ENDPOINT is the default endpoint.
 KVSTASH_ENDPOINT=$MAIN_EP run_cmd "$TMP/out" "$KVSTASH" ping

@@ -111,6 +111,7 @@ def role_pairs(ep, inst, n):
     e = lw.Engine(lw.Zmq(), ep, torch, msgpack, W, inst, "flash_attn", inst)
     lw.check("pairs %d: REGISTER" % inst, e.register() is None)
     e.call(12, inst)
+    print("pairs %d: registered at %.3f" % (inst, time.time() % 1000), flush=True)
     bad = fails = 0
     rng = random.Random(inst)
     for i in range(n):
@@ -127,6 +128,8 @@ def role_pairs(ep, inst, n):
                   % (i, inst, r1 if not isinstance(r1, list) else r1[1],
                      r2 if not isinstance(r2, list) else r2[1], e.call(200)), flush=True)
             continue
+        if i % 1000 == 0:
+            print("pairs %d: pair %d at %.3f" % (inst, i, time.time() % 1000), flush=True)
         if i % 50 == 0:	# compare a sample on the GPU (the reply follows the copy)
             for t in e.layers:
                 for tok in (0, 17, C - 1):
@@ -140,7 +143,7 @@ def role_pairs(ep, inst, n):
 def role_pinger(ep, seconds, stopfile):
     z = lw.Zmq()
     s = z.dealer(ep, 2000)
-    worst, n, uid, t_end, rtts = 0.0, 0, 0, time.time() + seconds, []
+    worst, n, uid, t_end, rtts, slow = 0.0, 0, 0, time.time() + seconds, [], []
     while time.time() < t_end and not os.path.exists(stopfile):
         uid = (uid + 1) & 0x7f
         t0 = time.perf_counter()
@@ -151,12 +154,16 @@ def role_pinger(ep, seconds, stopfile):
             dt = 1e9
         worst = max(worst, dt)
         rtts.append(dt)
+        if dt > 3:
+            slow.append("%.3f:%.1fms" % (time.time() % 1000, dt))
         n += 1
         time.sleep(0.01)
     rtts.sort()
     pct = (lambda q: rtts[min(len(rtts) - 1, int(q * len(rtts)))]) if rtts else (lambda q: 0.0)
     print("pinger: %d pings, p50 %.3f ms, p99 %.3f ms, max %.3f ms, %d over 5 ms"
           % (n, pct(0.5), pct(0.99), worst, sum(1 for r in rtts if r > 5)), flush=True)
+    if slow:
+        print("pinger: over 3 ms at (wall clock s mod 1000): " + " ".join(slow[:40]), flush=True)
     return 0 if worst <= 10.0 else 1
 
 
@@ -250,6 +257,11 @@ def main():
         # 3. 10,000 small pairs from two engines, a third process pinging every 10 ms.
         stopfile = os.path.join(tmp, "stop-pinger")
         pinger = spawn("pinger", ep, 500, stopfile)
+        cping = None
+        if os.path.exists(os.path.join(lw.BUILD, "kvstash")):	# the same, from C
+            cping = subprocess.Popen([os.path.join(lw.BUILD, "kvstash"), "ping", "-e", ep,
+                                      "-c", "100000", "-i", "10", "-q"],
+                                     stdout=subprocess.PIPE, text=True)
         p1 = spawn("pairs", ep, 201, 5000)
         p2 = spawn("pairs", ep, 202, 5000)
         for p in (p1, p2):
@@ -259,6 +271,9 @@ def main():
         open(stopfile, "w").close()
         out, _ = pinger.communicate(timeout=60)
         print(out, end="")
+        if cping:
+            cping.send_signal(signal.SIGINT)
+            print("C pinger: " + cping.communicate(timeout=30)[0], end="")
         lw.check("no PING over 10 ms while 10,000 pairs ran", pinger.returncode == 0)
         st = ks_stats()
         print("server: longest io loop turn %.3f ms; PING handled in %.1f us on average"
