@@ -2662,6 +2662,30 @@ static int cuda_setup(struct srv *s)
 	return 0;
 }
 
+/*
+ * Create the context's first socket with this thread at SRV_IO_NICE: libzmq
+ * starts its I/O thread there, and that thread inherits the caller's nice
+ * value. Every PING crosses it (socket -> pipe -> io thread and back), so it
+ * gets the io thread's CPU priority rather than the workers'. This thread's
+ * own nice value is put back. Without CAP_SYS_NICE both stay at 0 (logged
+ * once by srv_run).
+ */
+static void *zmq_socket_at_io_priority(void *zctx, int type)
+{
+	const id_t tid = (id_t)syscall(SYS_gettid);
+	int old, raised;
+	void *sock;
+
+	errno = 0;
+	old = getpriority(PRIO_PROCESS, tid);
+	raised = errno == 0 && old > SRV_IO_NICE &&
+		 setpriority(PRIO_PROCESS, tid, SRV_IO_NICE) == 0;
+	sock = zmq_socket(zctx, type);
+	if (raised && setpriority(PRIO_PROCESS, tid, old) < 0)
+		log_warn("cannot restore nice %d of the starting thread: %s", old, strerror(errno));
+	return sock;
+}
+
 int srv_create(const struct srv_config *cfg, struct srv **out)
 {
 	struct srv *s = calloc(1, sizeof(*s));
@@ -2726,7 +2750,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		rc = -errno;
 		goto out_destroy;
 	}
-	s->sock = zmq_socket(s->zctx, ZMQ_ROUTER);
+	s->sock = zmq_socket_at_io_priority(s->zctx, ZMQ_ROUTER);
 	if (!s->sock) {
 		rc = -zmq_errno();
 		goto out_destroy;

@@ -2,10 +2,14 @@
  * Description: connection churn and shutdown: 10,000 connections opened,
  * used once and dropped leave the server's file descriptors where they
  * were and PING still answers; SIGTERM while STOREs are in flight answers
- * every request the server had taken (ok or failed), then exits 0.
+ * every request the server had taken (ok or failed), then exits 0. Thread
+ * priorities: where kvstashd may raise them (root), the io thread and
+ * libzmq's I/O thread that every PING crosses run at nice -10, the transfer
+ * workers at 0.
  * Labels: unit
  */
 #include <dirent.h>
+#include <sys/resource.h>
 #include <errno.h>
 #include <pthread.h>
 #include <signal.h>
@@ -63,6 +67,93 @@ static int churn_once(void *ctx, const char *ep)
 	}
 	zmq_close(s);
 	return ok;
+}
+
+/* The nice value in a /proc/.../stat file (field 19), or 99 when unreadable. */
+static int read_nice(const char *stat_path)
+{
+	char stat[1024] = "";
+	const char *rp;
+	int field = 0, v = 99;
+	FILE *f = fopen(stat_path, "r");
+
+	if (!f)
+		return v;
+	/* Count fields from after the ")" that ends comm (field 2): nice is 17 more on. */
+	if (fgets(stat, sizeof(stat), f) && (rp = strrchr(stat, ')')))
+		for (const char *q = rp + 1; *q && field < 17; q++)
+			if (*q == ' ' && ++field == 17)
+				v = atoi(q + 1);
+	fclose(f);
+	return v;
+}
+
+/* Nice value of each thread of @pid whose name starts with @prefix: min and max, count. */
+static int thread_nice(pid_t pid, const char *prefix, int *min, int *max)
+{
+	char path[128], comm[64];
+	struct dirent *de;
+	DIR *d;
+	int n = 0;
+
+	snprintf(path, sizeof(path), "/proc/%d/task", (int)pid);
+	if (!(d = opendir(path)))
+		return -1;
+	*min = 100;
+	*max = -100;
+	while ((de = readdir(d))) {
+		FILE *f;
+		int nice_v;
+
+		if (de->d_name[0] == '.')
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%s/comm", (int)pid, de->d_name);
+		if (!(f = fopen(path, "r")))
+			continue;
+		comm[0] = 0;
+		if (!fgets(comm, sizeof(comm), f))
+			comm[0] = 0;
+		fclose(f);
+		comm[strcspn(comm, "\n")] = 0;
+		if (strncmp(comm, prefix, strlen(prefix)))
+			continue;
+		snprintf(path, sizeof(path), "/proc/%d/task/%s/stat", (int)pid, de->d_name);
+		nice_v = read_nice(path);
+		*min = nice_v < *min ? nice_v : *min;
+		*max = nice_v > *max ? nice_v : *max;
+		n++;
+	}
+	closedir(d);
+	return n;
+}
+
+static void test_priorities(void)
+{
+	struct t_daemon *d = t_daemon_start("--pool-size=64M --workers=2");
+	int lo, hi, n;
+
+	REQUIRE(d);
+	usleep(200000);
+	if (setpriority(PRIO_PROCESS, 0, -1) < 0) {	/* not privileged: kvstashd is not either */
+		fprintf(stderr, "priorities: no CAP_SYS_NICE, not checked\n");
+	} else {
+		setpriority(PRIO_PROCESS, 0, 0);
+		n = thread_nice(d->pid, "ZMQbg/IO", &lo, &hi);
+		fprintf(stderr, "priorities: %d ZMQ I/O thread(s) at nice %d..%d\n", n, lo, hi);
+		CHECK(n >= 1 && lo == -10 && hi == -10);
+		n = thread_nice(d->pid, "host-xfer/", &lo, &hi);
+		fprintf(stderr, "priorities: %d worker(s) at nice %d..%d\n", n, lo, hi);
+		CHECK(n == 2 && lo == 0 && hi == 0);
+		/* The main thread (the io loop): /proc/PID/stat. */
+		char path[64];
+		int nice_main;
+
+		snprintf(path, sizeof(path), "/proc/%d/stat", (int)d->pid);
+		nice_main = read_nice(path);
+		fprintf(stderr, "priorities: io thread at nice %d\n", nice_main);
+		CHECK_EQ(nice_main, -10);
+	}
+	CHECK_EQ(t_daemon_stop(d), 0);
 }
 
 static void test_churn(void)
@@ -177,6 +268,7 @@ static void test_sigterm(void)
 
 int main(void)
 {
+	test_priorities();
 	test_churn();
 	test_sigterm();
 	return t_result("server_lifecycle");
