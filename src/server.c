@@ -2005,6 +2005,8 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	uint64_t uid;
 	int rc;
 
+	/* Receipt: before decoding, so latencies and the accept phase include it. */
+	s->cur_recv_ns = ks_now_ns();
 	memset(&a, 0, sizeof(a));
 	a.identity_len = KS_MIN(zmq_msg_size(&frames[0]), sizeof(a.identity));
 	memcpy(a.identity, zmq_msg_data(&frames[0]), a.identity_len);
@@ -2039,7 +2041,6 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		return;
 	}
 	count_request(s, rq.type);
-	s->cur_recv_ns = ks_now_ns();
 	switch (rq.type) {
 	case PROTO_PING:
 		if (rq.has_instance_id) {
