@@ -11,6 +11,7 @@
 
 #include <msgpack.h>
 
+#include "compiler.h"
 #include "helpers.h"
 #include "protocol.h"
 
@@ -311,6 +312,50 @@ static void test_section8_bytes(void)
 	k.start = 0;
 	REQUIRE(proto_encode_key(&m, &k) == 0);
 	proto_msg_free(&m);
+
+	/* Token ids at every encoding boundary: the key's bytes equal msgpack-c's own
+	 * msgpack_pack_uint64 encoding of the same array (proto_encode_key packs
+	 * token ids without it, for speed). */
+	{
+		static const uint32_t edge[] = { 0, 1, 127, 128, 200, 255, 256, 4096, 65535, 65536,
+						 151643, 16777215, 16777216, 2147483647, 4294967295u };
+		uint32_t many[3000];
+		msgpack_sbuffer sb;
+		msgpack_packer pk;
+
+		for (size_t i = 0; i < KS_ARRAY_SIZE(many); i++)
+			many[i] = edge[i % KS_ARRAY_SIZE(edge)] ^ (uint32_t)(i & 1);
+		for (int pass = 0; pass < 2; pass++) {
+			k.token_ids = pass ? many : (uint32_t *)edge;
+			k.ntokens = pass ? KS_ARRAY_SIZE(many) : KS_ARRAY_SIZE(edge);
+			k.end = (int64_t)k.ntokens;
+			REQUIRE(proto_encode_key(&m, &k) == 0);
+			msgpack_sbuffer_init(&sb);
+			msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+			msgpack_pack_array(&pk, k.ntokens);
+			for (size_t i = 0; i < k.ntokens; i++)
+				msgpack_pack_uint64(&pk, k.token_ids[i]);
+			/* the array sits right after the "token_ids" key string */
+			const uint8_t *at = memmem(m.data, m.len, "token_ids", 9);
+			CHECK(at && (size_t)(m.data + m.len - (at + 9)) > sb.size &&
+			      memcmp(at + 9, sb.data, sb.size) == 0);
+			proto_msg_free(&m);
+			msgpack_sbuffer_destroy(&sb);
+		}
+		/* and it decodes back to the same ids */
+		k.token_ids = many;
+		k.ntokens = KS_ARRAY_SIZE(many);
+		REQUIRE(proto_encode_key(&m, &k) == 0);
+		struct proto_request back;
+		REQUIRE(DEC(PROTO_LOOKUP, &back, M(&m), H("01")) == 0);
+		CHECK(back.key.ntokens == KS_ARRAY_SIZE(many) && back.key.token_ids &&
+		      memcmp(back.key.token_ids, many, sizeof(many)) == 0);
+		proto_request_free(&back);
+		proto_msg_free(&m);
+		k.token_ids = toks;
+		k.ntokens = 4;
+		k.end = 4;
+	}
 
 	/* smallest int forms, as msgspec writes them */
 	static const struct {
