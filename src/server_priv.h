@@ -1,0 +1,306 @@
+/*
+ * server_priv.h - private to the server files (server.c, server_registry.c,
+ * server_xfer.c, server_tiers.c, server_stats.c): the server's types and
+ * limits, and the functions one of them calls in another. Everything else
+ * includes server.h.
+ *
+ * These structs are touched by several threads; each field's comment, and
+ * each file's top comment, says which. No type here carries a lock.
+ */
+#ifndef KS_SERVER_PRIV_H
+#define KS_SERVER_PRIV_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include "compiler.h"
+#include "config.h"
+#include "hash.h"
+#include "layout.h"
+#include "metrics.h"
+#include "protocol.h"
+#include "transfer.h"
+#include "transfer_cuda.h"
+
+/* Engines: [0] the host backend, [1 + d] CUDA device d. */
+#define SRV_MAX_DEVICES 16
+#define SRV_MAX_ENGINES (1 + SRV_MAX_DEVICES)
+#define SRV_MAX_WORKERS 256
+/* Frames in one request: identity + uid + type + up to 5 arguments, with room. */
+#define SRV_MAX_FRAMES 16
+/* Messages handled per poll round before completions and timers get a turn. */
+#define SRV_RECV_BATCH 64
+/* Housekeeping period: TTL expiry, session GC, reaper. */
+#define SRV_TICK_MS 100
+/* Lookup job table: ids older than this many LOOKUPs ago read as unknown. */
+#define SRV_JOB_SLOTS 65536u
+/* Per-client last-error table (direct-mapped by identity hash). */
+#define SRV_LAST_ERROR_SLOTS 1024u
+#define SRV_ERR_MAX 256
+/* Sessions: bucket count and the most kept at once (oldest dropped first). */
+#define SRV_SESSION_BUCKETS 4096u
+#define SRV_SESSION_MAX 65536u
+/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
+#define SRV_IO_NICE (-10)
+/* LOOKUP's L3 EXISTS round trip, waited for on a worker. */
+#define SRV_L3_EXISTS_TIMEOUT_MS 500
+/* Health: the io loop must turn, and a probe must cross the transfer queue. */
+#define SRV_HEALTH_IO_MS 2000
+#define SRV_HEALTH_PROBE_MS 2000
+#define SRV_PROBE_MS 1000
+/* How long shutdown lets queued transfers finish before failing them. */
+#define SRV_DRAIN_MS 5000
+/* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
+#define SRV_IDENTITY_MAX 255
+#define SRV_SMALL_FRAME_MAX 16	/* uid and type frames: one msgpack int */
+/* An io loop turn busier than this is logged (at most once a second): a PING
+ * that arrived during it waited that long. */
+#define SRV_IO_SLOW_NS (5ull * 1000 * 1000)
+
+/*
+ * The phases of a STORE/RETRIEVE, in order, from receipt to reply:
+ * decode..submit on the io thread, the transfer queue, reserve (STORE) or
+ * pin (RETRIEVE) on the worker, the copy (host STOREs also commit chunk by
+ * chunk inside it), commit/unpin, then the completion hop back to the io
+ * thread and the reply.
+ */
+enum srv_phase { PH_ACCEPT, PH_QUEUE, PH_PREPARE, PH_COPY, PH_FINISH, PH_REPLY, SRV_PHASES };
+
+/* ------------------------------------------------------------------------ */
+/* Types                                                                    */
+
+struct srv_mapping {
+	void *base;		/* host: mmap base; CUDA: the IPC-opened allocation base */
+	size_t len;		/* host: bytes mapped; CUDA: the allocation's size */
+	char path[PROTO_PATH_MAX + 1];	/* host_shm */
+	uint8_t handle[PROTO_MEM_HANDLE_LEN];	/* cuda_ipc */
+};
+
+/* One engine worker's registration (REGISTER_KV_CACHE). */
+struct srv_instance {
+	_Atomic int refs;	/* registry + each queued job; last put unmaps */
+	struct srv *srv;	/* borrowed: for the CUDA unmap job */
+	int64_t id;
+	char model[KS_MODEL_MAX + 1];
+	uint16_t model_len;
+	uint32_t world_size;
+	struct kv_layout layout;
+	uint64_t object_bytes;
+	int device;		/* -1: host buffers; else the CUDA ordinal (cuda_ipc) */
+	void **layer_ptrs;	/* [num_layers] element 0 of each layer (device
+				 * addresses for cuda_ipc); owned */
+	struct srv_mapping *maps;	/* owned */
+	size_t nmaps;
+	uint64_t registered_ms;
+	uint64_t last_ping_ms;	/* 0 = never pinged with its id */
+	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the registering connection */
+	size_t owner_len;
+	struct srv_instance *next;	/* registry list (io thread) */
+};
+
+struct srv_reply_addr {
+	uint8_t identity[SRV_IDENTITY_MAX];
+	size_t identity_len;
+	uint8_t uid[SRV_SMALL_FRAME_MAX];
+	size_t uid_len;
+	uint8_t type[SRV_SMALL_FRAME_MAX];
+	size_t type_len;
+};
+
+struct srv_xfer_job {
+	struct xfer_job base;	/* first: the engine hands this pointer back */
+	struct srv *srv;
+	struct srv_reply_addr addr;
+	enum proto_type op;
+	struct srv_instance *inst;	/* reference held */
+	uint32_t chunk_tokens;
+	uint32_t nchunks;
+	struct ks_key *keys;		/* [nchunks] */
+	struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
+	int64_t *slots;			/* [nchunks * chunk_tokens] paged slots */
+	uint64_t skip_tokens;		/* RETRIEVE */
+	int result;			/* 0 or -errno, set by run() */
+	char err[SRV_ERR_MAX];
+	uint32_t committed;		/* STORE: chunks made READY */
+	uint64_t recv_ns;		/* when the request arrived (latency) */
+	uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy (phase accounting) */
+	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
+	bool has_wait;
+	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
+	bool has_done;
+	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
+	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
+	size_t nkeys, l1_hits;
+	uint32_t group, locks_per_key;
+	uint64_t object_bytes;
+	int64_t lookup_job;
+	int64_t prefetch_chunks;	/* result */
+	unsigned engine;		/* index into srv.engines it was queued on */
+	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
+};
+
+struct srv_lookup_job {
+	int64_t id;		/* -1 = empty */
+	int64_t chunks;		/* -1 while a prefetch from L2/L3 is loading */
+};
+
+struct srv_session {
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+	uint32_t *tokens;	/* the tokens the hashes cover; owned */
+	uint8_t (*hashes)[KS_HASH_LEN];	/* owned */
+	size_t nchunks, cap;	/* hashes held / allocated */
+	uint64_t last_used_ms;
+	struct srv_session *next;
+};
+
+struct srv_last_error {
+	uint8_t identity[SRV_IDENTITY_MAX];
+	size_t identity_len;
+	char msg[SRV_ERR_MAX];
+};
+
+/* Counters; the io thread writes most, workers a few: all atomics. */
+struct srv_counters {
+	_Atomic uint64_t requests[PROTO_NOOP + 1];
+	_Atomic uint64_t frame_faults;
+	_Atomic uint64_t semantic_errors;
+	_Atomic uint64_t replies_dropped;
+	_Atomic uint64_t store_chunks_stored;
+	_Atomic uint64_t store_chunks_skipped;
+	_Atomic uint64_t store_chunks_nospace;
+	_Atomic uint64_t store_chunks_lost;	/* commit found the reservation expired/cleared */
+	_Atomic uint64_t retrieve_ok;
+	_Atomic uint64_t retrieve_miss;
+	_Atomic uint64_t bytes_stored;
+	_Atomic uint64_t bytes_retrieved;
+	_Atomic uint64_t lookup_hit_chunks;
+	_Atomic uint64_t instances_reaped;
+	_Atomic uint64_t copy_faults;	/* SIGBUS while copying a client's buffer */
+	_Atomic uint64_t demoted, demote_dropped, demote_failed;	/* L1 -> L2 */
+	_Atomic uint64_t l3_written, l3_dropped, l3_failed;	/* L1 -> L3 write-through */
+	_Atomic uint64_t promoted_l2, promoted_l3, promote_failed;	/* L2/L3 -> L1 */
+};
+
+struct srv {
+	struct srv_config cfg;
+	char endpoint[512];
+	void *zctx, *sock;
+	struct auth *auth;	/* CURVE + ZAP, or NULL */
+	int stop_fd;
+	struct pool *pool;
+	struct idx *idx;
+	struct xfer_engine *host_xfer;	/* == engines[0] */
+	struct tier_disk *l2;		/* or NULL */
+	struct tier_redis *l3;		/* or NULL */
+	struct xfer_engine *engines[SRV_MAX_ENGINES];	/* [0] host, [1 + d] CUDA device d */
+	unsigned nengines;
+	int ncuda;			/* CUDA devices served (0: host only) */
+	char cuda_uuid[SRV_MAX_DEVICES][XFER_CUDA_UUID_STR_BYTES];	/* lowercase, no GPU- */
+	pthread_t io_thread;		/* the thread in srv_run */
+	bool io_running;
+	bool pool_pinned;		/* pool registered with cudaHostRegister */
+	/* Per CUDA device, per worker: that worker's context, created on its
+	 * first job and touched only by that worker thread (no lock). */
+	struct xfer_cuda_ctx *cuda_ctx[SRV_MAX_DEVICES][SRV_MAX_WORKERS];
+	uint8_t none_hash[KS_HASH_LEN];
+	struct srv_instance *instances;
+	struct srv_lookup_job *jobs;	/* [SRV_JOB_SLOTS] */
+	int64_t next_job_id;
+	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
+	size_t nsessions;		/* io thread */
+	_Atomic uint64_t nsessions_pub;	/* mirror for other threads */
+	_Atomic uint64_t ninstances;	/* registry size, for other threads */
+	struct srv_last_error *last_errors;	/* [SRV_LAST_ERROR_SLOTS] */
+	uint64_t last_tick_ms;
+	struct srv_counters ctr;
+	/* Latency from request receipt to reply, per kind (any thread reads). */
+	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
+	/* Where STORE [0] / RETRIEVE [1] time goes, summed over finished jobs
+	 * (enum srv_phase); the io thread writes, any thread reads. */
+	_Atomic uint64_t phase_ns[2][SRV_PHASES];
+	_Atomic uint64_t phase_jobs[2];
+	/* The io loop's busy time per turn (poll return to next poll): what a
+	 * PING can wait behind. Max since start, and when a slow turn was last logged. */
+	struct metrics_hist io_busy;
+	_Atomic uint64_t io_busy_max_ns;
+	uint64_t io_slow_logged_ms;
+	/* Health: the io loop's last turn, and the data-path probe. */
+	_Atomic uint64_t io_alive_ms;
+	_Atomic uint64_t probe_sent_ms[SRV_MAX_ENGINES];	/* 0 = none outstanding */
+	_Atomic uint64_t probe_done_ms[SRV_MAX_ENGINES];
+	uint64_t probe_stall_ms;	/* test hook: KVSTASH_TEST_PROBE_STALL_MS */
+	uint64_t cur_recv_ns;		/* receipt time of the request being dispatched */
+	/* Scratch for hashing and key expansion (io thread only). */
+	uint8_t (*hash_buf)[KS_HASH_LEN];
+	size_t hash_cap;
+	struct ks_key *key_buf;
+	size_t key_cap;
+};
+
+/* Counters order nothing: relaxed adds, from the io thread and workers alike. */
+static inline void ctr_add(_Atomic uint64_t *c, uint64_t v)
+{
+	atomic_fetch_add_explicit(c, v, memory_order_relaxed);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Shared between the server files (each is documented where it is defined) */
+
+/* server.c: replies and the last-error table (io thread). */
+uint64_t identity_hash(const uint8_t *id, size_t len);
+void KS_PRINTF(3, 4) set_last_error(struct srv *s, const struct srv_reply_addr *addr,
+				    const char *fmt, ...);
+void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc, struct proto_msg *m);
+void reply_nil(struct srv *s, const struct srv_reply_addr *a);
+void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a, const uint8_t *event,
+		      size_t event_len, bool ok);
+void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok);
+void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
+
+/* server_registry.c: instances and sessions. */
+void instance_free(struct srv_instance *in);
+void instance_put(struct srv_instance *in);
+struct srv_instance *instance_find(struct srv *s, int64_t id);
+bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
+		       const struct srv_reply_addr *a);
+bool instance_remove(struct srv *s, int64_t id);
+struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
+				    uint32_t world_size);
+int instance_build(struct srv *s, const struct proto_request *rq, struct srv_instance **out,
+		   char *err, size_t errlen);
+void registry_insert(struct srv *s, struct srv_instance *in);
+void session_free(struct srv_session *ss);
+bool session_unlink(struct srv *s, const char *rid, size_t len);
+void sessions_expire(struct srv *s, uint64_t now_ms);
+const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
+			     size_t nchunks))[KS_HASH_LEN];
+ssize_t expand_keys(struct srv *s, const struct proto_key *k,
+		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n);
+uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size);
+
+/* server_xfer.c: STORE/RETRIEVE and the other jobs' life. */
+void install_sigbus_guard(void);
+void xfer_job_free(struct srv_xfer_job *j);
+int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j);
+void run_register(struct xfer_job *base, unsigned worker);
+void run_unmap(struct xfer_job *base, unsigned worker);
+void handle_xfer(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
+void drain_completions(struct srv *s);
+
+/* server_tiers.c: L2/L3. */
+void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);
+void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
+struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
+				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,
+				  uint64_t object_bytes);
+
+/* server_stats.c: KS_STATS and the data-path probe (io thread). */
+void handle_stats(struct srv *s, const struct srv_reply_addr *a);
+void maybe_probe(struct srv *s, uint64_t now);
+
+#endif /* KS_SERVER_PRIV_H */

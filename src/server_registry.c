@@ -1,0 +1,522 @@
+/*
+ * server_registry.c - what the io thread keeps per client: the instance
+ * registry (REGISTER_KV_CACHE's validated layout and mapped buffers,
+ * shared with transfer jobs by reference count) and the per-request_id
+ * sessions that cache chunk hashes (protocol.md §4.2), with the key
+ * expansion LOOKUP, FREE_LOOKUP_LOCKS, STORE and RETRIEVE build on them.
+ *
+ * Threads: the io thread builds, finds, inserts and removes instances and
+ * owns the sessions; only it touches them, so they have no lock. References
+ * are dropped (instance_put) on the io thread, or by srv_destroy's caller.
+ * The last one unmaps (instance_free): for a CUDA instance released on the
+ * io thread, on one of its device's transfer workers (JOB_UNMAP,
+ * server_xfer.c), otherwise on the thread that dropped it.
+ *
+ * Lock ordering (see server.c and docs/architecture.md): no lock of its
+ * own. Locks are taken only inside single calls, none held across another:
+ * pool_configure_slots (pool), xfer_submit through submit_job (a queue:
+ * the CUDA unmap job) and log_* (log ring).
+ */
+#include "server_priv.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "compiler.h"
+#include "hash.h"
+#include "index.h"
+#include "layout.h"
+#include "lock.h"
+#include "log.h"
+#include "pool.h"
+#include "protocol.h"
+#include "transfer_cuda.h"
+
+/* ------------------------------------------------------------------------ */
+/* Instances                                                                */
+
+/* Unmap and free; CUDA mappings are closed on the thread that calls this. */
+void instance_free(struct srv_instance *in)
+{
+	ks_assert_unlocked();
+	for (size_t i = 0; i < in->nmaps; i++) {
+		if (!in->maps[i].base)
+			continue;
+		if (in->device >= 0)
+			xfer_cuda_ipc_close_mem(in->device, in->maps[i].base);
+		else
+			munmap(in->maps[i].base, in->maps[i].len);
+	}
+	free(in->maps);
+	free(in->layer_ptrs);
+	free(in);
+}
+
+/*
+ * Drop a reference; the last one unmaps. The io thread makes no CUDA call
+ * (a driver call can wait behind a running transfer), so a CUDA instance
+ * released there is unmapped by a job on its device's workers.
+ */
+void instance_put(struct srv_instance *in)
+{
+	if (atomic_fetch_sub_explicit(&in->refs, 1, memory_order_acq_rel) != 1)
+		return;
+	if (in->device >= 0 && in->nmaps && in->srv && in->srv->io_running &&
+	    pthread_equal(pthread_self(), in->srv->io_thread)) {
+		struct srv_xfer_job *j = calloc(1, sizeof(*j));
+
+		if (j) {
+			j->srv = in->srv;
+			j->kind = JOB_UNMAP;
+			j->inst = in;
+			j->base.run = run_unmap;
+			if (submit_job(in->srv, 1 + (unsigned)in->device, j) == 0)
+				return;
+			free(j);
+		}
+		log_warn("instance %" PRId64 ": unmapping on the io thread (device queue full)",
+			 in->id);
+	}
+	instance_free(in);
+}
+
+struct srv_instance *instance_find(struct srv *s, int64_t id)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->id == id)
+			return in;
+	return NULL;
+}
+
+/* True if @a may use @in (--owner-check): the connection that registered it. */
+bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
+		       const struct srv_reply_addr *a)
+{
+	if (strcmp(s->cfg.owner_check, "on"))
+		return true;
+	return in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len);
+}
+
+/* Unlink @id from the registry and drop the registry's reference. */
+bool instance_remove(struct srv *s, int64_t id)
+{
+	for (struct srv_instance **pp = &s->instances; *pp; pp = &(*pp)->next) {
+		struct srv_instance *in = *pp;
+
+		if (in->id == id) {
+			*pp = in->next;
+			in->next = NULL;
+			atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
+			instance_put(in);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* An instance serving (@model, @world_size), or NULL (io thread). */
+struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
+				    uint32_t world_size)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->world_size == world_size && in->model_len == len &&
+		    !memcmp(in->model, model, len))
+			return in;
+	return NULL;
+}
+
+/* Device ordinal whose UUID is @uuid (8-4-4-4-12, optional "GPU-"), or -1. */
+static int cuda_device_of(const struct srv *s, const char *uuid)
+{
+	if (!strncasecmp(uuid, "GPU-", 4))
+		uuid += 4;
+	for (int d = 0; d < s->ncuda; d++)
+		if (!strcasecmp(uuid, s->cuda_uuid[d]))
+			return d;
+	return -1;
+}
+
+/* Map @path (a POSIX shm name or a file path) read-write, @need bytes at least. */
+static int map_host_buffer(const char *path, uint64_t need, struct srv_mapping *m, char *err,
+			   size_t errlen)
+{
+	struct stat st;
+	int fd, rc = 0;
+
+	if (path[0] == '/' && !strchr(path + 1, '/'))
+		fd = shm_open(path, O_RDWR | O_CLOEXEC, 0);
+	else if (path[0] == '/')
+		fd = open(path, O_RDWR | O_CLOEXEC);
+	else {
+		snprintf(err, errlen, "path '%s' is neither a shm name nor an absolute path", path);
+		return -EINVAL;
+	}
+	if (fd < 0) {
+		rc = -errno;
+		snprintf(err, errlen, "cannot open '%s': %s", path, strerror(errno));
+		return rc;
+	}
+	if (fstat(fd, &st) < 0) {
+		rc = -errno;
+		snprintf(err, errlen, "fstat '%s': %s", path, strerror(errno));
+		goto out_close;
+	}
+	if ((uint64_t)st.st_size < need) {
+		snprintf(err, errlen, "'%s' holds %lld bytes, the registration needs %" PRIu64, path,
+			 (long long)st.st_size, need);
+		rc = -EINVAL;
+		goto out_close;
+	}
+	m->len = (size_t)need;
+	m->base = mmap(NULL, m->len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	if (m->base == MAP_FAILED) {
+		rc = -errno;
+		m->base = NULL;
+		snprintf(err, errlen, "mmap '%s' (%zu bytes): %s", path, m->len, strerror(errno));
+		goto out_close;
+	}
+	snprintf(m->path, sizeof(m->path), "%s", path);
+out_close:
+	close(fd);
+	return rc;
+}
+
+/*
+ * Build an instance from a REGISTER request. All layers must share kind,
+ * dtype, shape and stride. Each distinct path is mapped once, covering the
+ * largest nbytes any layer gives for it.
+ */
+int instance_build(struct srv *s, const struct proto_request *rq,
+		   struct srv_instance **out, char *err, size_t errlen)
+{
+	struct srv_instance *in;
+	const struct proto_kv_desc *d0 = &rq->layers[0];
+	int rc;
+
+	if (rq->nlayers == 0) {
+		snprintf(err, errlen, "kv_caches is empty");
+		return -EINVAL;
+	}
+	if (rq->world_size == 0 || rq->world_size > 255) {
+		snprintf(err, errlen, "world_size %u out of range 1..255", rq->world_size);
+		return -EINVAL;
+	}
+	for (size_t l = 0; l < rq->nlayers; l++) {
+		const struct proto_kv_desc *d = &rq->layers[l];
+
+		if (d->kind != d0->kind || d->layout.kind != d0->layout.kind ||
+		    d->layout.dtype != d0->layout.dtype || d->layout.ndim != d0->layout.ndim ||
+		    memcmp(d->layout.shape, d0->layout.shape, sizeof(d->layout.shape)) ||
+		    memcmp(d->layout.stride, d0->layout.stride, sizeof(d->layout.stride))) {
+			snprintf(err, errlen, "layer %zu differs from layer 0 in kind, layout, dtype, "
+				 "shape or stride", l);
+			return -EINVAL;
+		}
+	}
+	in = calloc(1, sizeof(*in));
+	if (!in)
+		return -ENOMEM;
+	atomic_init(&in->refs, 1);
+	in->srv = s;
+	in->device = -1;
+	if (d0->kind == PROTO_KV_CUDA_IPC) {
+		for (size_t l = 1; l < rq->nlayers; l++)
+			if (strcasecmp(rq->layers[l].device_uuid, d0->device_uuid)) {
+				snprintf(err, errlen, "layer %zu is on another device than layer 0", l);
+				rc = -EINVAL;
+				goto out_put;
+			}
+		in->device = cuda_device_of(s, d0->device_uuid);
+		if (in->device < 0) {
+			snprintf(err, errlen, s->ncuda ? "no visible GPU has UUID %s" :
+				 "kv_caches kind cuda_ipc needs the CUDA backend, which this kvstashd "
+				 "does not have (no CUDA device, or --cuda=off); device %s",
+				 d0->device_uuid);
+			rc = s->ncuda ? -ENODEV : -EOPNOTSUPP;
+			goto out_put;
+		}
+	}
+	in->id = rq->instance_id;
+	memcpy(in->model, rq->model, rq->model_len);
+	in->model_len = rq->model_len;
+	in->world_size = rq->world_size;
+	in->layout = d0->layout;
+	in->layout.num_layers = (uint32_t)rq->nlayers;
+	rc = kv_layout_init(&in->layout, err, errlen);
+	if (rc)
+		goto out_put;
+	if (s->cfg.chunk_tokens % in->layout.block_size) {
+		snprintf(err, errlen, "chunk size %u is not a multiple of block size %u",
+			 s->cfg.chunk_tokens, in->layout.block_size);
+		rc = -EINVAL;
+		goto out_put;
+	}
+	in->object_bytes = kv_object_bytes(&in->layout, s->cfg.chunk_tokens);
+	rc = pool_configure_slots(s->pool, in->object_bytes);
+	if (rc == 0)	/* --evict-watermark-pct of the slots, once their size is known */
+		idx_set_low_watermark(s->idx, (uint32_t)((uint64_t)pool_nslots(s->pool) *
+							 s->cfg.evict_watermark_pct / 100));
+	if (rc) {
+		snprintf(err, errlen, "objects of %" PRIu64 " bytes do not fit the pool's %" PRIu64
+			 "-byte slots (layout mismatch with the first registration, or pool too small)",
+			 in->object_bytes, pool_slot_bytes(s->pool));
+		goto out_put;
+	}
+	in->layer_ptrs = calloc(rq->nlayers, sizeof(*in->layer_ptrs));
+	in->maps = calloc(rq->nlayers, sizeof(*in->maps));
+	if (!in->layer_ptrs || !in->maps) {
+		rc = -ENOMEM;
+		goto out_put;
+	}
+	for (size_t l = 0; l < rq->nlayers; l++) {
+		const struct proto_kv_desc *d = &rq->layers[l];
+		uint64_t need = 0, end = d->offset + in->layout.extent_bytes;
+		size_t m;
+
+		if (d->offset > d->nbytes || end > d->nbytes || end < d->offset) {
+			snprintf(err, errlen, "layer %zu: offset %" PRIu64 " + extent %" PRIu64
+				 " exceeds nbytes %" PRIu64, l, d->offset, in->layout.extent_bytes,
+				 d->nbytes);
+			rc = -EINVAL;
+			goto out_put;
+		}
+		if (d->offset % in->layout.elem_bytes) {
+			snprintf(err, errlen, "layer %zu: offset %" PRIu64 " not aligned to %u-byte "
+				 "elements", l, d->offset, in->layout.elem_bytes);
+			rc = -EINVAL;
+			goto out_put;
+		}
+		if (in->device >= 0)
+			continue;	/* mapped by a job on the device's workers: run_register */
+		for (m = 0; m < in->nmaps; m++)
+			if (!strcmp(in->maps[m].path, d->path))
+				break;
+		if (m == in->nmaps) {
+			/* First use of this path: map the most any layer needs from it. */
+			for (size_t k = l; k < rq->nlayers; k++)
+				if (!strcmp(rq->layers[k].path, d->path) && rq->layers[k].nbytes > need)
+					need = rq->layers[k].nbytes;
+			rc = map_host_buffer(d->path, need, &in->maps[m], err, errlen);
+			if (rc)
+				goto out_put;
+			in->nmaps++;
+		}
+		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+	}
+	in->registered_ms = ks_now_ms();
+	*out = in;
+	return 0;
+out_put:
+	instance_put(in);
+	return rc;
+}
+
+/* Put a built instance into the registry, replacing one with the same id. */
+void registry_insert(struct srv *s, struct srv_instance *in)
+{
+	if (instance_remove(s, in->id))
+		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
+			 in->id);
+	in->next = s->instances;
+	s->instances = in;
+	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
+	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers %s %s "
+		 "[NB %u, BS %u, NH %u, HS %u] on %s %d, %zu mapping(s), object %" PRIu64 " bytes",
+		 in->id, in->model, in->world_size, in->layout.num_layers,
+		 kv_layout_kind_name(in->layout.kind), kv_dtype_name(in->layout.dtype),
+		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
+		 in->layout.head_size, in->device >= 0 ? "cuda device" : "host, pid-shared files",
+		 in->device >= 0 ? in->device : (int)in->nmaps, in->nmaps, in->object_bytes);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sessions: per-request_id cache of chunk hashes (protocol.md §4.2).       */
+
+static uint64_t rid_hash(const char *rid, size_t len)
+{
+	return identity_hash((const uint8_t *)rid, len);
+}
+
+void session_free(struct srv_session *ss)
+{
+	free(ss->tokens);
+	free(ss->hashes);
+	free(ss);
+}
+
+bool session_unlink(struct srv *s, const char *rid, size_t len)
+{
+	struct srv_session **pp = &s->sessions[rid_hash(rid, len) % SRV_SESSION_BUCKETS];
+
+	for (; *pp; pp = &(*pp)->next) {
+		struct srv_session *ss = *pp;
+
+		if (ss->request_id_len == len && !memcmp(ss->request_id, rid, len)) {
+			*pp = ss->next;
+			session_free(ss);
+			s->nsessions--;
+			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
+			return true;
+		}
+	}
+	return false;
+}
+
+/* Drop sessions idle past the TTL; when over the cap, also the oldest. */
+void sessions_expire(struct srv *s, uint64_t now_ms)
+{
+	uint64_t ttl = (uint64_t)s->cfg.session_ttl_s * 1000;
+
+	for (size_t b = 0; b < SRV_SESSION_BUCKETS; b++) {
+		struct srv_session **pp = &s->sessions[b];
+
+		while (*pp) {
+			struct srv_session *ss = *pp;
+
+			if (now_ms - ss->last_used_ms > ttl) {
+				*pp = ss->next;
+				session_free(ss);
+				s->nsessions--;
+			} else {
+				pp = &ss->next;
+			}
+		}
+	}
+	atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
+}
+
+static int ensure_hash_cap(struct srv *s, size_t n)
+{
+	if (n <= s->hash_cap)
+		return 0;
+	void *p = realloc(s->hash_buf, n * KS_HASH_LEN);
+	if (!p)
+		return -ENOMEM;
+	s->hash_buf = p;
+	s->hash_cap = n;
+	return 0;
+}
+
+/*
+ * Hashes of the first @nchunks full chunks of @k's tokens, through the
+ * session cache: a cached prefix is reused only where its tokens equal the
+ * request's, so the result always equals a fresh computation. Returns a
+ * pointer valid until the next call, or NULL on -ENOMEM.
+ */
+const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
+			     size_t nchunks))[KS_HASH_LEN]
+{
+	uint32_t C = s->cfg.chunk_tokens;
+	struct srv_session *ss = NULL, **bucket;
+	size_t reuse = 0;
+
+	if (nchunks == 0)
+		return s->hash_buf;
+	bucket = &s->sessions[rid_hash(k->request_id, k->request_id_len) % SRV_SESSION_BUCKETS];
+	for (ss = *bucket; ss; ss = ss->next)
+		if (ss->request_id_len == k->request_id_len &&
+		    !memcmp(ss->request_id, k->request_id, k->request_id_len))
+			break;
+	if (!ss && s->nsessions < SRV_SESSION_MAX) {
+		ss = calloc(1, sizeof(*ss));
+		if (ss) {
+			memcpy(ss->request_id, k->request_id, k->request_id_len);
+			ss->request_id_len = k->request_id_len;
+			ss->next = *bucket;
+			*bucket = ss;
+			s->nsessions++;
+			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
+		}
+	}
+	if (ss) {
+		/* Reuse the longest cached prefix whose tokens are unchanged. */
+		size_t same = KS_MIN(ss->nchunks, nchunks);
+
+		while (reuse < same &&
+		       !memcmp(ss->tokens + reuse * C, k->token_ids + reuse * C, (size_t)C * 4))
+			reuse++;
+		ss->last_used_ms = ks_now_ms();
+		if (nchunks > ss->cap) {
+			void *t = realloc(ss->tokens, nchunks * (size_t)C * 4);
+
+			if (t)
+				ss->tokens = t;
+			void *h = t ? realloc(ss->hashes, nchunks * KS_HASH_LEN) : NULL;
+
+			if (h)
+				ss->hashes = h;
+			if (!t || !h) {
+				/* Out of memory for the cache: fall back to hashing from scratch. */
+				session_unlink(s, k->request_id, k->request_id_len);
+				ss = NULL;
+				reuse = 0;
+			} else {
+				ss->cap = nchunks;
+			}
+		}
+	}
+	if (!ss) {
+		if (ensure_hash_cap(s, nchunks))
+			return NULL;
+		ks_hash_chunks(s->none_hash, k->token_ids, 0, nchunks, C, s->hash_buf);
+		return (const uint8_t(*)[KS_HASH_LEN])s->hash_buf;
+	}
+	if (reuse < nchunks) {
+		ks_hash_chunks(reuse ? ss->hashes[reuse - 1] : s->none_hash, k->token_ids, reuse,
+			       nchunks - reuse, C, ss->hashes + reuse);
+		memcpy(ss->tokens + reuse * C, k->token_ids + reuse * C,
+		       (nchunks - reuse) * (size_t)C * 4);
+	}
+	/* Grow to @nchunks; a shorter request keeps the longer cached prefix
+	 * unless it diverged inside it (then what follows is stale). */
+	if (nchunks > ss->nchunks || reuse < KS_MIN(ss->nchunks, nchunks))
+		ss->nchunks = nchunks;
+	return (const uint8_t(*)[KS_HASH_LEN])ss->hashes;
+}
+
+static int ensure_key_cap(struct srv *s, size_t n)
+{
+	if (n <= s->key_cap)
+		return 0;
+	void *p = realloc(s->key_buf, n * sizeof(*s->key_buf));
+	if (!p)
+		return -ENOMEM;
+	s->key_buf = p;
+	s->key_cap = n;
+	return 0;
+}
+
+/*
+ * Expand chunks [first, first+n) to ObjectKeys for every rank, chunk-major
+ * (protocol.md §4.3), into s->key_buf. Returns the key count or -errno.
+ */
+ssize_t expand_keys(struct srv *s, const struct proto_key *k,
+		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n)
+{
+	size_t ws = k->world_size, nk = n * ws;
+
+	if (ensure_key_cap(s, nk ? nk : 1))
+		return -ENOMEM;
+	for (size_t c = 0; c < n; c++)
+		for (size_t r = 0; r < ws; r++)
+			if (ks_key_init(&s->key_buf[c * ws + r], hashes[first + c], k->model,
+					k->model_len, ks_kv_rank(k->world_size, (uint32_t)r)))
+				return -ENAMETOOLONG;
+	return (ssize_t)nk;
+}
+
+/* extra_count of protocol.md §4.4. */
+uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size)
+{
+	uint32_t tp = tp_size > 1 ? tp_size : world_size;
+
+	return tp > world_size ? tp - 1 : 0;
+}

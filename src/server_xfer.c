@@ -1,0 +1,728 @@
+/*
+ * server_xfer.c - STORE and RETRIEVE: validating a request and building
+ * its job (keys, slot table), queueing it, the transfer workers' run()
+ * functions for host and CUDA copies (reserve/commit for STORE, pin/unpin
+ * for RETRIEVE), the CUDA registration and unmap jobs, and the completion
+ * side: reply, counters, per-phase timing. Also the SIGBUS guard around
+ * host copies from clients' shared files.
+ *
+ * Threads: handle_xfer, xfer_prepare, submit_job, complete_xfer and
+ * drain_completions run on the io thread (drain_completions also in
+ * srv_destroy's caller, after the workers stopped); the run_* functions on
+ * transfer workers: host jobs on the host engine's, CUDA jobs on their
+ * device's, each worker with its own CUDA context (cuda_ctx_of: only that
+ * worker touches it). sigbus_handler runs on the worker that faulted.
+ *
+ * Lock ordering (see server.c and docs/architecture.md): no lock of its
+ * own. Workers call idx_* (shard > LRU > pool inside each call; an eviction
+ * may also reach the disk tier's lock through the demotion hook) and
+ * l3_write_through (a Redis node's lock) one at a time, and copy, host
+ * memcpy or CUDA, holding none, so the SIGBUS guard's siglongjmp leaves no
+ * lock behind. The io thread's xfer_submit/xfer_reap take a queue lock
+ * inside; log_* the log ring.
+ */
+#include "server_priv.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compiler.h"
+#include "hash.h"
+#include "index.h"
+#include "log.h"
+#include "metrics.h"
+#include "pool.h"
+#include "protocol.h"
+#include "transfer.h"
+#include "transfer_cuda.h"
+#include "transfer_host.h"
+
+static int pin_all(struct srv_xfer_job *j);
+
+/* ------------------------------------------------------------------------ */
+/* Copy guard: a client that shrinks its shared file under us raises        */
+/* SIGBUS in the copying thread; turn that into a failed job, not a crash.   */
+
+static _Thread_local sigjmp_buf *copy_jmp;
+static struct sigaction prev_sigbus;
+
+static void sigbus_handler(int sig, siginfo_t *si, void *uc)
+{
+	if (copy_jmp)
+		siglongjmp(*copy_jmp, 1);
+	/* Not ours: behave as before we were installed. */
+	sigaction(SIGBUS, &prev_sigbus, NULL);
+	(void)si;
+	(void)uc;
+	raise(sig);
+}
+
+void install_sigbus_guard(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_sigaction = sigbus_handler;
+	sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, &prev_sigbus);
+}
+
+/* ------------------------------------------------------------------------ */
+/* STORE / RETRIEVE                                                         */
+
+void xfer_job_free(struct srv_xfer_job *j)
+{
+	if (j->inst)
+		instance_put(j->inst);
+	free(j->keys);
+	free(j->entries);
+	free(j->slots);
+	free(j->descs);
+	free(j);
+}
+
+/* Queue @j on engine @engine (io thread). 0 or -errno from xfer_submit. */
+int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
+{
+	if (engine >= s->nengines || !s->engines[engine])
+		return -ENODEV;
+	j->engine = engine;
+	return xfer_submit(s->engines[engine], &j->base);
+}
+
+/*
+ * STORE, on a worker: reserve a WRITING entry per chunk (not on the io
+ * thread: it takes no index lock a busy worker might hold). Present chunks
+ * and those without space are skipped and counted. Returns how many were
+ * reserved; j->entries[c] is NULL for the others.
+ */
+static uint32_t reserve_chunks(struct srv_xfer_job *j)
+{
+	uint32_t n = 0;
+
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		int rc = idx_reserve_write(j->srv->idx, &j->keys[c], j->inst->object_bytes,
+					   &j->entries[c]);
+
+		if (rc) {
+			j->entries[c] = NULL;
+			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
+				&j->srv->ctr.store_chunks_nospace, 1);
+		} else {
+			n++;
+		}
+	}
+	return n;
+}
+
+/* STORE, after chunk @c was copied: make it READY, write it through to L3. */
+static void commit_chunk(struct srv_xfer_job *j, uint32_t c)
+{
+	struct idx_entry *e = j->entries[c];
+
+	j->entries[c] = NULL;
+	if (idx_commit_write(j->srv->idx, e) == 0) {
+		j->committed++;
+		l3_write_through(j->srv, &j->keys[c], j->inst->object_bytes);
+	} else {
+		ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+	}
+}
+
+/* ---- CUDA jobs: run on device d's workers, each with its own context ---- */
+
+#define SRV_CUDA_DRAIN_STEP_MS 1000
+
+/* This worker's context on @dev, created on first use (only this thread touches it). */
+static struct xfer_cuda_ctx *cuda_ctx_of(struct srv *s, int dev, unsigned worker, char *err,
+					 size_t errlen)
+{
+	struct xfer_cuda_ctx **slot = &s->cuda_ctx[dev][worker];
+	struct xfer_cuda_opts o = { .host_base = pool_region(s->pool),
+				    .host_bytes = pool_region_bytes(s->pool) };
+	int rc;
+
+	if (*slot && xfer_cuda_ctx_failed(*slot)) {
+		snprintf(err, errlen, "cuda device %d: this worker's context failed earlier "
+			 "(sticky CUDA error)", dev);
+		return NULL;
+	}
+	if (*slot)
+		return *slot;
+	rc = xfer_cuda_ctx_create(dev, &o, slot);
+	if (rc) {
+		snprintf(err, errlen, "cuda device %d: cannot create a transfer context: %s", dev,
+			 strerror(-rc));
+		*slot = NULL;
+		return NULL;
+	}
+	return *slot;
+}
+
+/* Run one CUDA copy; on a timeout wait for the device before anything is released. */
+static int cuda_copy(struct xfer_cuda_ctx *ctx, bool store, const struct xfer_cuda_job *cj)
+{
+	int rc = store ? xfer_cuda_store(ctx, cj) : xfer_cuda_retrieve(ctx, cj);
+
+	if (rc == -ETIMEDOUT || rc == -EBUSY) {
+		int d;
+
+		log_error("cuda copy not done after %u ms: waiting for the device before "
+			  "releasing its buffers", cj->timeout_ms);
+		while ((d = xfer_cuda_drain(ctx, SRV_CUDA_DRAIN_STEP_MS)) == -ETIMEDOUT)
+			;
+		if (rc == -EBUSY && d == 0)	/* an older job was in flight: retry once */
+			rc = store ? xfer_cuda_store(ctx, cj) : xfer_cuda_retrieve(ctx, cj);
+	}
+	return rc;
+}
+
+static void run_store_cuda(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens, nres = 0;
+	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
+	int64_t *slots = NULL;
+	void **objs = NULL;
+	int rc;
+
+	if (!ctx) {
+		j->result = -EIO;
+		return;
+	}
+	nres = reserve_chunks(j);
+	j->copy_begin_ns = ks_now_ns();
+	/* Only the reserved chunks are copied: pack their slots and objects. */
+	slots = malloc((size_t)nres * C * sizeof(*slots));
+	objs = malloc((nres ? nres : 1) * sizeof(*objs));
+	if (!slots || !objs) {
+		snprintf(j->err, sizeof(j->err), "out of memory");
+		j->result = -ENOMEM;
+		goto out_abort;
+	}
+	nres = 0;
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		if (!j->entries[c])
+			continue;
+		memcpy(slots + (size_t)nres * C, j->slots + (size_t)c * C, (size_t)C * sizeof(*slots));
+		objs[nres++] = idx_entry_data(j->srv->idx, j->entries[c]);
+	}
+	struct xfer_cuda_job cj = {
+		.layout = &in->layout, .layers = in->layer_ptrs, .slots = slots,
+		.ntokens = nres * C, .chunk_tokens = C, .objs = objs,
+		.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
+		.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+	};
+	rc = cuda_copy(ctx, true, &cj);
+	j->copy_end_ns = ks_now_ns();
+	if (rc) {
+		snprintf(j->err, sizeof(j->err), "cuda device %d: STORE copy failed: %s", in->device,
+			 strerror(-rc));
+		j->result = rc;
+		goto out_abort;
+	}
+	j->has_done = nres > 0;
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		if (j->entries[c])
+			commit_chunk(j, c);
+	}
+	free(slots);
+	free(objs);
+	return;
+out_abort:
+	for (uint32_t c = 0; c < j->nchunks; c++)
+		if (j->entries[c]) {
+			idx_abort_write(j->srv->idx, j->entries[c]);
+			j->entries[c] = NULL;
+		}
+	free(slots);
+	free(objs);
+}
+
+static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
+	void **objs;
+	int rc;
+
+	if (!ctx) {
+		j->result = -EIO;
+		return;
+	}
+	if (pin_all(j))
+		return;
+	j->copy_begin_ns = ks_now_ns();
+	objs = malloc(j->nchunks * sizeof(*objs));
+	if (!objs) {
+		snprintf(j->err, sizeof(j->err), "out of memory");
+		j->result = -ENOMEM;
+	} else {
+		for (uint32_t c = 0; c < j->nchunks; c++)
+			objs[c] = idx_entry_data(j->srv->idx, j->entries[c]);
+		struct xfer_cuda_job cj = {
+			.layout = &in->layout, .layers = in->layer_ptrs, .slots = j->slots,
+			.ntokens = j->nchunks * j->chunk_tokens, .chunk_tokens = j->chunk_tokens,
+			.objs = objs,
+			.skip_tokens = (uint32_t)KS_MIN(j->skip_tokens, (uint64_t)j->nchunks *
+							j->chunk_tokens),
+			.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
+			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+		};
+		rc = cuda_copy(ctx, false, &cj);
+		j->copy_end_ns = ks_now_ns();
+		if (rc) {
+			snprintf(j->err, sizeof(j->err), "cuda device %d: RETRIEVE copy failed: %s",
+				 in->device, strerror(-rc));
+			j->result = rc;
+		} else {
+			j->has_done = true;
+		}
+		free(objs);
+	}
+	/* Unpin after the device is done (cuda_copy drained it); locks go only on success. */
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		idx_unpin(j->srv->idx, j->entries[c]);
+		if (j->result == 0)
+			idx_release_read_locks(j->srv->idx, &j->keys[c], 1);
+		j->entries[c] = NULL;
+	}
+}
+
+/* Open each distinct IPC handle once, check every layer against its allocation. */
+void run_register(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	struct srv_instance *in = j->inst;
+	int dev = in->device, rc;
+
+	(void)worker;
+	for (uint32_t l = 0; l < in->layout.num_layers; l++) {
+		const struct proto_kv_desc *d = &j->descs[l];
+		size_t m;
+
+		for (m = 0; m < in->nmaps; m++)
+			if (!memcmp(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN))
+				break;
+		if (m == in->nmaps) {
+			void *base_ptr = NULL, *alloc = NULL;
+			size_t bytes = 0;
+
+			rc = xfer_cuda_ipc_open_mem(dev, d->mem_handle, &base_ptr);
+			if (rc) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cudaIpcOpenMemHandle on "
+					 "device %d failed (stale handle, or one from this process)",
+					 l, dev);
+				j->result = rc;
+				return;
+			}
+			memcpy(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN);
+			in->maps[m].base = base_ptr;
+			in->nmaps++;
+			rc = xfer_cuda_mem_range(dev, base_ptr, &alloc, &bytes);
+			if (rc || alloc != base_ptr) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cannot size the shared "
+					 "allocation: %s", l, strerror(rc ? -rc : EINVAL));
+				j->result = rc ? rc : -EINVAL;
+				return;
+			}
+			in->maps[m].len = bytes;
+		}
+		if (d->offset + in->layout.extent_bytes > in->maps[m].len) {
+			snprintf(j->err, sizeof(j->err), "layer %u: offset %" PRIu64 " + extent %" PRIu64
+				 " exceeds the shared allocation's %zu bytes", l, d->offset,
+				 in->layout.extent_bytes, in->maps[m].len);
+			j->result = -ERANGE;
+			return;
+		}
+		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+	}
+}
+
+void run_unmap(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+
+	(void)worker;
+	instance_free(j->inst);
+	j->inst = NULL;
+}
+
+/* Worker side of STORE: gather each reserved chunk, then make it READY. */
+static void run_store(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens;
+	sigjmp_buf jb;
+	volatile uint32_t i = 0;
+
+	(void)worker;
+	reserve_chunks(j);
+	j->copy_begin_ns = ks_now_ns();
+	if (sigsetjmp(jb, 0)) {
+		copy_jmp = NULL;
+		ctr_add(&j->srv->ctr.copy_faults, 1);
+		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
+			 "file was truncated, or host memory for the pool ran out)");
+		j->result = -EFAULT;
+		/* The chunk being copied and all later ones are dropped. */
+		for (uint32_t c = i; c < j->nchunks; c++)
+			if (j->entries[c]) {
+				idx_abort_write(j->srv->idx, j->entries[c]);
+				j->entries[c] = NULL;
+			}
+		return;
+	}
+	for (; i < j->nchunks; i++) {
+		struct idx_entry *e = j->entries[i];
+
+		if (!e)
+			continue;
+		copy_jmp = &jb;
+		xfer_host_gather(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
+				 idx_entry_data(j->srv->idx, e));
+		copy_jmp = NULL;
+		commit_chunk(j, i);
+	}
+	j->copy_end_ns = ks_now_ns();
+}
+
+/*
+ * Pin every chunk of a RETRIEVE, all or nothing: a missing chunk fails it,
+ * writes nothing and releases no read locks (protocol.md §3 RETRIEVE step 4).
+ * Returns 0, or the error (also in j->result / j->err) with nothing pinned.
+ */
+static int pin_all(struct srv_xfer_job *j)
+{
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		int rc = idx_pin(j->srv->idx, &j->keys[c], j->inst->object_bytes, &j->entries[c]);
+
+		if (rc) {
+			char hex[2 * KS_HASH_LEN + 1];
+
+			for (uint32_t u = 0; u < c; u++)
+				idx_unpin(j->srv->idx, j->entries[u]);
+			memset(j->entries, 0, j->nchunks * sizeof(*j->entries));
+			ks_hash_hex(j->keys[c].chunk_hash, hex);
+			ctr_add(&j->srv->ctr.retrieve_miss, 1);
+			snprintf(j->err, sizeof(j->err), "chunk %u (%.16s...) %s", c, hex,
+				 rc == -ENOENT ? "is not cached" :
+				 rc == -EMSGSIZE ? "has another layout's size" : strerror(-rc));
+			j->result = rc;
+			return rc;
+		}
+	}
+	return 0;
+}
+
+/* Worker side of RETRIEVE: scatter each chunk past the skip, unpin, unlock. */
+static void run_retrieve(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	const struct srv_instance *in = j->inst;
+	uint32_t C = j->chunk_tokens;
+	sigjmp_buf jb;
+	volatile uint32_t i = 0;
+
+	(void)worker;
+	if (pin_all(j))
+		return;
+	j->copy_begin_ns = ks_now_ns();
+	if (sigsetjmp(jb, 0)) {
+		copy_jmp = NULL;
+		ctr_add(&j->srv->ctr.copy_faults, 1);
+		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
+			 "file was truncated, or host memory for the pool ran out)");
+		j->result = -EFAULT;
+		/* Chunk i faulted: unpin and unlock it and every later chunk. */
+		for (; i < j->nchunks; i++) {
+			idx_unpin(j->srv->idx, j->entries[i]);
+			idx_release_read_locks(j->srv->idx, &j->keys[i], 1);
+		}
+		return;
+	}
+	for (; i < j->nchunks; i++) {
+		uint64_t base_tok = (uint64_t)i * C;
+
+		if (j->skip_tokens < base_tok + C) {
+			uint64_t skip = j->skip_tokens > base_tok ? j->skip_tokens - base_tok : 0;
+
+			copy_jmp = &jb;
+			xfer_host_scatter(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
+					  (uint32_t)KS_MIN(skip, (uint64_t)C - 1),
+					  idx_entry_data(j->srv->idx, j->entries[i]));
+			copy_jmp = NULL;
+		}
+		idx_unpin(j->srv->idx, j->entries[i]);
+		idx_release_read_locks(j->srv->idx, &j->keys[i], 1);
+	}
+	j->copy_end_ns = ks_now_ns();
+}
+
+/*
+ * Validate a STORE/RETRIEVE against its instance and build the job's keys
+ * and slot table. Returns 0, or -errno with the reason in @err.
+ */
+static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct srv_xfer_job *j,
+			char *err, size_t errlen)
+{
+	const struct proto_key *k = &rq->key;
+	struct srv_instance *in = instance_find(s, rq->instance_id);
+	uint32_t C = s->cfg.chunk_tokens;
+	const char *op = proto_type_name(rq->type);
+	uint64_t range, need_blocks;
+
+	if (!in) {
+		snprintf(err, errlen, "%s: instance %" PRId64 " is not registered", op,
+			 rq->instance_id);
+		return -ENOENT;
+	}
+	if (!instance_owned_by(s, in, &j->addr)) {
+		snprintf(err, errlen, "%s: instance %" PRId64 " was registered by another "
+			 "connection (--owner-check)", op, rq->instance_id);
+		return -EPERM;
+	}
+	if (rq->event_len != 0 && in->device < 0) {
+		/* protocol.md §5.3: on the host path a non-empty handle is a frame-level
+		 * fault, dropped without a reply (§3 Errors rule 1). */
+		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
+			 "event_ipc_handle must be empty", op, rq->instance_id);
+		return -EPROTO;
+	}
+	if (k->worker_id < 0) {
+		snprintf(err, errlen, "%s: key.worker_id must not be nil", op);
+		return -EINVAL;
+	}
+	if (k->world_size != in->world_size || (uint32_t)k->worker_id >= k->world_size) {
+		snprintf(err, errlen, "%s: worker %d / world_size %u does not match the "
+			 "registration (world_size %u)", op, k->worker_id, k->world_size,
+			 in->world_size);
+		return -EINVAL;
+	}
+	if (k->model_len != in->model_len || memcmp(k->model, in->model, k->model_len)) {
+		snprintf(err, errlen, "%s: model '%s' does not match the registration's '%s'", op,
+			 k->model, in->model);
+		return -EINVAL;
+	}
+	if (k->start < 0 || k->end < k->start || k->start % C || k->end % C ||
+	    (uint64_t)k->end > k->ntokens) {
+		snprintf(err, errlen, "%s: range [%" PRId64 ", %" PRId64 ") must be chunk-aligned "
+			 "(chunk %u) and within the %zu tokens", op, k->start, k->end, C, k->ntokens);
+		return -ERANGE;
+	}
+	range = (uint64_t)(k->end - k->start);
+	need_blocks = (range + in->layout.block_size - 1) / in->layout.block_size;
+	if (rq->nblocks < need_blocks) {
+		snprintf(err, errlen, "%s: %zu block ids cover fewer than the %" PRIu64 " tokens "
+			 "of the range (block size %u)", op, rq->nblocks, range,
+			 in->layout.block_size);
+		return -ERANGE;
+	}
+	for (uint64_t b = 0; b < need_blocks; b++) {
+		if (rq->block_ids[b] < 0 || rq->block_ids[b] >= (int64_t)in->layout.num_blocks) {
+			snprintf(err, errlen, "%s: block id %" PRId64 " (index %" PRIu64 ") outside "
+				 "the registered %u blocks", op, rq->block_ids[b], b,
+				 in->layout.num_blocks);
+			return -ERANGE;
+		}
+	}
+	j->nchunks = (uint32_t)(range / C);
+	j->chunk_tokens = C;
+	if (j->nchunks == 0)
+		return 0;
+	j->slots = malloc(range * sizeof(*j->slots));
+	j->keys = calloc(j->nchunks, sizeof(*j->keys));
+	j->entries = calloc(j->nchunks, sizeof(*j->entries));
+	if (!j->slots || !j->keys || !j->entries) {
+		snprintf(err, errlen, "%s: out of memory", op);
+		return -ENOMEM;
+	}
+	/* Range token t lives in slot block_ids[t / BS] * BS + t % BS (protocol.md §3). */
+	for (uint64_t t = 0; t < range; t++) {
+		uint32_t bs = in->layout.block_size;
+
+		j->slots[t] = rq->block_ids[t / bs] * bs + (int64_t)(t % bs);
+	}
+	size_t first = (size_t)k->start / C, last = (size_t)k->end / C;
+	const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
+
+	if (!h) {
+		snprintf(err, errlen, "%s: out of memory hashing", op);
+		return -ENOMEM;
+	}
+	for (size_t c = first; c < last; c++)
+		ks_key_init(&j->keys[c - first], h[c], k->model, k->model_len,
+			    ks_kv_rank(k->world_size, (uint32_t)k->worker_id));
+	atomic_fetch_add_explicit(&in->refs, 1, memory_order_relaxed);
+	j->inst = in;
+	return 0;
+}
+
+void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
+		 const struct proto_request *rq)
+{
+	struct srv_xfer_job *j = calloc(1, sizeof(*j));
+	char err[SRV_ERR_MAX];
+	bool store = rq->type == PROTO_STORE;
+	int rc;
+
+	if (!j) {
+		set_last_error(s, a, "%s: out of memory", proto_type_name(rq->type));
+		reply_xfer(s, a, false);
+		return;
+	}
+	j->srv = s;
+	j->addr = *a;
+	j->op = rq->type;
+	j->recv_ns = s->cur_recv_ns;
+	j->skip_tokens = rq->skip_first_n_tokens;
+	if (rq->event_len == PROTO_EVENT_HANDLE_LEN) {
+		memcpy(j->wait_event, rq->event, PROTO_EVENT_HANDLE_LEN);
+		j->has_wait = true;
+	}
+	rc = xfer_prepare(s, rq, j, err, sizeof(err));
+	if (rc == -EPROTO) {
+		frame_fault(s, a, rc, err);
+		xfer_job_free(j);
+		return;
+	}
+	if (rc) {
+		ctr_add(&s->ctr.semantic_errors, 1);
+		set_last_error(s, a, "%s", err);
+		goto out_fail;
+	}
+	if (!j->nchunks) {
+		/* An empty range: nothing to copy, and ok (protocol.md §3). */
+		reply_xfer(s, a, true);
+		xfer_job_free(j);
+		return;
+	}
+	if (j->inst->device >= 0)
+		j->base.run = store ? run_store_cuda : run_retrieve_cuda;
+	else
+		j->base.run = store ? run_store : run_retrieve;
+	rc = submit_job(s, j->inst->device >= 0 ? 1 + (unsigned)j->inst->device : 0, j);
+	if (rc == 0)
+		return;
+	set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
+		       rc == -EAGAIN ? "full, try again later" : strerror(-rc));
+out_fail:
+	reply_xfer(s, a, false);
+	xfer_job_free(j);
+}
+
+/*
+ * Add a finished job's phases to s->phase_ns (io thread, after the reply).
+ * Only jobs that copied: a failed one has no copy timestamps.
+ */
+static void account_phases(struct srv *s, const struct srv_xfer_job *j)
+{
+	const struct xfer_job *b = &j->base;
+	const uint64_t now = ks_now_ns();
+	const unsigned op = j->op != PROTO_STORE;
+	uint64_t t[SRV_PHASES + 1] = { j->recv_ns, b->submit_ns, b->start_ns, j->copy_begin_ns,
+				       j->copy_end_ns, b->end_ns, now };
+
+	if (!j->copy_begin_ns || !j->copy_end_ns)
+		return;
+	for (unsigned p = 0; p < SRV_PHASES; p++)
+		if (t[p + 1] >= t[p])	/* never wrap on a clock quirk */
+			atomic_fetch_add_explicit(&s->phase_ns[op][p], t[p + 1] - t[p],
+						  memory_order_relaxed);
+	atomic_fetch_add_explicit(&s->phase_jobs[op], 1, memory_order_relaxed);
+}
+
+/* A job came back from a worker: account, reply, free. */
+static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
+{
+	bool ok = j->result == 0;
+
+	switch (j->kind) {
+	case JOB_PROBE:
+		if (!xfer_job_cancelled(&j->base))
+			atomic_store(&s->probe_done_ms[j->engine], ks_now_ms());
+		atomic_store(&s->probe_sent_ms[j->engine], 0);
+		free(j);
+		return;
+	case JOB_UNMAP:
+		if (xfer_job_cancelled(&j->base))
+			instance_free(j->inst);	/* shutting down: the workers are gone */
+		free(j);
+		return;
+	case JOB_REGISTER:
+		if (ok && !xfer_job_cancelled(&j->base)) {
+			j->inst->registered_ms = ks_now_ms();
+			registry_insert(s, j->inst);
+			j->inst = NULL;	/* the registry owns it now */
+		} else {
+			ctr_add(&s->ctr.semantic_errors, 1);
+			set_last_error(s, &j->addr, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
+				       j->inst->id, xfer_job_cancelled(&j->base) ?
+				       "server shutting down" : j->err);
+		}
+		reply_nil(s, &j->addr);
+		xfer_job_free(j);
+		return;
+	case JOB_PREFETCH: {
+		struct srv_lookup_job *lj = &s->jobs[(uint64_t)j->lookup_job % SRV_JOB_SLOTS];
+
+		if (xfer_job_cancelled(&j->base))
+			j->prefetch_chunks = (int64_t)(j->l1_hits / j->group);	/* unlocked: shutdown */
+		if (lj->id == j->lookup_job)
+			lj->chunks = j->prefetch_chunks;
+		ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)j->prefetch_chunks);
+		xfer_job_free(j);
+		return;
+	}
+	case JOB_XFER:
+		break;
+	}
+
+	if (xfer_job_cancelled(&j->base)) {
+		/* Never ran (shutdown): it reserved and pinned nothing yet. */
+		snprintf(j->err, sizeof(j->err), "server shutting down");
+		ok = false;
+	}
+	if (!ok)
+		set_last_error(s, &j->addr, "%s failed: %s", proto_type_name(j->op), j->err);
+	if (j->op == PROTO_STORE) {
+		ctr_add(&s->ctr.store_chunks_stored, j->committed);
+		ctr_add(&s->ctr.bytes_stored, j->committed * j->inst->object_bytes);
+	} else if (ok) {
+		ctr_add(&s->ctr.retrieve_ok, 1);
+		ctr_add(&s->ctr.bytes_retrieved, (uint64_t)j->nchunks * j->inst->object_bytes);
+	}
+	log_debug("%s instance %" PRId64 ": %u chunk(s), queued %.3f ms, copy %.3f ms, %s",
+		  proto_type_name(j->op), j->inst->id, j->nchunks,
+		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
+		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
+	if (j->has_done)
+		reply_xfer_event(s, &j->addr, j->done_event, PROTO_EVENT_HANDLE_LEN, ok);
+	else
+		reply_xfer(s, &j->addr, ok);
+	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
+			     ks_now_ns() - j->recv_ns);
+	if (ok)
+		account_phases(s, j);
+	xfer_job_free(j);
+}
+
+void drain_completions(struct srv *s)
+{
+	struct xfer_job *done[64];
+	size_t n;
+
+	for (unsigned e = 0; e < s->nengines; e++)
+		while ((n = xfer_reap(s->engines[e], done, KS_ARRAY_SIZE(done))) > 0)
+			for (size_t i = 0; i < n; i++)
+				complete_xfer(s, (struct srv_xfer_job *)done[i]);
+}
