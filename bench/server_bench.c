@@ -178,6 +178,23 @@ static void *client_main(void *arg)
 	return NULL;
 }
 
+struct server_view {
+	uint64_t io_turn_max_us, ping_sum_us, ping_count;
+};
+
+static int server_stat(const char *name, uint64_t value, void *arg)
+{
+	struct server_view *v = arg;
+
+	if (!strcmp(name, "io_turn_max_us"))
+		v->io_turn_max_us = value;
+	else if (!strcmp(name, "latency_ping_sum_us"))
+		v->ping_sum_us = value;
+	else if (!strcmp(name, "latency_ping_count"))
+		v->ping_count = value;
+	return 0;
+}
+
 static void *pinger_main(void *arg)
 {
 	kvstash_client *c;
@@ -369,6 +386,21 @@ int main(int argc, char **argv)
 	if (npings)
 		printf("  PING under load: %zu pings, p50 %.3f ms, p99 %.3f ms, max %.3f ms\n", npings,
 		       pings[npings / 2], pings[npings * 99 / 100], pings[npings - 1]);
+	{
+		/* The server's side of the heartbeat: what the io loop made a PING wait
+		 * (its longest turn) and how long handling one took. The rest of a
+		 * round trip is the sockets and waking the threads on both sides. */
+		struct server_view v = { 0 };
+		kvstash_client *c;
+
+		if (kvstash_connect(opt.endpoint, 5000, &c) == 0) {
+			if (kvstash_stats(c, server_stat, &v) == 0 && v.ping_count)
+				printf("  server side: longest io loop turn %.3f ms, PING handled in "
+				       "%.1f us on average\n", (double)v.io_turn_max_us / 1e3,
+				       (double)v.ping_sum_us / (double)v.ping_count);
+			kvstash_close(c);
+		}
+	}
 	printf("  failed requests: %" PRIu64 "\n", atomic_load(&failures));
 out:
 	if (daemon > 0) {

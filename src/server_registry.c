@@ -8,14 +8,15 @@
  * Threads: the io thread builds, finds, inserts and removes instances and
  * owns the sessions; only it touches them, so they have no lock. References
  * are dropped (instance_put) on the io thread, or by srv_destroy's caller.
- * The last one unmaps (instance_free): for a CUDA instance released on the
- * io thread, on one of its device's transfer workers (JOB_UNMAP,
- * server_xfer.c), otherwise on the thread that dropped it.
+ * The last one unmaps (instance_free): for an instance released on the io
+ * thread, on a transfer worker of its device (JOB_UNMAP, server_xfer.c;
+ * host instances on the host engine's), otherwise on the thread that
+ * dropped it.
  *
  * Lock ordering (see server.c and docs/architecture.md): no lock of its
  * own. Locks are taken only inside single calls, none held across another:
  * pool_configure_slots (pool), xfer_submit through submit_job (a queue:
- * the CUDA unmap job) and log_* (log ring).
+ * the unmap job) and log_* (log ring).
  */
 #include "server_priv.h"
 
@@ -43,9 +44,11 @@
 /* ------------------------------------------------------------------------ */
 /* Instances                                                                */
 
-/* Unmap and free; CUDA mappings are closed on the thread that calls this. */
+/* Unmap and free, on the calling thread (named in the debug log). */
 void instance_free(struct srv_instance *in)
 {
+	size_t closed = 0;
+
 	ks_assert_unlocked();
 	for (size_t i = 0; i < in->nmaps; i++) {
 		if (!in->maps[i].base)
@@ -54,6 +57,14 @@ void instance_free(struct srv_instance *in)
 			xfer_cuda_ipc_close_mem(in->device, in->maps[i].base);
 		else
 			munmap(in->maps[i].base, in->maps[i].len);
+		closed++;
+	}
+	if (closed) {
+		char tname[16] = "?";
+
+		pthread_getname_np(pthread_self(), tname, sizeof(tname));
+		log_debug("instance %" PRId64 ": %zu mapping(s) closed on thread %s", in->id, closed,
+			  tname);
 	}
 	free(in->maps);
 	free(in->layer_ptrs);
@@ -61,15 +72,19 @@ void instance_free(struct srv_instance *in)
 }
 
 /*
- * Drop a reference; the last one unmaps. The io thread makes no CUDA call
- * (a driver call can wait behind a running transfer), so a CUDA instance
- * released there is unmapped by a job on its device's workers.
+ * Drop a reference; the last one unmaps, never on the io thread while it
+ * serves: it makes no CUDA call (a driver call can wait behind a running
+ * transfer), and munmap() of a client's host buffer tears down the page
+ * tables of everything it touched (about 8 ms for 256 MiB here), which every
+ * PING queued behind it would wait for. So an instance released there is
+ * unmapped by a job on its device's workers (the host engine's for host
+ * buffers).
  */
 void instance_put(struct srv_instance *in)
 {
 	if (atomic_fetch_sub_explicit(&in->refs, 1, memory_order_acq_rel) != 1)
 		return;
-	if (in->device >= 0 && in->nmaps && in->srv && in->srv->io_running &&
+	if (in->nmaps && in->srv && in->srv->io_running &&
 	    pthread_equal(pthread_self(), in->srv->io_thread)) {
 		struct srv_xfer_job *j = calloc(1, sizeof(*j));
 
@@ -78,11 +93,12 @@ void instance_put(struct srv_instance *in)
 			j->kind = JOB_UNMAP;
 			j->inst = in;
 			j->base.run = run_unmap;
-			if (submit_job(in->srv, 1 + (unsigned)in->device, j) == 0)
+			if (submit_job(in->srv, in->device >= 0 ? 1 + (unsigned)in->device : 0,
+				       j) == 0)
 				return;
 			free(j);
 		}
-		log_warn("instance %" PRId64 ": unmapping on the io thread (device queue full)",
+		log_warn("instance %" PRId64 ": unmapping on the io thread (transfer queue full)",
 			 in->id);
 	}
 	instance_free(in);

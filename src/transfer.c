@@ -16,6 +16,8 @@
 #include "transfer.h"
 
 #include <errno.h>
+#include <pthread.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -90,6 +92,20 @@ static void *worker_main(void *p)
 	free(wa);
 	snprintf(tname, sizeof(tname), "%.10s/%u", e->name, index);
 	pthread_setname_np(pthread_self(), tname);
+	/*
+	 * Copies are bulk work: under SCHED_BATCH a worker woken by a new job
+	 * does not preempt the thread that queued it (the io thread, which
+	 * the scheduler likes to share a CPU with the wakee), so PINGs are not
+	 * held up for a scheduling slice behind a copy. The worker's share of
+	 * CPU is unchanged, and no privilege is needed.
+	 */
+	{
+		struct sched_param sp = { .sched_priority = 0 };
+		int rc = pthread_setschedparam(pthread_self(), SCHED_BATCH, &sp);
+
+		if (rc)
+			log_info("%s: stays SCHED_OTHER (%s)", tname, strerror(rc));
+	}
 	for (;;) {
 		struct xfer_job *job = NULL;
 		bool stop = false;

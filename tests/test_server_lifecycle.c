@@ -5,7 +5,8 @@
  * every request the server had taken (ok or failed), then exits 0. Thread
  * priorities: where kvstashd may raise them (root), the io thread and
  * libzmq's I/O thread that every PING crosses run at nice -10, the transfer
- * workers at 0.
+ * workers at 0. A host client's buffer is unmapped on a transfer worker,
+ * not on the io thread (munmap of a large touched mapping takes ms).
  * Labels: unit
  */
 #include <dirent.h>
@@ -156,6 +157,44 @@ static void test_priorities(void)
 	CHECK_EQ(t_daemon_stop(d), 0);
 }
 
+/* The log holds a line containing @needle (polled up to 5 s). */
+static bool log_has(const struct t_daemon *d, const char *needle, char *line, size_t len)
+{
+	for (int i = 0; i < 250; i++) {
+		FILE *f = fopen(d->log_path, "r");
+
+		while (f && fgets(line, (int)len, f))
+			if (strstr(line, needle)) {
+				fclose(f);
+				return true;
+			}
+		if (f)
+			fclose(f);
+		usleep(20000);
+	}
+	return false;
+}
+
+static void test_unmap_off_io_thread(void)
+{
+	struct t_daemon *d = t_daemon_start("--pool-size=64M --log-level=debug");
+	kvstash_client *c;
+	struct t_kv kv;
+	char line[512];
+
+	REQUIRE(d);
+	REQUIRE(kvstash_connect(d->endpoint, 3000, &c) == 0);
+	REQUIRE(t_kv_create(&kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, 8, 128) == 0);
+	REQUIRE(t_kv_register(&kv, c, 77, "m-unmap", 1) == 0);
+	CHECK_EQ(kvstash_unregister(c, 77), 0);
+	CHECK(log_has(d, "instance 77: 1 mapping(s) closed on thread", line, sizeof(line)));
+	fprintf(stderr, "unmap: %s", line);
+	CHECK(strstr(line, "closed on thread host-xfer/") != NULL);
+	kvstash_close(c);
+	t_kv_destroy(&kv);
+	CHECK_EQ(t_daemon_stop(d), 0);
+}
+
 static void test_churn(void)
 {
 	struct t_daemon *d = t_daemon_start("--pool-size=64M");
@@ -269,6 +308,7 @@ static void test_sigterm(void)
 int main(void)
 {
 	test_priorities();
+	test_unmap_off_io_thread();
 	test_churn();
 	test_sigterm();
 	return t_result("server_lifecycle");
