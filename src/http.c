@@ -6,8 +6,10 @@
  * connection; nothing else calls in except http_start()/http_stop() from
  * main(). A handler renders into a fresh buffer with srv_render_metrics(),
  * srv_render_stats_json() or srv_health(), which read atomics and the
- * subsystems' stats calls only, so this thread takes no kvstash lock and
- * never waits on the io thread: a wedged io loop still gets a 503 out of
+ * subsystems' stats calls only: those take their own leaf locks briefly (an
+ * index shard, a transfer queue, the disk tier's index, one at a time, as
+ * any thread may) and this thread holds none of them across anything, and
+ * it never waits on the io thread: a wedged io loop still gets a 503 out of
  * /healthz. Waits are bounded by MHD: idle connections close after
  * HTTP_TIMEOUT_S, at most HTTP_CONNECTION_LIMIT are open (HTTP_PER_IP_LIMIT
  * from one address); excess connections are refused at accept.

@@ -10,7 +10,7 @@
  *
  * Lock ordering (full list in docs/architecture.md):
  *
- * srv_client->lock          (a client's registrations and mappings; reaper)
+ * client->idle_lock         (libkvstash: a client's idle connection stack)
  *   idx_shard->lock         (one per shard; never two shards at once)
  *     lru->lock             (eviction list; the walker only trylocks shards)
  *       pool->free_lock     (free slot stack)
