@@ -356,6 +356,16 @@ void run_unmap(struct xfer_job *base, unsigned worker)
 	j->inst = NULL;
 }
 
+/* A host copy of @j hit SIGBUS (we are past its siglongjmp): fail the job. */
+static void copy_faulted(struct srv_xfer_job *j)
+{
+	copy_jmp = NULL;
+	ctr_add(&j->srv->ctr.copy_faults, 1);
+	snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
+		 "file was truncated, or host memory for the pool ran out)");
+	j->result = -EFAULT;
+}
+
 /* Worker side of STORE: gather each reserved chunk, then make it READY. */
 static void run_store(struct xfer_job *base, unsigned worker)
 {
@@ -369,11 +379,7 @@ static void run_store(struct xfer_job *base, unsigned worker)
 	reserve_chunks(j);
 	j->copy_begin_ns = ks_now_ns();
 	if (sigsetjmp(jb, 0)) {
-		copy_jmp = NULL;
-		ctr_add(&j->srv->ctr.copy_faults, 1);
-		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
-			 "file was truncated, or host memory for the pool ran out)");
-		j->result = -EFAULT;
+		copy_faulted(j);
 		/* The chunk being copied and all later ones are dropped. */
 		for (uint32_t c = i; c < j->nchunks; c++)
 			if (j->entries[c]) {
@@ -438,11 +444,7 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 		return;
 	j->copy_begin_ns = ks_now_ns();
 	if (sigsetjmp(jb, 0)) {
-		copy_jmp = NULL;
-		ctr_add(&j->srv->ctr.copy_faults, 1);
-		snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
-			 "file was truncated, or host memory for the pool ran out)");
-		j->result = -EFAULT;
+		copy_faulted(j);
 		/* Chunk i faulted: unpin and unlock it and every later chunk. */
 		for (; i < j->nchunks; i++) {
 			idx_unpin(j->srv->idx, j->entries[i]);
