@@ -5,11 +5,12 @@
  * every request the server had taken (ok or failed), then exits 0. Thread
  * priorities: where kvstashd may raise them (root), the io thread and
  * libzmq's I/O thread that every PING crosses run at nice -10, the transfer
- * workers at 0. A host client's buffer is unmapped on a transfer worker,
+ * workers at 0 and SCHED_BATCH. A host client's buffer is unmapped on a transfer worker,
  * not on the io thread (munmap of a large touched mapping takes ms).
  * Labels: unit
  */
 #include <dirent.h>
+#include <sched.h>
 #include <sys/resource.h>
 #include <errno.h>
 #include <pthread.h>
@@ -71,26 +72,35 @@ static int churn_once(void *ctx, const char *ep)
 }
 
 /* The nice value in a /proc/.../stat file (field 19), or 99 when unreadable. */
-static int read_nice(const char *stat_path)
+/* Field @n (1-based, n > 2) of a /proc/.../stat file, or 99 when unreadable. */
+static int read_stat_field(const char *stat_path, int n)
 {
 	char stat[1024] = "";
 	const char *rp;
-	int field = 0, v = 99;
+	int field = 2, v = 99;
 	FILE *f = fopen(stat_path, "r");
 
 	if (!f)
 		return v;
-	/* Count fields from after the ")" that ends comm (field 2): nice is 17 more on. */
+	/* Count fields from after the ")" that ends comm (field 2). */
 	if (fgets(stat, sizeof(stat), f) && (rp = strrchr(stat, ')')))
-		for (const char *q = rp + 1; *q && field < 17; q++)
-			if (*q == ' ' && ++field == 17)
+		for (const char *q = rp + 1; *q && field < n; q++)
+			if (*q == ' ' && ++field == n)
 				v = atoi(q + 1);
 	fclose(f);
 	return v;
 }
 
-/* Nice value of each thread of @pid whose name starts with @prefix: min and max, count. */
-static int thread_nice(pid_t pid, const char *prefix, int *min, int *max)
+#define STAT_NICE 19
+#define STAT_POLICY 41	/* SCHED_OTHER 0, SCHED_BATCH 3 */
+
+static int read_nice(const char *stat_path)
+{
+	return read_stat_field(stat_path, STAT_NICE);
+}
+
+/* Field @field of each thread of @pid whose name starts with @prefix: min and max, count. */
+static int thread_field(pid_t pid, const char *prefix, int field, int *min, int *max)
 {
 	char path[128], comm[64];
 	struct dirent *de;
@@ -104,7 +114,7 @@ static int thread_nice(pid_t pid, const char *prefix, int *min, int *max)
 	*max = -100;
 	while ((de = readdir(d))) {
 		FILE *f;
-		int nice_v;
+		int v;
 
 		if (de->d_name[0] == '.')
 			continue;
@@ -119,9 +129,9 @@ static int thread_nice(pid_t pid, const char *prefix, int *min, int *max)
 		if (strncmp(comm, prefix, strlen(prefix)))
 			continue;
 		snprintf(path, sizeof(path), "/proc/%d/task/%s/stat", (int)pid, de->d_name);
-		nice_v = read_nice(path);
-		*min = nice_v < *min ? nice_v : *min;
-		*max = nice_v > *max ? nice_v : *max;
+		v = read_stat_field(path, field);
+		*min = v < *min ? v : *min;
+		*max = v > *max ? v : *max;
 		n++;
 	}
 	closedir(d);
@@ -135,14 +145,24 @@ static void test_priorities(void)
 
 	REQUIRE(d);
 	usleep(200000);
+	/* Workers are SCHED_BATCH (no privilege needed), the io thread is not. */
+	n = thread_field(d->pid, "host-xfer/", STAT_POLICY, &lo, &hi);
+	fprintf(stderr, "priorities: %d worker(s) with scheduling policy %d..%d\n", n, lo, hi);
+	CHECK(n == 2 && lo == SCHED_BATCH && hi == SCHED_BATCH);
+	{
+		char path[64];
+
+		snprintf(path, sizeof(path), "/proc/%d/stat", (int)d->pid);
+		CHECK_EQ(read_stat_field(path, STAT_POLICY), SCHED_OTHER);
+	}
 	if (setpriority(PRIO_PROCESS, 0, -1) < 0) {	/* not privileged: kvstashd is not either */
 		fprintf(stderr, "priorities: no CAP_SYS_NICE, not checked\n");
 	} else {
 		setpriority(PRIO_PROCESS, 0, 0);
-		n = thread_nice(d->pid, "ZMQbg/IO", &lo, &hi);
+		n = thread_field(d->pid, "ZMQbg/IO", STAT_NICE, &lo, &hi);
 		fprintf(stderr, "priorities: %d ZMQ I/O thread(s) at nice %d..%d\n", n, lo, hi);
 		CHECK(n >= 1 && lo == -10 && hi == -10);
-		n = thread_nice(d->pid, "host-xfer/", &lo, &hi);
+		n = thread_field(d->pid, "host-xfer/", STAT_NICE, &lo, &hi);
 		fprintf(stderr, "priorities: %d worker(s) at nice %d..%d\n", n, lo, hi);
 		CHECK(n == 2 && lo == 0 && hi == 0);
 		/* The main thread (the io loop): /proc/PID/stat. */
