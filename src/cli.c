@@ -283,6 +283,29 @@ static void top_latency(const struct top_snap *a, const struct top_snap *b, cons
 		snprintf(out, len, "%.3f", (s1 - s0) / (c1 - c0) / 1e3);
 }
 
+/*
+ * Mean ms per successful request of @op ("store"/"retrieve") in @phase over
+ * the interval, from "<op>_<phase>_us" / "<op>_timed": "-" when the server
+ * does not report them or no such request finished.
+ */
+static void top_phase(const struct top_snap *a, const struct top_snap *b, const char *op,
+		      const char *phase, char *out, size_t len)
+{
+	char sn[64], cn[64];
+	double s0, s1, c0, c1;
+
+	snprintf(sn, sizeof(sn), "%s_%s_us", op, phase);
+	snprintf(cn, sizeof(cn), "%s_timed", op);
+	s0 = top_val(a, sn);
+	s1 = top_val(b, sn);
+	c0 = top_val(a, cn);
+	c1 = top_val(b, cn);
+	if (s0 < 0 || s1 < s0 || c0 < 0 || c1 <= c0)
+		snprintf(out, len, "-");
+	else
+		snprintf(out, len, "%.3f", (s1 - s0) / (c1 - c0) / 1e3);
+}
+
 static void top_print(const struct cli_opts *o, const struct top_snap *a, const struct top_snap *b,
 		      int refresh, double ping_ms, bool tty)
 {
@@ -330,6 +353,23 @@ static void top_print(const struct cli_opts *o, const struct top_snap *a, const 
 	       top_val(b, "xfer_running"), top_val(b, "workers"),
 	       top_rate(a, b, "xfer_rejected_full"),
 	       top_rate(a, b, "semantic_errors") + top_rate(a, b, "frame_faults"));
+	/* Where a STORE's / RETRIEVE's time went, receipt to reply (server side). */
+	static const char *const phases[] = { "accept", "queue", "prepare", "copy", "finish",
+					      "reply" };
+	printf("%-12s", "phase ms");
+	for (size_t p = 0; p < sizeof(phases) / sizeof(phases[0]); p++)
+		printf(" %10s", phases[p]);
+	printf("\n");
+	for (int op = 0; op < 2; op++) {
+		printf("%-12s", op ? "retrieve" : "store");
+		for (size_t p = 0; p < sizeof(phases) / sizeof(phases[0]); p++) {
+			char v[32];
+
+			top_phase(a, b, op ? "retrieve" : "store", phases[p], v, sizeof(v));
+			printf(" %10s", v);
+		}
+		printf("\n");
+	}
 	fflush(stdout);
 }
 

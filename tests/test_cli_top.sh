@@ -51,6 +51,9 @@ golden = [
     r" {12}( +%s){3}( +%s){2}" % (F, I),
     r"transfers +queued +running +workers +rejected/s +errors/s",
     r" {12}( +%s){3}( +%s){2}" % (I, F),
+    r"phase ms +accept +queue +prepare +copy +finish +reply",
+    r"store( +(%s|-)){6}" % F,
+    r"retrieve( +(%s|-)){6}" % F,
 ]
 for n, fr in enumerate(frames, 1):
     lines = fr.rstrip("\n").split("\n")
@@ -74,6 +77,8 @@ check "top --count 2 exits 0 (got $RC): $(cat "$TMP/idle.err")" [ "$RC" -eq 0 ]
 golden_frames "$TMP/idle" 2 >"$TMP/g" 2>&1
 RC=$?	# saved first: the $(cat) below would reset $?
 check "top --count 2 output has the golden layout: $(cat "$TMP/g")" [ "$RC" -eq 0 ]
+check "idle top: no STORE or RETRIEVE phases (all '-')" \
+	[ "$(grep -cE '^(store|retrieve)( +-){6}$' "$TMP/idle")" -eq 4 ]
 check "top prints nothing on stderr" [ ! -s "$TMP/idle.err" ]
 for f in 1 2; do
 	check "idle frame $f: store/retrieve/lookup rates 0: $(row "$TMP/idle" $f 3 1) $(row "$TMP/idle" $f 3 2) $(row "$TMP/idle" $f 3 3)" \
@@ -103,6 +108,13 @@ check "top under load exits 0 (got $RC)" [ "$RC" -eq 0 ]
 golden_frames "$TMP/busy" 2 >"$TMP/g" 2>&1
 RC=$?
 check "top under load has the golden layout: $(cat "$TMP/g")" [ "$RC" -eq 0 ]
+# phase rows: a STORE finished in some frame, so its copy phase (5th value) is a number there
+phase_busy=0
+for f in 1 2; do
+	v=$(awk -v RS= -v f=$f 'NR == f { split($0, L, "\n"); split(L[15], w, " "); print w[5] }' "$TMP/busy")
+	case "$v" in [0-9]*) phase_busy=1 ;; esac
+done
+check "top under load: some frame shows the STORE copy phase in ms: $(tr '\n' '|' <"$TMP/busy")" [ "$phase_busy" -eq 1 ]
 busy=0
 for f in 1 2; do
 	s=$(row "$TMP/busy" $f 3 1)
