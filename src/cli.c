@@ -261,49 +261,42 @@ static double top_rate(const struct top_snap *a, const struct top_snap *b, const
 }
 
 /*
- * Mean server-side latency (ms) of @kind over the interval, from the
- * "latency_<kind>_sum_us" / "latency_<kind>_count" counters: "-" when the
- * server does not report them or nothing of that kind completed.
+ * Mean ms per event over the interval from a microsecond sum counter
+ * @sum_name and an event counter @count_name: "-" when the server does not
+ * report them or nothing was counted in the interval.
  */
-static void top_latency(const struct top_snap *a, const struct top_snap *b, const char *kind,
-			char *out, size_t len)
+static void top_mean_ms(const struct top_snap *a, const struct top_snap *b, const char *sum_name,
+			const char *count_name, char *out, size_t len)
 {
-	char sn[64], cn[64];
-	double s0, s1, c0, c1;
+	double s0 = top_val(a, sum_name), s1 = top_val(b, sum_name);
+	double c0 = top_val(a, count_name), c1 = top_val(b, count_name);
 
-	snprintf(sn, sizeof(sn), "latency_%s_sum_us", kind);
-	snprintf(cn, sizeof(cn), "latency_%s_count", kind);
-	s0 = top_val(a, sn);
-	s1 = top_val(b, sn);
-	c0 = top_val(a, cn);
-	c1 = top_val(b, cn);
 	if (s0 < 0 || s1 < s0 || c0 < 0 || c1 <= c0)
 		snprintf(out, len, "-");
 	else
 		snprintf(out, len, "%.3f", (s1 - s0) / (c1 - c0) / 1e3);
 }
 
-/*
- * Mean ms per successful request of @op ("store"/"retrieve") in @phase over
- * the interval, from "<op>_<phase>_us" / "<op>_timed": "-" when the server
- * does not report them or no such request finished.
- */
+/* Mean server-side latency of @kind: "latency_<kind>_sum_us" / "latency_<kind>_count". */
+static void top_latency(const struct top_snap *a, const struct top_snap *b, const char *kind,
+			char *out, size_t len)
+{
+	char sn[64], cn[64];
+
+	snprintf(sn, sizeof(sn), "latency_%s_sum_us", kind);
+	snprintf(cn, sizeof(cn), "latency_%s_count", kind);
+	top_mean_ms(a, b, sn, cn, out, len);
+}
+
+/* Mean ms of successful @op requests in @phase: "<op>_<phase>_us" / "<op>_timed". */
 static void top_phase(const struct top_snap *a, const struct top_snap *b, const char *op,
 		      const char *phase, char *out, size_t len)
 {
 	char sn[64], cn[64];
-	double s0, s1, c0, c1;
 
 	snprintf(sn, sizeof(sn), "%s_%s_us", op, phase);
 	snprintf(cn, sizeof(cn), "%s_timed", op);
-	s0 = top_val(a, sn);
-	s1 = top_val(b, sn);
-	c0 = top_val(a, cn);
-	c1 = top_val(b, cn);
-	if (s0 < 0 || s1 < s0 || c0 < 0 || c1 <= c0)
-		snprintf(out, len, "-");
-	else
-		snprintf(out, len, "%.3f", (s1 - s0) / (c1 - c0) / 1e3);
+	top_mean_ms(a, b, sn, cn, out, len);
 }
 
 static void top_print(const struct cli_opts *o, const struct top_snap *a, const struct top_snap *b,
