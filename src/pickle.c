@@ -20,27 +20,13 @@
 #include <string.h>
 
 #include "compiler.h"
+#include "errbuf.h"
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                   */
 /* ------------------------------------------------------------------------ */
 
-struct pk_err {
-	char *buf;
-	size_t len;
-};
-
-static int KS_PRINTF(3, 4) pk_set(struct pk_err *e, int rc, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (e && e->buf && e->len) {
-		va_start(ap, fmt);
-		vsnprintf(e->buf, e->len, fmt, ap);
-		va_end(ap);
-	}
-	return rc;
-}
+/* Reasons go into a struct ks_errbuf with ks_err() (errbuf.h). */
 
 /* Untrusted text in a message: at most 40 bytes, non-printable bytes as '?'. */
 static const char *pk_quote(const uint8_t *p, size_t n, char out[48])
@@ -175,7 +161,7 @@ struct pk_state {
 	const uint8_t *p;
 	size_t len, off;
 	size_t op_off;		/* offset of the opcode being run, for messages */
-	struct pk_err *e;
+	struct ks_errbuf *e;
 	struct pk_value *stack[PK_MAX_STACK];
 	uint32_t sp;
 	uint32_t marks[PK_MAX_MARKS];	/* stack heights at each MARK */
@@ -193,7 +179,7 @@ static int KS_PRINTF(3, 4) pk_fail(struct pk_state *s, int rc, const char *fmt, 
 	va_start(ap, fmt);
 	vsnprintf(msg, sizeof(msg), fmt, ap);
 	va_end(ap);
-	return pk_set(s->e, rc, "pickle offset %zu: %s", s->op_off, msg);
+	return ks_err(s->e, rc, "pickle offset %zu: %s", s->op_off, msg);
 }
 
 static int need(struct pk_state *s, size_t n)
@@ -805,27 +791,27 @@ static int run_op(struct pk_state *s, uint8_t op, bool *stop)
 
 int pk_parse(const uint8_t *p, size_t len, struct pk_doc **out, char *err, size_t errlen)
 {
-	struct pk_err e = { err, errlen };
+	struct ks_errbuf e = { err, errlen };
 	struct pk_state *s;
 	bool stop = false;
 	int rc = 0;
 
 	*out = NULL;
 	if (!p && len)
-		return pk_set(&e, -EPROTO, "no pickle");
+		return ks_err(&e, -EPROTO, "no pickle");
 	if (len == 0)
-		return pk_set(&e, -EPROTO, "empty pickle");
+		return ks_err(&e, -EPROTO, "empty pickle");
 	if (len > PK_MAX_INPUT)
-		return pk_set(&e, -E2BIG, "pickle of %zu bytes exceeds the limit of %u", len,
+		return ks_err(&e, -E2BIG, "pickle of %zu bytes exceeds the limit of %u", len,
 			      PK_MAX_INPUT);
 	/* the state (stack, memo) is ~12 KB: heap, not the caller's stack */
 	s = calloc(1, sizeof(*s));
 	if (!s)
-		return pk_set(&e, -ENOMEM, "out of memory");
+		return ks_err(&e, -ENOMEM, "out of memory");
 	s->doc = calloc(1, sizeof(*s->doc));
 	if (!s->doc) {
 		free(s);
-		return pk_set(&e, -ENOMEM, "out of memory");
+		return ks_err(&e, -ENOMEM, "out of memory");
 	}
 	s->p = p;
 	s->len = len;
@@ -886,40 +872,40 @@ static const char *kind_name(const struct pk_value *v)
 }
 
 static int want_int(const struct pk_value *v, const char *what, int64_t min, int64_t max,
-		    int64_t *out, struct pk_err *e)
+		    int64_t *out, struct ks_errbuf *e)
 {
 	if (!v)
-		return pk_set(e, -EPROTO, "missing %s", what);
+		return ks_err(e, -EPROTO, "missing %s", what);
 	if (v->kind != PK_INT)
-		return pk_set(e, -EPROTO, "%s: expected int, got %s", what, kind_name(v));
+		return ks_err(e, -EPROTO, "%s: expected int, got %s", what, kind_name(v));
 	if (v->i < min || v->i > max)
-		return pk_set(e, -EPROTO, "%s: %lld out of range [%lld, %lld]", what,
+		return ks_err(e, -EPROTO, "%s: %lld out of range [%lld, %lld]", what,
 			      (long long)v->i, (long long)min, (long long)max);
 	*out = v->i;
 	return 0;
 }
 
-static int want_bytes(const struct pk_value *v, const char *what, struct pk_err *e)
+static int want_bytes(const struct pk_value *v, const char *what, struct ks_errbuf *e)
 {
 	if (!v)
-		return pk_set(e, -EPROTO, "missing %s", what);
+		return ks_err(e, -EPROTO, "missing %s", what);
 	if (v->kind != PK_BYTES)
-		return pk_set(e, -EPROTO, "%s: expected bytes, got %s", what, kind_name(v));
+		return ks_err(e, -EPROTO, "%s: expected bytes, got %s", what, kind_name(v));
 	return 0;
 }
 
 /* A tuple or list of 1..PK_MAX_DIMS ints in [min, max]. */
 static int want_dims(const struct pk_value *v, const char *what, int64_t min, int64_t max,
-		     int64_t *dims, uint32_t *ndim, struct pk_err *e)
+		     int64_t *dims, uint32_t *ndim, struct ks_errbuf *e)
 {
 	char nb[32];
 
 	if (!v)
-		return pk_set(e, -EPROTO, "missing %s", what);
+		return ks_err(e, -EPROTO, "missing %s", what);
 	if (v->kind != PK_TUPLE && v->kind != PK_LIST)
-		return pk_set(e, -EPROTO, "%s: expected tuple, got %s", what, kind_name(v));
+		return ks_err(e, -EPROTO, "%s: expected tuple, got %s", what, kind_name(v));
 	if (v->n == 0 || v->n > PK_MAX_DIMS)
-		return pk_set(e, -EPROTO, "%s: %u dims, expected 1 to %u", what, v->n, PK_MAX_DIMS);
+		return ks_err(e, -EPROTO, "%s: %u dims, expected 1 to %u", what, v->n, PK_MAX_DIMS);
 	for (uint32_t i = 0; i < v->n; i++) {
 		snprintf(nb, sizeof(nb), "%s[%u]", what, i);
 		int rc = want_int(v->items[i], nb, min, max, &dims[i], e);
@@ -939,7 +925,7 @@ static int want_dims(const struct pk_value *v, const char *what, int64_t min, in
  * kvstash cannot open.
  */
 #define PK_HANDLE_VERSION_MAX 3	/* 'c' payload unchanged through version 3 */
-static int decode_mem_blob(const struct pk_value *b, struct pk_cuda_ipc *w, struct pk_err *e)
+static int decode_mem_blob(const struct pk_value *b, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	if (b->len == PK_IPC_HANDLE_LEN) {
 		memcpy(w->mem_handle, b->data, PK_IPC_HANDLE_LEN);
@@ -947,43 +933,43 @@ static int decode_mem_blob(const struct pk_value *b, struct pk_cuda_ipc *w, stru
 		return 0;
 	}
 	if (b->len < 2)
-		return pk_set(e, -EPROTO, "memory handle of %zu bytes, expected 64 or 66", b->len);
+		return ks_err(e, -EPROTO, "memory handle of %zu bytes, expected 64 or 66", b->len);
 	if (b->data[1] == 'e')
-		return pk_set(e, -EOPNOTSUPP,
+		return ks_err(e, -EOPNOTSUPP,
 			      "memory handle is an expandable segment (PyTorch "
 			      "expandable_segments:True); kvstash opens only cudaMalloc'd memory: "
 			      "unset expandable_segments in PYTORCH_CUDA_ALLOC_CONF");
 	if (b->data[1] != 'c')
-		return pk_set(e, -EPROTO, "memory handle type 0x%02x, expected 'c'", b->data[1]);
+		return ks_err(e, -EPROTO, "memory handle type 0x%02x, expected 'c'", b->data[1]);
 	if (b->data[0] == 0 || b->data[0] > PK_HANDLE_VERSION_MAX)
-		return pk_set(e, -EOPNOTSUPP,
+		return ks_err(e, -EOPNOTSUPP,
 			      "memory handle version %u is not one kvstash knows (1 to %d)",
 			      b->data[0], PK_HANDLE_VERSION_MAX);
 	if (b->len != 2 + PK_IPC_HANDLE_LEN)
-		return pk_set(e, -EPROTO, "memory handle of %zu bytes, expected 66", b->len);
+		return ks_err(e, -EPROTO, "memory handle of %zu bytes, expected 66", b->len);
 	memcpy(w->mem_handle, b->data + 2, PK_IPC_HANDLE_LEN);
 	w->handle_version = b->data[0];
 	return 0;
 }
 
 /* The 8-tuple of THPStorage_shareCuda (torch/csrc/StorageSharing.cpp). */
-static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, struct pk_err *e)
+static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	int64_t v;
 	int rc;
 
 	if (!h)
-		return pk_set(e, -EPROTO, "missing handle");
+		return ks_err(e, -EPROTO, "missing handle");
 	if (h->kind != PK_TUPLE)
-		return pk_set(e, -EPROTO, "handle: expected tuple, got %s", kind_name(h));
+		return ks_err(e, -EPROTO, "handle: expected tuple, got %s", kind_name(h));
 	if (h->n != 8)
-		return pk_set(e, -EPROTO, "handle: %u entries, expected 8", h->n);
+		return ks_err(e, -EPROTO, "handle: %u entries, expected 8", h->n);
 	rc = want_int(h->items[0], "handle[0] (device)", 0, INT32_MAX, &v, e);
 	if (rc)
 		return rc;
 	w->device = (int32_t)v;
 	if (h->items[1]->kind == PK_NONE)
-		return pk_set(e, -EOPNOTSUPP, "handle: the storage has no memory (empty tensor)");
+		return ks_err(e, -EOPNOTSUPP, "handle: the storage has no memory (empty tensor)");
 	rc = want_bytes(h->items[1], "handle[1] (memory handle)", e);
 	if (rc)
 		return rc;
@@ -1002,10 +988,10 @@ static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, st
 	if (rc)
 		return rc;
 	if (h->items[4]->len > PK_REF_COUNTER_MAX)
-		return pk_set(e, -EPROTO, "handle[4] (ref counter): %zu bytes, limit %u",
+		return ks_err(e, -EPROTO, "handle[4] (ref counter): %zu bytes, limit %u",
 			      h->items[4]->len, PK_REF_COUNTER_MAX);
 	if (h->items[4]->len && memchr(h->items[4]->data, 0, h->items[4]->len))
-		return pk_set(e, -EPROTO, "handle[4] (ref counter): contains a NUL byte");
+		return ks_err(e, -EPROTO, "handle[4] (ref counter): contains a NUL byte");
 	memcpy(w->ref_counter, h->items[4]->data, h->items[4]->len);
 	w->ref_counter[h->items[4]->len] = '\0';
 	rc = want_int(h->items[5], "handle[5] (ref counter offset)", 0, INT64_MAX, &v, e);
@@ -1016,17 +1002,17 @@ static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, st
 	if (rc)
 		return rc;
 	if (h->items[6]->len != PK_IPC_HANDLE_LEN)
-		return pk_set(e, -EPROTO, "handle[6] (event handle): %zu bytes, expected %u",
+		return ks_err(e, -EPROTO, "handle[6] (event handle): %zu bytes, expected %u",
 			      h->items[6]->len, PK_IPC_HANDLE_LEN);
 	memcpy(w->event_handle, h->items[6]->data, PK_IPC_HANDLE_LEN);
 	if (h->items[7]->kind != PK_BOOL)
-		return pk_set(e, -EPROTO, "handle[7] (event sync): expected bool, got %s",
+		return ks_err(e, -EPROTO, "handle[7] (event sync): expected bool, got %s",
 			      kind_name(h->items[7]));
 	w->event_sync_required = h->items[7]->i != 0;
 	return 0;
 }
 
-static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, struct pk_err *e)
+static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	const struct pk_value *st, *v;
 	int64_t x;
@@ -1034,10 +1020,10 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 	int rc;
 
 	if (root->kind != PK_OBJECT)
-		return pk_set(e, -EPROTO, "pickle holds a %s, not a CudaIPCWrapper",
+		return ks_err(e, -EPROTO, "pickle holds a %s, not a CudaIPCWrapper",
 			      kind_name(root));
 	if (!root->state)
-		return pk_set(e, -EPROTO, "%s has no state", root->cls->name);
+		return ks_err(e, -EPROTO, "%s has no state", root->cls->name);
 	st = root->state;
 	if (root->cls->global == PK_G_RAW_CUDA_IPC_WRAPPER) {
 		w->kind = PK_WRAPPER_RAW_CUDA_IPC;
@@ -1046,7 +1032,7 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 		if (rc)
 			return rc;
 		if (v->len != PK_IPC_HANDLE_LEN)
-			return pk_set(e, -EPROTO, "_ipc_handle_reserved: %zu bytes, expected %u",
+			return ks_err(e, -EPROTO, "_ipc_handle_reserved: %zu bytes, expected %u",
 				      v->len, PK_IPC_HANDLE_LEN);
 		memcpy(w->mem_handle, v->data, PK_IPC_HANDLE_LEN);
 		rc = want_int(pk_dict_get(st, "_nbytes"), "_nbytes", 0, INT64_MAX, &x, e);
@@ -1063,9 +1049,9 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 
 	v = pk_dict_get(st, "dtype");
 	if (!v)
-		return pk_set(e, -EPROTO, "missing dtype");
+		return ks_err(e, -EPROTO, "missing dtype");
 	if (v->kind != PK_GLOBAL || v->global != PK_G_TORCH_DTYPE)
-		return pk_set(e, -EPROTO, "dtype: expected a torch dtype, got %s",
+		return ks_err(e, -EPROTO, "dtype: expected a torch dtype, got %s",
 			      v->kind == PK_GLOBAL ? v->name : kind_name(v));
 	snprintf(w->dtype, sizeof(w->dtype), "%s", v->name + strlen("torch."));
 
@@ -1078,7 +1064,7 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 		if (rc)
 			return rc;
 		if (ndim != w->ndim)
-			return pk_set(e, -EPROTO, "stride has %u dims but shape has %u", ndim,
+			return ks_err(e, -EPROTO, "stride has %u dims but shape has %u", ndim,
 				      w->ndim);
 		w->has_stride = true;
 	} else {
@@ -1088,7 +1074,7 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 		for (uint32_t i = w->ndim; i-- > 0;) {
 			w->stride[i] = s;
 			if (w->shape[i] && __builtin_mul_overflow(s, w->shape[i], &s))
-				return pk_set(e, -EPROTO, "shape: element count overflows");
+				return ks_err(e, -EPROTO, "shape: element count overflows");
 		}
 	}
 	v = pk_dict_get(st, "storage_offset");
@@ -1100,13 +1086,13 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 	}
 	v = pk_dict_get(st, "device_uuid");
 	if (!v)
-		return pk_set(e, -EPROTO, "missing device_uuid");
+		return ks_err(e, -EPROTO, "missing device_uuid");
 	if (v->kind != PK_STR)
-		return pk_set(e, -EPROTO, "device_uuid: expected str, got %s", kind_name(v));
+		return ks_err(e, -EPROTO, "device_uuid: expected str, got %s", kind_name(v));
 	if (v->len > PK_UUID_MAX)
-		return pk_set(e, -EPROTO, "device_uuid: %zu bytes, limit %u", v->len, PK_UUID_MAX);
+		return ks_err(e, -EPROTO, "device_uuid: %zu bytes, limit %u", v->len, PK_UUID_MAX);
 	if (v->len && memchr(v->data, 0, v->len))
-		return pk_set(e, -EPROTO, "device_uuid: contains a NUL byte");
+		return ks_err(e, -EPROTO, "device_uuid: contains a NUL byte");
 	memcpy(w->device_uuid, v->data, v->len);
 	w->device_uuid[v->len] = '\0';
 	return 0;
@@ -1115,7 +1101,7 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 int pk_cuda_ipc_decode(const uint8_t *p, size_t len, struct pk_cuda_ipc *out, char *err,
 		       size_t errlen)
 {
-	struct pk_err e = { err, errlen };
+	struct ks_errbuf e = { err, errlen };
 	struct pk_doc *doc;
 	int rc;
 

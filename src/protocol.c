@@ -30,32 +30,17 @@
 #include <msgpack.h>
 
 #include "compiler.h"
+#include "errbuf.h"
 #include "pickle.h"
 
 /* ------------------------------------------------------------------------ */
 /* Errors                                                                   */
 /* ------------------------------------------------------------------------ */
 
-/* Where a decoder writes its one-line reason; buf may be NULL. */
-struct perr {
-	char *buf;
-	size_t len;
-};
-
-static int KS_PRINTF(3, 4) perr_set(struct perr *e, int rc, const char *fmt, ...)
-{
-	va_list ap;
-
-	if (e && e->buf && e->len) {
-		va_start(ap, fmt);
-		vsnprintf(e->buf, e->len, fmt, ap);
-		va_end(ap);
-	}
-	return rc;
-}
+/* Reasons go into a struct ks_errbuf with ks_err() (errbuf.h). */
 
 /* Prefix the reason already in @e with "@prefix: " (context for nested fields). */
-static void perr_prefix(struct perr *e, const char *prefix)
+static void perr_prefix(struct ks_errbuf *e, const char *prefix)
 {
 	char tmp[256];
 
@@ -127,7 +112,7 @@ static int mp_be(const uint8_t *p, size_t len, size_t *off, unsigned k, uint64_t
  * container's count is checked against the bytes left (each entry takes at
  * least one byte), so the counts are bounded by the frame length.
  */
-static int mp_scan(const uint8_t *p, size_t len, struct perr *e)
+static int mp_scan(const uint8_t *p, size_t len, struct ks_errbuf *e)
 {
 	uint64_t owed[PROTO_MAX_DEPTH + 1];
 	unsigned depth = 0;
@@ -145,7 +130,7 @@ static int mp_scan(const uint8_t *p, size_t len, struct perr *e)
 			break;
 		owed[depth]--;
 		if (off >= len)
-			return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+			return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
 		b = p[off++];
 		if (b <= 0x7f || b >= 0xe0) {
 			/* positive/negative fixint */
@@ -187,48 +172,48 @@ static int mp_scan(const uint8_t *p, size_t len, struct perr *e)
 				rc = mp_be(p, len, &off, 4, &entries), is_map = 1, is_container = 1;
 				break;
 			default:	/* 0xc1: never used */
-				return perr_set(e, -EPROTO, "invalid msgpack byte 0x%02x at offset %zu",
-						b, off - 1);
+				return ks_err(e, -EPROTO, "invalid msgpack byte 0x%02x at offset %zu",
+					      b, off - 1);
 			}
 			if (rc)
-				return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+				return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
 		}
 		if (!is_container) {
 			if (skip > len - off)
-				return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+				return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
 			off += (size_t)skip;
 			continue;
 		}
 		/* every entry takes a byte at least (two for a map's key and value):
 		 * a count the frame cannot hold is truncation, whatever its size */
 		if ((is_map ? 2 * entries : entries) > len - off)
-			return perr_set(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+			return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
 		if (entries > PROTO_MAX_ELEMS)
-			return perr_set(e, -E2BIG, "%s of %llu entries exceeds the limit of %u",
-					is_map ? "map" : "array", (unsigned long long)entries,
-					PROTO_MAX_ELEMS);
+			return ks_err(e, -E2BIG, "%s of %llu entries exceeds the limit of %u",
+				      is_map ? "map" : "array", (unsigned long long)entries,
+				      PROTO_MAX_ELEMS);
 		if (is_map)
 			entries *= 2;
 		if (entries == 0)
 			continue;
 		if (depth == PROTO_MAX_DEPTH)
-			return perr_set(e, -EPROTO, "msgpack nested deeper than %u", PROTO_MAX_DEPTH);
+			return ks_err(e, -EPROTO, "msgpack nested deeper than %u", PROTO_MAX_DEPTH);
 		owed[++depth] = entries;
 	}
 	if (off != len)
-		return perr_set(e, -EPROTO, "%zu trailing bytes after the msgpack document",
-				len - off);
+		return ks_err(e, -EPROTO, "%zu trailing bytes after the msgpack document",
+			      len - off);
 	return 0;
 }
 
 int proto_check_frame(const struct proto_buf *f, char *err, size_t errlen)
 {
-	struct perr e = { err, errlen };
+	struct ks_errbuf e = { err, errlen };
 
 	if (!f || (!f->data && f->len))
-		return perr_set(&e, -EINVAL, "no frame");
+		return ks_err(&e, -EINVAL, "no frame");
 	if (!f->len)
-		return perr_set(&e, -EPROTO, "empty frame");
+		return ks_err(&e, -EPROTO, "empty frame");
 	return mp_scan(f->data, f->len, &e);
 }
 
@@ -237,7 +222,7 @@ int proto_check_frame(const struct proto_buf *f, char *err, size_t errlen)
 /* ------------------------------------------------------------------------ */
 
 /* Scan then unpack one frame into @u (destroy it with msgpack_unpacked_destroy). */
-static int doc_open(const struct proto_buf *f, msgpack_unpacked *u, struct perr *e)
+static int doc_open(const struct proto_buf *f, msgpack_unpacked *u, struct ks_errbuf *e)
 {
 	size_t off = 0;
 	int rc;
@@ -251,15 +236,15 @@ static int doc_open(const struct proto_buf *f, msgpack_unpacked *u, struct perr 
 		break;
 	case MSGPACK_UNPACK_NOMEM_ERROR:
 		msgpack_unpacked_destroy(u);
-		return perr_set(e, -ENOMEM, "out of memory unpacking %zu bytes", f->len);
+		return ks_err(e, -ENOMEM, "out of memory unpacking %zu bytes", f->len);
 	default:	/* mp_scan accepted it: msgpack-c disagrees, treat as bad input */
 		msgpack_unpacked_destroy(u);
-		return perr_set(e, -EPROTO, "malformed msgpack");
+		return ks_err(e, -EPROTO, "malformed msgpack");
 	}
 	if (off != f->len) {
 		msgpack_unpacked_destroy(u);
-		return perr_set(e, -EPROTO, "%zu trailing bytes after the msgpack document",
-				f->len - off);
+		return ks_err(e, -EPROTO, "%zu trailing bytes after the msgpack document",
+			      f->len - off);
 	}
 	return 0;
 }
@@ -279,7 +264,7 @@ static const char *fname(const char *what, size_t idx, char buf[96])
  * bool<->int, and §2 asks us to accept both), within [min, max] (max >= 0).
  */
 static int get_i64(const msgpack_object *o, const char *what, size_t idx, int64_t min, int64_t max,
-		   int64_t *out, struct perr *e)
+		   int64_t *out, struct ks_errbuf *e)
 {
 	char nb[96];
 	int64_t v;
@@ -287,9 +272,9 @@ static int get_i64(const msgpack_object *o, const char *what, size_t idx, int64_
 	switch (o->type) {
 	case MSGPACK_OBJECT_POSITIVE_INTEGER:
 		if (o->via.u64 > (uint64_t)max)
-			return perr_set(e, -EPROTO, "%s: %llu out of range [%lld, %lld]",
-					fname(what, idx, nb), (unsigned long long)o->via.u64,
-					(long long)min, (long long)max);
+			return ks_err(e, -EPROTO, "%s: %llu out of range [%lld, %lld]",
+				      fname(what, idx, nb), (unsigned long long)o->via.u64,
+				      (long long)min, (long long)max);
 		v = (int64_t)o->via.u64;
 		break;
 	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
@@ -299,30 +284,30 @@ static int get_i64(const msgpack_object *o, const char *what, size_t idx, int64_
 		v = o->via.boolean ? 1 : 0;
 		break;
 	default:
-		return perr_set(e, -EPROTO, "%s: expected int, got %s", fname(what, idx, nb),
-				mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "%s: expected int, got %s", fname(what, idx, nb),
+			      mp_type_name(o->type));
 	}
 	if (v < min || v > max)
-		return perr_set(e, -EPROTO, "%s: %lld out of range [%lld, %lld]", fname(what, idx, nb),
-				(long long)v, (long long)min, (long long)max);
+		return ks_err(e, -EPROTO, "%s: %lld out of range [%lld, %lld]", fname(what, idx, nb),
+			      (long long)v, (long long)min, (long long)max);
 	*out = v;
 	return 0;
 }
 
 /* As get_i64 for unsigned fields up to UINT64_MAX. */
-static int get_u64(const msgpack_object *o, const char *what, uint64_t *out, struct perr *e)
+static int get_u64(const msgpack_object *o, const char *what, uint64_t *out, struct ks_errbuf *e)
 {
 	switch (o->type) {
 	case MSGPACK_OBJECT_POSITIVE_INTEGER:
 		*out = o->via.u64;
 		return 0;
 	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
-		return perr_set(e, -EPROTO, "%s: %lld is negative", what, (long long)o->via.i64);
+		return ks_err(e, -EPROTO, "%s: %lld is negative", what, (long long)o->via.i64);
 	case MSGPACK_OBJECT_BOOLEAN:
 		*out = o->via.boolean ? 1 : 0;
 		return 0;
 	default:
-		return perr_set(e, -EPROTO, "%s: expected int, got %s", what, mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "%s: expected int, got %s", what, mp_type_name(o->type));
 	}
 }
 
@@ -333,15 +318,15 @@ static int get_u64(const msgpack_object *o, const char *what, uint64_t *out, str
  * UTF-8 validity is not checked: the bytes are only compared and echoed back.
  */
 static int get_str(const msgpack_object *o, const char *what, size_t max, char *dst, size_t *len,
-		   struct perr *e)
+		   struct ks_errbuf *e)
 {
 	if (o->type != MSGPACK_OBJECT_STR)
-		return perr_set(e, -EPROTO, "%s: expected str, got %s", what, mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "%s: expected str, got %s", what, mp_type_name(o->type));
 	if (o->via.str.size > max)
-		return perr_set(e, -E2BIG, "%s: %u bytes exceeds the limit of %zu", what,
-				o->via.str.size, max);
+		return ks_err(e, -E2BIG, "%s: %u bytes exceeds the limit of %zu", what,
+			      o->via.str.size, max);
 	if (o->via.str.size && memchr(o->via.str.ptr, 0, o->via.str.size))
-		return perr_set(e, -EPROTO, "%s: contains a NUL byte", what);
+		return ks_err(e, -EPROTO, "%s: contains a NUL byte", what);
 	if (o->via.str.size)
 		memcpy(dst, o->via.str.ptr, o->via.str.size);
 	dst[o->via.str.size] = '\0';
@@ -358,14 +343,14 @@ static bool str_is(const msgpack_object *o, const char *s)
 }
 
 /* An array of at most @max entries. */
-static int get_array(const msgpack_object *o, const char *what, size_t max, struct perr *e)
+static int get_array(const msgpack_object *o, const char *what, size_t max, struct ks_errbuf *e)
 {
 	if (o->type != MSGPACK_OBJECT_ARRAY)
-		return perr_set(e, -EPROTO, "%s: expected array, got %s", what,
-				mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "%s: expected array, got %s", what,
+			      mp_type_name(o->type));
 	if (o->via.array.size > max)
-		return perr_set(e, -E2BIG, "%s: %u entries exceeds the limit of %zu", what,
-				o->via.array.size, max);
+		return ks_err(e, -E2BIG, "%s: %u entries exceeds the limit of %zu", what,
+			      o->via.array.size, max);
 	return 0;
 }
 
@@ -376,7 +361,7 @@ static int get_array(const msgpack_object *o, const char *what, size_t max, stru
  * are refused: no dataclass field has one.
  */
 static int map_lookup(const msgpack_object *o, const char *what, const char *const *names,
-		      size_t n, const msgpack_object **out, struct perr *e)
+		      size_t n, const msgpack_object **out, struct ks_errbuf *e)
 {
 	for (size_t i = 0; i < n; i++)
 		out[i] = NULL;
@@ -384,8 +369,8 @@ static int map_lookup(const msgpack_object *o, const char *what, const char *con
 		const msgpack_object_kv *kv = &o->via.map.ptr[j];
 
 		if (kv->key.type != MSGPACK_OBJECT_STR)
-			return perr_set(e, -EPROTO, "%s: map key of type %s, expected str", what,
-					mp_type_name(kv->key.type));
+			return ks_err(e, -EPROTO, "%s: map key of type %s, expected str", what,
+				      mp_type_name(kv->key.type));
 		for (size_t i = 0; i < n; i++) {
 			if (str_is(&kv->key, names[i])) {
 				out[i] = &kv->val;
@@ -411,7 +396,7 @@ static const char *const key_fields[KF_N] = {
  * and any other unknown key ignored) or its array form (the 7 fields in
  * declaration order; trailing chunk_hash/cache_salt ignored).
  */
-static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr *e)
+static int decode_key(const msgpack_object *o, struct proto_key *k, struct ks_errbuf *e)
 {
 	const msgpack_object *f[KF_N];
 	uint32_t *tokens = NULL;
@@ -425,16 +410,16 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr 
 			return rc;
 		for (size_t i = 0; i < KF_N; i++)
 			if (!f[i])
-				return perr_set(e, -EPROTO, "key: missing required field %s",
-						key_fields[i]);
+				return ks_err(e, -EPROTO, "key: missing required field %s",
+					      key_fields[i]);
 	} else if (o->type == MSGPACK_OBJECT_ARRAY) {
 		if (o->via.array.size < KF_N)
-			return perr_set(e, -EPROTO, "key: array form has %u fields, needs %d",
-					o->via.array.size, KF_N);
+			return ks_err(e, -EPROTO, "key: array form has %u fields, needs %d",
+				      o->via.array.size, KF_N);
 		for (size_t i = 0; i < KF_N; i++)
 			f[i] = &o->via.array.ptr[i];
 	} else {
-		return perr_set(e, -EPROTO, "key: expected map, got %s", mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "key: expected map, got %s", mp_type_name(o->type));
 	}
 
 	memset(k, 0, sizeof(*k));
@@ -475,7 +460,7 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct perr 
 	if (n) {
 		tokens = malloc(n * sizeof(*tokens));
 		if (!tokens)
-			return perr_set(e, -ENOMEM, "key.token_ids: out of memory for %zu tokens", n);
+			return ks_err(e, -ENOMEM, "key.token_ids: out of memory for %zu tokens", n);
 	}
 	for (size_t i = 0; i < n; i++) {
 		/* §3 errors rule 1: tokens outside [0, 2^32) are a frame-level fault */
@@ -549,7 +534,7 @@ static int desc_extent(const struct kv_layout *l, uint64_t *out)
  * run them on a copy, since the derived fields are the server's to fill once
  * the layer count is final. Then offset + extent must fit in nbytes.
  */
-static int desc_check_extent(const struct proto_kv_desc *d, struct perr *e)
+static int desc_check_extent(const struct proto_kv_desc *d, struct ks_errbuf *e)
 {
 	struct kv_layout tmp = d->layout;
 	uint64_t extent, end;
@@ -558,13 +543,13 @@ static int desc_check_extent(const struct proto_kv_desc *d, struct perr *e)
 	tmp.num_layers = 1;
 	lerr[0] = '\0';
 	if (kv_layout_init(&tmp, lerr, sizeof(lerr)))
-		return perr_set(e, -EPROTO, "%s", lerr);
+		return ks_err(e, -EPROTO, "%s", lerr);
 	if (desc_extent(&d->layout, &extent) || __builtin_add_overflow(d->offset, extent, &end))
-		return perr_set(e, -EPROTO, "tensor extent overflows 64 bits");
+		return ks_err(e, -EPROTO, "tensor extent overflows 64 bits");
 	if (end > d->nbytes)
-		return perr_set(e, -EPROTO, "offset %llu + extent %llu exceeds nbytes %llu",
-				(unsigned long long)d->offset, (unsigned long long)extent,
-				(unsigned long long)d->nbytes);
+		return ks_err(e, -EPROTO, "offset %llu + extent %llu exceeds nbytes %llu",
+			      (unsigned long long)d->offset, (unsigned long long)extent,
+			      (unsigned long long)d->nbytes);
 	return 0;
 }
 
@@ -581,7 +566,7 @@ static int desc_check_extent(const struct proto_kv_desc *d, struct perr *e)
  * non-zero storage_offset is refused rather than guessed.
  */
 static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_desc *d,
-				 struct perr *e)
+				 struct ks_errbuf *e)
 {
 	struct kv_layout *l = &d->layout;
 	struct pk_cuda_ipc w;
@@ -591,36 +576,36 @@ static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_d
 
 	rc = pk_cuda_ipc_decode(p, len, &w, msg, sizeof(msg));
 	if (rc)
-		return perr_set(e, rc == -ENOMEM || rc == -E2BIG ? rc : -EPROTO,
-				"LMCache CudaIPCWrapper: %s", msg);
+		return ks_err(e, rc == -ENOMEM || rc == -E2BIG ? rc : -EPROTO,
+			      "LMCache CudaIPCWrapper: %s", msg);
 	memset(d, 0, sizeof(*d));
 	d->kind = PROTO_KV_CUDA_IPC;
 	if (kv_dtype_parse(w.dtype, strlen(w.dtype), &l->dtype))
-		return perr_set(e, -EPROTO, "CudaIPCWrapper: dtype torch.%s is not a KV dtype",
-				w.dtype);
+		return ks_err(e, -EPROTO, "CudaIPCWrapper: dtype torch.%s is not a KV dtype",
+			      w.dtype);
 	l->elem_bytes = kv_dtype_bytes(l->dtype);
 	if (w.ndim != 3 && w.ndim != 5)
-		return perr_set(e, -EPROTO,
-				"CudaIPCWrapper: shape has %u dims, expected 3 (mla) or 5", w.ndim);
+		return ks_err(e, -EPROTO,
+			      "CudaIPCWrapper: shape has %u dims, expected 3 (mla) or 5", w.ndim);
 	l->ndim = w.ndim;
 	for (uint32_t i = 0; i < w.ndim; i++) {
 		if (w.shape[i] < 1 || w.shape[i] > UINT32_MAX)
-			return perr_set(e, -EPROTO, "CudaIPCWrapper: shape[%u] = %lld out of range "
-					"[1, %u]", i, (long long)w.shape[i], UINT32_MAX);
+			return ks_err(e, -EPROTO, "CudaIPCWrapper: shape[%u] = %lld out of range "
+				      "[1, %u]", i, (long long)w.shape[i], UINT32_MAX);
 		l->shape[i] = w.shape[i];
 		l->stride[i] = w.stride[i];
 	}
 	if (l->stride[w.ndim - 1] != 1)
-		return perr_set(e, -EPROTO, "CudaIPCWrapper: last stride must be 1, got %lld",
-				(long long)l->stride[w.ndim - 1]);
+		return ks_err(e, -EPROTO, "CudaIPCWrapper: last stride must be 1, got %lld",
+			      (long long)l->stride[w.ndim - 1]);
 	if (kv_layout_infer(l->shape, l->ndim, &l->kind))
-		return perr_set(e, -EPROTO, "CudaIPCWrapper: no layout inferred from the shape "
-				"(needs 3 dims, or shape[0] or shape[1] == 2)");
+		return ks_err(e, -EPROTO, "CudaIPCWrapper: no layout inferred from the shape "
+			      "(needs 3 dims, or shape[0] or shape[1] == 2)");
 	if (w.kind == PK_WRAPPER_RAW_CUDA_IPC) {
 		if (w.storage_offset)
-			return perr_set(e, -EPROTO, "RawCudaIPCWrapper with storage_offset %llu: "
-					"LMCache maps its handle as element 0",
-					(unsigned long long)w.storage_offset);
+			return ks_err(e, -EPROTO, "RawCudaIPCWrapper with storage_offset %llu: "
+				      "LMCache maps its handle as element 0",
+				      (unsigned long long)w.storage_offset);
 		d->offset = 0;
 		d->nbytes = w.storage_size_bytes;
 	} else {
@@ -628,18 +613,18 @@ static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_d
 		    __builtin_add_overflow(off, w.storage_offset_bytes, &d->offset) ||
 		    __builtin_add_overflow(w.storage_offset_bytes, w.storage_size_bytes,
 					   &d->nbytes))
-			return perr_set(e, -EPROTO, "CudaIPCWrapper: offsets overflow 64 bits");
+			return ks_err(e, -EPROTO, "CudaIPCWrapper: offsets overflow 64 bits");
 	}
 	memcpy(d->mem_handle, w.mem_handle, PROTO_MEM_HANDLE_LEN);
 	if (!uuid_valid(w.device_uuid, strlen(w.device_uuid)))
-		return perr_set(e, -EPROTO, "CudaIPCWrapper: device_uuid '%s' is not "
-				"[GPU-]8-4-4-4-12 hex",
-				quote(w.device_uuid, strlen(w.device_uuid), q));
+		return ks_err(e, -EPROTO, "CudaIPCWrapper: device_uuid '%s' is not "
+			      "[GPU-]8-4-4-4-12 hex",
+			      quote(w.device_uuid, strlen(w.device_uuid), q));
 	snprintf(d->device_uuid, sizeof(d->device_uuid), "%s", w.device_uuid);
 	return desc_check_extent(d, e);
 }
 
-static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, struct perr *e)
+static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, struct ks_errbuf *e)
 {
 	const msgpack_object *f[DF_N];
 	struct kv_layout *l = &d->layout;
@@ -651,20 +636,20 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 		if (o->via.ext.type == 1)
 			return decode_kv_desc_pickle((const uint8_t *)o->via.ext.ptr,
 						     o->via.ext.size, d, e);
-		return perr_set(e, -EPROTO, "ext type %d, expected a descriptor map or "
-				"CudaIPCWrapper (ext 1)", (int)o->via.ext.type);
+		return ks_err(e, -EPROTO, "ext type %d, expected a descriptor map or "
+			      "CudaIPCWrapper (ext 1)", (int)o->via.ext.type);
 	}
 	if (o->type != MSGPACK_OBJECT_MAP)
-		return perr_set(e, -EPROTO, "expected a descriptor map, got %s",
-				mp_type_name(o->type));
+		return ks_err(e, -EPROTO, "expected a descriptor map, got %s",
+			      mp_type_name(o->type));
 	rc = map_lookup(o, "descriptor", desc_fields, DF_N, f, e);
 	if (rc)
 		return rc;
 	static const int required[] = { DF_KIND, DF_SHAPE, DF_STRIDE, DF_DTYPE, DF_NBYTES };
 	for (size_t i = 0; i < KS_ARRAY_SIZE(required); i++)
 		if (!f[required[i]])
-			return perr_set(e, -EPROTO, "missing required field %s",
-					desc_fields[required[i]]);
+			return ks_err(e, -EPROTO, "missing required field %s",
+				      desc_fields[required[i]]);
 
 	memset(d, 0, sizeof(*d));
 	if (str_is(f[DF_KIND], "host_shm"))
@@ -672,18 +657,18 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 	else if (str_is(f[DF_KIND], "cuda_ipc"))
 		d->kind = PROTO_KV_CUDA_IPC;
 	else if (f[DF_KIND]->type == MSGPACK_OBJECT_STR)
-		return perr_set(e, -EPROTO, "kind '%s' is not cuda_ipc or host_shm",
-				quote(f[DF_KIND]->via.str.ptr, f[DF_KIND]->via.str.size, q));
+		return ks_err(e, -EPROTO, "kind '%s' is not cuda_ipc or host_shm",
+			      quote(f[DF_KIND]->via.str.ptr, f[DF_KIND]->via.str.size, q));
 	else
-		return perr_set(e, -EPROTO, "kind: expected str, got %s",
-				mp_type_name(f[DF_KIND]->type));
+		return ks_err(e, -EPROTO, "kind: expected str, got %s",
+			      mp_type_name(f[DF_KIND]->type));
 
 	if (f[DF_DTYPE]->type != MSGPACK_OBJECT_STR)
-		return perr_set(e, -EPROTO, "dtype: expected str, got %s",
-				mp_type_name(f[DF_DTYPE]->type));
+		return ks_err(e, -EPROTO, "dtype: expected str, got %s",
+			      mp_type_name(f[DF_DTYPE]->type));
 	if (kv_dtype_parse(f[DF_DTYPE]->via.str.ptr, f[DF_DTYPE]->via.str.size, &l->dtype))
-		return perr_set(e, -EPROTO, "unknown dtype '%s'",
-				quote(f[DF_DTYPE]->via.str.ptr, f[DF_DTYPE]->via.str.size, q));
+		return ks_err(e, -EPROTO, "unknown dtype '%s'",
+			      quote(f[DF_DTYPE]->via.str.ptr, f[DF_DTYPE]->via.str.size, q));
 	l->elem_bytes = kv_dtype_bytes(l->dtype);
 
 	rc = get_array(f[DF_SHAPE], "shape", KV_MAX_DIMS, e);
@@ -693,13 +678,13 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 		return rc;
 	ndim = f[DF_SHAPE]->via.array.size;
 	if (ndim != 3 && ndim != 5)
-		return perr_set(e, -EPROTO, "shape has %zu dims, expected 3 (mla) or 5", ndim);
+		return ks_err(e, -EPROTO, "shape has %zu dims, expected 3 (mla) or 5", ndim);
 	if (f[DF_STRIDE]->type != MSGPACK_OBJECT_ARRAY)
-		return perr_set(e, -EPROTO, "stride: expected array, got %s",
-				mp_type_name(f[DF_STRIDE]->type));
+		return ks_err(e, -EPROTO, "stride: expected array, got %s",
+			      mp_type_name(f[DF_STRIDE]->type));
 	if (f[DF_STRIDE]->via.array.size != ndim)
-		return perr_set(e, -EPROTO, "stride has %u entries but shape has %zu",
-				f[DF_STRIDE]->via.array.size, ndim);
+		return ks_err(e, -EPROTO, "stride has %u entries but shape has %zu",
+			      f[DF_STRIDE]->via.array.size, ndim);
 	l->ndim = (uint32_t)ndim;
 	for (size_t i = 0; i < ndim; i++) {
 		/* sizes fit the uint32 NB/BS/NH/HS fields of struct kv_layout */
@@ -713,22 +698,22 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 			return rc;
 	}
 	if (l->stride[ndim - 1] != 1)
-		return perr_set(e, -EPROTO, "last stride must be 1, got %lld",
-				(long long)l->stride[ndim - 1]);
+		return ks_err(e, -EPROTO, "last stride must be 1, got %lld",
+			      (long long)l->stride[ndim - 1]);
 
 	if (f[DF_LAYOUT] && f[DF_LAYOUT]->type != MSGPACK_OBJECT_NIL) {
 		if (f[DF_LAYOUT]->type != MSGPACK_OBJECT_STR)
-			return perr_set(e, -EPROTO, "layout: expected str, got %s",
-					mp_type_name(f[DF_LAYOUT]->type));
+			return ks_err(e, -EPROTO, "layout: expected str, got %s",
+				      mp_type_name(f[DF_LAYOUT]->type));
 		if (kv_layout_kind_parse(f[DF_LAYOUT]->via.str.ptr, f[DF_LAYOUT]->via.str.size,
 					 &l->kind))
-			return perr_set(e, -EPROTO, "unknown layout '%s'",
-					quote(f[DF_LAYOUT]->via.str.ptr,
-					      f[DF_LAYOUT]->via.str.size, q));
+			return ks_err(e, -EPROTO, "unknown layout '%s'",
+				      quote(f[DF_LAYOUT]->via.str.ptr,
+					    f[DF_LAYOUT]->via.str.size, q));
 	} else if (kv_layout_infer(l->shape, l->ndim, &l->kind)) {
-		return perr_set(e, -EPROTO,
-				"no layout given and none inferred from the shape "
-				"(needs 3 dims, or shape[0] or shape[1] == 2)");
+		return ks_err(e, -EPROTO,
+			      "no layout given and none inferred from the shape "
+			      "(needs 3 dims, or shape[0] or shape[1] == 2)");
 	}
 
 	if (f[DF_OFFSET]) {
@@ -746,50 +731,51 @@ static int decode_kv_desc(const msgpack_object *o, struct proto_kv_desc *d, stru
 
 	if (d->kind == PROTO_KV_CUDA_IPC) {
 		if (!f[DF_MEM_HANDLE])
-			return perr_set(e, -EPROTO, "cuda_ipc: missing required field mem_handle");
+			return ks_err(e, -EPROTO, "cuda_ipc: missing required field mem_handle");
 		if (f[DF_MEM_HANDLE]->type != MSGPACK_OBJECT_BIN)
-			return perr_set(e, -EPROTO, "mem_handle: expected bin, got %s",
-					mp_type_name(f[DF_MEM_HANDLE]->type));
+			return ks_err(e, -EPROTO, "mem_handle: expected bin, got %s",
+				      mp_type_name(f[DF_MEM_HANDLE]->type));
 		if (f[DF_MEM_HANDLE]->via.bin.size != PROTO_MEM_HANDLE_LEN)
-			return perr_set(e, -EPROTO, "mem_handle: %u bytes, expected %u",
-					f[DF_MEM_HANDLE]->via.bin.size, PROTO_MEM_HANDLE_LEN);
+			return ks_err(e, -EPROTO, "mem_handle: %u bytes, expected %u",
+				      f[DF_MEM_HANDLE]->via.bin.size, PROTO_MEM_HANDLE_LEN);
 		memcpy(d->mem_handle, f[DF_MEM_HANDLE]->via.bin.ptr, PROTO_MEM_HANDLE_LEN);
 		if (!f[DF_DEVICE_UUID])
-			return perr_set(e, -EPROTO, "cuda_ipc: missing required field device_uuid");
+			return ks_err(e, -EPROTO, "cuda_ipc: missing required field device_uuid");
 		rc = get_str(f[DF_DEVICE_UUID], "device_uuid", PROTO_UUID_MAX, d->device_uuid, &len,
 			     e);
 		if (rc)
 			return rc;
 		if (!uuid_valid(d->device_uuid, len))
-			return perr_set(e, -EPROTO,
-					"device_uuid '%s' is not [GPU-]8-4-4-4-12 hex",
-					quote(d->device_uuid, len, q));
+			return ks_err(e, -EPROTO,
+				      "device_uuid '%s' is not [GPU-]8-4-4-4-12 hex",
+				      quote(d->device_uuid, len, q));
 	} else {
 		if (!f[DF_PATH])
-			return perr_set(e, -EPROTO, "host_shm: missing required field path");
+			return ks_err(e, -EPROTO, "host_shm: missing required field path");
 		rc = get_str(f[DF_PATH], "path", PROTO_PATH_MAX, d->path, &len, e);
 		if (rc)
 			return rc;
 		/* both accepted forms, "/shm-name" and an absolute path, start with '/' */
 		if (len == 0 || d->path[0] != '/')
-			return perr_set(e, -EPROTO, "path '%s' must start with '/'",
-					quote(d->path, len, q));
+			return ks_err(e, -EPROTO, "path '%s' must start with '/'",
+				      quote(d->path, len, q));
 	}
 	return 0;
 }
 
 /* §5.2: all layers MUST share one kind, dtype, shape and layout. */
-static int desc_same(const struct proto_kv_desc *a, const struct proto_kv_desc *b, struct perr *e)
+static int desc_same(const struct proto_kv_desc *a, const struct proto_kv_desc *b,
+		     struct ks_errbuf *e)
 {
 	if (a->kind != b->kind)
-		return perr_set(e, -EPROTO, "kind differs from layer 0");
+		return ks_err(e, -EPROTO, "kind differs from layer 0");
 	if (a->layout.dtype != b->layout.dtype)
-		return perr_set(e, -EPROTO, "dtype differs from layer 0");
+		return ks_err(e, -EPROTO, "dtype differs from layer 0");
 	if (a->layout.kind != b->layout.kind)
-		return perr_set(e, -EPROTO, "layout differs from layer 0");
+		return ks_err(e, -EPROTO, "layout differs from layer 0");
 	if (a->layout.ndim != b->layout.ndim ||
 	    memcmp(a->layout.shape, b->layout.shape, a->layout.ndim * sizeof(int64_t)))
-		return perr_set(e, -EPROTO, "shape differs from layer 0");
+		return ks_err(e, -EPROTO, "shape differs from layer 0");
 	return 0;
 }
 
@@ -849,7 +835,7 @@ int proto_decode_uid(const struct proto_buf *f, uint64_t *uid)
 	return rc;
 }
 
-static int decode_type(const struct proto_buf *f, enum proto_type *type, struct perr *e)
+static int decode_type(const struct proto_buf *f, enum proto_type *type, struct ks_errbuf *e)
 {
 	msgpack_unpacked u;
 	int rc = doc_open(f, &u, e);
@@ -864,14 +850,14 @@ static int decode_type(const struct proto_buf *f, enum proto_type *type, struct 
 	} else if (u.data.type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
 		v = -1;
 	} else {
-		rc = perr_set(e, -EPROTO, "type frame: expected int, got %s",
-			      mp_type_name(u.data.type));
+		rc = ks_err(e, -EPROTO, "type frame: expected int, got %s",
+			    mp_type_name(u.data.type));
 	}
 	msgpack_unpacked_destroy(&u);
 	if (rc)
 		return rc;
 	if (type_index(v) < 0)
-		return perr_set(e, -EBADMSG, "unknown request type %lld", (long long)v);
+		return ks_err(e, -EBADMSG, "unknown request type %lld", (long long)v);
 	*type = (enum proto_type)v;
 	return 0;
 }
@@ -882,7 +868,7 @@ int proto_decode_type(const struct proto_buf *f, enum proto_type *type)
 }
 
 /* Argument decoders: @a is the unpacked argument frame, @r the request. */
-static int arg_instance_id(const msgpack_object *a, struct proto_request *r, struct perr *e)
+static int arg_instance_id(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
 {
 	int rc = get_i64(a, "instance_id", NO_IDX, INT64_MIN, INT64_MAX, &r->instance_id, e);
 
@@ -890,7 +876,7 @@ static int arg_instance_id(const msgpack_object *a, struct proto_request *r, str
 	return rc;
 }
 
-static int arg_tp_size(const msgpack_object *a, struct proto_request *r, struct perr *e)
+static int arg_tp_size(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
 {
 	int64_t v = 0;
 	int rc = get_i64(a, "tp_size", NO_IDX, 0, UINT32_MAX, &v, e);
@@ -899,22 +885,22 @@ static int arg_tp_size(const msgpack_object *a, struct proto_request *r, struct 
 	return rc;
 }
 
-static int arg_event(const msgpack_object *a, struct proto_request *r, struct perr *e)
+static int arg_event(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
 {
 	if (a->type != MSGPACK_OBJECT_BIN)
-		return perr_set(e, -EPROTO, "event_ipc_handle: expected bin, got %s",
-				mp_type_name(a->type));
+		return ks_err(e, -EPROTO, "event_ipc_handle: expected bin, got %s",
+			      mp_type_name(a->type));
 	/* §5.3: 64 bytes (cudaIpcEventHandle_t) or empty (host path) */
 	if (a->via.bin.size != 0 && a->via.bin.size != PROTO_EVENT_HANDLE_LEN)
-		return perr_set(e, -EPROTO, "event_ipc_handle: %u bytes, expected 0 or %u",
-				a->via.bin.size, PROTO_EVENT_HANDLE_LEN);
+		return ks_err(e, -EPROTO, "event_ipc_handle: %u bytes, expected 0 or %u",
+			      a->via.bin.size, PROTO_EVENT_HANDLE_LEN);
 	if (a->via.bin.size)
 		memcpy(r->event, a->via.bin.ptr, a->via.bin.size);
 	r->event_len = a->via.bin.size;
 	return 0;
 }
 
-static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struct perr *e)
+static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
 {
 	size_t n;
 	int rc = get_array(a, "gpu_block_ids", PROTO_MAX_BLOCKS, e);
@@ -926,7 +912,7 @@ static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struc
 		return 0;
 	r->block_ids = malloc(n * sizeof(*r->block_ids));
 	if (!r->block_ids)
-		return perr_set(e, -ENOMEM, "gpu_block_ids: out of memory for %zu ids", n);
+		return ks_err(e, -ENOMEM, "gpu_block_ids: out of memory for %zu ids", n);
 	r->nblocks = n;
 	for (size_t i = 0; i < n; i++) {
 		rc = get_i64(&a->via.array.ptr[i], "gpu_block_ids", i, 0, INT64_MAX,
@@ -937,7 +923,7 @@ static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struc
 	return 0;
 }
 
-static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struct perr *e)
+static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
 {
 	char where[48];
 	size_t n;
@@ -947,10 +933,10 @@ static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struc
 		return rc;
 	n = a->via.array.size;
 	if (!n)
-		return perr_set(e, -EPROTO, "kv_caches: no layers");
+		return ks_err(e, -EPROTO, "kv_caches: no layers");
 	r->layers = calloc(n, sizeof(*r->layers));
 	if (!r->layers)
-		return perr_set(e, -ENOMEM, "kv_caches: out of memory for %zu layers", n);
+		return ks_err(e, -ENOMEM, "kv_caches: out of memory for %zu layers", n);
 	r->nlayers = n;
 	for (size_t i = 0; i < n; i++) {
 		rc = decode_kv_desc(&a->via.array.ptr[i], &r->layers[i], e);
@@ -967,7 +953,8 @@ static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struc
 }
 
 /* Decode argument @i of request type @r->type. */
-static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r, struct perr *e)
+static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r,
+		      struct ks_errbuf *e)
 {
 	int64_t v = 0;
 	size_t len = 0;
@@ -1015,14 +1002,14 @@ static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r
 			return 0;	/* instance_id: nil = untracked */
 		return arg_instance_id(a, r, e);
 	default:
-		return perr_set(e, -EINVAL, "unexpected argument");	/* counts checked before */
+		return ks_err(e, -EINVAL, "unexpected argument");	/* counts checked before */
 	}
 }
 
 int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
 			 size_t nargs, struct proto_request *req, char *err, size_t errlen)
 {
-	struct perr e = { err, errlen };
+	struct ks_errbuf e = { err, errlen };
 	enum proto_type type = PROTO_NOOP;	/* set by decode_type; gcc -O3 cannot tell */
 	char where[64];
 	int rc, ti;
@@ -1032,17 +1019,17 @@ int proto_decode_request(const struct proto_buf *type_frame, const struct proto_
 	memset(req, 0, sizeof(*req));
 	req->key.worker_id = -1;
 	if (!type_frame || (nargs && !args))
-		return perr_set(&e, -EINVAL, "no frames");
+		return ks_err(&e, -EINVAL, "no frames");
 	rc = decode_type(type_frame, &type, &e);
 	if (rc)
 		return rc;
 	ti = type_index(type);
 	if (nargs < types[ti].min_args || nargs > types[ti].max_args) {
 		if (types[ti].min_args == types[ti].max_args)
-			return perr_set(&e, -EINVAL, "%s: %zu argument frames, expected %u",
-					types[ti].name, nargs, types[ti].min_args);
-		return perr_set(&e, -EINVAL, "%s: %zu argument frames, expected %u to %u",
-				types[ti].name, nargs, types[ti].min_args, types[ti].max_args);
+			return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u",
+				      types[ti].name, nargs, types[ti].min_args);
+		return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u to %u",
+			      types[ti].name, nargs, types[ti].min_args, types[ti].max_args);
 	}
 	req->type = type;
 	for (size_t i = 0; i < nargs; i++) {
