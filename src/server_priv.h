@@ -66,9 +66,13 @@
  * decode..submit on the io thread, the transfer queue, reserve (STORE) or
  * pin (RETRIEVE) on the worker, the copy (host STOREs also commit chunk by
  * chunk inside it), commit/unpin, then the completion hop back to the io
- * thread and the reply.
+ * thread and the reply. One list: the count, the metric labels and the
+ * KS_STATS names (server_stats.c) all come from it; account_phases
+ * (server_xfer.c) takes its timestamps in this order.
  */
-enum srv_phase { PH_ACCEPT, PH_QUEUE, PH_PREPARE, PH_COPY, PH_FINISH, PH_REPLY, SRV_PHASES };
+#define SRV_PHASE_LIST(X) X(accept) X(queue) X(prepare) X(copy) X(finish) X(reply)
+#define SRV_PHASE_ONE(p) +1
+enum { SRV_PHASES = 0 SRV_PHASE_LIST(SRV_PHASE_ONE) };
 
 /* ------------------------------------------------------------------------ */
 /* Types                                                                    */
@@ -221,7 +225,7 @@ struct srv {
 	/* Latency from request receipt to reply, per kind (any thread reads). */
 	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
 	/* Where STORE [0] / RETRIEVE [1] time goes, summed over finished jobs
-	 * (enum srv_phase); the io thread writes, any thread reads. */
+	 * (in SRV_PHASE_LIST order); the io thread writes, any thread reads. */
 	_Atomic uint64_t phase_ns[2][SRV_PHASES];
 	_Atomic uint64_t phase_jobs[2];
 	/* The io loop's busy time per turn (poll return to next poll): what a

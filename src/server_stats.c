@@ -37,9 +37,15 @@
 #include "tier_redis.h"
 #include "transfer.h"
 
-/* enum srv_phase's names: the phase label of kvstash_transfer_phase_seconds_total. */
-static const char *const srv_phase_name[SRV_PHASES] = {
-	"accept", "queue", "prepare", "copy", "finish", "reply",
+/* SRV_PHASE_LIST's names: the phase label of kvstash_transfer_phase_seconds_total, and
+ * the KS_STATS / /stats names of the microsecond sums. */
+#define PHASE_NAME(p) #p,
+#define PHASE_STORE_US(p) "store_" #p "_us",
+#define PHASE_RETRIEVE_US(p) "retrieve_" #p "_us",
+static const char *const srv_phase_name[SRV_PHASES] = { SRV_PHASE_LIST(PHASE_NAME) };
+static const char *const srv_phase_us_name[2][SRV_PHASES] = {
+	{ SRV_PHASE_LIST(PHASE_STORE_US) },
+	{ SRV_PHASE_LIST(PHASE_RETRIEVE_US) },
 };
 
 /* ------------------------------------------------------------------------ */
@@ -179,17 +185,11 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	ROW("promote_failed", "kvstash_promote_failed_total", STAT_COUNTER, CTR(promote_failed),
 	    "Tier reads that failed (checksum, I/O, Redis down): the hit count was shortened.");
 	/* Phase sums (KS_STATS and /stats; /metrics has them in seconds, labelled). */
-	static const char *const phase_names[2][SRV_PHASES] = {
-		{ "store_accept_us", "store_queue_us", "store_prepare_us", "store_copy_us",
-		  "store_finish_us", "store_reply_us" },
-		{ "retrieve_accept_us", "retrieve_queue_us", "retrieve_prepare_us",
-		  "retrieve_copy_us", "retrieve_finish_us", "retrieve_reply_us" },
-	};
 	for (unsigned op = 0; op < 2; op++) {
 		ROW(op ? "retrieve_timed" : "store_timed", NULL, STAT_COUNTER,
 		    atomic_load_explicit(&s->phase_jobs[op], memory_order_relaxed), NULL);
 		for (unsigned p = 0; p < SRV_PHASES; p++)
-			ROW(phase_names[op][p], NULL, STAT_COUNTER,
+			ROW(srv_phase_us_name[op][p], NULL, STAT_COUNTER,
 			    atomic_load_explicit(&s->phase_ns[op][p], memory_order_relaxed) / 1000,
 			    NULL);
 	}
