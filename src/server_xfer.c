@@ -634,6 +634,8 @@ static void account_phases(struct srv *s, const struct srv_xfer_job *j)
 	uint64_t t[SRV_PHASES + 1] = { j->recv_ns, b->submit_ns, b->start_ns, j->copy_begin_ns,
 				       j->copy_end_ns, b->end_ns, now };
 
+	_Static_assert(SRV_PHASES == 6, "one timestamp per boundary of SRV_PHASE_LIST's phases");
+
 	if (!j->copy_begin_ns || !j->copy_end_ns)
 		return;
 	for (unsigned p = 0; p < SRV_PHASES; p++)
