@@ -78,6 +78,10 @@ static const struct cfg_opt cfg_opts[] = {
 	{ "owner-check", NULL, CFG_ENUM, F(owner_check), "on", 0, 0, "on|off",
 	  "only the connection that registered an instance may STORE, RETRIEVE, UNREGISTER "
 	  "or heartbeat it (a re-REGISTER moves it); off: any connection may" },
+	{ "protocol", NULL, CFG_ENUM, F(protocol), "auto", 0, 0, "auto|march|current",
+	  "LMCache MP wire dialect: auto serves March 2026 clients and today's (frozen ids and "
+	  "string ops, Sept 2026 on) on one port, each connection latched to the dialect its "
+	  "first telling request uses; march or current serve only that one" },
 	{ "cuda", NULL, CFG_ENUM, F(cuda), "auto", 0, 0, "auto|off",
 	  "serve CUDA IPC registrations on every visible GPU (auto) or host buffers only (off)" },
 	{ "disk-path", NULL, CFG_STR, F(disk_path), "", 0, 0, NULL,

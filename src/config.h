@@ -32,6 +32,7 @@ struct srv_config {
 	char log_format[16];
 	char cuda[8];
 	char owner_check[8];
+	char protocol[16];	/* auto | march | current: the wire dialect(s) served */
 	char disk_path[512];
 	uint32_t disk_size_gb;
 	char redis_url[1024];

@@ -1,6 +1,6 @@
 /*
- * pickle.c - a restricted pickle reader and LMCache's CudaIPCWrapper decoder
- * (pickle.h; the format is in docs/pytorch-ipc.md).
+ * pickle.c - a restricted pickle reader and the decoder of LMCache's KV-cache
+ * wrappers (pickle.h; the format is in docs/pytorch-ipc.md).
  *
  * The reader is a stack machine like CPython's Lib/pickle.py _Unpickler, cut
  * down to the opcodes that pickle.dumps() emits for the wrapper with
@@ -111,19 +111,36 @@ const struct pk_value *pk_root(const struct pk_doc *d)
 /* ------------------------------------------------------------------------ */
 
 /*
- * Every name a pickle may refer to. The dtypes are the KV dtypes kvstash
- * moves (protocol.md §5.2); torch pickles a dtype as the global torch.<name>
+ * Every name a pickle may refer to, compared whole. pickle writes a class's
+ * defining module, and LMCache has moved its wrappers twice
+ * (docs/pytorch-ipc.md §1): custom_types until June 2026, platform.cuda /
+ * platform.cpu until September, platform.devices since. VmmCudaIPCWrapper is
+ * listed only so that its pickle parses and pk_cuda_ipc_decode() can refuse
+ * it with a reason. The dtypes are the KV dtypes kvstash moves (protocol.md
+ * §5.2); torch pickles a dtype as the global torch.<name>
  * (torch.dtype.__reduce__ returns its name). __builtin__ is protocol 2's
  * spelling of builtins (pickle's fix_imports).
  */
+#define PK_MOD_CUSTOM_TYPES "lmcache.v1.multiprocess.custom_types"
+#define PK_MOD_CUDA_IPC "lmcache.v1.platform.cuda.ipc_wrapper"
+#define PK_MOD_DEV_CUDA_IPC "lmcache.v1.platform.devices.cuda.ipc_wrapper"
+#define PK_MOD_CPU_SHM "lmcache.v1.platform.cpu.shm"
+#define PK_MOD_DEV_CPU_SHM "lmcache.v1.platform.devices.cpu.shm"
+#define PK_CLASS(mod, name, g) { mod, #name, mod "." #name, g }
 static const struct pk_global_def {
 	const char *module, *name, *full;
 	enum pk_global global;
 } pk_globals[] = {
-	{ "lmcache.v1.multiprocess.custom_types", "CudaIPCWrapper",
-	  "lmcache.v1.multiprocess.custom_types.CudaIPCWrapper", PK_G_CUDA_IPC_WRAPPER },
-	{ "lmcache.v1.multiprocess.custom_types", "RawCudaIPCWrapper",
-	  "lmcache.v1.multiprocess.custom_types.RawCudaIPCWrapper", PK_G_RAW_CUDA_IPC_WRAPPER },
+	PK_CLASS(PK_MOD_CUSTOM_TYPES, CudaIPCWrapper, PK_G_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_CUSTOM_TYPES, RawCudaIPCWrapper, PK_G_RAW_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_CUSTOM_TYPES, CpuShmTensorWrapper, PK_G_CPU_SHM_TENSOR_WRAPPER),
+	PK_CLASS(PK_MOD_CUDA_IPC, CudaIPCWrapper, PK_G_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_CUDA_IPC, RawCudaIPCWrapper, PK_G_RAW_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_DEV_CUDA_IPC, CudaIPCWrapper, PK_G_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_DEV_CUDA_IPC, RawCudaIPCWrapper, PK_G_RAW_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_DEV_CUDA_IPC, VmmCudaIPCWrapper, PK_G_VMM_CUDA_IPC_WRAPPER),
+	PK_CLASS(PK_MOD_CPU_SHM, CpuShmTensorWrapper, PK_G_CPU_SHM_TENSOR_WRAPPER),
+	PK_CLASS(PK_MOD_DEV_CPU_SHM, CpuShmTensorWrapper, PK_G_CPU_SHM_TENSOR_WRAPPER),
 	{ "torch", "Size", "torch.Size", PK_G_TORCH_SIZE },
 	{ "torch", "float16", "torch.float16", PK_G_TORCH_DTYPE },
 	{ "torch", "bfloat16", "torch.bfloat16", PK_G_TORCH_DTYPE },
@@ -551,6 +568,12 @@ static int op_reduce(struct pk_state *s)
 	}
 }
 
+static bool pk_global_is_wrapper(enum pk_global g)
+{
+	return g == PK_G_CUDA_IPC_WRAPPER || g == PK_G_RAW_CUDA_IPC_WRAPPER ||
+	       g == PK_G_CPU_SHM_TENSOR_WRAPPER || g == PK_G_VMM_CUDA_IPC_WRAPPER;
+}
+
 /* NEWOBJ (cls, args): an empty object of an allow-listed class. */
 static int op_newobj(struct pk_state *s)
 {
@@ -561,8 +584,7 @@ static int op_newobj(struct pk_state *s)
 		rc = pop(s, &cls);
 	if (rc)
 		return rc;
-	if (cls->kind != PK_GLOBAL || (cls->global != PK_G_CUDA_IPC_WRAPPER &&
-				       cls->global != PK_G_RAW_CUDA_IPC_WRAPPER))
+	if (cls->kind != PK_GLOBAL || !pk_global_is_wrapper(cls->global))
 		return pk_fail(s, -EPERM, "NEWOBJ of %s is not allowed",
 			       cls->kind == PK_GLOBAL ? cls->name : "a non-class");
 	if (args->kind != PK_TUPLE || args->n != 0)
@@ -859,7 +881,7 @@ const struct pk_value *pk_dict_get(const struct pk_value *d, const char *name)
 }
 
 /* ------------------------------------------------------------------------ */
-/* CudaIPCWrapper                                                           */
+/* LMCache's wrappers                                                       */
 /* ------------------------------------------------------------------------ */
 
 static const char *kind_name(const struct pk_value *v)
@@ -1012,6 +1034,94 @@ static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, st
 	return 0;
 }
 
+/*
+ * RawCudaIPCWrapper. Current LMCache takes the handle at the allocation base
+ * and sends _alloc_offset (base -> element 0) with _nbytes = the view's bytes;
+ * the older form (no _alloc_offset) took it at element 0, _nbytes = storage.
+ */
+static int decode_raw(const struct pk_value *st, struct pk_cuda_ipc *w, struct ks_errbuf *e)
+{
+	const struct pk_value *v = pk_dict_get(st, "_ipc_handle_reserved");
+	int64_t x;
+	int rc;
+
+	w->kind = PK_WRAPPER_RAW_CUDA_IPC;
+	w->device = -1;
+	rc = want_bytes(v, "_ipc_handle_reserved", e);
+	if (rc)
+		return rc;
+	if (v->len != PK_IPC_HANDLE_LEN)
+		return ks_err(e, -EPROTO, "_ipc_handle_reserved: %zu bytes, expected %u", v->len,
+			      PK_IPC_HANDLE_LEN);
+	memcpy(w->mem_handle, v->data, PK_IPC_HANDLE_LEN);
+	v = pk_dict_get(st, "_alloc_offset");
+	if (v) {
+		rc = want_int(v, "_alloc_offset", 0, INT64_MAX, &x, e);
+		if (rc)
+			return rc;
+		w->has_alloc_offset = true;
+		w->alloc_offset = (uint64_t)x;
+	}
+	rc = want_int(pk_dict_get(st, "_nbytes"), "_nbytes", 0, INT64_MAX, &x, e);
+	if (rc)
+		return rc;
+	w->storage_size_bytes = (uint64_t)x;
+	return 0;
+}
+
+/*
+ * CpuShmTensorWrapper: shm_name is what shm_open() gets, so it must be a POSIX
+ * shm name: one path component after an optional leading '/', not "." or "..".
+ * nbytes (_nbytes in the oldest LMCache) is the mmap length from offset 0.
+ */
+static int decode_cpu_shm(const struct pk_value *st, struct pk_cuda_ipc *w, struct ks_errbuf *e)
+{
+	const struct pk_value *v = pk_dict_get(st, "shm_name");
+	const char *what = "nbytes";
+	const uint8_t *body;
+	size_t body_len;
+	char q[48];
+	int64_t x;
+	int rc;
+
+	w->kind = PK_WRAPPER_CPU_SHM;
+	w->device = -1;
+	if (!v)
+		return ks_err(e, -EPROTO, "missing shm_name");
+	if (v->kind != PK_STR)
+		return ks_err(e, -EPROTO, "shm_name: expected str, got %s", kind_name(v));
+	if (v->len == 0)
+		return ks_err(e, -EOPNOTSUPP, "shm_name is empty: the tensor has no memory "
+			      "(empty tensor)");
+	if (v->len > PK_SHM_NAME_MAX)
+		return ks_err(e, -EPROTO, "shm_name: %zu bytes, limit %u", v->len, PK_SHM_NAME_MAX);
+	if (memchr(v->data, 0, v->len))
+		return ks_err(e, -EPROTO, "shm_name: contains a NUL byte");
+	body = v->data + (v->data[0] == '/');
+	body_len = v->len - (size_t)(body - v->data);
+	if (memchr(body, '/', body_len))
+		return ks_err(e, -EPROTO, "shm_name '%s': a '/' after the first character",
+			      pk_quote(v->data, v->len, q));
+	if (mem_is(body, body_len, "") || mem_is(body, body_len, ".") ||
+	    mem_is(body, body_len, ".."))
+		return ks_err(e, -EPROTO, "shm_name '%s' is not a POSIX shm name",
+			      pk_quote(v->data, v->len, q));
+	memcpy(w->shm_name, v->data, v->len);
+	w->shm_name[v->len] = '\0';
+	v = pk_dict_get(st, what);
+	if (!v) {
+		what = "_nbytes";
+		v = pk_dict_get(st, what);
+	}
+	if (!v)
+		return ks_err(e, -EPROTO, "missing nbytes");
+	rc = want_int(v, what, 1, INT64_MAX, &x, e);
+	if (rc)
+		return rc;
+	w->storage_size_bytes = (uint64_t)x;
+	return 0;
+}
+
 static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	const struct pk_value *st, *v;
@@ -1022,30 +1132,27 @@ static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, st
 	if (root->kind != PK_OBJECT)
 		return ks_err(e, -EPROTO, "pickle holds a %s, not a CudaIPCWrapper",
 			      kind_name(root));
+	if (root->cls->global == PK_G_VMM_CUDA_IPC_WRAPPER)
+		return ks_err(e, -EOPNOTSUPP, "VmmCudaIPCWrapper (lmcache.mp.use_vmm_api) is not "
+			      "supported by kvstash: register with the default CudaIPCWrapper or "
+			      "isolated_ipc's RawCudaIPCWrapper");
 	if (!root->state)
 		return ks_err(e, -EPROTO, "%s has no state", root->cls->name);
 	st = root->state;
-	if (root->cls->global == PK_G_RAW_CUDA_IPC_WRAPPER) {
-		w->kind = PK_WRAPPER_RAW_CUDA_IPC;
-		v = pk_dict_get(st, "_ipc_handle_reserved");
-		rc = want_bytes(v, "_ipc_handle_reserved", e);
-		if (rc)
-			return rc;
-		if (v->len != PK_IPC_HANDLE_LEN)
-			return ks_err(e, -EPROTO, "_ipc_handle_reserved: %zu bytes, expected %u",
-				      v->len, PK_IPC_HANDLE_LEN);
-		memcpy(w->mem_handle, v->data, PK_IPC_HANDLE_LEN);
-		rc = want_int(pk_dict_get(st, "_nbytes"), "_nbytes", 0, INT64_MAX, &x, e);
-		if (rc)
-			return rc;
-		w->storage_size_bytes = (uint64_t)x;
-		w->device = -1;
-	} else {
+	switch (root->cls->global) {
+	case PK_G_RAW_CUDA_IPC_WRAPPER:
+		rc = decode_raw(st, w, e);
+		break;
+	case PK_G_CPU_SHM_TENSOR_WRAPPER:
+		rc = decode_cpu_shm(st, w, e);
+		break;
+	default:
 		w->kind = PK_WRAPPER_CUDA_IPC;
 		rc = decode_share_cuda(pk_dict_get(st, "handle"), w, e);
-		if (rc)
-			return rc;
+		break;
 	}
+	if (rc)
+		return rc;
 
 	v = pk_dict_get(st, "dtype");
 	if (!v)

@@ -390,6 +390,110 @@ enum { KF_MODEL, KF_WORLD, KF_WORKER, KF_TOKENS, KF_START, KF_END, KF_REQID, KF_
 static const char *const key_fields[KF_N] = {
 	"model_name", "world_size", "worker_id", "token_ids", "start", "end", "request_id",
 };
+/* The current dialect's IPCCacheServerKey adds these, all defaulted (§11.4). */
+enum { KX_SALT, KX_CONFIGS, KX_READERS, KX_MASK, KX_N };
+static const char *const key_fields_current[KX_N] = {
+	"cache_salt", "request_configs", "num_kv_readers", "null_chunk_mask",
+};
+
+/*
+ * cache_salt as LMCache's IPCCacheServerKey.__post_init__ checks it: at most
+ * 128 characters, none of '@', '/', '\\' or NUL (the salt becomes part of
+ * an object name, where those are separators).
+ */
+static int decode_salt(const msgpack_object *o, struct proto_key *k, struct ks_errbuf *e)
+{
+	size_t len;
+	int rc = get_str(o, "key.cache_salt", PROTO_SALT_MAX, k->cache_salt, &len, e);
+
+	if (rc == -E2BIG)
+		rc = -EPROTO;	/* over LMCache's limit: a bad key, not a big one */
+	if (rc)
+		return rc;
+	for (size_t i = 0; i < len; i++)
+		if (k->cache_salt[i] == '@' || k->cache_salt[i] == '/' || k->cache_salt[i] == '\\')
+			return ks_err(e, -EPROTO, "key.cache_salt: character '%c' is not allowed "
+				      "(no '@', '/' or '\\')", k->cache_salt[i]);
+	k->cache_salt_len = (uint16_t)len;
+	return 0;
+}
+
+/* null_chunk_mask: nil, or [[bool]] with at most PROTO_MAX_GROUPS lists. */
+static int decode_null_mask(const msgpack_object *o, struct proto_key *k, struct ks_errbuf *e)
+{
+	uint32_t ng, nc = 0;
+
+	if (o->type == MSGPACK_OBJECT_NIL)
+		return 0;
+	if (o->type != MSGPACK_OBJECT_ARRAY)
+		return ks_err(e, -EPROTO, "key.null_chunk_mask: expected array or nil, got %s",
+			      mp_type_name(o->type));
+	ng = o->via.array.size;
+	if (ng > PROTO_MAX_GROUPS)
+		return ks_err(e, -EPROTO, "key.null_chunk_mask: %u groups, at most %u", ng,
+			      PROTO_MAX_GROUPS);
+	for (uint32_t g = 0; g < ng; g++) {
+		const msgpack_object *l = &o->via.array.ptr[g];
+
+		if (l->type != MSGPACK_OBJECT_ARRAY)
+			return ks_err(e, -EPROTO, "key.null_chunk_mask[%u]: expected array, got %s",
+				      g, mp_type_name(l->type));
+		nc = KS_MAX(nc, l->via.array.size);
+	}
+	if (ng && nc) {
+		if ((size_t)ng * nc > PROTO_MAX_TOKENS)
+			return ks_err(e, -E2BIG, "key.null_chunk_mask: %u x %u entries", ng, nc);
+		k->null_chunk_mask = calloc((size_t)ng * nc, sizeof(bool));
+		if (!k->null_chunk_mask)
+			return ks_err(e, -ENOMEM, "key.null_chunk_mask: out of memory");
+	}
+	k->mask_groups = ng;
+	k->mask_chunks = nc;
+	for (uint32_t g = 0; g < ng; g++) {
+		const msgpack_object *l = &o->via.array.ptr[g];
+
+		for (uint32_t c = 0; c < l->via.array.size; c++) {
+			if (l->via.array.ptr[c].type != MSGPACK_OBJECT_BOOLEAN) {
+				free(k->null_chunk_mask);
+				k->null_chunk_mask = NULL;
+				return ks_err(e, -EPROTO, "key.null_chunk_mask[%u][%u]: expected "
+					      "bool, got %s", g, c,
+					      mp_type_name(l->via.array.ptr[c].type));
+			}
+			k->null_chunk_mask[(size_t)g * nc + c] = l->via.array.ptr[c].via.boolean;
+		}
+	}
+	return 0;
+}
+
+/* The current dialect's key fields of map @o, if any (each optional). */
+static int decode_key_current(const msgpack_object *o, struct proto_key *k, struct ks_errbuf *e)
+{
+	const msgpack_object *f[KX_N];
+	int64_t v;
+	int rc = map_lookup(o, "key", key_fields_current, KX_N, f, e);
+
+	if (rc)
+		return rc;
+	k->has_current_fields = f[KX_SALT] || f[KX_CONFIGS] || f[KX_READERS] || f[KX_MASK];
+	if (f[KX_SALT]) {
+		rc = decode_salt(f[KX_SALT], k, e);
+		if (rc)
+			return rc;
+	}
+	if (f[KX_CONFIGS] && f[KX_CONFIGS]->type != MSGPACK_OBJECT_NIL &&
+	    f[KX_CONFIGS]->type != MSGPACK_OBJECT_MAP)
+		return ks_err(e, -EPROTO, "key.request_configs: expected map or nil, got %s",
+			      mp_type_name(f[KX_CONFIGS]->type));
+	if (f[KX_READERS]) {
+		rc = get_i64(f[KX_READERS], "key.num_kv_readers", NO_IDX, 0, UINT32_MAX, &v, e);
+		if (rc)
+			return rc;
+		k->num_kv_readers = (uint32_t)v;
+	}
+	/* the mask last: its allocation is then the only thing to undo */
+	return f[KX_MASK] ? decode_null_mask(f[KX_MASK], k, e) : 0;
+}
 
 /*
  * Decode a key from its map form (looked up by name; chunk_hash, cache_salt
@@ -451,16 +555,24 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct ks_er
 	if (rc)
 		return rc;
 	k->request_id_len = (uint16_t)len;
+	if (o->type == MSGPACK_OBJECT_MAP) {
+		rc = decode_key_current(o, k, e);
+		if (rc)
+			return rc;
+	}
 
-	/* tokens last: the only allocation, so earlier failures free nothing */
+	/* tokens last: with the mask the only allocations (freed on failure here) */
 	rc = get_array(f[KF_TOKENS], "key.token_ids", PROTO_MAX_TOKENS, e);
 	if (rc)
 		return rc;
 	n = f[KF_TOKENS]->via.array.size;
 	if (n) {
 		tokens = malloc(n * sizeof(*tokens));
-		if (!tokens)
+		if (!tokens) {
+			free(k->null_chunk_mask);
+			k->null_chunk_mask = NULL;
 			return ks_err(e, -ENOMEM, "key.token_ids: out of memory for %zu tokens", n);
+		}
 	}
 	for (size_t i = 0; i < n; i++) {
 		/* §3 errors rule 1: tokens outside [0, 2^32) are a frame-level fault */
@@ -468,6 +580,8 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct ks_er
 			     e);
 		if (rc) {
 			free(tokens);
+			free(k->null_chunk_mask);
+			k->null_chunk_mask = NULL;
 			return rc;
 		}
 		tokens[i] = (uint32_t)v;
@@ -577,7 +691,7 @@ static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_d
 	rc = pk_cuda_ipc_decode(p, len, &w, msg, sizeof(msg));
 	if (rc)
 		return ks_err(e, rc == -ENOMEM || rc == -E2BIG ? rc : -EPROTO,
-			      "LMCache CudaIPCWrapper: %s", msg);
+			      "LMCache CudaIPCWrapper/CpuShmTensorWrapper: %s", msg);
 	memset(d, 0, sizeof(*d));
 	d->kind = PROTO_KV_CUDA_IPC;
 	if (kv_dtype_parse(w.dtype, strlen(w.dtype), &l->dtype))
@@ -601,7 +715,31 @@ static int decode_kv_desc_pickle(const uint8_t *p, size_t len, struct proto_kv_d
 	if (kv_layout_infer(l->shape, l->ndim, &l->kind))
 		return ks_err(e, -EPROTO, "CudaIPCWrapper: no layout inferred from the shape "
 			      "(needs 3 dims, or shape[0] or shape[1] == 2)");
-	if (w.kind == PK_WRAPPER_RAW_CUDA_IPC) {
+	if (w.kind == PK_WRAPPER_CPU_SHM) {
+		/* CpuShmTensorWrapper: the segment is mapped from its start, nbytes
+		 * long; element 0 is storage_offset elements in (§5.2 host_shm). */
+		char q2[40];
+
+		d->kind = PROTO_KV_HOST_SHM;
+		if (!w.shm_name[0] || strchr(w.shm_name + 1, '/') ||
+		    strlen(w.shm_name) > PROTO_PATH_MAX - 1)
+			return ks_err(e, -EPROTO, "CpuShmTensorWrapper: shm_name '%s' is not a "
+				      "POSIX shm name", quote(w.shm_name, strlen(w.shm_name), q2));
+		/* the oldest wrapper sent the name bare; shm_open wants the '/' */
+		snprintf(d->path, sizeof(d->path), "%s%s", w.shm_name[0] == '/' ? "" : "/",
+			 w.shm_name);
+		if (__builtin_mul_overflow(w.storage_offset, (uint64_t)l->elem_bytes, &d->offset))
+			return ks_err(e, -EPROTO, "CpuShmTensorWrapper: offset overflows 64 bits");
+		d->nbytes = w.storage_size_bytes;
+		return desc_check_extent(d, e);
+	}
+	if (w.kind == PK_WRAPPER_RAW_CUDA_IPC && w.has_alloc_offset) {
+		/* today's form: the handle names the allocation base, element 0 is
+		 * _alloc_offset bytes in, and _nbytes covers the view */
+		d->offset = w.alloc_offset;
+		if (__builtin_add_overflow(w.alloc_offset, w.storage_size_bytes, &d->nbytes))
+			return ks_err(e, -EPROTO, "RawCudaIPCWrapper: offsets overflow 64 bits");
+	} else if (w.kind == PK_WRAPPER_RAW_CUDA_IPC) {
 		if (w.storage_offset)
 			return ks_err(e, -EPROTO, "RawCudaIPCWrapper with storage_offset %llu: "
 				      "LMCache maps its handle as element 0",
@@ -783,41 +921,111 @@ static int desc_same(const struct proto_kv_desc *a, const struct proto_kv_desc *
 /* Requests                                                                 */
 /* ------------------------------------------------------------------------ */
 
-static const struct {
-	int type;
-	const char *name;
+/*
+ * The two dialects' operation tables. A March op frame is an int 1..13 (or a
+ * kvstash extension, 200/201) equal to its proto_type; a current op frame is
+ * an int of LMCache's frozen table (1..34) or, for later operations, the
+ * operation's snake_case name as a str, and both forms are looked up here.
+ * Argument counts: LMCache's clients send every parameter, defaulted ones
+ * included, and newer ones add trailing parameters (CLEAR's force,
+ * END_SESSION's end_info), so each entry takes a range.
+ */
+struct op_entry {
+	int64_t id;		/* wire int; 0: only by name */
+	const char *name;	/* March: NAME for logs; current: the wire name */
+	enum proto_type type;
 	uint8_t min_args, max_args;
-} types[] = {
-	{ PROTO_REGISTER_KV_CACHE, "REGISTER_KV_CACHE", 4, 5 },	/* 5th: layout_hints */
-	{ PROTO_UNREGISTER_KV_CACHE, "UNREGISTER_KV_CACHE", 1, 1 },
-	{ PROTO_STORE, "STORE", 4, 4 },
-	{ PROTO_RETRIEVE, "RETRIEVE", 5, 5 },
-	{ PROTO_LOOKUP, "LOOKUP", 2, 2 },
-	{ PROTO_QUERY_PREFETCH_STATUS, "QUERY_PREFETCH_STATUS", 1, 1 },
-	{ PROTO_QUERY_PREFETCH_LOOKUP_HITS, "QUERY_PREFETCH_LOOKUP_HITS", 1, 1 },
-	{ PROTO_FREE_LOOKUP_LOCKS, "FREE_LOOKUP_LOCKS", 2, 2 },
-	{ PROTO_END_SESSION, "END_SESSION", 1, 1 },
-	{ PROTO_CLEAR, "CLEAR", 0, 0 },
-	{ PROTO_GET_CHUNK_SIZE, "GET_CHUNK_SIZE", 0, 0 },
-	{ PROTO_PING, "PING", 0, 1 },	/* later clients add instance_id (§9) */
-	{ PROTO_NOOP, "NOOP", 0, 0 },
-	{ PROTO_KS_LAST_ERROR, "KS_LAST_ERROR", 0, 0 },
-	{ PROTO_KS_STATS, "KS_STATS", 0, 0 },
+	enum proto_unsupported_reply unsupported;	/* type == PROTO_UNSUPPORTED */
 };
 
-static int type_index(int64_t type)
-{
-	for (size_t i = 0; i < KS_ARRAY_SIZE(types); i++)
-		if (types[i].type == type)
-			return (int)i;
-	return -1;
-}
+static const struct op_entry march_ops[] = {
+	{ PROTO_REGISTER_KV_CACHE, "REGISTER_KV_CACHE", PROTO_REGISTER_KV_CACHE, 4, 5, 0 },
+	{ PROTO_UNREGISTER_KV_CACHE, "UNREGISTER_KV_CACHE", PROTO_UNREGISTER_KV_CACHE, 1, 1, 0 },
+	{ PROTO_STORE, "STORE", PROTO_STORE, 4, 4, 0 },
+	{ PROTO_RETRIEVE, "RETRIEVE", PROTO_RETRIEVE, 5, 5, 0 },
+	{ PROTO_LOOKUP, "LOOKUP", PROTO_LOOKUP, 2, 2, 0 },
+	{ PROTO_QUERY_PREFETCH_STATUS, "QUERY_PREFETCH_STATUS", PROTO_QUERY_PREFETCH_STATUS, 1, 1,
+	  0 },
+	{ PROTO_QUERY_PREFETCH_LOOKUP_HITS, "QUERY_PREFETCH_LOOKUP_HITS",
+	  PROTO_QUERY_PREFETCH_LOOKUP_HITS, 1, 1, 0 },
+	{ PROTO_FREE_LOOKUP_LOCKS, "FREE_LOOKUP_LOCKS", PROTO_FREE_LOOKUP_LOCKS, 2, 2, 0 },
+	{ PROTO_END_SESSION, "END_SESSION", PROTO_END_SESSION, 1, 1, 0 },
+	{ PROTO_CLEAR, "CLEAR", PROTO_CLEAR, 0, 0, 0 },
+	{ PROTO_GET_CHUNK_SIZE, "GET_CHUNK_SIZE", PROTO_GET_CHUNK_SIZE, 0, 0, 0 },
+	{ PROTO_PING, "PING", PROTO_PING, 0, 1, 0 },	/* later clients add instance_id (§9) */
+	{ PROTO_NOOP, "NOOP", PROTO_NOOP, 0, 0, 0 },
+	{ PROTO_KS_LAST_ERROR, "KS_LAST_ERROR", PROTO_KS_LAST_ERROR, 0, 0, 0 },
+	{ PROTO_KS_STATS, "KS_STATS", PROTO_KS_STATS, 0, 0, 0 },
+};
 
+/* LMCache's FROZEN_WIRE_IDS (1..34), protocol.md §11.3. */
+static const struct op_entry current_ops[] = {
+	/* 7th frame engine_group_infos; 6 frames: before it existed */
+	{ 1, "register_kv_cache", PROTO_REGISTER_KV_CACHE, 6, 7, 0 },
+	{ 2, "unregister_kv_cache", PROTO_UNREGISTER_KV_CACHE, 1, 1, 0 },
+	{ 3, "register_q_cache", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	{ 4, "unregister_q_cache", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	{ 5, "store_q", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_XFER_FAIL },
+	{ 6, "store", PROTO_STORE, 4, 4, 0 },
+	{ 7, "retrieve", PROTO_RETRIEVE, 5, 5, 0 },
+	{ 8, "lookup", PROTO_LOOKUP, 2, 2, 0 },
+	{ 9, "query_prefetch_status", PROTO_QUERY_PREFETCH_STATUS, 1, 1, 0 },
+	{ 10, "wait_prefetch_status", PROTO_WAIT_PREFETCH_STATUS, 2, 2, 0 },
+	{ 11, "query_prefetch_lookup_hits", PROTO_QUERY_PREFETCH_LOOKUP_HITS, 1, 1, 0 },
+	{ 12, "free_lookup_locks", PROTO_FREE_LOOKUP_LOCKS, 2, 2, 0 },
+	{ 13, "end_session", PROTO_END_SESSION, 1, 2, 0 },	/* 2nd: end_info */
+	{ 14, "register_kv_cache_engine_driven_context", PROTO_UNSUPPORTED, 0, 16,
+	  PROTO_UNSUP_ED_REGISTER },
+	{ 15, "unregister_kv_cache_engine_driven_context", PROTO_UNSUPPORTED, 0, 16,
+	  PROTO_UNSUP_NONE },
+	{ 16, "prepare_store", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_PREPARE_STORE },
+	{ 17, "commit_store", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_FALSE },
+	{ 18, "prepare_retrieve", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_PREPARE_RETRIEVE },
+	{ 19, "commit_retrieve", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_FALSE },
+	{ 20, "clear", PROTO_CLEAR, 0, 1, 0 },	/* force, sent since #5158 */
+	{ 21, "get_chunk_size", PROTO_GET_CHUNK_SIZE, 0, 0, 0 },
+	{ 22, "ping", PROTO_PING, 0, 1, 0 },
+	{ 23, "report_block_allocation", PROTO_REPORT_BLOCK_ALLOCATION, 3, 3, 0 },
+	{ 24, "noop", PROTO_NOOP, 0, 0, 0 },
+	{ 25, "cb_register_rope", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	{ 26, "cb_unregister_rope", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	{ 27, "cb_retrieve_pre_computed", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_XFER_FAIL },
+	{ 28, "cb_unified_lookup", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_CB_LOOKUP },
+	{ 29, "p2p_lookup_and_lock", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_ZERO },
+	{ 30, "p2p_query_lookup_results", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_EMPTY_LIST },
+	{ 31, "p2p_unlock_objects", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	{ 32, "get_experimental", PROTO_GET_EXPERIMENTAL, 0, 0, 0 },
+	{ 33, "cb_protocol_handshake", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_HANDSHAKE },
+	{ 34, "poll_kv_events", PROTO_UNSUPPORTED, 0, 16, PROTO_UNSUP_NONE },
+	/* the kvstash extensions mean the same in both dialects */
+	{ PROTO_KS_LAST_ERROR, "KS_LAST_ERROR", PROTO_KS_LAST_ERROR, 0, 0, 0 },
+	{ PROTO_KS_STATS, "KS_STATS", PROTO_KS_STATS, 0, 0, 0 },
+};
+
+/* Names for logs, by proto_type (the March names, then the current-only ops). */
 const char *proto_type_name(int type)
 {
-	int i = type_index(type);
+	switch (type) {
+	case PROTO_WAIT_PREFETCH_STATUS: return "WAIT_PREFETCH_STATUS";
+	case PROTO_REPORT_BLOCK_ALLOCATION: return "REPORT_BLOCK_ALLOCATION";
+	case PROTO_GET_EXPERIMENTAL: return "GET_EXPERIMENTAL";
+	case PROTO_UNSUPPORTED: return "UNSUPPORTED";
+	case PROTO_AMBIGUOUS: return "AMBIGUOUS";
+	default: break;
+	}
+	for (size_t i = 0; i < KS_ARRAY_SIZE(march_ops); i++)
+		if ((int)march_ops[i].type == type)
+			return march_ops[i].name;
+	return "UNKNOWN";
+}
 
-	return i < 0 ? "UNKNOWN" : types[i].name;
+const char *proto_dialect_name(enum proto_dialect d)
+{
+	switch (d) {
+	case PROTO_DIALECT_MARCH: return "march";
+	case PROTO_DIALECT_CURRENT: return "current";
+	default: return "auto";
+	}
 }
 
 int proto_decode_uid(const struct proto_buf *f, uint64_t *uid)
@@ -835,36 +1043,109 @@ int proto_decode_uid(const struct proto_buf *f, uint64_t *uid)
 	return rc;
 }
 
-static int decode_type(const struct proto_buf *f, enum proto_type *type, struct ks_errbuf *e)
+/* An op frame: an int (any width), or a str name in the current dialect. */
+struct op_frame {
+	bool is_name;
+	int64_t id;		/* -1: negative or beyond int64 */
+	char name[PROTO_OP_NAME_MAX + 1];
+	size_t name_len;
+};
+
+static int decode_op_frame(const struct proto_buf *f, struct op_frame *op, struct ks_errbuf *e)
 {
 	msgpack_unpacked u;
 	int rc = doc_open(f, &u, e);
-	int64_t v = 0;
 
+	memset(op, 0, sizeof(*op));
 	if (rc) {
 		perr_prefix(e, "type frame");
 		return rc == -ENOMEM ? rc : -EPROTO;
 	}
-	if (u.data.type == MSGPACK_OBJECT_POSITIVE_INTEGER) {
-		v = u.data.via.u64 > INT64_MAX ? -1 : (int64_t)u.data.via.u64;
-	} else if (u.data.type == MSGPACK_OBJECT_NEGATIVE_INTEGER) {
-		v = -1;
-	} else {
-		rc = ks_err(e, -EPROTO, "type frame: expected int, got %s",
+	switch (u.data.type) {
+	case MSGPACK_OBJECT_POSITIVE_INTEGER:
+		op->id = u.data.via.u64 > INT64_MAX ? -1 : (int64_t)u.data.via.u64;
+		break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER:
+		op->id = -1;
+		break;
+	case MSGPACK_OBJECT_STR:
+		op->is_name = true;
+		rc = get_str(&u.data, "type frame", PROTO_OP_NAME_MAX, op->name, &op->name_len, e);
+		if (!rc && !op->name_len)
+			rc = ks_err(e, -EPROTO, "type frame: empty operation name");
+		for (size_t i = 0; !rc && i < op->name_len; i++)
+			if (op->name[i] < 0x21 || op->name[i] > 0x7e)
+				rc = ks_err(e, -EPROTO, "type frame: operation name has a "
+					    "non-printable byte");
+		break;
+	default:
+		rc = ks_err(e, -EPROTO, "type frame: expected int or str, got %s",
 			    mp_type_name(u.data.type));
 	}
 	msgpack_unpacked_destroy(&u);
-	if (rc)
-		return rc;
-	if (type_index(v) < 0)
-		return ks_err(e, -EBADMSG, "unknown request type %lld", (long long)v);
-	*type = (enum proto_type)v;
-	return 0;
+	return rc;
 }
 
-int proto_decode_type(const struct proto_buf *f, enum proto_type *type)
+static const struct op_entry *find_op(const struct op_entry *tab, size_t n,
+				      const struct op_frame *op)
 {
-	return decode_type(f, type, NULL);
+	for (size_t i = 0; i < n; i++) {
+		if (op->is_name ? (strlen(tab[i].name) == op->name_len &&
+				   !memcmp(tab[i].name, op->name, op->name_len)) :
+				  tab[i].id == op->id)
+			return &tab[i];
+	}
+	return NULL;
+}
+
+/* The msgpack type of frame @f's first byte, cheaply (the frame is not checked). */
+static bool frame_is_str(const struct proto_buf *f)
+{
+	return f->len && ((f->data[0] >= 0xa0 && f->data[0] <= 0xbf) || f->data[0] == 0xd9 ||
+			  f->data[0] == 0xda || f->data[0] == 0xdb);
+}
+
+/*
+ * Which dialect an unlatched request is in, from its op and argument count
+ * alone (protocol.md §11.2 has the table). Op 8 with two arguments needs a
+ * look at the key and is left AUTO here for the caller; op 9 with one str
+ * argument is END_SESSION in March and QUERY_PREFETCH_STATUS now: AMBIGUOUS.
+ * Returns the dialect, AUTO for neutral requests, or -1 for a request that
+ * is malformed in both.
+ */
+static int classify(const struct op_frame *op, const struct proto_buf *args, size_t nargs,
+		    bool *ambiguous)
+{
+	*ambiguous = false;
+	if (op->is_name)
+		return PROTO_DIALECT_CURRENT;
+	switch (op->id) {
+	case 1: return nargs == 4 || nargs == 5 ? PROTO_DIALECT_MARCH :
+		       nargs == 6 || nargs == 7 ? PROTO_DIALECT_CURRENT : -1;
+	case 2: return PROTO_DIALECT_AUTO;	/* UNREGISTER [instance_id] in both */
+	case 3: return nargs == 4 ? PROTO_DIALECT_MARCH : nargs == 7 ? PROTO_DIALECT_CURRENT : -1;
+	case 4: return nargs == 5 ? PROTO_DIALECT_MARCH : nargs == 1 ? PROTO_DIALECT_CURRENT : -1;
+	case 5: return nargs == 2 ? PROTO_DIALECT_MARCH : nargs == 4 ? PROTO_DIALECT_CURRENT : -1;
+	case 6: return nargs == 1 ? PROTO_DIALECT_MARCH : nargs == 4 ? PROTO_DIALECT_CURRENT : -1;
+	case 7: return nargs == 1 ? PROTO_DIALECT_MARCH : nargs == 5 ? PROTO_DIALECT_CURRENT : -1;
+	case 8: return nargs == 2 ? PROTO_DIALECT_AUTO : -1;	/* the key decides */
+	case 9:
+		if (nargs == 1 && frame_is_str(&args[0])) {
+			*ambiguous = true;
+			return PROTO_DIALECT_AUTO;
+		}
+		return -1;
+	case 10: return nargs == 0 ? PROTO_DIALECT_MARCH : nargs == 2 ? PROTO_DIALECT_CURRENT : -1;
+	case 11: return nargs == 0 ? PROTO_DIALECT_MARCH : nargs == 1 ? PROTO_DIALECT_CURRENT : -1;
+	case 12: return nargs <= 1 ? PROTO_DIALECT_MARCH : nargs == 2 ? PROTO_DIALECT_CURRENT : -1;
+	case 13: return nargs == 0 ? PROTO_DIALECT_MARCH :
+			nargs <= 2 ? PROTO_DIALECT_CURRENT : -1;
+	case PROTO_KS_LAST_ERROR:
+	case PROTO_KS_STATS:
+		return PROTO_DIALECT_AUTO;
+	default:
+		return op->id >= 14 && op->id <= 34 ? PROTO_DIALECT_CURRENT : -1;
+	}
 }
 
 /* Argument decoders: @a is the unpacked argument frame, @r the request. */
@@ -885,40 +1166,118 @@ static int arg_tp_size(const msgpack_object *a, struct proto_request *r, struct 
 	return rc;
 }
 
-static int arg_event(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
+/*
+ * event_ipc_handle (§5.3, §11.6): empty (host path), a 64-byte
+ * cudaIpcEventHandle_t, an 81-byte isolated-IPC semaphore handle (version
+ * byte 1; current dialect), or a CPU worker's constant stub (current).
+ */
+static int arg_event(const msgpack_object *a, struct proto_request *r, enum proto_dialect d,
+		     struct ks_errbuf *e)
 {
+	const size_t stub_len = sizeof(PROTO_CPU_STUB_EVENT) - 1;
+	uint32_t n;
+
 	if (a->type != MSGPACK_OBJECT_BIN)
 		return ks_err(e, -EPROTO, "event_ipc_handle: expected bin, got %s",
 			      mp_type_name(a->type));
-	/* §5.3: 64 bytes (cudaIpcEventHandle_t) or empty (host path) */
-	if (a->via.bin.size != 0 && a->via.bin.size != PROTO_EVENT_HANDLE_LEN)
-		return ks_err(e, -EPROTO, "event_ipc_handle: %u bytes, expected 0 or %u",
-			      a->via.bin.size, PROTO_EVENT_HANDLE_LEN);
-	if (a->via.bin.size)
-		memcpy(r->event, a->via.bin.ptr, a->via.bin.size);
-	r->event_len = a->via.bin.size;
+	n = a->via.bin.size;
+	if (n == 0) {
+		r->event_kind = PROTO_EVENT_NONE;
+	} else if (n == PROTO_EVENT_HANDLE_LEN) {
+		r->event_kind = PROTO_EVENT_CUDA;
+	} else if (d == PROTO_DIALECT_CURRENT && n == PROTO_SEMAPHORE_HANDLE_LEN) {
+		if ((uint8_t)a->via.bin.ptr[0] != 1)
+			return ks_err(e, -EPROTO, "event_ipc_handle: isolated-IPC handle version "
+				      "%u, expected 1", (uint8_t)a->via.bin.ptr[0]);
+		r->event_kind = PROTO_EVENT_SEMAPHORE;
+	} else if (d == PROTO_DIALECT_CURRENT && n == stub_len &&
+		   !memcmp(a->via.bin.ptr, PROTO_CPU_STUB_EVENT, stub_len)) {
+		r->event_kind = PROTO_EVENT_CPU_STUB;
+	} else {
+		return ks_err(e, -EPROTO, "event_ipc_handle: %u bytes, expected 0 or %u%s", n,
+			      PROTO_EVENT_HANDLE_LEN,
+			      d == PROTO_DIALECT_CURRENT ? ", 81 (isolated IPC) or the CPU stub" :
+							   "");
+	}
+	if (n)
+		memcpy(r->event, a->via.bin.ptr, n);
+	r->event_len = n;
 	return 0;
 }
 
-static int arg_block_ids(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
+/* One list of block ids appended to r->block_ids as list r->nblock_lists. */
+static int add_block_list(const msgpack_object *a, const char *what, struct proto_request *r,
+			  struct ks_errbuf *e)
 {
+	uint32_t g = r->nblock_lists;
 	size_t n;
-	int rc = get_array(a, "gpu_block_ids", PROTO_MAX_BLOCKS, e);
+	int rc = get_array(a, what, PROTO_MAX_BLOCKS, e);
 
 	if (rc)
 		return rc;
+	if (g >= PROTO_MAX_GROUPS)
+		return ks_err(e, -EPROTO, "gpu_block_ids: more than %u groups", PROTO_MAX_GROUPS);
 	n = a->via.array.size;
-	if (!n)
-		return 0;
-	r->block_ids = malloc(n * sizeof(*r->block_ids));
-	if (!r->block_ids)
-		return ks_err(e, -ENOMEM, "gpu_block_ids: out of memory for %zu ids", n);
-	r->nblocks = n;
+	if (r->nblocks + n > PROTO_MAX_BLOCKS)
+		return ks_err(e, -E2BIG, "gpu_block_ids: more than %u ids", PROTO_MAX_BLOCKS);
+	r->block_list_off[g] = r->nblocks;
+	r->block_list_len[g] = n;
 	for (size_t i = 0; i < n; i++) {
-		rc = get_i64(&a->via.array.ptr[i], "gpu_block_ids", i, 0, INT64_MAX,
-			     &r->block_ids[i], e);
+		rc = get_i64(&a->via.array.ptr[i], what, i, 0, INT64_MAX,
+			     &r->block_ids[r->nblocks + i], e);
 		if (rc)
 			return rc;	/* the caller frees r */
+	}
+	r->nblocks += n;
+	r->nblock_lists = g + 1;
+	return 0;
+}
+
+/*
+ * gpu_block_ids: [int] in the March dialect; [[int]] (one list per KV cache
+ * group) in the current one, where a flat [int] is also taken as one group.
+ */
+static int arg_block_ids(const msgpack_object *a, struct proto_request *r, enum proto_dialect d,
+			 struct ks_errbuf *e)
+{
+	size_t total = 0;
+	int rc = get_array(a, "gpu_block_ids", PROTO_MAX_BLOCKS, e);
+	bool nested;
+
+	if (rc)
+		return rc;
+	nested = d == PROTO_DIALECT_CURRENT && a->via.array.size &&
+		 a->via.array.ptr[0].type == MSGPACK_OBJECT_ARRAY;
+	if (nested) {
+		if (a->via.array.size > PROTO_MAX_GROUPS)
+			return ks_err(e, -EPROTO, "gpu_block_ids: %u groups, at most %u",
+				      a->via.array.size, PROTO_MAX_GROUPS);
+		for (uint32_t g = 0; g < a->via.array.size; g++) {
+			if (a->via.array.ptr[g].type != MSGPACK_OBJECT_ARRAY)
+				return ks_err(e, -EPROTO, "gpu_block_ids[%u]: expected array, "
+					      "got %s", g, mp_type_name(a->via.array.ptr[g].type));
+			total += a->via.array.ptr[g].via.array.size;
+		}
+	} else {
+		total = a->via.array.size;
+	}
+	if (total > PROTO_MAX_BLOCKS)
+		return ks_err(e, -E2BIG, "gpu_block_ids: %zu ids exceeds the limit of %u", total,
+			      PROTO_MAX_BLOCKS);
+	if (total) {
+		r->block_ids = malloc(total * sizeof(*r->block_ids));
+		if (!r->block_ids)
+			return ks_err(e, -ENOMEM, "gpu_block_ids: out of memory for %zu ids", total);
+	}
+	if (!nested)
+		return add_block_list(a, "gpu_block_ids", r, e);
+	for (uint32_t g = 0; g < a->via.array.size; g++) {
+		char what[32];
+
+		snprintf(what, sizeof(what), "gpu_block_ids[%u]", g);
+		rc = add_block_list(&a->via.array.ptr[g], what, r, e);
+		if (rc)
+			return rc;
 	}
 	return 0;
 }
@@ -952,30 +1311,194 @@ static int arg_kv_caches(const msgpack_object *a, struct proto_request *r, struc
 	return 0;
 }
 
-/* Decode argument @i of request type @r->type. */
-static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r,
-		      struct ks_errbuf *e)
+/* EngineGroupInfo fields kvstash reads; the rest are ignored (§11.5). */
+enum { GF_ID, GF_LAYERS, GF_TPB, GF_SW, GF_N };
+static const char *const group_fields[GF_N] = {
+	"engine_group_id", "layer_indices", "tokens_per_block", "sw_size_tokens",
+};
+
+static int decode_group(const msgpack_object *o, struct proto_group *g, struct ks_errbuf *e)
+{
+	const msgpack_object *f[GF_N];
+	int64_t v;
+	int rc;
+
+	if (o->type != MSGPACK_OBJECT_MAP)
+		return ks_err(e, -EPROTO, "expected map, got %s", mp_type_name(o->type));
+	rc = map_lookup(o, "engine_group_info", group_fields, GF_N, f, e);
+	if (rc)
+		return rc;
+	if (!f[GF_ID])
+		return ks_err(e, -EPROTO, "missing required field engine_group_id");
+	rc = get_i64(f[GF_ID], "engine_group_id", NO_IDX, INT64_MIN, INT64_MAX,
+		     &g->engine_group_id, e);
+	if (rc)
+		return rc;
+	g->sw_size_tokens = -1;
+	if (f[GF_TPB]) {
+		rc = get_i64(f[GF_TPB], "tokens_per_block", NO_IDX, 0, UINT32_MAX, &v, e);
+		if (rc)
+			return rc;
+		g->tokens_per_block = (uint32_t)v;
+	}
+	if (f[GF_SW]) {
+		rc = get_i64(f[GF_SW], "sw_size_tokens", NO_IDX, -1, INT64_MAX, &g->sw_size_tokens,
+			     e);
+		if (rc)
+			return rc;
+	}
+	if (f[GF_LAYERS]) {
+		rc = get_array(f[GF_LAYERS], "layer_indices", PROTO_MAX_LAYERS, e);
+		if (rc)
+			return rc;
+		g->nlayers = f[GF_LAYERS]->via.array.size;
+		if (g->nlayers) {
+			g->layers = malloc(g->nlayers * sizeof(*g->layers));
+			if (!g->layers)
+				return ks_err(e, -ENOMEM, "layer_indices: out of memory");
+		}
+		for (uint32_t i = 0; i < g->nlayers; i++) {
+			rc = get_i64(&f[GF_LAYERS]->via.array.ptr[i], "layer_indices", i, 0,
+				     PROTO_MAX_LAYERS - 1, &v, e);
+			if (rc)
+				return rc;	/* the caller frees g */
+			g->layers[i] = (uint32_t)v;
+		}
+	}
+	return 0;
+}
+
+/* engine_group_infos: [EngineGroupInfo]; empty = one group of every layer. */
+static int arg_groups(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
+{
+	char where[48];
+	int rc = get_array(a, "engine_group_infos", PROTO_MAX_GROUPS, e);
+
+	if (rc == -E2BIG)
+		rc = -EPROTO;
+	if (rc)
+		return rc;
+	if (!a->via.array.size)
+		return 0;
+	r->groups = calloc(a->via.array.size, sizeof(*r->groups));
+	if (!r->groups)
+		return ks_err(e, -ENOMEM, "engine_group_infos: out of memory");
+	r->ngroups = a->via.array.size;
+	for (uint32_t g = 0; g < a->via.array.size; g++) {
+		rc = decode_group(&a->via.array.ptr[g], &r->groups[g], e);
+		if (rc) {
+			snprintf(where, sizeof(where), "engine_group_infos[%u]", g);
+			perr_prefix(e, where);
+			return rc;
+		}
+	}
+	return 0;
+}
+
+/*
+ * The groups against the layers, once both frames are decoded: every index
+ * names a registered layer, and no layer is in two groups (a layer in none
+ * is not transferred: LMCache's KV-sharing layers).
+ */
+static int check_groups(const struct proto_request *r, struct ks_errbuf *e)
+{
+	uint8_t seen[PROTO_MAX_LAYERS] = { 0 };
+
+	for (size_t g = 0; g < r->ngroups; g++) {
+		const struct proto_group *gr = &r->groups[g];
+
+		if (!gr->nlayers)
+			return ks_err(e, -EPROTO, "engine_group_infos[%zu]: no layer_indices", g);
+		for (uint32_t i = 0; i < gr->nlayers; i++) {
+			uint32_t l = gr->layers[i];
+
+			if (l >= r->nlayers)
+				return ks_err(e, -EPROTO, "engine_group_infos[%zu]: layer index %u "
+					      "outside the %zu registered layers", g, l, r->nlayers);
+			if (seen[l])
+				return ks_err(e, -EPROTO, "engine_group_infos[%zu]: layer %u is "
+					      "already in another group", g, l);
+			seen[l] = 1;
+		}
+	}
+	return 0;
+}
+
+/* A timeout in seconds: a non-negative int or float. */
+static int get_seconds(const msgpack_object *o, const char *what, double *out,
+		       struct ks_errbuf *e)
+{
+	double v;
+
+	switch (o->type) {
+	case MSGPACK_OBJECT_POSITIVE_INTEGER: v = (double)o->via.u64; break;
+	case MSGPACK_OBJECT_NEGATIVE_INTEGER: v = (double)o->via.i64; break;
+	case MSGPACK_OBJECT_FLOAT32:
+	case MSGPACK_OBJECT_FLOAT64: v = o->via.f64; break;
+	default:
+		return ks_err(e, -EPROTO, "%s: expected float, got %s", what,
+			      mp_type_name(o->type));
+	}
+	if (!(v >= 0))	/* also NaN */
+		return ks_err(e, -EPROTO, "%s: %g is not a duration", what, v);
+	*out = v;
+	return 0;
+}
+
+static int get_request_id(const msgpack_object *a, struct proto_request *r, struct ks_errbuf *e)
+{
+	size_t len = 0;
+	int rc = get_str(a, "request_id", PROTO_REQUEST_ID_MAX, r->request_id, &len, e);
+
+	r->request_id_len = (uint16_t)len;
+	return rc;
+}
+
+/* REGISTER's argument @i (both dialects; frames 4.. differ). */
+static int decode_register_arg(const msgpack_object *a, size_t i, struct proto_request *r,
+			       enum proto_dialect d, struct ks_errbuf *e)
 {
 	int64_t v = 0;
 	size_t len = 0;
 	int rc;
 
+	switch (i) {
+	case 0: return arg_instance_id(a, r, e);
+	case 1: return arg_kv_caches(a, r, e);
+	case 2:
+		rc = get_str(a, "model_name", KS_MODEL_MAX, r->model, &len, e);
+		r->model_len = (uint16_t)len;
+		return rc;
+	case 3:
+		rc = get_i64(a, "world_size", NO_IDX, 1, UINT32_MAX, &v, e);
+		r->world_size = (uint32_t)v;
+		return rc;
+	}
+	if (d == PROTO_DIALECT_MARCH)
+		return 0;	/* layout_hints: any value, ignored (§3) */
+	switch (i) {
+	case 4:	/* engine_type: an Enum sent by value ("vllm"); kvstash needs none */
+		if (a->type == MSGPACK_OBJECT_MAP || a->type == MSGPACK_OBJECT_ARRAY)
+			return ks_err(e, -EPROTO, "engine_type: expected a scalar, got %s",
+				      mp_type_name(a->type));
+		return 0;
+	case 5:	/* layout_hints: a map (TypedDict) or nil; the tensors say the layout */
+		if (a->type != MSGPACK_OBJECT_MAP && a->type != MSGPACK_OBJECT_NIL)
+			return ks_err(e, -EPROTO, "layout_hints: expected map or nil, got %s",
+				      mp_type_name(a->type));
+		return 0;
+	default:
+		return arg_groups(a, r, e);
+	}
+}
+
+/* Decode argument @i of request type @r->type in dialect @d. */
+static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r,
+		      enum proto_dialect d, struct ks_errbuf *e)
+{
 	switch (r->type) {
 	case PROTO_REGISTER_KV_CACHE:
-		switch (i) {
-		case 0: return arg_instance_id(a, r, e);
-		case 1: return arg_kv_caches(a, r, e);
-		case 2:
-			rc = get_str(a, "model_name", KS_MODEL_MAX, r->model, &len, e);
-			r->model_len = (uint16_t)len;
-			return rc;
-		case 3:
-			rc = get_i64(a, "world_size", NO_IDX, 1, UINT32_MAX, &v, e);
-			r->world_size = (uint32_t)v;
-			return rc;
-		default:
-			return 0;	/* layout_hints: any value, ignored (§3) */
-		}
+		return decode_register_arg(a, i, r, d, e);
 	case PROTO_UNREGISTER_KV_CACHE:
 		return arg_instance_id(a, r, e);
 	case PROTO_STORE:
@@ -983,8 +1506,8 @@ static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r
 		switch (i) {
 		case 0: return decode_key(a, &r->key, e);
 		case 1: return arg_instance_id(a, r, e);
-		case 2: return arg_block_ids(a, r, e);
-		case 3: return arg_event(a, r, e);
+		case 2: return arg_block_ids(a, r, d, e);
+		case 3: return arg_event(a, r, d, e);
 		default: return get_u64(a, "skip_first_n_tokens", &r->skip_first_n_tokens, e);
 		}
 	case PROTO_LOOKUP:
@@ -992,27 +1515,79 @@ static int decode_arg(const msgpack_object *a, size_t i, struct proto_request *r
 		return i == 0 ? decode_key(a, &r->key, e) : arg_tp_size(a, r, e);
 	case PROTO_QUERY_PREFETCH_STATUS:
 	case PROTO_QUERY_PREFETCH_LOOKUP_HITS:
+		if (d == PROTO_DIALECT_CURRENT)
+			return get_request_id(a, r, e);
 		return get_i64(a, "job_id", NO_IDX, INT64_MIN, INT64_MAX, &r->job_id, e);
+	case PROTO_WAIT_PREFETCH_STATUS:
+		return i == 0 ? get_request_id(a, r, e) :
+				get_seconds(a, "timeout", &r->wait_timeout_s, e);
 	case PROTO_END_SESSION:
-		rc = get_str(a, "request_id", PROTO_REQUEST_ID_MAX, r->request_id, &len, e);
-		r->request_id_len = (uint16_t)len;
-		return rc;
+	case PROTO_AMBIGUOUS:
+		/* end_info (current, 2nd frame): SessionEndInfo, kvstash needs none of it */
+		return i == 0 ? get_request_id(a, r, e) : 0;
+	case PROTO_CLEAR:
+		if (a->type != MSGPACK_OBJECT_BOOLEAN && a->type != MSGPACK_OBJECT_POSITIVE_INTEGER &&
+		    a->type != MSGPACK_OBJECT_NIL)
+			return ks_err(e, -EPROTO, "force: expected bool, got %s",
+				      mp_type_name(a->type));
+		r->force = (a->type == MSGPACK_OBJECT_BOOLEAN && a->via.boolean) ||
+			   (a->type == MSGPACK_OBJECT_POSITIVE_INTEGER && a->via.u64);
+		return 0;
 	case PROTO_PING:
 		if (a->type == MSGPACK_OBJECT_NIL)
 			return 0;	/* instance_id: nil = untracked */
 		return arg_instance_id(a, r, e);
+	case PROTO_REPORT_BLOCK_ALLOCATION:
+		/* (instance_id, model_name, records): accepted and counted only */
+		if (i == 0)
+			return get_i64(a, "instance_id", NO_IDX, INT64_MIN, INT64_MAX, &r->instance_id,
+				       e);
+		if (i == 1 && a->type != MSGPACK_OBJECT_STR)
+			return ks_err(e, -EPROTO, "model_name: expected str, got %s",
+				      mp_type_name(a->type));
+		if (i == 2 && a->type != MSGPACK_OBJECT_ARRAY)
+			return ks_err(e, -EPROTO, "records: expected array, got %s",
+				      mp_type_name(a->type));
+		return 0;
+	case PROTO_UNSUPPORTED:
+		return 0;	/* well-formed is enough: it is answered, not decoded */
 	default:
 		return ks_err(e, -EINVAL, "unexpected argument");	/* counts checked before */
 	}
 }
 
-int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
-			 size_t nargs, struct proto_request *req, char *err, size_t errlen)
+/* Look @op up in @d's table, or fail with the reason a client would want. */
+static int resolve_op(enum proto_dialect d, const struct op_frame *op, const struct op_entry **out,
+		      struct ks_errbuf *e)
+{
+	if (d == PROTO_DIALECT_MARCH) {
+		*out = op->is_name ? NULL : find_op(march_ops, KS_ARRAY_SIZE(march_ops), op);
+		if (!*out && op->is_name)
+			return ks_err(e, -EBADMSG, "operation name '%s' on a March-dialect "
+				      "connection", op->name);
+		if (!*out)
+			return ks_err(e, -EBADMSG, "unknown request type %lld", (long long)op->id);
+		return 0;
+	}
+	*out = find_op(current_ops, KS_ARRAY_SIZE(current_ops), op);
+	if (*out)
+		return 0;
+	if (op->is_name)
+		return 0;	/* an operation kvstash does not know: answered None (§11.7) */
+	return ks_err(e, -EBADMSG, "unknown request type %lld", (long long)op->id);
+}
+
+int proto_decode_request_in(enum proto_dialect dialect, const struct proto_buf *type_frame,
+			    const struct proto_buf *args, size_t nargs, struct proto_request *req,
+			    char *err, size_t errlen)
 {
 	struct ks_errbuf e = { err, errlen };
-	enum proto_type type = PROTO_NOOP;	/* set by decode_type; gcc -O3 cannot tell */
-	char where[64];
-	int rc, ti;
+	const struct op_entry *ent = NULL;
+	enum proto_dialect d = dialect;
+	struct op_frame op;
+	bool ambiguous = false;
+	char where[96];
+	int rc;
 
 	if (err && errlen)
 		err[0] = '\0';
@@ -1020,35 +1595,106 @@ int proto_decode_request(const struct proto_buf *type_frame, const struct proto_
 	req->key.worker_id = -1;
 	if (!type_frame || (nargs && !args))
 		return ks_err(&e, -EINVAL, "no frames");
-	rc = decode_type(type_frame, &type, &e);
+	rc = decode_op_frame(type_frame, &op, &e);
 	if (rc)
 		return rc;
-	ti = type_index(type);
-	if (nargs < types[ti].min_args || nargs > types[ti].max_args) {
-		if (types[ti].min_args == types[ti].max_args)
-			return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u",
-				      types[ti].name, nargs, types[ti].min_args);
-		return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u to %u",
-			      types[ti].name, nargs, types[ti].min_args, types[ti].max_args);
+	if (d == PROTO_DIALECT_AUTO) {
+		int c = classify(&op, args, nargs, &ambiguous);
+
+		if (c < 0 && op.id >= 1 && op.id <= 34)
+			return ks_err(&e, -EINVAL, "request type %lld with %zu argument frames is "
+				      "malformed in both dialects", (long long)op.id, nargs);
+		if (c < 0)
+			return ks_err(&e, -EBADMSG, "unknown request type %lld", (long long)op.id);
+		d = (enum proto_dialect)c;
 	}
-	req->type = type;
+	if (ambiguous) {
+		ent = NULL;
+		req->type = PROTO_AMBIGUOUS;
+	} else {
+		/* AUTO here: neutral (UNREGISTER, the extensions, op 8): decode as current,
+		 * whose key decoder reads every field; op 8 is settled below. */
+		rc = resolve_op(d == PROTO_DIALECT_AUTO ? PROTO_DIALECT_CURRENT : d, &op, &ent, &e);
+		if (rc)
+			return rc;
+		req->type = ent ? ent->type : PROTO_UNSUPPORTED;
+	}
+	if (ent && (nargs < ent->min_args || nargs > ent->max_args)) {
+		if (ent->min_args == ent->max_args)
+			return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u", ent->name,
+				      nargs, ent->min_args);
+		return ks_err(&e, -EINVAL, "%s: %zu argument frames, expected %u to %u", ent->name,
+			      nargs, ent->min_args, ent->max_args);
+	}
+	if (req->type == PROTO_UNSUPPORTED) {
+		if (ent) {
+			req->op_name = ent->name;
+			req->unsupported_reply = ent->unsupported;
+		} else {
+			memcpy(req->op_name_buf, op.name, op.name_len + 1);
+			req->op_name = req->op_name_buf;
+			req->unsupported_reply = PROTO_UNSUP_NONE;
+		}
+	}
 	for (size_t i = 0; i < nargs; i++) {
 		msgpack_unpacked u;
 
 		rc = doc_open(&args[i], &u, &e);
 		if (!rc) {
-			rc = decode_arg(&u.data, i, req, &e);
+			rc = decode_arg(&u.data, i, req,
+					d == PROTO_DIALECT_AUTO ? PROTO_DIALECT_CURRENT : d, &e);
 			msgpack_unpacked_destroy(&u);
 		}
 		if (rc) {
-			snprintf(where, sizeof(where), "%s arg %zu", types[ti].name, i);
+			snprintf(where, sizeof(where), "%s arg %zu",
+				 ent ? ent->name : proto_type_name(req->type), i);
 			perr_prefix(&e, where);
-			proto_request_free(req);
-			memset(req, 0, sizeof(*req));
-			req->key.worker_id = -1;
-			return rc;
+			goto fail;
 		}
 	}
+	if (req->type == PROTO_REGISTER_KV_CACHE && req->ngroups) {
+		rc = check_groups(req, &e);
+		if (rc)
+			goto fail;
+	}
+	if (dialect == PROTO_DIALECT_AUTO && !op.is_name && op.id == 8 && !ambiguous) {
+		/* March FREE_LOOKUP_LOCKS and current LOOKUP share [key, int]: a key
+		 * with the current dialect's fields is the current client's. */
+		if (req->key.has_current_fields) {
+			d = PROTO_DIALECT_CURRENT;
+		} else {
+			d = PROTO_DIALECT_MARCH;
+			req->type = PROTO_FREE_LOOKUP_LOCKS;
+		}
+	}
+	req->dialect = d;
+	return 0;
+fail:
+	proto_request_free(req);
+	memset(req, 0, sizeof(*req));
+	req->key.worker_id = -1;
+	return rc;
+}
+
+int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
+			 size_t nargs, struct proto_request *req, char *err, size_t errlen)
+{
+	return proto_decode_request_in(PROTO_DIALECT_MARCH, type_frame, args, nargs, req, err,
+				       errlen);
+}
+
+int proto_decode_type(const struct proto_buf *f, enum proto_type *type)
+{
+	struct op_frame op;
+	const struct op_entry *ent;
+	int rc = decode_op_frame(f, &op, NULL);
+
+	if (rc)
+		return rc;
+	ent = op.is_name ? NULL : find_op(march_ops, KS_ARRAY_SIZE(march_ops), &op);
+	if (!ent)
+		return -EBADMSG;
+	*type = ent->type;
 	return 0;
 }
 
@@ -1065,6 +1711,14 @@ void proto_request_free(struct proto_request *req)
 	free(req->block_ids);
 	req->block_ids = NULL;
 	req->nblocks = 0;
+	req->nblock_lists = 0;
+	free(req->key.null_chunk_mask);
+	req->key.null_chunk_mask = NULL;
+	for (size_t g = 0; g < req->ngroups; g++)
+		free(req->groups[g].layers);
+	free(req->groups);
+	req->groups = NULL;
+	req->ngroups = 0;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1179,6 +1833,81 @@ int proto_encode_xfer_reply(struct proto_msg *m, const uint8_t *event, size_t ev
 	enc_init(&x);
 	rc = msgpack_pack_array(&x.pk, 2) || pack_bin(&x.pk, event, event_len) ||
 	     (ok ? msgpack_pack_true(&x.pk) : msgpack_pack_false(&x.pk));
+	return enc_finish(&x, rc, m);
+}
+
+int proto_encode_empty_list(struct proto_msg *m)
+{
+	struct enc x;
+
+	enc_init(&x);
+	return enc_finish(&x, msgpack_pack_array(&x.pk, 0), m);
+}
+
+/* An empty map value for "context" fields. */
+static int pack_empty_map(msgpack_packer *pk)
+{
+	return msgpack_pack_map(pk, 0);
+}
+
+int proto_encode_unsupported(struct proto_msg *m, enum proto_unsupported_reply r)
+{
+	static const char ed_error[] = "kvstash does not implement engine-driven transfer: "
+				       "register the KV caches with REGISTER_KV_CACHE";
+	struct enc x;
+	int rc;
+
+	m->data = NULL, m->len = 0;
+	enc_init(&x);
+	switch (r) {
+	case PROTO_UNSUP_XFER_FAIL:
+		rc = msgpack_pack_array(&x.pk, 2) || pack_bin(&x.pk, NULL, 0) ||
+		     msgpack_pack_false(&x.pk);
+		break;
+	case PROTO_UNSUP_FALSE:
+		rc = msgpack_pack_false(&x.pk);
+		break;
+	case PROTO_UNSUP_ZERO:
+		rc = msgpack_pack_int64(&x.pk, 0);
+		break;
+	case PROTO_UNSUP_EMPTY_LIST:
+		rc = msgpack_pack_array(&x.pk, 0);
+		break;
+	case PROTO_UNSUP_ED_REGISTER:
+		/* RegisterEngineDrivenContextResponse with its error set */
+		rc = msgpack_pack_map(&x.pk, 5) || pack_str(&x.pk, "shm_name") ||
+		     pack_str(&x.pk, "") || pack_str(&x.pk, "pool_size") ||
+		     msgpack_pack_int64(&x.pk, 0) || pack_str(&x.pk, "scratch_offset") ||
+		     msgpack_pack_int64(&x.pk, 0) || pack_str(&x.pk, "scratch_size") ||
+		     msgpack_pack_int64(&x.pk, 0) || pack_str(&x.pk, "error") ||
+		     pack_str(&x.pk, ed_error);
+		break;
+	case PROTO_UNSUP_PREPARE_STORE:
+		rc = msgpack_pack_map(&x.pk, 1) || pack_str(&x.pk, "context") ||
+		     pack_empty_map(&x.pk);
+		break;
+	case PROTO_UNSUP_PREPARE_RETRIEVE:
+		rc = msgpack_pack_map(&x.pk, 3) || pack_str(&x.pk, "success") ||
+		     msgpack_pack_false(&x.pk) || pack_str(&x.pk, "data") ||
+		     pack_bin(&x.pk, NULL, 0) || pack_str(&x.pk, "context") ||
+		     pack_empty_map(&x.pk);
+		break;
+	case PROTO_UNSUP_CB_LOOKUP:
+		/* CBUnifiedLookupResult with no coverage (None would mean "loading") */
+		rc = msgpack_pack_map(&x.pk, 3) || pack_str(&x.pk, "prefix_coverage_tokens") ||
+		     msgpack_pack_int64(&x.pk, 0) || pack_str(&x.pk, "non_prefix_segments") ||
+		     msgpack_pack_array(&x.pk, 0) || pack_str(&x.pk, "segmented_prefix_segments") ||
+		     msgpack_pack_array(&x.pk, 0);
+		break;
+	case PROTO_UNSUP_HANDSHAKE:
+		/* [server version, compatible]: not compatible */
+		rc = msgpack_pack_array(&x.pk, 2) || msgpack_pack_int64(&x.pk, 0) ||
+		     msgpack_pack_false(&x.pk);
+		break;
+	default:
+		msgpack_sbuffer_destroy(&x.sb);
+		return -EINVAL;	/* PROTO_UNSUP_NONE has no frame */
+	}
 	return enc_finish(&x, rc, m);
 }
 

@@ -1,6 +1,8 @@
 /*
- * protocol.h - the LMCache MP wire format (../shared/design/protocol.md,
- * copied to docs/protocol.md): msgpack frames <-> C structs.
+ * protocol.h - the LMCache MP wire format (docs/protocol.md): msgpack
+ * frames <-> C structs, in both dialects kvstashd serves: "march" (LMCache's
+ * MP wire of March 2026, docs/protocol.md §3) and "current" (LMCache's frozen
+ * id table and string op names since September 2026, docs/protocol.md §11).
  *
  * Server side: proto_decode_uid/proto_decode_request turn the frames after
  * the ROUTER identity into a struct proto_request; proto_encode_* build the
@@ -22,7 +24,26 @@
 #include "hash.h"
 #include "layout.h"
 
-/* RequestType values of the pinned version (protocol.md §3). */
+/*
+ * The two wire dialects. A request's op frame means different things in
+ * each (op 8 is FREE_LOOKUP_LOCKS in one and LOOKUP in the other), so the
+ * server latches each connection to one (docs/protocol.md §11.2). AUTO is
+ * "not latched yet": proto_decode_request_in() then works out the dialect
+ * from the request's shape, or finds it neutral or ambiguous.
+ */
+enum proto_dialect {
+	PROTO_DIALECT_AUTO = 0,
+	PROTO_DIALECT_MARCH = 1,
+	PROTO_DIALECT_CURRENT = 2,
+};
+const char *proto_dialect_name(enum proto_dialect d);	/* "auto", "march", "current" */
+
+/*
+ * Operations, as the server handles them. Values 1..13 are also the March
+ * dialect's wire ids (protocol.md §3), so a March request's op frame is its
+ * proto_type; the current dialect maps its ids and names onto these
+ * (protocol.md §11.3). Values 14.. exist only in the current dialect.
+ */
 enum proto_type {
 	PROTO_REGISTER_KV_CACHE = 1,
 	PROTO_UNREGISTER_KV_CACHE = 2,
@@ -37,6 +58,14 @@ enum proto_type {
 	PROTO_GET_CHUNK_SIZE = 11,
 	PROTO_PING = 12,
 	PROTO_NOOP = 13,
+	PROTO_WAIT_PREFETCH_STATUS = 14,	/* current: (request_id, timeout) -> int|None */
+	PROTO_REPORT_BLOCK_ALLOCATION = 15,	/* current: accepted, counted -> None */
+	PROTO_GET_EXPERIMENTAL = 16,		/* current: () -> [] (no experimental features) */
+	PROTO_UNSUPPORTED = 17,	/* current: an operation kvstash does not implement;
+				 * answered with req->unsupported_reply */
+	PROTO_AMBIGUOUS = 18,	/* unlatched op 9 [str]: END_SESSION (march) or
+				 * QUERY_PREFETCH_STATUS (current); answered nil */
+	PROTO_OP_COUNT = 19,	/* size of per-operation tables */
 	/* kvstash extensions (docs/protocol.md §kvstash extensions): numbers far
 	 * above LMCache's range; an LMCache client never sends them. */
 	PROTO_KS_LAST_ERROR = 200,	/* () -> str: last error for this client */
@@ -50,7 +79,13 @@ enum proto_type {
 #define PROTO_REQUEST_ID_MAX 255u
 #define PROTO_PATH_MAX 1023u
 #define PROTO_UUID_MAX 63u
-#define PROTO_EVENT_HANDLE_LEN 64u
+#define PROTO_EVENT_HANDLE_LEN 64u	/* cudaIpcEventHandle_t */
+#define PROTO_SEMAPHORE_HANDLE_LEN 81u	/* isolated IPC: "!B64sQQ" (protocol.md §11.6) */
+#define PROTO_EVENT_MAX PROTO_SEMAPHORE_HANDLE_LEN
+#define PROTO_CPU_STUB_EVENT "stub_ipc_handle"	/* what a CPU LMCache worker sends */
+#define PROTO_SALT_MAX 128u		/* cache_salt characters (LMCache's limit) */
+#define PROTO_MAX_GROUPS 32u		/* KV cache groups of one registration */
+#define PROTO_OP_NAME_MAX 64u		/* a string op frame's name */
 #define PROTO_MEM_HANDLE_LEN 64u
 /*
  * Structural limits checked on every frame before msgpack-c unpacks it
@@ -68,7 +103,7 @@ struct proto_buf {
 	size_t len;
 };
 
-/* IPCCacheEngineKey (protocol.md §4.1). */
+/* IPCCacheEngineKey (protocol.md §4.1) / IPCCacheServerKey (§11.4). */
 struct proto_key {
 	char model[KS_MODEL_MAX + 1];
 	uint16_t model_len;
@@ -79,6 +114,15 @@ struct proto_key {
 	int64_t start, end;
 	char request_id[PROTO_REQUEST_ID_MAX + 1];
 	uint16_t request_id_len;
+	/* Current-dialect fields (§11.4); zero/absent in a March key. */
+	bool has_current_fields;	/* any of the four below was present */
+	char cache_salt[PROTO_SALT_MAX + 1];	/* part of the cache identity */
+	uint16_t cache_salt_len;
+	uint32_t num_kv_readers;	/* read locks per object a LOOKUP takes */
+	/* null_chunk_mask[g][c]: chunk c of the range is skipped in group g.
+	 * Flattened [mask_groups][mask_chunks], missing entries false; NULL = nil. */
+	bool *null_chunk_mask;	/* owned */
+	uint32_t mask_groups, mask_chunks;
 };
 
 enum proto_kv_kind { PROTO_KV_HOST_SHM = 0, PROTO_KV_CUDA_IPC = 1 };
@@ -102,8 +146,47 @@ struct proto_kv_desc {
 	char path[PROTO_PATH_MAX + 1];			/* host_shm */
 };
 
+/*
+ * One KV cache group of a current-dialect REGISTER (EngineGroupInfo): the
+ * registered layers whose blocks STORE/RETRIEVE's block_ids[g] names.
+ */
+struct proto_group {
+	int64_t engine_group_id;
+	uint32_t *layers;	/* owned, [nlayers] indices into kv_caches */
+	uint32_t nlayers;
+	uint32_t tokens_per_block;	/* 0: as the registered tensors say */
+	int64_t sw_size_tokens;		/* -1: full attention */
+};
+
+/* What kvstashd answers to an operation it does not implement (§11.7). */
+enum proto_unsupported_reply {
+	PROTO_UNSUP_NONE = 0,		/* None: no response frame */
+	PROTO_UNSUP_XFER_FAIL,		/* [b"", false] */
+	PROTO_UNSUP_FALSE,		/* false */
+	PROTO_UNSUP_ZERO,		/* 0 */
+	PROTO_UNSUP_EMPTY_LIST,		/* [] */
+	PROTO_UNSUP_ED_REGISTER,	/* {shm_name:"", pool_size:0, ..., error:str} */
+	PROTO_UNSUP_PREPARE_STORE,	/* {context:{}} */
+	PROTO_UNSUP_PREPARE_RETRIEVE,	/* {success:false, data:b"", context:{}} */
+	PROTO_UNSUP_CB_LOOKUP,		/* {prefix_coverage_tokens:0, non_prefix_segments:[], ...} */
+	PROTO_UNSUP_HANDSHAKE,		/* [0, false] */
+};
+
+/* The kind of event_ipc_handle a STORE/RETRIEVE carries (§5.3, §11.6). */
+enum proto_event_kind {
+	PROTO_EVENT_NONE = 0,		/* empty: host path */
+	PROTO_EVENT_CUDA,		/* 64-byte cudaIpcEventHandle_t */
+	PROTO_EVENT_SEMAPHORE,		/* 81 bytes: version 1, mem handle, slot offset, seq */
+	PROTO_EVENT_CPU_STUB,		/* b"stub_ipc_handle": a CPU worker, nothing to wait for */
+};
+
 struct proto_request {
 	enum proto_type type;
+	enum proto_dialect dialect;	/* the request's dialect; AUTO = neutral */
+	/* PROTO_UNSUPPORTED: the operation's name and the answer it gets */
+	const char *op_name;		/* static, or op_name_buf */
+	char op_name_buf[PROTO_OP_NAME_MAX + 1];
+	enum proto_unsupported_reply unsupported_reply;
 	/* REGISTER, UNREGISTER, STORE, RETRIEVE; PING when has_instance_id */
 	int64_t instance_id;
 	bool has_instance_id;
@@ -115,19 +198,29 @@ struct proto_request {
 	char model[KS_MODEL_MAX + 1];
 	uint16_t model_len;
 	uint32_t world_size;
-	/* STORE, RETRIEVE */
+	/* REGISTER (current dialect): KV cache groups; 0 = one group, every layer */
+	struct proto_group *groups;	/* owned, [ngroups] */
+	size_t ngroups;
+	/* STORE, RETRIEVE: block ids, one list per group, concatenated:
+	 * list g is block_ids[block_list_off[g] .. + block_list_len[g]). */
 	int64_t *block_ids;	/* owned, [nblocks] */
 	size_t nblocks;
-	uint8_t event[PROTO_EVENT_HANDLE_LEN];
-	size_t event_len;	/* 0 (host path) or 64 */
+	uint32_t nblock_lists;	/* 1 in the March dialect and for a flat list */
+	size_t block_list_off[PROTO_MAX_GROUPS];
+	size_t block_list_len[PROTO_MAX_GROUPS];
+	uint8_t event[PROTO_EVENT_MAX];
+	size_t event_len;	/* 0, 64, 81, or the CPU stub's 15 */
+	enum proto_event_kind event_kind;
 	uint64_t skip_first_n_tokens;	/* RETRIEVE */
 	/* LOOKUP, FREE_LOOKUP_LOCKS */
 	uint32_t tp_size;
-	/* QUERY_PREFETCH_STATUS, QUERY_PREFETCH_LOOKUP_HITS */
+	/* QUERY_PREFETCH_STATUS, QUERY_PREFETCH_LOOKUP_HITS (March: a job id) */
 	int64_t job_id;
-	/* END_SESSION */
+	/* END_SESSION; current QUERY_* and WAIT_PREFETCH_STATUS (a request id) */
 	char request_id[PROTO_REQUEST_ID_MAX + 1];
 	uint16_t request_id_len;
+	double wait_timeout_s;	/* WAIT_PREFETCH_STATUS, >= 0 */
+	bool force;		/* CLEAR (current) */
 };
 
 /* Name of a request type ("STORE"), or "UNKNOWN". */
@@ -140,7 +233,12 @@ int proto_decode_uid(const struct proto_buf *f, uint64_t *uid);
 int proto_decode_type(const struct proto_buf *f, enum proto_type *type);
 
 /*
- * Decode a whole request: the type frame and its @nargs argument frames.
+ * Decode a whole request of dialect @dialect: the op frame and its @nargs
+ * argument frames. With PROTO_DIALECT_AUTO the dialect is worked out from the
+ * request's shape (docs/protocol.md §11.2) and left in req->dialect:
+ * MARCH or CURRENT when the request tells them apart, AUTO when it means the
+ * same in both (UNREGISTER, the kvstash extensions) or is ambiguous
+ * (req->type PROTO_AMBIGUOUS). Otherwise req->dialect = @dialect.
  * Returns 0 with @req filled (free with proto_request_free), or:
  *   -EBADMSG  unknown type
  *   -EINVAL   wrong number of argument frames
@@ -151,6 +249,10 @@ int proto_decode_type(const struct proto_buf *f, enum proto_type *type);
  * with a one-line reason in @err in every error case. On error @req holds
  * nothing that needs freeing.
  */
+int proto_decode_request_in(enum proto_dialect dialect, const struct proto_buf *type_frame,
+			    const struct proto_buf *args, size_t nargs, struct proto_request *req,
+			    char *err, size_t errlen);
+/* proto_decode_request_in(PROTO_DIALECT_MARCH, ...): the March dialect. */
 int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
 			 size_t nargs, struct proto_request *req, char *err, size_t errlen);
 void proto_request_free(struct proto_request *req);
@@ -176,6 +278,10 @@ int proto_encode_nil(struct proto_msg *m);
 int proto_encode_bool(struct proto_msg *m, bool v);
 int proto_encode_int(struct proto_msg *m, int64_t v);
 int proto_encode_str(struct proto_msg *m, const char *s);
+/* The answer to an unsupported operation (§11.7); -EINVAL for PROTO_UNSUP_NONE. */
+int proto_encode_unsupported(struct proto_msg *m, enum proto_unsupported_reply r);
+/* An empty array (GET_EXPERIMENTAL). */
+int proto_encode_empty_list(struct proto_msg *m);
 /* [bin event, bool ok]: exactly a 2-element array (protocol.md §1). */
 int proto_encode_xfer_reply(struct proto_msg *m, const uint8_t *event, size_t event_len, bool ok);
 /* A map of string keys to unsigned counters (PROTO_KS_STATS). */
@@ -198,7 +304,7 @@ enum proto_reply_kind {
 	PROTO_REPLY_MAP,	/* string -> uint map (stats); entries in map_* */
 };
 #define PROTO_REPLY_STR_MAX 1023u
-#define PROTO_REPLY_MAP_MAX 128u
+#define PROTO_REPLY_MAP_MAX 256u
 struct proto_reply {
 	enum proto_reply_kind kind;
 	bool b;			/* BOOL; XFER ok */

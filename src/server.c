@@ -68,7 +68,7 @@
 
 static void count_request(struct srv *s, enum proto_type t)
 {
-	if ((unsigned)t <= PROTO_NOOP)
+	if ((unsigned)t < PROTO_OP_COUNT)
 		atomic_fetch_add_explicit(&s->ctr.requests[t], 1, memory_order_relaxed);
 }
 
@@ -136,6 +136,22 @@ static void send_reply(struct srv *s, const struct srv_reply_addr *a, const stru
 	}
 }
 
+/*
+ * Send [identity, uid, type] with no response frame: how LMCache's current
+ * server answers None (its client maps a missing frame to None for every
+ * reply type, where c0 would fail to decode as, say, an int).
+ */
+static void send_reply_none(struct srv *s, const struct srv_reply_addr *a)
+{
+	ks_assert_unlocked();
+	if (zmq_send(s->sock, a->identity, a->identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+	    zmq_send(s->sock, a->uid, a->uid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+	    zmq_send(s->sock, a->type, a->type_len, ZMQ_DONTWAIT) < 0) {
+		ctr_add(&s->ctr.replies_dropped, 1);
+		log_debug("reply dropped: %s", zmq_strerror(zmq_errno()));
+	}
+}
+
 /* Send an encoded response frame (@rc: the encoder's result) and free it. */
 void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
 		  struct proto_msg *m)
@@ -145,10 +161,15 @@ void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
 	proto_msg_free(m);
 }
 
+/* None: c0 in the March dialect (protocol.md §1), no frame in the current one. */
 void reply_nil(struct srv *s, const struct srv_reply_addr *a)
 {
 	struct proto_msg m = { 0 };
 
+	if (a->dialect == PROTO_DIALECT_CURRENT) {
+		send_reply_none(s, a);
+		return;
+	}
 	send_encoded(s, a, proto_encode_nil(&m), &m);
 }
 
@@ -159,7 +180,7 @@ static void reply_bool(struct srv *s, const struct srv_reply_addr *a, bool v)
 	send_encoded(s, a, proto_encode_bool(&m, v), &m);
 }
 
-static void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
+void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
 {
 	struct proto_msg m = { 0 };
 
@@ -262,11 +283,42 @@ static void handle_unregister(struct srv *s, const struct srv_reply_addr *a,
 	reply_nil(s, a);
 }
 
+/*
+ * Read locks a LOOKUP takes per key, and FREE_LOOKUP_LOCKS releases: March,
+ * 1 + extra_count (protocol.md §4.4); current, the key's num_kv_readers
+ * (§11.4), which must be at least 1 (0 if not: the request is refused).
+ */
+static uint32_t locks_per_key(const struct proto_request *rq)
+{
+	if (rq->dialect == PROTO_DIALECT_CURRENT)
+		return rq->key.num_kv_readers;
+	return 1 + extra_lock_count(rq->tp_size, rq->key.world_size);
+}
+
+/*
+ * LMCache refuses a current key without num_kv_readers (an exception in its
+ * handler: no reply) when there is something to lock; so does kvstashd,
+ * logging and counting it.
+ */
+static void refuse_no_readers(struct srv *s, const struct srv_reply_addr *a,
+			      const struct proto_request *rq)
+{
+	ctr_add(&s->ctr.lookup_refused, 1);
+	ctr_add(&s->ctr.semantic_errors, 1);
+	set_last_error(s, a, "%s refused: key.num_kv_readers is 0 (clients before LMCache's "
+		       "num_kv_readers field send none; LMCache refuses them too)",
+		       proto_type_name(rq->type));
+}
+
 static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 			  const struct proto_request *rq)
 {
 	const struct proto_key *k = &rq->key;
-	size_t nchunks = k->ntokens / s->cfg.chunk_tokens, hits = 0;
+	const bool current = rq->dialect == PROTO_DIALECT_CURRENT;
+	/* March hashes every full chunk; the current client says where to stop */
+	size_t ntok = current ? (size_t)KS_MIN((uint64_t)k->end, (uint64_t)k->ntokens) : k->ntokens;
+	size_t nchunks = ntok / s->cfg.chunk_tokens, hits = 0;
+	const uint32_t nlocks = locks_per_key(rq);
 	int64_t chunks = 0;
 	struct srv_lookup_job *job;
 	struct srv_instance *in = NULL;
@@ -274,15 +326,18 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 
 	if (k->world_size == 0 || k->world_size > 255) {
 		set_last_error(s, a, "LOOKUP: world_size %u out of range 1..255", k->world_size);
-	} else if ((in = model_instance(s, k->model, k->model_len, k->world_size)) && nchunks) {
+	} else if ((in = model_instance(s, k->model, k->model_len, k->world_size)) && nchunks &&
+		   nlocks == 0) {
+		refuse_no_readers(s, a, rq);
+		return;
+	} else if (in && nchunks) {
 		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, nchunks);
 		ssize_t nk = h ? expand_keys(s, k, h, 0, nchunks) : -ENOMEM;
 
 		if (nk < 0) {
 			set_last_error(s, a, "LOOKUP: %s", strerror((int)-nk));
 		} else {
-			int rc = idx_lookup_lock(s->idx, s->key_buf, (size_t)nk, k->world_size,
-						 1 + extra_lock_count(rq->tp_size, k->world_size),
+			int rc = idx_lookup_lock(s->idx, s->key_buf, (size_t)nk, k->world_size, nlocks,
 						 &hits);
 			if (rc)
 				set_last_error(s, a, "LOOKUP: index: %s", strerror(-rc));
@@ -290,8 +345,7 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 				chunks = (int64_t)(hits / k->world_size);
 			if (!rc && hits < (size_t)nk && (s->l2 || s->l3))
 				pf = prefetch_job(s, s->key_buf, (size_t)nk, hits, k->world_size,
-						  1 + extra_lock_count(rq->tp_size, k->world_size),
-						  in->object_bytes);
+						  nlocks, in->object_bytes);
 		}
 	}
 	job = &s->jobs[(uint64_t)s->next_job_id % SRV_JOB_SLOTS];
@@ -310,6 +364,12 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 	ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
 	log_debug("LOOKUP model '%s' %zu tokens: %" PRId64 " chunk(s) hit, job %" PRId64,
 		  k->model, k->ntokens, chunks, job->id);
+	if (current) {
+		/* asked for by request_id (server_lookup.c); LOOKUP itself replies None */
+		rid_job_put(s, k->request_id, k->request_id_len, s->next_job_id++);
+		reply_nil(s, a);
+		return;
+	}
 	reply_int(s, a, s->next_job_id++);
 }
 
@@ -343,10 +403,13 @@ static void handle_free_lookup_locks(struct srv *s, const struct srv_reply_addr 
 
 	if (k->world_size == 0 || k->world_size > 255) {
 		set_last_error(s, a, "FREE_LOOKUP_LOCKS: world_size %u out of range", k->world_size);
+	} else if (first < last && locks_per_key(rq) == 0) {
+		refuse_no_readers(s, a, rq);
+		return;
 	} else if (first < last) {
 		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
 		ssize_t nk = h ? expand_keys(s, k, h, first, last - first) : -ENOMEM;
-		uint32_t n = 1 + extra_lock_count(rq->tp_size, k->world_size);
+		uint32_t n = locks_per_key(rq);
 
 		for (ssize_t i = 0; i < nk; i++)
 			idx_release_read_locks(s->idx, &s->key_buf[i], n);
@@ -373,11 +436,42 @@ void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const ch
 	set_last_error(s, a, "dropped malformed request (%s): %s", strerror(-rc), why);
 }
 
+/*
+ * An operation kvstashd does not implement (current dialect, protocol.md
+ * §11.7): answered the way that lets LMCache's client go on (a failed
+ * transfer, an empty result, None), logged once per connection, counted.
+ */
+static void handle_unsupported(struct srv *s, struct srv_conn *c, const struct srv_reply_addr *a,
+			       const struct proto_request *rq)
+{
+	struct proto_msg m = { 0 };
+	/* one bit per named operation; every unknown name shares the last */
+	unsigned bit = rq->op_name == rq->op_name_buf ? 63 :
+		       (unsigned)(identity_hash((const uint8_t *)rq->op_name,
+						strlen(rq->op_name)) % 63);
+
+	ctr_add(&s->ctr.unsupported_ops, 1);
+	if (!c || !(c->unsupported_logged & (1ull << bit))) {
+		if (c)
+			c->unsupported_logged |= 1ull << bit;
+		set_last_error(s, a, "operation '%s' is not implemented by kvstash: answered %s "
+			       "(logged once per connection)", rq->op_name,
+			       rq->unsupported_reply == PROTO_UNSUP_NONE ? "None" : "as a refusal");
+	}
+	if (rq->unsupported_reply == PROTO_UNSUP_NONE) {
+		reply_nil(s, a);
+		return;
+	}
+	send_encoded(s, a, proto_encode_unsupported(&m, rq->unsupported_reply), &m);
+}
+
 static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 {
 	struct srv_reply_addr a;
 	struct proto_buf type_frame, args[SRV_MAX_FRAMES];
 	struct proto_request rq;
+	struct srv_conn *conn;
+	enum proto_dialect dialect;
 	char err[SRV_ERR_MAX];
 	uint64_t uid;
 	int rc;
@@ -391,9 +485,13 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		frame_fault(s, &a, -EINVAL, "fewer than 2 frames after the identity");
 		return;
 	}
-	if (zmq_msg_size(&frames[1]) > SRV_SMALL_FRAME_MAX ||
-	    zmq_msg_size(&frames[2]) > SRV_SMALL_FRAME_MAX) {
-		frame_fault(s, &a, -EPROTO, "uid or type frame is not a msgpack int");
+	if (zmq_msg_size(&frames[1]) > SRV_SMALL_FRAME_MAX) {
+		frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int");
+		return;
+	}
+	if (zmq_msg_size(&frames[2]) > SRV_OP_FRAME_MAX) {
+		frame_fault(s, &a, -E2BIG, "type frame is neither a msgpack int nor an operation "
+			    "name of at most 64 bytes");
 		return;
 	}
 	a.uid_len = zmq_msg_size(&frames[1]);
@@ -412,11 +510,17 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		args[i - 3].len = zmq_msg_size(&frames[i]);
 	}
 	memset(&rq, 0, sizeof(rq));
-	rc = proto_decode_request(&type_frame, args, nframes - 3, &rq, err, sizeof(err));
+	conn = conn_get(s, a.identity, a.identity_len);
+	dialect = conn ? conn->dialect : s->pinned_dialect;
+	rc = proto_decode_request_in(dialect, &type_frame, args, nframes - 3, &rq, err,
+				     sizeof(err));
 	if (rc) {
 		frame_fault(s, &a, rc, err);
 		return;
 	}
+	/* The first request that tells the dialects apart latches the connection. */
+	conn_latch(s, conn, rq.dialect);
+	a.dialect = rq.dialect;
 	count_request(s, rq.type);
 	switch (rq.type) {
 	case PROTO_PING:
@@ -448,10 +552,37 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		handle_lookup(s, &a, &rq);
 		break;
 	case PROTO_QUERY_PREFETCH_STATUS:
-		handle_query(s, &a, &rq, true);
-		break;
 	case PROTO_QUERY_PREFETCH_LOOKUP_HITS:
-		handle_query(s, &a, &rq, false);
+		if (rq.dialect == PROTO_DIALECT_CURRENT)
+			handle_query_current(s, &a, &rq, rq.type == PROTO_QUERY_PREFETCH_STATUS);
+		else
+			handle_query(s, &a, &rq, rq.type == PROTO_QUERY_PREFETCH_STATUS);
+		break;
+	case PROTO_WAIT_PREFETCH_STATUS:
+		handle_wait(s, &a, &rq);
+		break;
+	case PROTO_REPORT_BLOCK_ALLOCATION:
+		/* vLLM's block allocation deltas: kvstash has no use for them */
+		reply_nil(s, &a);
+		break;
+	case PROTO_GET_EXPERIMENTAL: {
+		/* No experimental features: the client then sends no Q-cache or
+		 * KV-event operations (an empty list, never None: None fails its startup). */
+		struct proto_msg m = { 0 };
+
+		send_encoded(s, &a, proto_encode_empty_list(&m), &m);
+		break;
+	}
+	case PROTO_UNSUPPORTED:
+		handle_unsupported(s, conn, &a, &rq);
+		break;
+	case PROTO_AMBIGUOUS:
+		/* END_SESSION (nil) or QUERY_PREFETCH_STATUS (nil = "still loading, ask
+		 * again"): nil is right in both, and the session expires by its TTL. */
+		ctr_add(&s->ctr.ambiguous_requests, 1);
+		reply_nil(s, &a);
+		break;
+	case PROTO_OP_COUNT:
 		break;
 	case PROTO_FREE_LOOKUP_LOCKS:
 		handle_free_lookup_locks(s, &a, &rq);
@@ -461,6 +592,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		reply_nil(s, &a);
 		break;
 	case PROTO_CLEAR:
+		/* force: kvstash's CLEAR already drops all but objects in a copy */
 		handle_clear(s, &a);
 		break;
 	case PROTO_KS_LAST_ERROR: {
@@ -553,6 +685,12 @@ static void reap_instances(struct srv *s, uint64_t now)
 		in->next = NULL;
 		instance_put(in);
 	}
+}
+
+/* True when a housekeeping tick is due (parked WAITs check their deadlines then). */
+static bool now_ms_due(const struct srv *s)
+{
+	return ks_now_ms() - s->last_tick_ms >= SRV_TICK_MS;
 }
 
 static void housekeeping(struct srv *s)
@@ -717,7 +855,14 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	s->jobs = calloc(SRV_JOB_SLOTS, sizeof(*s->jobs));
 	s->sessions = calloc(SRV_SESSION_BUCKETS, sizeof(*s->sessions));
 	s->last_errors = calloc(SRV_LAST_ERROR_SLOTS, sizeof(*s->last_errors));
-	if (!s->jobs || !s->sessions || !s->last_errors) {
+	s->rid_jobs = calloc(SRV_RID_BUCKETS, sizeof(*s->rid_jobs));
+	s->rid_ring = calloc(SRV_RID_MAX, sizeof(*s->rid_ring));
+	s->conns = calloc(SRV_CONN_BUCKETS, sizeof(*s->conns));
+	s->pinned_dialect = !strcmp(cfg->protocol, "march")   ? PROTO_DIALECT_MARCH :
+			    !strcmp(cfg->protocol, "current") ? PROTO_DIALECT_CURRENT :
+								PROTO_DIALECT_AUTO;
+	if (!s->jobs || !s->sessions || !s->last_errors || !s->rid_jobs || !s->rid_ring ||
+	    !s->conns) {
 		rc = -ENOMEM;
 		goto out_destroy;
 	}
@@ -893,6 +1038,9 @@ int srv_run(struct srv *s)
 		/* Completions first: they free pins and slots other requests may need. */
 		if (completions)
 			drain_completions(s);
+		/* Parked WAIT_PREFETCH_STATUS calls: a prefetch may just have landed. */
+		if (s->waits && (completions || now_ms_due(s)))
+			waits_poll(s, ks_now_ms());
 		t1 = ks_now_ns();
 		if (items[0].revents & ZMQ_POLLIN)
 			drain_socket(s);
@@ -956,6 +1104,9 @@ void srv_destroy(struct srv *s)
 		pool_destroy(s->pool);
 	if (s->stop_fd >= 0)
 		close(s->stop_fd);
+	waits_free(s);
+	rid_jobs_free(s);
+	conns_free(s);
 	free(s->jobs);
 	free(s->sessions);
 	free(s->last_errors);

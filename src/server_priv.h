@@ -38,6 +38,16 @@
 #define SRV_TICK_MS 100
 /* Lookup job table: ids older than this many LOOKUPs ago read as unknown. */
 #define SRV_JOB_SLOTS 65536u
+/* Current dialect: LOOKUPs remembered by request_id (oldest forgotten first). */
+#define SRV_RID_BUCKETS 4096u
+#define SRV_RID_MAX 65536u
+/* WAIT_PREFETCH_STATUS calls parked until their prefetch loads or they time out. */
+#define SRV_WAIT_MAX 4096u
+/* Connections (ROUTER identities) whose dialect is remembered; the least
+ * recently seen is forgotten beyond this (it latches again on its next
+ * telling request). */
+#define SRV_CONN_BUCKETS 1024u
+#define SRV_CONN_MAX 16384u
 /* Per-client last-error table (direct-mapped by identity hash). */
 #define SRV_LAST_ERROR_SLOTS 1024u
 #define SRV_ERR_MAX 256
@@ -56,7 +66,8 @@
 #define SRV_DRAIN_MS 5000
 /* ROUTER identities are 5 bytes when auto-assigned; allow what ZMQ allows. */
 #define SRV_IDENTITY_MAX 255
-#define SRV_SMALL_FRAME_MAX 16	/* uid and type frames: one msgpack int */
+#define SRV_SMALL_FRAME_MAX 16	/* the uid frame: one msgpack int */
+#define SRV_OP_FRAME_MAX (PROTO_OP_NAME_MAX + 2)	/* an int, or a str op name */
 /* An io loop turn busier than this is logged (at most once a second): a PING
  * that arrived during it waited that long. */
 #define SRV_IO_SLOW_NS (5ull * 1000 * 1000)
@@ -84,6 +95,21 @@ struct srv_mapping {
 	uint8_t handle[PROTO_MEM_HANDLE_LEN];	/* cuda_ipc */
 };
 
+/*
+ * One KV cache group of an instance: layers [first, first + layout.num_layers)
+ * of srv_instance.layer_ptrs, addressed through STORE/RETRIEVE's block list
+ * of the same index. A stored object is the groups' sub-objects one after
+ * the other, group g's [K, NL_g, C, hidden] at byte obj_offset
+ * (protocol.md §7; one group: exactly §7's object).
+ */
+struct srv_group {
+	struct kv_layout layout;	/* the instance's, num_layers = NL_g */
+	uint32_t first;			/* index of its first layer in layer_ptrs */
+	uint64_t obj_offset;		/* bytes from the object start */
+	bool sliding_window;		/* sw_size_tokens > 0: a chunk whose blocks are
+					 * all block 0 (vLLM's null block) is not there */
+};
+
 /* One engine worker's registration (REGISTER_KV_CACHE). */
 struct srv_instance {
 	_Atomic int refs;	/* registry + each queued job; last put unmaps */
@@ -92,8 +118,12 @@ struct srv_instance {
 	char model[KS_MODEL_MAX + 1];
 	uint16_t model_len;
 	uint32_t world_size;
-	struct kv_layout layout;
+	struct kv_layout layout;	/* num_layers: the layers transferred (in groups) */
 	uint64_t object_bytes;
+	struct srv_group *groups;	/* owned, [ngroups] >= 1 */
+	uint32_t ngroups;
+	uint32_t *layer_index;	/* owned, [layout.num_layers]: the kv_caches index of
+				 * each layer_ptrs entry (group order) */
 	int device;		/* -1: host buffers; else the CUDA ordinal (cuda_ipc) */
 	void **layer_ptrs;	/* [num_layers] element 0 of each layer (device
 				 * addresses for cuda_ipc); owned */
@@ -111,8 +141,11 @@ struct srv_reply_addr {
 	size_t identity_len;
 	uint8_t uid[SRV_SMALL_FRAME_MAX];
 	size_t uid_len;
-	uint8_t type[SRV_SMALL_FRAME_MAX];
+	uint8_t type[SRV_OP_FRAME_MAX];
 	size_t type_len;
+	/* The dialect the reply is in: CURRENT sends no response frame for None,
+	 * as LMCache's server does; MARCH and AUTO (neutral requests) send c0. */
+	enum proto_dialect dialect;
 };
 
 struct srv_xfer_job {
@@ -125,17 +158,25 @@ struct srv_xfer_job {
 	uint32_t nchunks;
 	struct ks_key *keys;		/* [nchunks] */
 	struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
-	int64_t *slots;			/* [nchunks * chunk_tokens] paged slots */
+	int64_t *slots;			/* [ngroups][nchunks * chunk_tokens] paged slots */
 	uint64_t skip_tokens;		/* RETRIEVE */
 	int result;			/* 0 or -errno, set by run() */
 	char err[SRV_ERR_MAX];
 	uint32_t committed;		/* STORE: chunks made READY */
 	uint64_t recv_ns;		/* when the request arrived (latency) */
 	uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy (phase accounting) */
+	uint32_t ngroups;		/* == inst->ngroups; slots hold ngroups lists */
+	bool *group_skip;		/* [nchunks][ngroups]: that group of that chunk is
+					 * absent (null blocks / null_chunk_mask); NULL: none */
 	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
 	bool has_wait;
 	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
 	bool has_done;
+	/* Isolated IPC (current dialect): the client's 81-byte semaphore handle,
+	 * and ours for the reply in its place of done_event. */
+	uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+	bool has_wait_sem;
+	uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
 	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
 	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
 	size_t nkeys, l1_hits;
@@ -150,6 +191,35 @@ struct srv_xfer_job {
 struct srv_lookup_job {
 	int64_t id;		/* -1 = empty */
 	int64_t chunks;		/* -1 while a prefetch from L2/L3 is loading */
+};
+
+/* Current dialect: a LOOKUP's job, found by its request_id (QUERY_*, WAIT). */
+struct srv_rid_job {
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+	int64_t job;		/* id in srv.jobs */
+	uint32_t ring_pos;	/* its place in srv.rid_ring */
+	struct srv_rid_job *next;
+};
+
+/* A WAIT_PREFETCH_STATUS parked until its job loads or its deadline. */
+struct srv_wait {
+	struct srv_reply_addr addr;
+	int64_t job;
+	char request_id[PROTO_REQUEST_ID_MAX + 1];
+	uint16_t request_id_len;
+	uint64_t deadline_ms;
+	struct srv_wait *next;
+};
+
+/* What the io thread remembers of one connection (ROUTER identity). */
+struct srv_conn {
+	uint8_t identity[SRV_IDENTITY_MAX];
+	size_t identity_len;
+	enum proto_dialect dialect;	/* AUTO until a telling request */
+	uint64_t unsupported_logged;	/* bit i: current_ops entry i logged (63: by name) */
+	struct srv_conn *next;		/* bucket chain */
+	struct srv_conn *lru_prev, *lru_next;	/* most recently seen first */
 };
 
 struct srv_session {
@@ -170,7 +240,10 @@ struct srv_last_error {
 
 /* Counters; the io thread writes most, workers a few: all atomics. */
 struct srv_counters {
-	_Atomic uint64_t requests[PROTO_NOOP + 1];
+	_Atomic uint64_t requests[PROTO_OP_COUNT];
+	_Atomic uint64_t unsupported_ops;	/* current-dialect ops kvstash does not implement */
+	_Atomic uint64_t ambiguous_requests;	/* answered nil before the connection latched */
+	_Atomic uint64_t lookup_refused;	/* current LOOKUP/FREE with num_kv_readers 0 */
 	_Atomic uint64_t frame_faults;
 	_Atomic uint64_t semantic_errors;
 	_Atomic uint64_t replies_dropped;
@@ -215,6 +288,18 @@ struct srv {
 	struct srv_instance *instances;
 	struct srv_lookup_job *jobs;	/* [SRV_JOB_SLOTS] */
 	int64_t next_job_id;
+	/* Current dialect: LOOKUP jobs by request_id, and parked WAITs (io thread). */
+	struct srv_rid_job **rid_jobs;	/* [SRV_RID_BUCKETS] */
+	struct srv_rid_job **rid_ring;	/* [SRV_RID_MAX] insertion order; NULL = gone */
+	uint32_t rid_head, rid_span;	/* ring positions in use, holes included */
+	struct srv_wait *waits;
+	uint32_t nwaits;
+	/* Connections and their dialect (io thread); counts mirrored for stats. */
+	struct srv_conn **conns;	/* [SRV_CONN_BUCKETS] */
+	struct srv_conn *conn_lru_head, *conn_lru_tail;
+	uint32_t nconns;
+	enum proto_dialect pinned_dialect;	/* --protocol: AUTO, or the one served */
+	_Atomic uint64_t conns_by_dialect[3];	/* indexed by enum proto_dialect */
 	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
 	size_t nsessions;		/* io thread */
 	_Atomic uint64_t nsessions_pub;	/* mirror for other threads */
@@ -264,6 +349,7 @@ void reply_nil(struct srv *s, const struct srv_reply_addr *a);
 void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a, const uint8_t *event,
 		      size_t event_len, bool ok);
 void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok);
+void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v);
 void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
 
 /* server_registry.c: instances and sessions. */
@@ -286,6 +372,7 @@ const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 ssize_t expand_keys(struct srv *s, const struct proto_key *k,
 		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n);
 uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size);
+int key_identity(const struct proto_key *k, char *out, size_t *len);
 
 /* server_xfer.c: STORE/RETRIEVE and the other jobs' life. */
 void install_sigbus_guard(void);
@@ -295,6 +382,22 @@ void run_register(struct xfer_job *base, unsigned worker);
 void run_unmap(struct xfer_job *base, unsigned worker);
 void handle_xfer(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
 void drain_completions(struct srv *s);
+
+/* server_lookup.c: current-dialect LOOKUP jobs by request_id, parked WAITs. */
+void rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job);
+struct srv_rid_job *rid_job_find(struct srv *s, const char *rid, size_t len);
+void rid_job_drop(struct srv *s, struct srv_rid_job *r);
+void rid_jobs_free(struct srv *s);
+void handle_query_current(struct srv *s, const struct srv_reply_addr *a,
+			  const struct proto_request *rq, bool consume);
+void handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
+void waits_poll(struct srv *s, uint64_t now_ms);
+void waits_free(struct srv *s);
+
+/* server_conn.c: connections and their dialect. */
+struct srv_conn *conn_get(struct srv *s, const uint8_t *identity, size_t len);
+void conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d);
+void conns_free(struct srv *s);
 
 /* server_tiers.c: L2/L3. */
 void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);

@@ -68,6 +68,8 @@ void instance_free(struct srv_instance *in)
 	}
 	free(in->maps);
 	free(in->layer_ptrs);
+	free(in->layer_index);
+	free(in->groups);
 	free(in);
 }
 
@@ -206,6 +208,52 @@ out_close:
 }
 
 /*
+ * The KV cache groups of @rq (current dialect: engine_group_infos; none =
+ * one group of every layer, the March form) as @in's groups, layer order and
+ * transferred layer count. A layer in no group is not transferred (LMCache's
+ * KV-sharing layers). Every group shares the tensors' layout, so a group
+ * whose tokens_per_block differs from the tensors' block size is refused.
+ */
+static int build_groups(struct srv *s, const struct proto_request *rq, struct srv_instance *in,
+			char *err, size_t errlen)
+{
+	uint32_t ngroups = rq->ngroups ? (uint32_t)rq->ngroups : 1, nl = 0, p = 0;
+	uint64_t off = 0;
+
+	for (size_t g = 0; g < rq->ngroups; g++)
+		nl += rq->groups[g].nlayers;
+	if (!rq->ngroups)
+		nl = (uint32_t)rq->nlayers;
+	in->groups = calloc(ngroups, sizeof(*in->groups));
+	in->layer_index = calloc(nl, sizeof(*in->layer_index));
+	if (!in->groups || !in->layer_index)
+		return -ENOMEM;
+	in->ngroups = ngroups;
+	in->layout.num_layers = nl;
+	for (uint32_t g = 0; g < ngroups; g++) {
+		struct srv_group *sg = &in->groups[g];
+		const struct proto_group *pg = rq->ngroups ? &rq->groups[g] : NULL;
+		uint32_t n = pg ? pg->nlayers : nl;
+
+		if (pg && pg->tokens_per_block && pg->tokens_per_block != in->layout.block_size) {
+			snprintf(err, errlen, "engine group %" PRId64 " has %u tokens per block, the "
+				 "KV tensors %u: groups of different block sizes are not supported",
+				 pg->engine_group_id, pg->tokens_per_block, in->layout.block_size);
+			return -EOPNOTSUPP;
+		}
+		sg->layout = in->layout;
+		sg->layout.num_layers = n;
+		sg->first = p;
+		sg->obj_offset = off;
+		sg->sliding_window = pg && pg->sw_size_tokens > 0;
+		off += kv_object_bytes(&sg->layout, s->cfg.chunk_tokens);
+		for (uint32_t i = 0; i < n; i++)
+			in->layer_index[p++] = pg ? pg->layers[i] : i;
+	}
+	return 0;
+}
+
+/*
  * Build an instance from a REGISTER request. All layers must share kind,
  * dtype, shape and stride. Each distinct path is mapped once, covering the
  * largest nbytes any layer gives for it.
@@ -269,6 +317,11 @@ int instance_build(struct srv *s, const struct proto_request *rq,
 	rc = kv_layout_init(&in->layout, err, errlen);
 	if (rc)
 		goto out_put;
+	rc = build_groups(s, rq, in, err, errlen);
+	if (rc == -ENOMEM)
+		snprintf(err, errlen, "out of memory");
+	if (rc)
+		goto out_put;
 	if (s->cfg.chunk_tokens % in->layout.block_size) {
 		snprintf(err, errlen, "chunk size %u is not a multiple of block size %u",
 			 s->cfg.chunk_tokens, in->layout.block_size);
@@ -286,7 +339,7 @@ int instance_build(struct srv *s, const struct proto_request *rq,
 			 in->object_bytes, pool_slot_bytes(s->pool));
 		goto out_put;
 	}
-	in->layer_ptrs = calloc(rq->nlayers, sizeof(*in->layer_ptrs));
+	in->layer_ptrs = calloc(in->layout.num_layers, sizeof(*in->layer_ptrs));
 	in->maps = calloc(rq->nlayers, sizeof(*in->maps));
 	if (!in->layer_ptrs || !in->maps) {
 		rc = -ENOMEM;
@@ -325,7 +378,9 @@ int instance_build(struct srv *s, const struct proto_request *rq,
 				goto out_put;
 			in->nmaps++;
 		}
-		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+		for (uint32_t p = 0; p < in->layout.num_layers; p++)
+			if (in->layer_index[p] == l)
+				in->layer_ptrs[p] = (uint8_t *)in->maps[m].base + d->offset;
 	}
 	in->registered_ms = ks_now_ms();
 	*out = in;
@@ -344,9 +399,10 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 	in->next = s->instances;
 	s->instances = in;
 	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
-	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers %s %s "
-		 "[NB %u, BS %u, NH %u, HS %u] on %s %d, %zu mapping(s), object %" PRIu64 " bytes",
-		 in->id, in->model, in->world_size, in->layout.num_layers,
+	log_info("instance %" PRId64 ": registered model '%s' world_size %u, %u layers in %u "
+		 "group(s) %s %s [NB %u, BS %u, NH %u, HS %u] on %s %d, %zu mapping(s), object %"
+		 PRIu64 " bytes", in->id, in->model, in->world_size, in->layout.num_layers,
+		 in->ngroups,
 		 kv_layout_kind_name(in->layout.kind), kv_dtype_name(in->layout.dtype),
 		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
 		 in->layout.head_size, in->device >= 0 ? "cuda device" : "host, pid-shared files",
@@ -511,20 +567,48 @@ static int ensure_key_cap(struct srv *s, size_t n)
 }
 
 /*
+ * The name a key's objects are stored under: the model name, or, with a
+ * cache_salt (current dialect), "model@salt", so two salts never share a
+ * chunk ('@' is in neither: LMCache refuses it in both). @out holds
+ * KS_MODEL_MAX + 1 bytes. 0, or -ENAMETOOLONG when the two do not fit.
+ */
+int key_identity(const struct proto_key *k, char *out, size_t *len)
+{
+	size_t n = k->model_len;
+
+	if (k->cache_salt_len) {
+		if (n + 1 + k->cache_salt_len > KS_MODEL_MAX)
+			return -ENAMETOOLONG;
+		memcpy(out, k->model, n);
+		out[n++] = '@';
+		memcpy(out + n, k->cache_salt, k->cache_salt_len);
+		n += k->cache_salt_len;
+	} else {
+		memcpy(out, k->model, n);
+	}
+	out[n] = '\0';
+	*len = n;
+	return 0;
+}
+
+/*
  * Expand chunks [first, first+n) to ObjectKeys for every rank, chunk-major
  * (protocol.md §4.3), into s->key_buf. Returns the key count or -errno.
  */
 ssize_t expand_keys(struct srv *s, const struct proto_key *k,
 		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n)
 {
-	size_t ws = k->world_size, nk = n * ws;
+	size_t ws = k->world_size, nk = n * ws, mlen;
+	char model[KS_MODEL_MAX + 1];
 
+	if (key_identity(k, model, &mlen))
+		return -ENAMETOOLONG;
 	if (ensure_key_cap(s, nk ? nk : 1))
 		return -ENOMEM;
 	for (size_t c = 0; c < n; c++)
 		for (size_t r = 0; r < ws; r++)
-			if (ks_key_init(&s->key_buf[c * ws + r], hashes[first + c], k->model,
-					k->model_len, ks_kv_rank(k->world_size, (uint32_t)r)))
+			if (ks_key_init(&s->key_buf[c * ws + r], hashes[first + c], model, mlen,
+					ks_kv_rank(k->world_size, (uint32_t)r)))
 				return -ENAMETOOLONG;
 	return (ssize_t)nk;
 }

@@ -136,6 +136,24 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	    atomic_load(&s->ctr.requests[PROTO_LOOKUP]), "LOOKUP requests received.");
 	ROW("requests_ping", "kvstash_ping_requests_total", STAT_COUNTER,
 	    atomic_load(&s->ctr.requests[PROTO_PING]), "PING requests received.");
+	/* per dialect, labelled in /metrics (kvstash_connections{dialect}) */
+	ROW("connections_march", NULL, STAT_GAUGE,
+	    atomic_load(&s->conns_by_dialect[PROTO_DIALECT_MARCH]),
+	    "Connections latched to LMCache's March 2026 MP protocol.");
+	ROW("connections_current", NULL, STAT_GAUGE,
+	    atomic_load(&s->conns_by_dialect[PROTO_DIALECT_CURRENT]),
+	    "Connections latched to LMCache's current (frozen-id) MP protocol.");
+	ROW("connections_unlatched", NULL, STAT_GAUGE,
+	    atomic_load(&s->conns_by_dialect[PROTO_DIALECT_AUTO]),
+	    "Connections that sent only requests meaning the same in both dialects.");
+	ROW("unsupported_ops", "kvstash_unsupported_operations_total", STAT_COUNTER,
+	    CTR(unsupported_ops), "Requests for LMCache operations kvstash does not implement "
+	    "(answered with a refusal or None).");
+	ROW("ambiguous_requests", "kvstash_ambiguous_requests_total", STAT_COUNTER,
+	    CTR(ambiguous_requests), "Requests answered nil because their connection had not "
+	    "shown its dialect yet and they mean different things in each.");
+	ROW("lookup_refused", "kvstash_lookup_refused_total", STAT_COUNTER, CTR(lookup_refused),
+	    "LOOKUP/FREE_LOOKUP_LOCKS refused for a key with num_kv_readers 0.");
 	ROW("frame_faults", "kvstash_frame_faults_total", STAT_COUNTER, CTR(frame_faults),
 	    "Malformed requests dropped (protocol.md Errors rule 1).");
 	ROW("semantic_errors", "kvstash_semantic_errors_total", STAT_COUNTER, CTR(semantic_errors),
@@ -293,6 +311,14 @@ void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 					  (double)atomic_load_explicit(&s->phase_ns[op][p],
 								       memory_order_relaxed) / 1e9);
 		}
+	for (enum proto_dialect d = PROTO_DIALECT_AUTO; d <= PROTO_DIALECT_CURRENT; d++) {
+		snprintf(labels, sizeof(labels), "dialect=\"%s\"",
+			 d == PROTO_DIALECT_AUTO ? "unlatched" : proto_dialect_name(d));
+		metrics_gauge(out, "kvstash_connections",
+			      d == PROTO_DIALECT_AUTO ? "Connections (ROUTER identities) by the "
+			      "LMCache MP dialect they speak (unlatched: none shown yet)." : NULL,
+			      labels, (double)atomic_load(&s->conns_by_dialect[d]));
+	}
 	metrics_histogram(out, "kvstash_io_loop_turn_seconds",
 			  "Busy time of each io loop turn (poll return to next poll): how long a "
 			  "PING can wait behind other work.", NULL, &s->io_busy);

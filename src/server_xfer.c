@@ -83,6 +83,7 @@ void xfer_job_free(struct srv_xfer_job *j)
 	free(j->keys);
 	free(j->entries);
 	free(j->slots);
+	free(j->group_skip);
 	free(j->descs);
 	free(j);
 }
@@ -96,6 +97,27 @@ int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
 	return xfer_submit(s->engines[engine], &j->base);
 }
 
+/* Whether group @g of chunk @c is absent (null blocks, null_chunk_mask). */
+static bool group_absent(const struct srv_xfer_job *j, uint32_t c, uint32_t g)
+{
+	return j->group_skip && j->group_skip[(size_t)c * j->ngroups + g];
+}
+
+/* Whether any group of chunk @c is absent: such a chunk is not stored. */
+static bool chunk_incomplete(const struct srv_xfer_job *j, uint32_t c)
+{
+	for (uint32_t g = 0; j->group_skip && g < j->ngroups; g++)
+		if (group_absent(j, c, g))
+			return true;
+	return false;
+}
+
+/* Group @g's paged slots for range token 0 (j->slots holds one list per group). */
+static const int64_t *group_slots(const struct srv_xfer_job *j, uint32_t g)
+{
+	return j->slots + (size_t)g * j->nchunks * j->chunk_tokens;
+}
+
 /*
  * STORE, on a worker: reserve a WRITING entry per chunk (not on the io
  * thread: it takes no index lock a busy worker might hold). Present chunks
@@ -107,8 +129,16 @@ static uint32_t reserve_chunks(struct srv_xfer_job *j)
 	uint32_t n = 0;
 
 	for (uint32_t c = 0; c < j->nchunks; c++) {
-		int rc = idx_reserve_write(j->srv->idx, &j->keys[c], j->inst->object_bytes,
-					   &j->entries[c]);
+		int rc;
+
+		if (chunk_incomplete(j, c)) {
+			/* a group's blocks are null: the object would be partly garbage */
+			j->entries[c] = NULL;
+			ctr_add(&j->srv->ctr.store_chunks_skipped, 1);
+			continue;
+		}
+		rc = idx_reserve_write(j->srv->idx, &j->keys[c], j->inst->object_bytes,
+				       &j->entries[c]);
 
 		if (rc) {
 			j->entries[c] = NULL;
@@ -183,6 +213,36 @@ static int cuda_copy(struct xfer_cuda_ctx *ctx, bool store, const struct xfer_cu
 	return rc;
 }
 
+/*
+ * One synchronous CUDA copy per KV cache group: @cj is filled in for group
+ * @g of @in (its layout and layers; @objs are the chunks' object starts,
+ * offset here by the group's place in the object). Only the first copy
+ * waits for the client's event; only the last records the reply's event.
+ */
+static int cuda_copy_group(struct xfer_cuda_ctx *ctx, bool store, const struct srv_instance *in,
+			   uint32_t g, struct xfer_cuda_job *cj, void *const *objs, void **gobjs,
+			   uint32_t nobjs, bool first, bool last)
+{
+	const struct srv_group *sg = &in->groups[g];
+	const void *wait = cj->wait_event, *wait_sem = cj->wait_semaphore;
+	void *done = cj->done_event, *done_sem = cj->done_semaphore;
+	int rc;
+
+	for (uint32_t c = 0; c < nobjs; c++)
+		gobjs[c] = objs[c] ? (uint8_t *)objs[c] + sg->obj_offset : NULL;
+	cj->layout = &sg->layout;
+	cj->layers = in->layer_ptrs + sg->first;
+	cj->objs = gobjs;
+	if (!first)
+		cj->wait_event = NULL, cj->wait_semaphore = NULL;
+	if (!last)
+		cj->done_event = NULL, cj->done_semaphore = NULL;
+	rc = cuda_copy(ctx, store, cj);
+	cj->wait_event = wait, cj->wait_semaphore = wait_sem;
+	cj->done_event = done, cj->done_semaphore = done_sem;
+	return rc;
+}
+
 static void run_store_cuda(struct xfer_job *base, unsigned worker)
 {
 	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
@@ -190,8 +250,8 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 	uint32_t C = j->chunk_tokens, nres = 0;
 	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
 	int64_t *slots = NULL;
-	void **objs = NULL;
-	int rc;
+	void **objs = NULL, **gobjs = NULL;
+	int rc = 0;
 
 	if (!ctx) {
 		j->result = -EIO;
@@ -200,27 +260,37 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 	nres = reserve_chunks(j);
 	j->copy_begin_ns = ks_now_ns();
 	/* Only the reserved chunks are copied: pack their slots and objects. */
-	slots = malloc((size_t)nres * C * sizeof(*slots));
+	slots = malloc(((size_t)(nres ? nres : 1) * C) * sizeof(*slots));
 	objs = malloc((nres ? nres : 1) * sizeof(*objs));
-	if (!slots || !objs) {
+	gobjs = malloc((nres ? nres : 1) * sizeof(*gobjs));
+	if (!slots || !objs || !gobjs) {
 		snprintf(j->err, sizeof(j->err), "out of memory");
 		j->result = -ENOMEM;
 		goto out_abort;
 	}
-	nres = 0;
-	for (uint32_t c = 0; c < j->nchunks; c++) {
-		if (!j->entries[c])
-			continue;
-		memcpy(slots + (size_t)nres * C, j->slots + (size_t)c * C, (size_t)C * sizeof(*slots));
-		objs[nres++] = idx_entry_data(j->srv->idx, j->entries[c]);
+	for (uint32_t g = 0; g < in->ngroups && nres; g++) {
+		uint32_t n = 0;
+
+		for (uint32_t c = 0; c < j->nchunks; c++) {
+			if (!j->entries[c])
+				continue;
+			memcpy(slots + (size_t)n * C, group_slots(j, g) + (size_t)c * C,
+			       (size_t)C * sizeof(*slots));
+			objs[n++] = idx_entry_data(j->srv->idx, j->entries[c]);
+		}
+		struct xfer_cuda_job cj = {
+			.slots = slots, .ntokens = nres * C, .chunk_tokens = C,
+			.wait_event = j->has_wait ? j->wait_event : NULL,
+			.done_event = j->has_wait_sem ? NULL : j->done_event,
+			.wait_semaphore = j->has_wait_sem ? j->wait_sem : NULL,
+			.done_semaphore = j->has_wait_sem ? j->done_sem : NULL,
+			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+		};
+		rc = cuda_copy_group(ctx, true, in, g, &cj, objs, gobjs, nres, g == 0,
+				     g + 1 == in->ngroups);
+		if (rc)
+			break;
 	}
-	struct xfer_cuda_job cj = {
-		.layout = &in->layout, .layers = in->layer_ptrs, .slots = slots,
-		.ntokens = nres * C, .chunk_tokens = C, .objs = objs,
-		.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
-		.timeout_ms = j->srv->cfg.transfer_timeout_ms,
-	};
-	rc = cuda_copy(ctx, true, &cj);
 	j->copy_end_ns = ks_now_ns();
 	if (rc) {
 		snprintf(j->err, sizeof(j->err), "cuda device %d: STORE copy failed: %s", in->device,
@@ -235,6 +305,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 	}
 	free(slots);
 	free(objs);
+	free(gobjs);
 	return;
 out_abort:
 	for (uint32_t c = 0; c < j->nchunks; c++)
@@ -244,6 +315,58 @@ out_abort:
 		}
 	free(slots);
 	free(objs);
+	free(gobjs);
+}
+
+/*
+ * RETRIEVE's copies on a CUDA device: per group, one copy per run of
+ * consecutive chunks that group has (all of them, unless some are absent),
+ * each with the skip measured from its own first token.
+ */
+static int retrieve_cuda_copies(struct xfer_cuda_ctx *ctx, struct srv_xfer_job *j, void **objs,
+				void **gobjs, uint32_t *ncopies)
+{
+	const struct srv_instance *in = j->inst;
+	const uint32_t C = j->chunk_tokens;
+	const uint64_t skip = KS_MIN(j->skip_tokens, (uint64_t)j->nchunks * C);
+	uint32_t nruns = 0, run = 0;
+	int rc = 0;
+
+	/* Count the runs first: the last one records the reply's event. */
+	for (uint32_t g = 0; g < in->ngroups; g++)
+		for (uint32_t c = 0; c < j->nchunks; c++)
+			nruns += !group_absent(j, c, g) && (c == 0 || group_absent(j, c - 1, g));
+	for (uint32_t g = 0; g < in->ngroups && !rc; g++) {
+		for (uint32_t c0 = 0; c0 < j->nchunks && !rc;) {
+			uint32_t c1 = c0;
+
+			if (group_absent(j, c0, g)) {
+				c0++;
+				continue;
+			}
+			while (c1 < j->nchunks && !group_absent(j, c1, g))
+				c1++;
+			uint64_t base_tok = (uint64_t)c0 * C;
+			struct xfer_cuda_job cj = {
+				.slots = group_slots(j, g) + base_tok, .ntokens = (c1 - c0) * C,
+				.chunk_tokens = C,
+				.skip_tokens = (uint32_t)(skip > base_tok ?
+							  KS_MIN(skip - base_tok,
+								 (uint64_t)(c1 - c0) * C) : 0),
+				.wait_event = j->has_wait ? j->wait_event : NULL,
+				.done_event = j->has_wait_sem ? NULL : j->done_event,
+				.wait_semaphore = j->has_wait_sem ? j->wait_sem : NULL,
+				.done_semaphore = j->has_wait_sem ? j->done_sem : NULL,
+				.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+			};
+			rc = cuda_copy_group(ctx, false, in, g, &cj, objs + c0, gobjs, c1 - c0,
+					     run == 0, run + 1 == nruns);
+			run++;
+			c0 = c1;
+		}
+	}
+	*ncopies = run;
+	return rc;
 }
 
 static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
@@ -251,7 +374,8 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
 	const struct srv_instance *in = j->inst;
 	struct xfer_cuda_ctx *ctx = cuda_ctx_of(j->srv, in->device, worker, j->err, sizeof(j->err));
-	void **objs;
+	void **objs, **gobjs;
+	uint32_t ncopies = 0;
 	int rc;
 
 	if (!ctx) {
@@ -262,32 +386,25 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 		return;
 	j->copy_begin_ns = ks_now_ns();
 	objs = malloc(j->nchunks * sizeof(*objs));
-	if (!objs) {
+	gobjs = malloc(j->nchunks * sizeof(*gobjs));
+	if (!objs || !gobjs) {
 		snprintf(j->err, sizeof(j->err), "out of memory");
 		j->result = -ENOMEM;
 	} else {
 		for (uint32_t c = 0; c < j->nchunks; c++)
 			objs[c] = idx_entry_data(j->srv->idx, j->entries[c]);
-		struct xfer_cuda_job cj = {
-			.layout = &in->layout, .layers = in->layer_ptrs, .slots = j->slots,
-			.ntokens = j->nchunks * j->chunk_tokens, .chunk_tokens = j->chunk_tokens,
-			.objs = objs,
-			.skip_tokens = (uint32_t)KS_MIN(j->skip_tokens, (uint64_t)j->nchunks *
-							j->chunk_tokens),
-			.wait_event = j->has_wait ? j->wait_event : NULL, .done_event = j->done_event,
-			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
-		};
-		rc = cuda_copy(ctx, false, &cj);
+		rc = retrieve_cuda_copies(ctx, j, objs, gobjs, &ncopies);
 		j->copy_end_ns = ks_now_ns();
 		if (rc) {
 			snprintf(j->err, sizeof(j->err), "cuda device %d: RETRIEVE copy failed: %s",
 				 in->device, strerror(-rc));
 			j->result = rc;
 		} else {
-			j->has_done = true;
+			j->has_done = ncopies > 0;	/* none: every group absent, nothing written */
 		}
-		free(objs);
 	}
+	free(objs);
+	free(gobjs);
 	/* Unpin after the device is done (cuda_copy drained it); locks go only on success. */
 	for (uint32_t c = 0; c < j->nchunks; c++) {
 		idx_unpin(j->srv->idx, j->entries[c]);
@@ -306,7 +423,7 @@ void run_register(struct xfer_job *base, unsigned worker)
 
 	(void)worker;
 	for (uint32_t l = 0; l < in->layout.num_layers; l++) {
-		const struct proto_kv_desc *d = &j->descs[l];
+		const struct proto_kv_desc *d = &j->descs[in->layer_index[l]];
 		size_t m;
 
 		for (m = 0; m < in->nmaps; m++)
@@ -394,8 +511,13 @@ static void run_store(struct xfer_job *base, unsigned worker)
 		if (!e)
 			continue;
 		copy_jmp = &jb;
-		xfer_host_gather(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
-				 idx_entry_data(j->srv->idx, e));
+		for (uint32_t g = 0; g < in->ngroups; g++) {
+			const struct srv_group *sg = &in->groups[g];
+
+			xfer_host_gather(&sg->layout, in->layer_ptrs + sg->first,
+					 group_slots(j, g) + (size_t)i * C, C,
+					 (uint8_t *)idx_entry_data(j->srv->idx, e) + sg->obj_offset);
+		}
 		copy_jmp = NULL;
 		commit_chunk(j, i);
 	}
@@ -459,9 +581,18 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 			uint64_t skip = j->skip_tokens > base_tok ? j->skip_tokens - base_tok : 0;
 
 			copy_jmp = &jb;
-			xfer_host_scatter(&in->layout, in->layer_ptrs, j->slots + (size_t)i * C, C,
-					  (uint32_t)KS_MIN(skip, (uint64_t)C - 1),
-					  idx_entry_data(j->srv->idx, j->entries[i]));
+			for (uint32_t g = 0; g < in->ngroups; g++) {
+				const struct srv_group *sg = &in->groups[g];
+
+				if (group_absent(j, i, g))
+					continue;	/* its blocks are null: nothing to write */
+				xfer_host_scatter(&sg->layout, in->layer_ptrs + sg->first,
+						  group_slots(j, g) + (size_t)i * C, C,
+						  (uint32_t)KS_MIN(skip, (uint64_t)C - 1),
+						  (const uint8_t *)idx_entry_data(j->srv->idx,
+										  j->entries[i]) +
+							  sg->obj_offset);
+			}
 			copy_jmp = NULL;
 		}
 		idx_unpin(j->srv->idx, j->entries[i]);
@@ -471,8 +602,55 @@ static void run_retrieve(struct xfer_job *base, unsigned worker)
 }
 
 /*
+ * Which (chunk, group) pairs are absent, into j->group_skip (left NULL when
+ * none is): the key's null_chunk_mask, indexed [group][chunk of the range],
+ * and, for a sliding-window group, a chunk whose blocks are all block 0
+ * (vLLM's null block, which replaces blocks that left the window). 0, or
+ * -errno with the reason in @err.
+ */
+static int find_absent_groups(const struct proto_request *rq, const struct srv_instance *in,
+			      struct srv_xfer_job *j, char *err, size_t errlen)
+{
+	const struct proto_key *k = &rq->key;
+	const uint32_t bpc = j->chunk_tokens / in->layout.block_size;
+	bool any_sw = false;
+
+	for (uint32_t g = 0; g < in->ngroups; g++)
+		any_sw |= in->groups[g].sliding_window;
+	if (!k->null_chunk_mask && !any_sw)
+		return 0;
+	if (k->null_chunk_mask && k->mask_groups != in->ngroups) {
+		snprintf(err, errlen, "%s: null_chunk_mask has %u group(s), the registration %u",
+			 proto_type_name(rq->type), k->mask_groups, in->ngroups);
+		return -EINVAL;
+	}
+	j->group_skip = calloc((size_t)j->nchunks * in->ngroups, sizeof(*j->group_skip));
+	if (!j->group_skip) {
+		snprintf(err, errlen, "%s: out of memory", proto_type_name(rq->type));
+		return -ENOMEM;
+	}
+	for (uint32_t c = 0; c < j->nchunks; c++)
+		for (uint32_t g = 0; g < in->ngroups; g++) {
+			bool absent = k->null_chunk_mask && c < k->mask_chunks &&
+				      k->null_chunk_mask[(size_t)g * k->mask_chunks + c];
+
+			if (!absent && in->groups[g].sliding_window) {
+				const int64_t *ids = rq->block_ids + rq->block_list_off[g] +
+						     (size_t)c * bpc;
+
+				absent = true;
+				for (uint32_t b = 0; b < bpc && absent; b++)
+					absent = ids[b] == 0;
+			}
+			j->group_skip[(size_t)c * in->ngroups + g] = absent;
+		}
+	return 0;
+}
+
+/*
  * Validate a STORE/RETRIEVE against its instance and build the job's keys
- * and slot table. Returns 0, or -errno with the reason in @err.
+ * and slot tables (one per KV cache group). Returns 0, or -errno with the
+ * reason in @err.
  */
 static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct srv_xfer_job *j,
 			char *err, size_t errlen)
@@ -482,6 +660,9 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 	uint32_t C = s->cfg.chunk_tokens;
 	const char *op = proto_type_name(rq->type);
 	uint64_t range, need_blocks;
+	char model[KS_MODEL_MAX + 1];
+	size_t model_len;
+	int rc;
 
 	if (!in) {
 		snprintf(err, errlen, "%s: instance %" PRId64 " is not registered", op,
@@ -493,9 +674,11 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 "connection (--owner-check)", op, rq->instance_id);
 		return -EPERM;
 	}
-	if (rq->event_len != 0 && in->device < 0) {
-		/* protocol.md §5.3: on the host path a non-empty handle is a frame-level
-		 * fault, dropped without a reply (§3 Errors rule 1). */
+	if (in->device < 0 && rq->event_kind != PROTO_EVENT_NONE &&
+	    rq->event_kind != PROTO_EVENT_CPU_STUB) {
+		/* protocol.md §5.3: on the host path a device handle is a frame-level
+		 * fault, dropped without a reply (§3 Errors rule 1; the current
+		 * dialect gets [b"", false] instead, handle_xfer). */
 		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
 			 "event_ipc_handle must be empty", op, rq->instance_id);
 		return -EPROTO;
@@ -515,45 +698,67 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 k->model, in->model);
 		return -EINVAL;
 	}
+	if (key_identity(k, model, &model_len)) {
+		snprintf(err, errlen, "%s: model name and cache_salt together exceed %d bytes", op,
+			 KS_MODEL_MAX);
+		return -ENAMETOOLONG;
+	}
 	if (k->start < 0 || k->end < k->start || k->start % C || k->end % C ||
 	    (uint64_t)k->end > k->ntokens) {
 		snprintf(err, errlen, "%s: range [%" PRId64 ", %" PRId64 ") must be chunk-aligned "
 			 "(chunk %u) and within the %zu tokens", op, k->start, k->end, C, k->ntokens);
 		return -ERANGE;
 	}
+	if (rq->nblock_lists != in->ngroups) {
+		snprintf(err, errlen, "%s: %u block id list(s), the registration has %u KV cache "
+			 "group(s)", op, rq->nblock_lists, in->ngroups);
+		return -EINVAL;
+	}
 	range = (uint64_t)(k->end - k->start);
 	need_blocks = (range + in->layout.block_size - 1) / in->layout.block_size;
-	if (rq->nblocks < need_blocks) {
-		snprintf(err, errlen, "%s: %zu block ids cover fewer than the %" PRIu64 " tokens "
-			 "of the range (block size %u)", op, rq->nblocks, range,
-			 in->layout.block_size);
-		return -ERANGE;
-	}
-	for (uint64_t b = 0; b < need_blocks; b++) {
-		if (rq->block_ids[b] < 0 || rq->block_ids[b] >= (int64_t)in->layout.num_blocks) {
-			snprintf(err, errlen, "%s: block id %" PRId64 " (index %" PRIu64 ") outside "
-				 "the registered %u blocks", op, rq->block_ids[b], b,
-				 in->layout.num_blocks);
+	for (uint32_t g = 0; g < in->ngroups; g++) {
+		const int64_t *ids = rq->block_ids + rq->block_list_off[g];
+
+		if (rq->block_list_len[g] < need_blocks) {
+			snprintf(err, errlen, "%s: %zu block ids%s cover fewer than the %" PRIu64
+				 " tokens of the range (block size %u)", op, rq->block_list_len[g],
+				 in->ngroups > 1 ? " of a group" : "", range, in->layout.block_size);
 			return -ERANGE;
+		}
+		for (uint64_t b = 0; b < need_blocks; b++) {
+			if (ids[b] < 0 || ids[b] >= (int64_t)in->layout.num_blocks) {
+				snprintf(err, errlen, "%s: block id %" PRId64 " (index %" PRIu64 ") "
+					 "outside the registered %u blocks", op, ids[b], b,
+					 in->layout.num_blocks);
+				return -ERANGE;
+			}
 		}
 	}
 	j->nchunks = (uint32_t)(range / C);
 	j->chunk_tokens = C;
+	j->ngroups = in->ngroups;
 	if (j->nchunks == 0)
 		return 0;
-	j->slots = malloc(range * sizeof(*j->slots));
+	j->slots = malloc((size_t)in->ngroups * range * sizeof(*j->slots));
 	j->keys = calloc(j->nchunks, sizeof(*j->keys));
 	j->entries = calloc(j->nchunks, sizeof(*j->entries));
 	if (!j->slots || !j->keys || !j->entries) {
 		snprintf(err, errlen, "%s: out of memory", op);
 		return -ENOMEM;
 	}
-	/* Range token t lives in slot block_ids[t / BS] * BS + t % BS (protocol.md §3). */
-	for (uint64_t t = 0; t < range; t++) {
+	/* Range token t lives in slot block_ids[t / BS] * BS + t % BS (protocol.md §3),
+	 * each group through its own list. */
+	for (uint32_t g = 0; g < in->ngroups; g++) {
+		const int64_t *ids = rq->block_ids + rq->block_list_off[g];
+		int64_t *slots = j->slots + (size_t)g * range;
 		uint32_t bs = in->layout.block_size;
 
-		j->slots[t] = rq->block_ids[t / bs] * bs + (int64_t)(t % bs);
+		for (uint64_t t = 0; t < range; t++)
+			slots[t] = ids[t / bs] * bs + (int64_t)(t % bs);
 	}
+	rc = find_absent_groups(rq, in, j, err, errlen);
+	if (rc)
+		return rc;
 	size_t first = (size_t)k->start / C, last = (size_t)k->end / C;
 	const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
 
@@ -562,7 +767,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 		return -ENOMEM;
 	}
 	for (size_t c = first; c < last; c++)
-		ks_key_init(&j->keys[c - first], h[c], k->model, k->model_len,
+		ks_key_init(&j->keys[c - first], h[c], model, model_len,
 			    ks_kv_rank(k->world_size, (uint32_t)k->worker_id));
 	atomic_fetch_add_explicit(&in->refs, 1, memory_order_relaxed);
 	j->inst = in;
@@ -587,12 +792,16 @@ void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	j->op = rq->type;
 	j->recv_ns = s->cur_recv_ns;
 	j->skip_tokens = rq->skip_first_n_tokens;
-	if (rq->event_len == PROTO_EVENT_HANDLE_LEN) {
+	if (rq->event_kind == PROTO_EVENT_CUDA) {
 		memcpy(j->wait_event, rq->event, PROTO_EVENT_HANDLE_LEN);
 		j->has_wait = true;
+	} else if (rq->event_kind == PROTO_EVENT_SEMAPHORE) {
+		/* isolated IPC: wait on the client's semaphore, answer with ours */
+		memcpy(j->wait_sem, rq->event, PROTO_SEMAPHORE_HANDLE_LEN);
+		j->has_wait_sem = true;
 	}
 	rc = xfer_prepare(s, rq, j, err, sizeof(err));
-	if (rc == -EPROTO) {
+	if (rc == -EPROTO && rq->dialect != PROTO_DIALECT_CURRENT) {
 		frame_fault(s, a, rc, err);
 		xfer_job_free(j);
 		return;
@@ -709,7 +918,9 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		  proto_type_name(j->op), j->inst->id, j->nchunks,
 		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
 		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
-	if (j->has_done)
+	if (j->has_done && j->has_wait_sem)
+		reply_xfer_event(s, &j->addr, j->done_sem, PROTO_SEMAPHORE_HANDLE_LEN, ok);
+	else if (j->has_done)
 		reply_xfer_event(s, &j->addr, j->done_event, PROTO_EVENT_HANDLE_LEN, ok);
 	else
 		reply_xfer(s, &j->addr, ok);

@@ -100,6 +100,8 @@ extern "C" int log_level;
 #define XFER_RAMP_DIV 16
 /* Interprocess events handed out in turn: a returned handle stays valid for 8 more jobs. */
 #define XFER_EVENT_RING 8
+/* Clients' semaphore buffers a worker keeps open (least recently used closed). */
+#define XFER_SEM_PEERS 16
 /* Initial table capacity in 8-byte entries (layers + objects + slots). */
 #define XFER_TABLE_MIN_ENTRIES (64u << 10)
 /*
@@ -647,6 +649,16 @@ struct xfer_cuda_ctx {
 	uint64_t *tab_host;	/* owns: pinned host twin of the table */
 	uint64_t *tab_dev;	/* owns: device table [NL][NCHUNKS][NTOKENS] */
 	size_t tab_entries;	/* capacity of both, in 8-byte entries */
+	/* Isolated IPC (LMCache's timeline semaphores), made on first use: */
+	uint64_t *sem;		/* owns: device [XFER_CUDA_SEM_SLOTS] u64, slot 1 is ours */
+	cudaIpcMemHandle_t sem_h;	/* its IPC handle, in every reply */
+	uint64_t sem_seq;	/* last value written to our slot; only grows */
+	struct sem_peer {	/* clients' semaphore buffers opened here, LRU */
+		unsigned char h[XFER_CUDA_IPC_HANDLE_BYTES];
+		void *base;	/* owns: cudaIpcOpenMemHandle mapping, or NULL */
+		uint64_t used;
+	} peers[XFER_SEM_PEERS];
+	uint64_t peer_clock;
 };
 
 extern "C" const char *xfer_cuda_path_name(enum xfer_cuda_path p)
@@ -730,6 +742,11 @@ static int ctx_table_reserve(struct xfer_cuda_ctx *ctx, size_t entries)
 
 static void ctx_free(struct xfer_cuda_ctx *ctx)
 {
+	for (int i = 0; i < XFER_SEM_PEERS; i++)
+		if (ctx->peers[i].base)
+			(void)cudaIpcCloseMemHandle(ctx->peers[i].base);
+	if (ctx->sem)
+		cudaFree(ctx->sem);
 	if (ctx->stage)
 		cudaFree(ctx->stage);
 	if (ctx->tab_dev)
@@ -1150,6 +1167,132 @@ static int run_staged(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j,
 	return 0;
 }
 
+/* ---- isolated IPC: LMCache's timeline semaphores ---------------------------------- */
+
+typedef CUresult (*stream_value_fn)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+
+/* cuStreamWaitValue64 / cuStreamWriteValue64, from the runtime (no libcuda link). */
+static stream_value_fn stream_value_entry(const char *name)
+{
+	cudaDriverEntryPointQueryResult q;
+	void *fn = NULL;
+
+	if (cudaGetDriverEntryPointByVersion(name, &fn, 12000, cudaEnableDefault, &q) !=
+		    cudaSuccess ||
+	    q != cudaDriverEntryPointSuccess)
+		return NULL;
+	return (stream_value_fn)fn;
+}
+
+static uint64_t be64_load(const unsigned char *p)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+static void be64_store(unsigned char *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (unsigned char)v;
+}
+
+/* The client's semaphore buffer of handle @h, opened once and kept (LRU). */
+static int sem_peer_open(struct xfer_cuda_ctx *ctx, const unsigned char *h, void **base)
+{
+	struct xfer_cuda_ctx::sem_peer *victim = &ctx->peers[0];
+	cudaIpcMemHandle_t mh;
+
+	for (int i = 0; i < XFER_SEM_PEERS; i++) {
+		struct xfer_cuda_ctx::sem_peer *p = &ctx->peers[i];
+
+		if (p->base && !memcmp(p->h, h, sizeof(p->h))) {
+			p->used = ++ctx->peer_clock;
+			*base = p->base;
+			return 0;
+		}
+		if (!p->base || p->used < victim->used)
+			victim = p;
+	}
+	if (victim->base) {
+		/* NOTE: unmapping waits for nothing of ours: every job before this
+		 * one has completed (xfer_job is synchronous). */
+		(void)cudaIpcCloseMemHandle(victim->base);
+		victim->base = NULL;
+	}
+	memcpy(&mh, h, sizeof(mh));
+	/* NOTE: synchronizes with the driver; maps the client's 32 KiB buffer. */
+	if (CTX_RC(ctx, cudaIpcOpenMemHandle(&victim->base, mh, cudaIpcMemLazyEnablePeerAccess))) {
+		victim->base = NULL;
+		return -EIO;
+	}
+	memcpy(victim->h, h, sizeof(victim->h));
+	victim->used = ++ctx->peer_clock;
+	*base = victim->base;
+	return 0;
+}
+
+/*
+ * Make stream sk wait until the client's slot reaches its sequence number
+ * (handle validated by the protocol decoder: version 1). seq 0 was never
+ * recorded: nothing to wait for.
+ */
+static int sem_wait(struct xfer_cuda_ctx *ctx, const unsigned char *handle)
+{
+	const uint64_t off = be64_load(handle + 65), seq = be64_load(handle + 73);
+	static stream_value_fn wait_fn;
+	void *base;
+	int rc;
+
+	if (handle[0] != 1 || off % 8 || off >= XFER_CUDA_SEM_SLOTS * 8)
+		return -EINVAL;
+	if (seq == 0)
+		return 0;
+	if (!wait_fn && !(wait_fn = stream_value_entry("cuStreamWaitValue64")))
+		return -EIO;
+	rc = sem_peer_open(ctx, handle + 1, &base);
+	if (rc)
+		return rc;
+	if (wait_fn((CUstream)ctx->sk, (CUdeviceptr)(uintptr_t)((char *)base + off), seq,
+		    CU_STREAM_WAIT_VALUE_GEQ) != CUDA_SUCCESS)
+		return -EIO;
+	return 0;
+}
+
+/*
+ * Signal this worker's slot on @stream after what is queued there, and put
+ * the handle a client waits on in @out (81 bytes).
+ */
+static int sem_signal(struct xfer_cuda_ctx *ctx, cudaStream_t stream, unsigned char *out)
+{
+	static stream_value_fn write_fn;
+	const uint64_t slot_off = 8;	/* slot 0 is LMCache's probe slot */
+
+	if (!write_fn && !(write_fn = stream_value_entry("cuStreamWriteValue64")))
+		return -EIO;
+	if (!ctx->sem) {
+		if (CTX_RC(ctx, cudaMalloc((void **)&ctx->sem, XFER_CUDA_SEM_SLOTS * 8)) ||
+		    CTX_RC(ctx, cudaMemset(ctx->sem, 0, XFER_CUDA_SEM_SLOTS * 8)) ||
+		    CTX_RC(ctx, cudaIpcGetMemHandle(&ctx->sem_h, ctx->sem))) {
+			if (ctx->sem)
+				cudaFree(ctx->sem);
+			ctx->sem = NULL;
+			return -EIO;
+		}
+	}
+	if (write_fn((CUstream)stream, (CUdeviceptr)(uintptr_t)((char *)ctx->sem + slot_off),
+		     ctx->sem_seq + 1, 0) != CUDA_SUCCESS)
+		return -EIO;
+	ctx->sem_seq++;
+	out[0] = 1;
+	memcpy(out + 1, &ctx->sem_h, sizeof(ctx->sem_h));
+	be64_store(out + 65, slot_off);
+	be64_store(out + 73, ctx->sem_seq);
+	return 0;
+}
+
 static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bool store)
 {
 	const bool retrieve = !store;
@@ -1220,6 +1363,11 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 		if (rc)
 			goto out_sync;
 	}
+	if (j->wait_semaphore) {
+		rc = sem_wait(ctx, (const unsigned char *)j->wait_semaphore);
+		if (rc)
+			goto out_sync;
+	}
 
 	last = ctx->sk;
 	if (path == XFER_CUDA_PATH_ZEROCOPY)
@@ -1228,6 +1376,12 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 		rc = run_staged(ctx, j, &pl, store, &last);
 	if (rc)
 		goto out_sync;
+	/* before "done": the reply then means the client's wait is already met */
+	if (j->done_semaphore) {
+		rc = sem_signal(ctx, last, (unsigned char *)j->done_semaphore);
+		if (rc)
+			goto out_sync;
+	}
 	if (CTX_RC(ctx, cudaEventRecord(ctx->done, last)))
 		goto out_sync;
 	if (j->done_event) {
@@ -1237,6 +1391,7 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 			goto out_sync;
 		memcpy(j->done_event, &ctx->ipc_h[i], XFER_CUDA_IPC_HANDLE_BYTES);
 	}
+
 	{
 		const uint32_t first_tok = store ? 0 : KS_MINU(j->skip_tokens, j->ntokens);
 		const uint64_t bytes = (uint64_t)pl.K * pl.NL * (j->ntokens - first_tok) * pl.row_bytes;

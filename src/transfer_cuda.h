@@ -35,6 +35,15 @@ extern "C" {
 
 /* Bytes of a cudaIpcMemHandle_t and of a cudaIpcEventHandle_t. */
 #define XFER_CUDA_IPC_HANDLE_BYTES 64
+/*
+ * LMCache's "isolated IPC" completion handle (struct "!B64sQQ"): version 1,
+ * the cudaIpcMemHandle_t of the exporter's semaphore buffer, the byte offset
+ * of a u64 slot in it, and a sequence number. The exporter writes seq into
+ * the slot (cuStreamWriteValue64) when its work is done; the importer's
+ * stream waits for slot >= seq (cuStreamWaitValue64, GEQ). seq 0: done.
+ */
+#define XFER_CUDA_SEM_HANDLE_BYTES 81
+#define XFER_CUDA_SEM_SLOTS 4096	/* u64 slots of one semaphore buffer (32 KiB) */
 /* "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx" plus its NUL. */
 #define XFER_CUDA_UUID_STR_BYTES 37
 
@@ -188,6 +197,10 @@ struct xfer_cuda_job {
 				 * for (the client's), or NULL */
 	void *done_event;	/* out, 64 bytes or NULL: handle of an interprocess
 				 * event recorded after the copies (the reply's event) */
+	const void *wait_semaphore;	/* 81-byte isolated-IPC handle the copy must wait
+					 * for (the client's), or NULL */
+	void *done_semaphore;	/* out, 81 bytes or NULL: this worker's semaphore
+				 * handle, signalled after the copies */
 	unsigned timeout_ms;	/* bound on the wait for completion */
 	enum xfer_cuda_path path;	/* DEFAULT: the ctx's path for this direction */
 };

@@ -621,6 +621,532 @@ static void test_globals(void)
 	}
 }
 
+/* ---- LMCache's wrappers since June 2026 ------------------------------------------------ */
+
+/*
+ * Byte-exact pickles of stand-ins: stdlib pickle.dumps(obj, protocol=N) of a
+ * class with LMCache's name and module path and LMCache's __dict__ (its keys
+ * and value types, in order; docs/pytorch-ipc.md §1, §8). Stand-ins of the
+ * current CpuShmTensorWrapper and VmmCudaIPCWrapper give the same bytes as
+ * LMCache's own (same state); the memory handle is 0x40..0x7f, the event
+ * handle 0x00..0x3f.
+ */
+
+/* CudaIPCWrapper, platform.devices (Sept 2026 on), protocol 4; a view at element 4096 */
+static const uint8_t cuda_devices_p4[] =
+		"\x80\x04\x95\x9d\x01\x00\x00\x00\x00\x00\x00\x8c,lmcache.v1.platform.devic"
+		"es.cuda.ipc_wrapper\x94\x8c\x0e" "CudaIPCWrapper\x94\x93\x94)\x81\x94}\x94"
+		"(\x8c\x06handle\x94(K\x00" "CB\x02" "c@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`"
+		"abcdefghijklmnopqrstuvwxyz{|}~\x7f\x94J\x00 @\x00J\x00\x00\xc0\x00" "C\x16"
+		"/torch_501_791401491_0\x94K\x07" "C@\x00\x01\x02\x03\x04\x05\x06\x07\x08"
+		"\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a"
+		"\x1b\x1c\x1d\x1e\x1f !\x22#$%&'()*+,-./0123456789:;<=>\x3f\x94\x88t\x94"
+		"\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94\x8c"
+		"\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10"
+		"\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94M\x00\x10\x8c"
+		"\x0b" "device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+/* the same under platform.cuda (June to Sept 2026), protocol 5 (Python 3.14) */
+static const uint8_t cuda_platform_p5[] =
+		"\x80\x05\x95\x95\x01\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.platform.cuda."
+		"ipc_wrapper\x94\x8c\x0e" "CudaIPCWrapper\x94\x93\x94)\x81\x94}\x94(\x8c"
+		"\x06handle\x94(K\x00" "CB\x02" "c@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`abcde"
+		"fghijklmnopqrstuvwxyz{|}~\x7f\x94J\x00 @\x00J\x00\x00\xc0\x00" "C\x16/torc"
+		"h_501_791401491_0\x94K\x07" "C@\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09"
+		"\x0a\x0b\x0c\x0d\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b"
+		"\x1c\x1d\x1e\x1f !\x22#$%&'()*+,-./0123456789:;<=>\x3f\x94\x88t\x94\x8c"
+		"\x05" "dtype\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94\x8c\x05sh"
+		"ape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M"
+		"\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94M\x00\x10\x8c\x0b"
+		"device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+/* RawCudaIPCWrapper, current form: _alloc_offset 3 * 2^31 (LONG1), _nbytes of the view */
+static const uint8_t raw_long1_p4[] =
+		"\x80\x04\x95x\x01\x00\x00\x00\x00\x00\x00\x8c,lmcache.v1.platform.devices."
+		"cuda.ipc_wrapper\x94\x8c\x11RawCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x14_ipc_handle_reserved\x94" "C@@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`a"
+		"bcdefghijklmnopqrstuvwxyz{|}~\x7f\x94\x8c\x0d_alloc_offset\x94\x8a\x05\x00"
+		"\x00\x00\x80\x01\x8c\x07_nbytes\x94J\x00\x00@\x00\x8c\x06handle\x94N\x8c"
+		"\x05" "dtype\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94\x8c\x05sh"
+		"ape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M"
+		"\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94K\x00\x8c\x06_opens"
+		"\x94K\x00\x8c\x0b" "device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-3333444455"
+		"55\x94ub.";
+/* the same form under platform.cuda, protocol 5, _alloc_offset 8192 (BININT2) */
+static const uint8_t raw_platform_p5[] =
+		"\x80\x05\x95l\x01\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.platform.cuda.ipc"
+		"_wrapper\x94\x8c\x11RawCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x14_i"
+		"pc_handle_reserved\x94" "C@@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`abcdefghijk"
+		"lmnopqrstuvwxyz{|}~\x7f\x94\x8c\x0d_alloc_offset\x94M\x00 \x8c\x07_nbytes"
+		"\x94J\x00\x00@\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94"
+		"\x8c\x08" "bfloat16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t"
+		"\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c"
+		"\x0estorage_offset\x94K\x00\x8c\x06_opens\x94K\x00\x8c\x0b" "device_uuid"
+		"\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+/* protocol 2: GLOBAL, _codecs.encode bytes, _alloc_offset 2^31 (LONG1) */
+static const uint8_t raw_long1_p2[] =
+		"\x80\x02" "clmcache.v1.platform.devices.cuda.ipc_wrapper\x0aRawCudaIPCWrap"
+		"per\x0aq\x00)\x81q\x01}q\x02(X\x14\x00\x00\x00_ipc_handle_reservedq\x03"
+		"c_codecs\x0a" "encode\x0aq\x04X@\x00\x00\x00@ABCDEFGHIJKLMNOPQRSTUVWXYZ["
+		"\x5c]^_`abcdefghijklmnopqrstuvwxyz{|}~\x7fq\x05X\x06\x00\x00\x00latin1q"
+		"\x06\x86q\x07Rq\x08X\x0d\x00\x00\x00_alloc_offsetq\x09\x8a\x05\x00\x00\x00"
+		"\x80\x00X\x07\x00\x00\x00_nbytesq\x0aJ\x00\x00@\x00X\x06\x00\x00\x00handle"
+		"q\x0bNX\x05\x00\x00\x00" "dtypeq\x0c" "ctorch\x0a" "bfloat16\x0aq\x0dX\x05"
+		"\x00\x00\x00shapeq\x0e(K\x02K@K\x10K\x08K\x80tq\x0fX\x06\x00\x00\x00stride"
+		"q\x10(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01tq\x11X\x0e\x00\x00\x00sto"
+		"rage_offsetq\x12K\x00X\x06\x00\x00\x00_opensq\x13K\x00X\x0b\x00\x00\x00"
+		"device_uuidq\x14X$\x00\x00\x00" "6f1c2a3b-0000-1111-2222-333344445555q\x15"
+		"ub.";
+/* the March form (no _alloc_offset, no _opens) under platform.cuda (@776e1641) */
+static const uint8_t raw_march_platform_p4[] =
+		"\x80\x04\x95N\x01\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.platform.cuda.ipc"
+		"_wrapper\x94\x8c\x11RawCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x14_i"
+		"pc_handle_reserved\x94" "C@@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`abcdefghijk"
+		"lmnopqrstuvwxyz{|}~\x7f\x94\x8c\x07_nbytes\x94J\x00\x00@\x00\x8c\x06handle"
+		"\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94"
+		"\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00"
+		"\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94K\x00\x8c"
+		"\x0b" "device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+/* RawCudaIPCWrapper with _alloc_offset -4096 */
+static const uint8_t raw_neg_alloc[] =
+		"\x80\x04\x95v\x01\x00\x00\x00\x00\x00\x00\x8c,lmcache.v1.platform.devices."
+		"cuda.ipc_wrapper\x94\x8c\x11RawCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x14_ipc_handle_reserved\x94" "C@@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`a"
+		"bcdefghijklmnopqrstuvwxyz{|}~\x7f\x94\x8c\x0d_alloc_offset\x94J\x00\xf0"
+		"\xff\xff\x8c\x07_nbytes\x94J\x00\x00@\x00\x8c\x06handle\x94N\x8c\x05" "dty"
+		"pe\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94\x8c\x05shape\x94(K"
+		"\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00"
+		"\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94K\x00\x8c\x06_opens\x94K\x00"
+		"\x8c\x0b" "device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+/* RawCudaIPCWrapper with _alloc_offset "0" (only the fields up to it) */
+static const uint8_t raw_str_alloc[] =
+		"\x80\x04\x95\xbc\x00\x00\x00\x00\x00\x00\x00\x8c,lmcache.v1.platform.devic"
+		"es.cuda.ipc_wrapper\x94\x8c\x11RawCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94"
+		"(\x8c\x14_ipc_handle_reserved\x94" "C@@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`"
+		"abcdefghijklmnopqrstuvwxyz{|}~\x7f\x94\x8c\x0d_alloc_offset\x94\x8c\x01"
+		"0\x94ub.";
+/* CpuShmTensorWrapper, platform.devices, protocol 4 (254 bytes: an ext8 body) */
+static const uint8_t cpushm_devices_p4[] =
+		"\x80\x04\x95\xf3\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x13/lmcache_kv_12345_0\x94\x8c\x06nbytes\x94J\x00"
+		"\x00\x80\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c"
+		"\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94"
+		"\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0e"
+		"storage_offset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+/* platform.cpu, a view at element 2097152 of a 12 MiB segment */
+static const uint8_t cpushm_offset_p4[] =
+		"\x80\x04\x95\xed\x00\x00\x00\x00\x00\x00\x00\x8c\x1blmcache.v1.platform.cp"
+		"u.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94(\x8c\x08"
+		"shm_name\x94\x8c\x12/lmcache_kv_4242_7\x94\x8c\x06nbytes\x94J\x00\x00\xc0"
+		"\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c\x07" "flo"
+		"at16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06strid"
+		"e\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offse"
+		"t\x94J\x00\x00 \x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+/* the oldest: custom_types, "_nbytes", a name without the leading '/' */
+static const uint8_t cpushm_custom_p4[] =
+		"\x80\x04\x95\xf2\x00\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.multiprocess.c"
+		"ustom_types\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x10lmcache_kv_777_3\x94\x8c\x07_nbytes\x94J\x00"
+		"\x00@\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c\x07"
+		"float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06st"
+		"ride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_of"
+		"fset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+/* a longer name, protocol 5: 259 bytes, an ext16 body */
+static const uint8_t cpushm_ext16_p5[] =
+		"\x80\x05\x95\xf8\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x18/lmcache_kv_4194303_1023\x94\x8c\x06nbytes\x94"
+		"J\x00\x00\x80\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94"
+		"\x8c\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t"
+		"\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c"
+		"\x0estorage_offset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+/* the longest name accepted: 255 bytes with the '/' */
+static const uint8_t cpushm_max[] =
+		"\x80\x04\x95\xdf\x01\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\xff/kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk\x94\x8c\x06n"
+		"bytes\x94J\x00\x00\x80\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05t"
+		"orch\x94\x8c\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K"
+		"\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t"
+		"\x94\x8c\x0estorage_offset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cp"
+		"u\x94ub.";
+/* bad CpuShmTensorWrappers: full state with one field wrong */
+static const uint8_t cpushm_no_name[] =
+		"\x80\x04\x95\xd2\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x06nbytes\x94J\x00\x00\x80\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94"
+		"\x8c\x05torch\x94\x8c\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K"
+		"\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K"
+		"\x80K\x01t\x94\x8c\x0estorage_offset\x94K\x00\x8c\x0b" "device_uuid\x94"
+		"\x8c\x03" "cpu\x94ub.";
+static const uint8_t cpushm_slash[] =
+		"\x80\x04\x95\xf3\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x13/lmcache/kv_12345_0\x94\x8c\x06nbytes\x94J\x00"
+		"\x00\x80\x00\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c"
+		"\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94"
+		"\x8c\x06stride\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0e"
+		"storage_offset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+static const uint8_t cpushm_nbytes0[] =
+		"\x80\x04\x95\xf0\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x13/lmcache_kv_12345_0\x94\x8c\x06nbytes\x94K\x00"
+		"\x8c\x06handle\x94N\x8c\x05" "dtype\x94\x8c\x05torch\x94\x8c\x07" "float16"
+		"\x94\x93\x94\x8c\x05shape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride"
+		"\x94(J\x00\x00\x10\x00M\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset"
+		"\x94K\x00\x8c\x0b" "device_uuid\x94\x8c\x03" "cpu\x94ub.";
+/* bad CpuShmTensorWrappers: only the fields up to the wrong one */
+static const uint8_t shm_bytes_name[] =
+		"\x80\x04\x95" "b\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94" "C\x02/x\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_empty[] =
+		"\x80\x04\x95`\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devices."
+		"cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94(\x8c"
+		"\x08shm_name\x94\x8c\x00\x94\x8c\x06nbytes\x94K\x00ub.";
+static const uint8_t shm_long[] =
+		"\x80\x04\x95" "c\x01\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94X\x00\x01\x00\x00/kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"kkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkkk"
+		"\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_nul[] =
+		"\x80\x04\x95" "e\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x05/kv\x00" "0\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_root[] =
+		"\x80\x04\x95" "a\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x01/\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_dot[] =
+		"\x80\x04\x95" "a\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x01.\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_dotdot[] =
+		"\x80\x04\x95" "c\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x03/..\x94\x8c\x06nbytes\x94K\x01ub.";
+static const uint8_t shm_no_nbytes[] =
+		"\x80\x04\x95W\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devices."
+		"cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94\x8c"
+		"\x08shm_name\x94\x8c\x03/kv\x94sb.";
+static const uint8_t shm_str_nbytes[] =
+		"\x80\x04\x95" "e\x00\x00\x00\x00\x00\x00\x00\x8c#lmcache.v1.platform.devic"
+		"es.cpu.shm\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x03/kv\x94\x8c\x06nbytes\x94\x8c\x01" "1\x94ub.";
+static const uint8_t shm_old_nbytes0[] =
+		"\x80\x04\x95" "d\x00\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.multiprocess.c"
+		"ustom_types\x94\x8c\x13" "CpuShmTensorWrapper\x94\x93\x94)\x81\x94}\x94("
+		"\x8c\x08shm_name\x94\x8c\x02kv\x94\x8c\x07_nbytes\x94K\x00ub.";
+/* VmmCudaIPCWrapper (fabric): handle is _export_id again, a BINGET */
+static const uint8_t vmm_p4[] =
+		"\x80\x04\x95\xb1\x01\x00\x00\x00\x00\x00\x00\x8c,lmcache.v1.platform.devic"
+		"es.cuda.ipc_wrapper\x94\x8c\x11VmmCudaIPCWrapper\x94\x93\x94)\x81\x94}\x94"
+		"(\x8c\x0a_export_id\x94" "C\x10\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+		"\x00\x00\x00\x00\x00\x00\x94\x8c\x05_kind\x94\x8c\x06" "fabric\x94\x8c\x0c"
+		"_fabric_blob\x94" "C@\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+		"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+		"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+		"\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x94\x8c\x03_f"
+		"d\x94N\x8c\x0b_alloc_size\x94J\x00\x00 \x00\x8c\x0d_alloc_offset\x94K\x00"
+		"\x8c\x07_nbytes\x94M\x00\x10\x8c\x06handle\x94h\x06\x8c\x05" "dtype\x94"
+		"\x8c\x05torch\x94\x8c\x07" "float16\x94\x93\x94\x8c\x05shape\x94(K\x02K"
+		"\x01K\x10K\x08K\x08t\x94\x8c\x06stride\x94(M\x00\x04M\x00\x04K@K\x08K\x01t"
+		"\x94\x8c\x0estorage_offset\x94K\x00\x8c\x0b" "device_uuid\x94\x8c$6f1c2a3b"
+		"-0000-1111-2222-333344445555\x94\x8c\x06_opens\x94K\x00ub.";
+/* CudaIPCWrapper under a module path that is not LMCache's */
+static const uint8_t evil_module_path[] =
+		"\x80\x04\x95\x95\x01\x00\x00\x00\x00\x00\x00\x8c$lmcache.v1.platform.evil."
+		"ipc_wrapper\x94\x8c\x0e" "CudaIPCWrapper\x94\x93\x94)\x81\x94}\x94(\x8c"
+		"\x06handle\x94(K\x00" "CB\x02" "c@ABCDEFGHIJKLMNOPQRSTUVWXYZ[\x5c]^_`abcde"
+		"fghijklmnopqrstuvwxyz{|}~\x7f\x94J\x00 @\x00J\x00\x00\xc0\x00" "C\x16/torc"
+		"h_501_791401491_0\x94K\x07" "C@\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09"
+		"\x0a\x0b\x0c\x0d\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\x18\x19\x1a\x1b"
+		"\x1c\x1d\x1e\x1f !\x22#$%&'()*+,-./0123456789:;<=>\x3f\x94\x88t\x94\x8c"
+		"\x05" "dtype\x94\x8c\x05torch\x94\x8c\x08" "bfloat16\x94\x93\x94\x8c\x05sh"
+		"ape\x94(K\x02K@K\x10K\x08K\x80t\x94\x8c\x06stride\x94(J\x00\x00\x10\x00M"
+		"\x00@M\x00\x04K\x80K\x01t\x94\x8c\x0estorage_offset\x94M\x00\x10\x8c\x0b"
+		"device_uuid\x94\x8c$6f1c2a3b-0000-1111-2222-333344445555\x94ub.";
+
+#define DECODE(v, w) decode_exact((v), sizeof(v) - 1, (w))
+
+static void expect_decode(const uint8_t *p, size_t n, int rc, const char *word, int line)
+{
+	struct pk_cuda_ipc w;
+	int got = decode_exact(p, n, &w);
+
+	if (got != rc) {
+		fprintf(stderr, "FAIL %s:%d: rc %d, expected %d (%s)\n", __FILE__, line, got, rc,
+			err);
+		t_failures++;
+	}
+	expect_word(word, line);
+}
+
+#define EXPECT_DECODE(rc, v, word) expect_decode((v), sizeof(v) - 1, (rc), (word), __LINE__)
+
+static void check_shape(const struct pk_cuda_ipc *w, const char *dtype)
+{
+	static const int64_t shape[] = { 2, 64, 16, 8, 128 };
+	static const int64_t stride[] = { 1048576, 16384, 1024, 128, 1 };
+
+	CHECK(!strcmp(w->dtype, dtype));
+	CHECK_EQ(w->ndim, 5);
+	CHECK(w->has_stride);
+	for (uint32_t i = 0; i < 5 && i < w->ndim; i++) {
+		CHECK_EQ(w->shape[i], shape[i]);
+		CHECK_EQ(w->stride[i], stride[i]);
+	}
+}
+
+static bool is_handle(const uint8_t *h)	/* 0x40..0x7f, as the stand-ins send */
+{
+	for (int i = 0; i < 64; i++)
+		if (h[i] != 0x40 + i)
+			return false;
+	return true;
+}
+
+/* STACK_GLOBAL of module.name, protocol 4; returns pk_parse()'s code. */
+static int parse_global(const char *mod, const char *name)
+{
+	uint8_t b[256];
+	size_t n = 0, ml = strlen(mod), nl = strlen(name);
+
+	REQUIRE(ml < 200 && nl < 40);
+	b[n++] = 0x80, b[n++] = 4;
+	b[n++] = 0x8c, b[n++] = (uint8_t)ml;
+	memcpy(b + n, mod, ml), n += ml;
+	b[n++] = 0x8c, b[n++] = (uint8_t)nl;
+	memcpy(b + n, name, nl), n += nl;
+	b[n++] = 0x93, b[n++] = '.';
+	return parse_exact(b, n);
+}
+
+static void test_wrapper_globals(void)
+{
+	static const char *const mods[] = {
+		"lmcache.v1.multiprocess.custom_types",
+		"lmcache.v1.platform.cuda.ipc_wrapper",
+		"lmcache.v1.platform.devices.cuda.ipc_wrapper",
+		"lmcache.v1.platform.cpu.shm",
+		"lmcache.v1.platform.devices.cpu.shm",
+		/* never allowed: a PR branch's layout, prefixes, suffixes, look-alikes */
+		"lmcache.v1.platform.backends.cuda.ipc_wrapper",
+		"lmcache.v1.platform.backends.cpu.shm",
+		"lmcache.v1.platform.evil.ipc_wrapper",
+		"lmcache.v1.platform.devices.cuda",
+		"lmcache.v1.platform.devices.cuda.ipc_wrapper2",
+		"lmcache.v1.platform.devices",
+		"lmcache.v1.platform.cpu.shm.x",
+		"lmcache.v1.platform.base.ipc_wrapper",
+		"lmcache",
+	};
+	static const char *const classes[] = {
+		"CudaIPCWrapper", "RawCudaIPCWrapper", "CpuShmTensorWrapper", "VmmCudaIPCWrapper",
+		"DeviceIPCWrapper", "CudaIPCWrapperX", "cudaipcwrapper",
+	};
+	/* allowed[module][class] for the first five modules and four classes */
+	static const bool allowed[5][4] = {
+		{ true, true, true, false },
+		{ true, true, false, false },
+		{ true, true, false, true },
+		{ false, false, true, false },
+		{ false, false, true, false },
+	};
+
+	for (size_t m = 0; m < sizeof(mods) / sizeof(mods[0]); m++) {
+		for (size_t c = 0; c < sizeof(classes) / sizeof(classes[0]); c++) {
+			bool ok = m < 5 && c < 4 && allowed[m][c];
+			int rc = parse_global(mods[m], classes[c]);
+
+			if (rc != (ok ? 0 : -EPERM)) {
+				fprintf(stderr, "FAIL %s.%s: rc %d (%s)\n", mods[m], classes[c],
+					rc, err);
+				t_failures++;
+			}
+		}
+	}
+	/* the whole pickle of an allowed class under a module that is not LMCache's */
+	EXPECT_DECODE(-EPERM, evil_module_path,
+		      "global lmcache.v1.platform.evil.ipc_wrapper.CudaIPCWrapper is not allowed");
+	/* every wrapper class is NEWOBJ-able: NEWOBJ+BUILD makes an inert object */
+	EXPECT_PARSE(0, "\x80\x04\x8c\x23lmcache.v1.platform.devices.cpu.shm\x8c\x13"
+		     "CpuShmTensorWrapper\x93)\x81}b.", NULL);
+	EXPECT_PARSE(0, "\x80\x04\x8c\x2clmcache.v1.platform.devices.cuda.ipc_wrapper\x8c\x11"
+		     "VmmCudaIPCWrapper\x93)\x81}b.", NULL);
+	EXPECT_PARSE(-EPROTO, "\x80\x04\x8c\x24lmcache.v1.platform.cuda.ipc_wrapper\x8c\x11"
+		     "RawCudaIPCWrapper\x93K\x01\x85\x81.", "arguments");
+}
+
+static void test_cuda_paths(void)
+{
+	const struct { const uint8_t *p; size_t n; } v[] = {
+		{ cuda_devices_p4, sizeof(cuda_devices_p4) - 1 },
+		{ cuda_platform_p5, sizeof(cuda_platform_p5) - 1 },
+	};
+
+	for (size_t i = 0; i < 2; i++) {
+		struct pk_cuda_ipc w;
+		struct proto_request r;
+		int rc = decode_exact(v[i].p, v[i].n, &w);
+
+		CHECK_EQ(rc, 0);
+		CHECK_EQ(w.kind, PK_WRAPPER_CUDA_IPC);
+		CHECK_EQ(w.device, 0);
+		CHECK_EQ(w.handle_version, 2);
+		CHECK(is_handle(w.mem_handle));
+		CHECK_EQ(w.storage_size_bytes, 4202496);
+		CHECK_EQ(w.storage_offset_bytes, 12582912);
+		CHECK_EQ(w.storage_offset, 4096);
+		CHECK(!strcmp(w.ref_counter, "/torch_501_791401491_0"));
+		CHECK_EQ(w.ref_counter_offset, 7);
+		CHECK(w.event_sync_required && w.event_handle[63] == 63);
+		CHECK(!w.has_alloc_offset && w.alloc_offset == 0 && w.shm_name[0] == '\0');
+		check_shape(&w, "bfloat16");
+		CHECK(!strcmp(w.device_uuid, "6f1c2a3b-0000-1111-2222-333344445555"));
+		/* into the same descriptor as before the move (pytorch-ipc.md §5) */
+		rc = register_ext1(v[i].p, v[i].n, 1, &r);
+		CHECK_EQ(rc, 0);
+		if (rc == 0) {
+			CHECK_EQ(r.layers[0].offset, 12582912 + 4096 * 2);
+			CHECK_EQ(r.layers[0].nbytes, 12582912 + 4202496);
+			proto_request_free(&r);
+		}
+		mutate(v[i].p, v[i].n);
+	}
+}
+
+static void test_raw_alloc_offset(void)
+{
+	struct pk_cuda_ipc w;
+
+	CHECK_EQ(DECODE(raw_long1_p4, &w), 0);
+	CHECK_EQ(w.kind, PK_WRAPPER_RAW_CUDA_IPC);
+	CHECK_EQ(w.device, -1);
+	CHECK_EQ(w.handle_version, 0);
+	CHECK(is_handle(w.mem_handle));
+	CHECK(w.has_alloc_offset);
+	CHECK_EQ(w.alloc_offset, 6442450944ull);
+	CHECK_EQ(w.storage_size_bytes, 4194304);
+	CHECK_EQ(w.storage_offset_bytes, 0);
+	CHECK_EQ(w.storage_offset, 0);
+	check_shape(&w, "bfloat16");
+	CHECK(!strcmp(w.device_uuid, "6f1c2a3b-0000-1111-2222-333344445555"));
+	mutate(raw_long1_p4, sizeof(raw_long1_p4) - 1);
+
+	CHECK_EQ(DECODE(raw_platform_p5, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_RAW_CUDA_IPC && w.has_alloc_offset && w.alloc_offset == 8192);
+	CHECK_EQ(w.storage_size_bytes, 4194304);
+	CHECK(is_handle(w.mem_handle));
+
+	CHECK_EQ(DECODE(raw_long1_p2, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_RAW_CUDA_IPC && w.has_alloc_offset);
+	CHECK_EQ(w.alloc_offset, 2147483648ull);
+	CHECK(is_handle(w.mem_handle));
+	check_shape(&w, "bfloat16");
+	mutate(raw_long1_p2, sizeof(raw_long1_p2) - 1);
+
+	/* the March form: no _alloc_offset, as before */
+	CHECK_EQ(DECODE(raw_march_platform_p4, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_RAW_CUDA_IPC && !w.has_alloc_offset && w.alloc_offset == 0);
+	CHECK_EQ(w.storage_size_bytes, 4194304);
+	CHECK_EQ(w.storage_offset, 0);
+	CHECK(is_handle(w.mem_handle));
+
+	EXPECT_DECODE(-EPROTO, raw_neg_alloc, "_alloc_offset: -4096 out of range");
+	EXPECT_DECODE(-EPROTO, raw_str_alloc, "_alloc_offset: expected int, got str");
+}
+
+static void test_cpu_shm(void)
+{
+	struct pk_cuda_ipc w;
+	static const uint8_t zero[64];
+
+	CHECK_EQ(DECODE(cpushm_devices_p4, &w), 0);
+	CHECK_EQ(w.kind, PK_WRAPPER_CPU_SHM);
+	CHECK(!strcmp(w.shm_name, "/lmcache_kv_12345_0"));
+	CHECK_EQ(w.storage_size_bytes, 8388608);
+	CHECK_EQ(w.storage_offset, 0);
+	CHECK_EQ(w.storage_offset_bytes, 0);
+	CHECK_EQ(w.device, -1);
+	CHECK(!w.has_alloc_offset && !memcmp(w.mem_handle, zero, 64));
+	check_shape(&w, "float16");
+	CHECK(!strcmp(w.device_uuid, "cpu"));
+	mutate(cpushm_devices_p4, sizeof(cpushm_devices_p4) - 1);
+
+	CHECK_EQ(DECODE(cpushm_offset_p4, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_CPU_SHM && !strcmp(w.shm_name, "/lmcache_kv_4242_7"));
+	CHECK_EQ(w.storage_size_bytes, 12582912);
+	CHECK_EQ(w.storage_offset, 2097152);
+	check_shape(&w, "float16");
+
+	CHECK_EQ(DECODE(cpushm_custom_p4, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_CPU_SHM && !strcmp(w.shm_name, "lmcache_kv_777_3"));
+	CHECK_EQ(w.storage_size_bytes, 4194304);	/* from _nbytes */
+
+	CHECK(sizeof(cpushm_ext16_p5) - 1 >= 256);
+	CHECK_EQ(DECODE(cpushm_ext16_p5, &w), 0);
+	CHECK(w.kind == PK_WRAPPER_CPU_SHM && !strcmp(w.shm_name, "/lmcache_kv_4194303_1023"));
+	CHECK_EQ(w.storage_size_bytes, 8388608);
+	mutate(cpushm_ext16_p5, sizeof(cpushm_ext16_p5) - 1);
+
+	CHECK_EQ(DECODE(cpushm_max, &w), 0);
+	CHECK_EQ(strlen(w.shm_name), PK_SHM_NAME_MAX);
+
+	EXPECT_DECODE(-EPROTO, cpushm_no_name, "missing shm_name");
+	EXPECT_DECODE(-EPROTO, cpushm_slash, "'/lmcache/kv_12345_0': a '/' after the first");
+	EXPECT_DECODE(-EPROTO, cpushm_nbytes0, "nbytes: 0 out of range");
+	EXPECT_DECODE(-EPROTO, shm_bytes_name, "shm_name: expected str, got bytes");
+	EXPECT_DECODE(-EOPNOTSUPP, shm_empty, "empty tensor");
+	EXPECT_DECODE(-EPROTO, shm_long, "shm_name: 256 bytes, limit 255");
+	EXPECT_DECODE(-EPROTO, shm_nul, "NUL");
+	EXPECT_DECODE(-EPROTO, shm_root, "'/' is not a POSIX shm name");
+	EXPECT_DECODE(-EPROTO, shm_dot, "'.' is not a POSIX shm name");
+	EXPECT_DECODE(-EPROTO, shm_dotdot, "'/..' is not a POSIX shm name");
+	EXPECT_DECODE(-EPROTO, shm_no_nbytes, "missing nbytes");
+	EXPECT_DECODE(-EPROTO, shm_str_nbytes, "nbytes: expected int, got str");
+	EXPECT_DECODE(-EPROTO, shm_old_nbytes0, "_nbytes: 0 out of range");
+}
+
+static void test_vmm_refused(void)
+{
+	static const char *const why = "VmmCudaIPCWrapper (lmcache.mp.use_vmm_api) is not "
+		"supported by kvstash: register with the default CudaIPCWrapper or isolated_ipc's "
+		"RawCudaIPCWrapper";
+	struct pk_cuda_ipc w;
+	struct proto_request r;
+	int rc;
+
+	/* the pickle itself is fine (BINGET of the memoized _export_id included) */
+	CHECK_EQ(parse_exact(vmm_p4, sizeof(vmm_p4) - 1), 0);
+	memset(&w, 0xff, sizeof(w));
+	CHECK_EQ(DECODE(vmm_p4, &w), -EOPNOTSUPP);
+	CHECK(!strcmp(err, why));
+	CHECK(w.kind == 0 && w.ndim == 0 && w.shm_name[0] == '\0');	/* cleared */
+	/* refused before its state is looked at */
+	EXPECT_PARSE(0, "\x80\x04\x8c\x2clmcache.v1.platform.devices.cuda.ipc_wrapper\x8c\x11"
+		     "VmmCudaIPCWrapper\x93)\x81.", NULL);
+	{
+		static const uint8_t p[] = "\x80\x04\x8c\x2clmcache.v1.platform.devices.cuda."
+					   "ipc_wrapper\x8c\x11VmmCudaIPCWrapper\x93)\x81.";
+
+		EXPECT_DECODE(-EOPNOTSUPP, p, "VmmCudaIPCWrapper");
+	}
+	/* and REGISTER_KV_CACHE passes the reason on */
+	rc = register_ext1(vmm_p4, sizeof(vmm_p4) - 1, 1, &r);
+	CHECK(rc != 0);
+	if (rc == 0)
+		proto_request_free(&r);
+	else
+		CHECK(strstr(err, "VmmCudaIPCWrapper (lmcache.mp.use_vmm_api)") != NULL);
+	mutate(vmm_p4, sizeof(vmm_p4) - 1);
+}
+
 int main(void)
 {
 	test_goldens();
@@ -628,5 +1154,10 @@ int main(void)
 	test_lengths();
 	test_limits();
 	test_globals();
+	test_wrapper_globals();
+	test_cuda_paths();
+	test_raw_alloc_offset();
+	test_cpu_shm();
+	test_vmm_refused();
 	return t_result("pickle");
 }

@@ -394,7 +394,7 @@ static void test_section8_requests(void)
 	CHECK(!strcmp(proto_type_name(PROTO_NOOP), "NOOP"));
 	CHECK(!strcmp(proto_type_name(PROTO_QUERY_PREFETCH_LOOKUP_HITS),
 		      "QUERY_PREFETCH_LOOKUP_HITS"));
-	CHECK(!strcmp(proto_type_name(14), "UNKNOWN"));
+	CHECK(!strcmp(proto_type_name(99), "UNKNOWN"));
 
 	/* LOOKUP [key 77 bytes] [01] */
 	REQUIRE(DEC(PROTO_LOOKUP, &r, H(KEY_HEX_77), H("01")) == 0);
@@ -1550,6 +1550,431 @@ static void test_check_frame(void)
 	}
 }
 
+
+/* ---- the current dialect (protocol.md §11) ---- */
+
+/* Decode in @dialect with an arbitrary op frame (int or str hex). */
+static int decd(enum proto_dialect dialect, const char *op_hex, struct proto_request *r,
+		const struct proto_buf *args, size_t n)
+{
+	struct proto_buf t = H(op_hex);
+	int rc;
+
+	memset(g_err, 0, sizeof(g_err));
+	memset(r, 0xa5, sizeof(*r));
+	rc = proto_decode_request_in(dialect, &t, args, n, r, g_err, sizeof(g_err));
+	if (rc) {
+		CHECK(err_ok());
+		CHECK(r->key.token_ids == NULL && r->layers == NULL && r->block_ids == NULL &&
+		      r->groups == NULL && r->key.null_chunk_mask == NULL);
+	}
+	arena_reset();
+	return rc;
+}
+#define DECD(d, op, r, ...) \
+	decd((d), (op), (r), (struct proto_buf[]){ __VA_ARGS__ }, NARGS(__VA_ARGS__))
+#define DECD0(d, op, r) decd((d), (op), (r), NULL, 0)
+
+/* What an AUTO decode of a request made of @op and args found. */
+#define EXPECT_AUTO(op, want_rc, want_type, want_dialect, ...)                          \
+	do {                                                                           \
+		struct proto_request _r;                                               \
+		int _rc = DECD(PROTO_DIALECT_AUTO, (op), &_r, __VA_ARGS__);            \
+		if (_rc != (want_rc))                                                  \
+			fprintf(stderr, "  op %s: err: %s\n", (op), g_err);            \
+		CHECK_EQ(_rc, (want_rc));                                              \
+		if (!_rc) {                                                            \
+			CHECK_EQ(_r.type, (want_type));                                \
+			CHECK_EQ(_r.dialect, (want_dialect));                          \
+			proto_request_free(&_r);                                       \
+		}                                                                      \
+	} while (0)
+
+/* The §11.4 key: the March fields of key_std() plus the current ones. */
+#define CUR_FIELDS_HEX                                                                 \
+	"aa63616368655f73616c74 a0"	      /* cache_salt: "" */                       \
+	" af726571756573745f636f6e66696773 c0" /* request_configs: nil */                \
+	" ae6e756d5f6b765f72656164657273 01"   /* num_kv_readers: 1 */                   \
+	" af6e756c6c5f6368756e6b5f6d61736b c0" /* null_chunk_mask: nil */
+
+static const char *key_current(const char *salt_hex, const char *readers_hex, const char *mask_hex)
+{
+	static char extra[4096];
+
+	snprintf(extra, sizeof(extra),
+		 "aa63616368655f73616c74 %s af726571756573745f636f6e66696773 c0 "
+		 "ae6e756d5f6b765f72656164657273 %s af6e756c6c5f6368756e6b5f6d61736b %s",
+		 salt_hex, readers_hex, mask_hex);
+	return key_hex(-1, -1, NULL, 4, extra);
+}
+
+static void test_current_classify(void)
+{
+	static char march_key[1024], cur_key[1024];	/* key_hex's buffer is reused */
+	struct dspec d = host_spec();
+
+	snprintf(march_key, sizeof(march_key), "%s", key_std());
+	snprintf(cur_key, sizeof(cur_key), "%s", key_hex(-1, -1, NULL, 4, CUR_FIELDS_HEX));
+	/* Neutral: UNREGISTER means the same in both, and latches nothing. */
+	EXPECT_AUTO("02", 0, PROTO_UNREGISTER_KV_CACHE, PROTO_DIALECT_AUTO, H("cd 3039"));
+	EXPECT_AUTO("cc c9", -EINVAL, 0, 0, H("c0"), H("c0"));	/* KS_STATS takes none */
+	{
+		struct proto_request r;
+
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "cc c9", &r), 0);
+		CHECK_EQ(r.type, PROTO_KS_STATS);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_AUTO);
+	}
+	/* REGISTER: 4 or 5 frames March, 6 or 7 current */
+	EXPECT_AUTO("01", 0, PROTO_REGISTER_KV_CACHE, PROTO_DIALECT_MARCH, H("07"), kv_frame(&d, 2),
+		    H("a16d"), H("02"));
+	EXPECT_AUTO("01", 0, PROTO_REGISTER_KV_CACHE, PROTO_DIALECT_CURRENT, H("07"),
+		    kv_frame(&d, 2), H("a16d"), H("02"), H("a4766c6c6d"), H("80"), H("90"));
+	EXPECT_AUTO("01", 0, PROTO_REGISTER_KV_CACHE, PROTO_DIALECT_CURRENT, H("07"),
+		    kv_frame(&d, 2), H("a16d"), H("02"), H("a4766c6c6d"), H("c0"));
+	EXPECT_AUTO("01", -EINVAL, 0, 0, H("07"), kv_frame(&d, 2), H("a16d"));
+	/* 3..7: March STORE/RETRIEVE/LOOKUP/QUERY_* against current Q-cache/STORE/RETRIEVE */
+	EXPECT_AUTO("03", 0, PROTO_STORE, PROTO_DIALECT_MARCH, H(key_with(2, "00")), H("01"),
+		    H("91 00"), H("c4 00"));
+	EXPECT_AUTO("04", 0, PROTO_UNSUPPORTED, PROTO_DIALECT_CURRENT, H("01"));
+	EXPECT_AUTO("05", 0, PROTO_LOOKUP, PROTO_DIALECT_MARCH, H(march_key), H("01"));
+	EXPECT_AUTO("06", 0, PROTO_QUERY_PREFETCH_STATUS, PROTO_DIALECT_MARCH, H("05"));
+	EXPECT_AUTO("06", 0, PROTO_STORE, PROTO_DIALECT_CURRENT, H(cur_key), H("01"),
+		    H("91 91 00"), H("c4 00"));
+	EXPECT_AUTO("07", 0, PROTO_QUERY_PREFETCH_LOOKUP_HITS, PROTO_DIALECT_MARCH, H("05"));
+	EXPECT_AUTO("07", 0, PROTO_RETRIEVE, PROTO_DIALECT_CURRENT, H(cur_key), H("01"),
+		    H("91 91 00"), H("c4 00"), H("00"));
+	/* 8: [key, int] in both; the key's fields tell them apart */
+	EXPECT_AUTO("08", 0, PROTO_FREE_LOOKUP_LOCKS, PROTO_DIALECT_MARCH, H(march_key), H("01"));
+	EXPECT_AUTO("08", 0, PROTO_LOOKUP, PROTO_DIALECT_CURRENT, H(cur_key), H("01"));
+	/* 9: [str] in both: ambiguous until latched */
+	EXPECT_AUTO("09", 0, PROTO_AMBIGUOUS, PROTO_DIALECT_AUTO, H("a172"));
+	EXPECT_AUTO("09", -EINVAL, 0, 0, H("05"));
+	EXPECT_AUTO("0a", -EINVAL, 0, 0, H("c0"));	/* CLEAR takes none, WAIT two */
+	{
+		struct proto_request r;
+
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "0a", &r), 0);
+		CHECK_EQ(r.type, PROTO_CLEAR);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_MARCH);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "0b", &r), 0);
+		CHECK_EQ(r.type, PROTO_GET_CHUNK_SIZE);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_MARCH);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "0c", &r), 0);
+		CHECK_EQ(r.type, PROTO_PING);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_MARCH);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "0d", &r), 0);
+		CHECK_EQ(r.type, PROTO_NOOP);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_MARCH);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "14", &r), 0);	/* 20: clear (force defaulted) */
+		CHECK_EQ(r.type, PROTO_CLEAR);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_CURRENT);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "15", &r), 0);
+		CHECK_EQ(r.type, PROTO_GET_CHUNK_SIZE);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "18", &r), 0);
+		CHECK_EQ(r.type, PROTO_NOOP);
+		CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "20", &r), 0);
+		CHECK_EQ(r.type, PROTO_GET_EXPERIMENTAL);
+		CHECK_EQ(r.dialect, PROTO_DIALECT_CURRENT);
+	}
+	EXPECT_AUTO("0a", 0, PROTO_WAIT_PREFETCH_STATUS, PROTO_DIALECT_CURRENT, H("a172"),
+		    H("cb 3fb999999999999a"));
+	EXPECT_AUTO("0b", 0, PROTO_QUERY_PREFETCH_LOOKUP_HITS, PROTO_DIALECT_CURRENT, H("a172"));
+	EXPECT_AUTO("0c", 0, PROTO_PING, PROTO_DIALECT_MARCH, H("c0"));
+	EXPECT_AUTO("0c", 0, PROTO_FREE_LOOKUP_LOCKS, PROTO_DIALECT_CURRENT, H(cur_key), H("01"));
+	EXPECT_AUTO("0d", 0, PROTO_END_SESSION, PROTO_DIALECT_CURRENT, H("a172"));
+	EXPECT_AUTO("0d", 0, PROTO_END_SESSION, PROTO_DIALECT_CURRENT, H("a172"),
+		    H("82 ad66696e6973685f726561736f6e a473746f70 ad73746f705f746f6b656e5f6964 02"));
+	EXPECT_AUTO("16", 0, PROTO_PING, PROTO_DIALECT_CURRENT, H("c0"));
+	EXPECT_AUTO("16", 0, PROTO_PING, PROTO_DIALECT_CURRENT, H("cf 7fffffffffffffff"));
+	EXPECT_AUTO("17", 0, PROTO_REPORT_BLOCK_ALLOCATION, PROTO_DIALECT_CURRENT, H("01"),
+		    H("a16d"), H("90"));
+	/* 35 is past the frozen table; beyond int64 and negative ids are unknown too */
+	EXPECT_AUTO("23", -EBADMSG, 0, 0, H("00"));
+	EXPECT_AUTO("d0 ff", -EBADMSG, 0, 0, H("00"));
+}
+
+static void test_current_ops(void)
+{
+	struct proto_request r;
+
+	/* string op names: a frozen op by name, and names kvstash does not know */
+	REQUIRE(DECD0(PROTO_DIALECT_AUTO, "a46e6f6f70", &r) == 0);	/* "noop" */
+	CHECK_EQ(r.type, PROTO_NOOP);
+	CHECK_EQ(r.dialect, PROTO_DIALECT_CURRENT);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "b7 73746f72655f776974685f6368756e6b5f6576656e7473", &r,
+		     H("01"), H("02")) == 0);	/* "store_with_chunk_events" */
+	CHECK_EQ(r.type, PROTO_UNSUPPORTED);
+	CHECK(r.op_name && !strcmp(r.op_name, "store_with_chunk_events"));
+	CHECK_EQ(r.unsupported_reply, PROTO_UNSUP_NONE);
+	/* every unsupported frozen op, with the answer LMCache's client handles */
+	static const struct {
+		const char *op;
+		enum proto_unsupported_reply reply;
+	} unsup[] = {
+		{ "03", PROTO_UNSUP_NONE }, { "05", PROTO_UNSUP_XFER_FAIL },
+		{ "0e", PROTO_UNSUP_ED_REGISTER }, { "0f", PROTO_UNSUP_NONE },
+		{ "10", PROTO_UNSUP_PREPARE_STORE }, { "11", PROTO_UNSUP_FALSE },
+		{ "12", PROTO_UNSUP_PREPARE_RETRIEVE }, { "13", PROTO_UNSUP_FALSE },
+		{ "19", PROTO_UNSUP_NONE }, { "1a", PROTO_UNSUP_NONE },
+		{ "1b", PROTO_UNSUP_XFER_FAIL }, { "1c", PROTO_UNSUP_CB_LOOKUP },
+		{ "1d", PROTO_UNSUP_ZERO }, { "1e", PROTO_UNSUP_EMPTY_LIST },
+		{ "1f", PROTO_UNSUP_NONE }, { "21", PROTO_UNSUP_HANDSHAKE },
+		{ "22", PROTO_UNSUP_NONE },
+	};
+	for (size_t i = 0; i < KS_ARRAY_SIZE(unsup); i++) {
+		struct proto_msg m;
+
+		REQUIRE(DECD(PROTO_DIALECT_CURRENT, unsup[i].op, &r, H("01")) == 0);
+		CHECK_EQ(r.type, PROTO_UNSUPPORTED);
+		CHECK_EQ(r.unsupported_reply, unsup[i].reply);
+		CHECK(r.op_name && r.op_name[0]);
+		if (unsup[i].reply == PROTO_UNSUP_NONE) {
+			CHECK_EQ(proto_encode_unsupported(&m, unsup[i].reply), -EINVAL);
+		} else {
+			REQUIRE(proto_encode_unsupported(&m, unsup[i].reply) == 0);
+			CHECK_EQ(proto_check_frame(&(struct proto_buf){ m.data, m.len }, NULL, 0), 0);
+			proto_msg_free(&m);
+		}
+	}
+	/* the answers' exact bytes where a client checks types strictly */
+	struct proto_msg m;
+	REQUIRE(proto_encode_unsupported(&m, PROTO_UNSUP_XFER_FAIL) == 0);
+	check_bytes(&m, "92 c4 00 c2", "store_q answer");
+	proto_msg_free(&m);
+	REQUIRE(proto_encode_unsupported(&m, PROTO_UNSUP_HANDSHAKE) == 0);
+	check_bytes(&m, "92 00 c2", "cb_protocol_handshake answer");
+	proto_msg_free(&m);
+	REQUIRE(proto_encode_unsupported(&m, PROTO_UNSUP_PREPARE_STORE) == 0);
+	check_bytes(&m, "81 a7636f6e74657874 80", "prepare_store answer");
+	proto_msg_free(&m);
+	REQUIRE(proto_encode_empty_list(&m) == 0);
+	check_bytes(&m, "90", "get_experimental answer");
+	proto_msg_free(&m);
+
+	/* pinned dialects: each refuses the other's ops */
+	CHECK_EQ(DECD0(PROTO_DIALECT_MARCH, "20", &r), -EBADMSG);
+	CHECK_EQ(DECD0(PROTO_DIALECT_MARCH, "a46e6f6f70", &r), -EBADMSG);
+	CHECK_EQ(DECD0(PROTO_DIALECT_CURRENT, "0b", &r), -EINVAL);	/* QPLH needs [request_id] */
+	REQUIRE(DECD0(PROTO_DIALECT_CURRENT, "cc c8", &r) == 0);	/* the extensions: both */
+	CHECK_EQ(r.type, PROTO_KS_LAST_ERROR);
+	/* A latched connection never switches: op 12 [] is not a PING in the current dialect */
+	CHECK_EQ(DECD0(PROTO_DIALECT_CURRENT, "0c", &r), -EINVAL);
+	/* ... and op 9 [str] is END_SESSION on a March connection, QPS on a current one */
+	REQUIRE(DECD(PROTO_DIALECT_MARCH, "09", &r, H("a172")) == 0);
+	CHECK_EQ(r.type, PROTO_END_SESSION);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "09", &r, H("a172")) == 0);
+	CHECK_EQ(r.type, PROTO_QUERY_PREFETCH_STATUS);
+	CHECK_EQ(r.request_id_len, 1);
+	/* op 8 on a March connection is FREE_LOOKUP_LOCKS whatever the key carries */
+	REQUIRE(DECD(PROTO_DIALECT_MARCH, "08", &r, H(key_current("a0", "01", "c0")), H("01")) ==
+		0);
+	CHECK_EQ(r.type, PROTO_FREE_LOOKUP_LOCKS);
+	proto_request_free(&r);
+
+	/* bad op frames: oversized, empty, non-printable names, wrong types */
+	static char big[2 * 80 + 8];
+	strcpy(big, "d9 41");
+	for (int i = 0; i < 65; i++)
+		strcat(big, "61");
+	CHECK_EQ(DECD0(PROTO_DIALECT_CURRENT, big, &r), -E2BIG);
+	CHECK_EQ(DECD0(PROTO_DIALECT_CURRENT, "a0", &r), -EPROTO);
+	CHECK_EQ(DECD0(PROTO_DIALECT_CURRENT, "a2 6101", &r), -EPROTO);
+	CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "c3", &r), -EPROTO);
+	CHECK_EQ(DECD0(PROTO_DIALECT_AUTO, "c4 01 00", &r), -EPROTO);
+	/* WAIT's timeout: int or float, never negative or NaN */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "0a", &r, H("a172"), H("05")) == 0);
+	CHECK(r.wait_timeout_s == 5.0);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "0a", &r, H("a172"), H("cb bff0000000000000")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "0a", &r, H("a172"), H("cb 7ff8000000000000")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "0a", &r, H("a172"), H("a131")), -EPROTO);
+	/* CLEAR's force */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "14", &r, H("c3")) == 0);
+	CHECK(r.force);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "14", &r, H("c2")) == 0);
+	CHECK(!r.force);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "14", &r, H("a178")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "14", &r, H("c2"), H("c2")), -EINVAL);
+}
+
+static void test_current_key(void)
+{
+	struct proto_request r;
+
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a3 616263", "03", "c0")),
+		     H("01")) == 0);
+	check_std_key(&r.key);
+	CHECK(r.key.has_current_fields);
+	CHECK(!strcmp(r.key.cache_salt, "abc"));
+	CHECK_EQ(r.key.cache_salt_len, 3);
+	CHECK_EQ(r.key.num_kv_readers, 3);
+	CHECK(r.key.null_chunk_mask == NULL);
+	proto_request_free(&r);
+	/* a March key has none of them */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_std()), H("01")) == 0);
+	CHECK(!r.key.has_current_fields);
+	CHECK_EQ(r.key.num_kv_readers, 0);
+	proto_request_free(&r);
+	/* null_chunk_mask [[true, false], [false]]: 2 groups, missing entries false */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a0", "01", "92 92 c3 c2 91 c2")),
+		     H("01")) == 0);
+	CHECK_EQ(r.key.mask_groups, 2);
+	CHECK_EQ(r.key.mask_chunks, 2);
+	if (r.key.null_chunk_mask) {
+		CHECK(r.key.null_chunk_mask[0] && !r.key.null_chunk_mask[1]);
+		CHECK(!r.key.null_chunk_mask[2] && !r.key.null_chunk_mask[3]);
+	}
+	proto_request_free(&r);
+	/* salts LMCache refuses: '/', '@', '\\', NUL, over 128 characters */
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a3 612f62", "01", "c0")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a3 614062", "01", "c0")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a3 615c62", "01", "c0")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a3 610062", "01", "c0")),
+		      H("01")), -EPROTO);
+	{
+		static char salt[2 * 130 + 8];
+
+		strcpy(salt, "d9 81");
+		for (int i = 0; i < 129; i++)
+			strcat(salt, "73");
+		CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current(salt, "01", "c0")),
+			      H("01")), -EPROTO);
+		salt[4] = '0';	/* d9 80: exactly 128 */
+		salt[strlen(salt) - 2] = '\0';
+		REQUIRE(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current(salt, "01", "c0")),
+			     H("01")) == 0);
+		CHECK_EQ(r.key.cache_salt_len, 128);
+		proto_request_free(&r);
+	}
+	/* wrong types */
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("01", "01", "c0")), H("01")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a0", "ff", "c0")), H("01")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a0", "01", "91 91 01")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a0", "01", "91 c3")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r, H(key_current("a0", "01", "a178")),
+		      H("01")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "08", &r,
+		      H(key_hex(-1, -1, NULL, 1, "af726571756573745f636f6e66696773 a178")), H("01")),
+		 -EPROTO);
+}
+
+static void test_current_store(void)
+{
+	struct proto_request r;
+	const char *k = key_current("a0", "01", "c0");
+	uint8_t sem[81];
+	char sem_hex[2 * 81 + 8] = "c4 51 ";
+
+	/* per-group block lists, and a flat list taken as one group */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("92 92 01 02 91 03"),
+		     H("c4 00")) == 0);
+	CHECK_EQ(r.type, PROTO_STORE);
+	CHECK_EQ(r.nblock_lists, 2);
+	CHECK_EQ(r.nblocks, 3);
+	CHECK_EQ(r.block_list_len[0], 2);
+	CHECK_EQ(r.block_list_len[1], 1);
+	CHECK_EQ(r.block_ids[r.block_list_off[1]], 3);
+	CHECK_EQ(r.event_kind, PROTO_EVENT_NONE);
+	proto_request_free(&r);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("92 01 02"), H("c4 00")) ==
+		0);
+	CHECK_EQ(r.nblock_lists, 1);
+	CHECK_EQ(r.nblocks, 2);
+	proto_request_free(&r);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("90"), H("c4 00")) == 0);
+	CHECK_EQ(r.nblock_lists, 1);
+	CHECK_EQ(r.nblocks, 0);
+	proto_request_free(&r);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("92 91 01 02"), H("c4 00")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("91 91 ff"), H("c4 00")),
+		 -EPROTO);
+	/* events: 64-byte CUDA, 81-byte isolated IPC (version 1), the CPU stub */
+	memset(sem, 0x11, sizeof(sem));
+	sem[0] = 1;
+	for (int i = 0; i < 81; i++)
+		snprintf(sem_hex + strlen(sem_hex), sizeof(sem_hex) - strlen(sem_hex), "%02x",
+			 sem[i]);
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "07", &r, H(k), H("01"), H("91 91 00"), H(sem_hex),
+		     H("00")) == 0);
+	CHECK_EQ(r.event_kind, PROTO_EVENT_SEMAPHORE);
+	CHECK_EQ(r.event_len, 81);
+	CHECK_EQ(r.event[0], 1);
+	proto_request_free(&r);
+	sem_hex[6] = '0', sem_hex[7] = '2';	/* version 2 */
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "07", &r, H(k), H("01"), H("91 91 00"), H(sem_hex),
+		      H("00")), -EPROTO);
+	sem_hex[7] = '1';
+	CHECK_EQ(DECD(PROTO_DIALECT_MARCH, "04", &r, H(key_with(2, "00")), H("01"), H("91 00"),
+		      H(sem_hex), H("00")), -EPROTO);	/* March: 0 or 64 bytes only */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("91 91 00"),
+		     H("c4 0f 737475625f6970635f68616e646c65")) == 0);
+	CHECK_EQ(r.event_kind, PROTO_EVENT_CPU_STUB);
+	proto_request_free(&r);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("91 91 00"),
+		      H("c4 0f 737475625f6970635f68616e646c66")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "06", &r, H(k), H("01"), H("91 91 00"), H("c4 01 00")),
+		 -EPROTO);
+}
+
+static void test_current_register(void)
+{
+	struct proto_request r;
+	struct dspec d = host_spec();
+
+	/* two groups over four layers; unknown EngineGroupInfo fields ignored */
+	REQUIRE(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 4), H("a16d"), H("02"),
+		     H("a4766c6c6d"), H("81 a96b765f6c61796f7574 a3 4e4844"),
+		     H("92"
+		       " 83 af656e67696e655f67726f75705f6964 00 ad6c617965725f696e6469636573 92 00 02"
+		       "    af726563757272656e745f7374617465 c2"
+		       " 84 af656e67696e655f67726f75705f6964 01 ad6c617965725f696e6469636573 92 01 03"
+		       "    b0746f6b656e735f7065725f626c6f636b 10"
+		       "    ae73775f73697a655f746f6b656e73 cd 1000")) == 0);
+	CHECK_EQ(r.ngroups, 2);
+	if (r.ngroups == 2) {
+		CHECK_EQ(r.groups[0].nlayers, 2);
+		CHECK_EQ(r.groups[0].layers[1], 2);
+		CHECK_EQ(r.groups[0].sw_size_tokens, -1);
+		CHECK_EQ(r.groups[1].engine_group_id, 1);
+		CHECK_EQ(r.groups[1].tokens_per_block, 16);
+		CHECK_EQ(r.groups[1].sw_size_tokens, 4096);
+	}
+	proto_request_free(&r);
+	/* a layer outside kv_caches, one in two groups, a group with none, no id */
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("80"),
+		      H("91 82 af656e67696e655f67726f75705f6964 00 ad6c617965725f696e6469636573 91 02")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("80"),
+		      H("92 82 af656e67696e655f67726f75705f6964 00 ad6c617965725f696e6469636573 91 00"
+			"   82 af656e67696e655f67726f75705f6964 01 ad6c617965725f696e6469636573 91 00")),
+		 -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("80"),
+		      H("91 81 af656e67696e655f67726f75705f6964 00")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("80"),
+		      H("91 81 ad6c617965725f696e6469636573 91 00")), -EPROTO);
+	/* engine_type a scalar, layout_hints a map or nil */
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("90"), H("80"), H("90")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("a178"), H("90")), -EPROTO);
+	CHECK_EQ(DECD(PROTO_DIALECT_CURRENT, "01", &r, H("07"), kv_frame(&d, 2), H("a16d"),
+		      H("02"), H("a4766c6c6d"), H("80"), H("a178")), -EPROTO);
+}
+
 int main(void)
 {
 	test_section8_bytes();
@@ -1561,6 +1986,11 @@ int main(void)
 	test_framing();
 	test_replies();
 	test_check_frame();
+	test_current_classify();
+	test_current_ops();
+	test_current_key();
+	test_current_store();
+	test_current_register();
 	arena_reset();
 	return t_result("protocol");
 }

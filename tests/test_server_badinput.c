@@ -18,7 +18,16 @@
  * PROTO_KS_LAST_ERROR on the same socket and move exactly one of the
  * counters frame_faults / semantic_errors / retrieve_miss by exactly one.
  * A single frame larger than --max-message-mb must make ZMQ drop that
- * connection without the server ever seeing it. Afterwards PING answers, a
+ * connection without the server ever seeing it. A second connection speaks
+ * LMCache's current dialect (protocol.md §11): a cache_salt with '/', an
+ * 81-byte event handle of version 2, an unknown op id, a string op over 64
+ * bytes or with a NUL are dropped; a LOOKUP whose key has num_kv_readers 0
+ * is refused without a reply (as LMCache refuses it) and counted as a
+ * semantic error; two block lists for a one-group registration, a
+ * null_chunk_mask of the wrong group count and a device event on a host
+ * registration get [b"", false] (never silence: LMCache's client waits on
+ * STORE with no timeout); an unknown string op is answered None (no
+ * response frame, its op echoed) and counted as unsupported. Afterwards PING answers, a
  * chunk stored at the start comes back byte-exact, and the totals match.
  */
 #include <errno.h>
@@ -321,7 +330,7 @@ static const char *last_error(struct raw *r)
 struct counters {
 	uint64_t frame_faults, semantic_errors, retrieve_miss, retrieve_ok, pins, read_locks;
 	uint64_t objects, objects_writing, slots_total, slots_free, copy_faults;
-	uint64_t store_chunks_stored;
+	uint64_t store_chunks_stored, unsupported_ops, connections_current, connections_march;
 };
 
 static void stats(struct raw *r, struct counters *c)
@@ -344,10 +353,11 @@ static void stats(struct raw *r, struct counters *c)
 		}
 		GET(frame_faults) GET(semantic_errors) GET(retrieve_miss) GET(retrieve_ok)
 		GET(pins) GET(read_locks) GET(objects) GET(objects_writing) GET(slots_total)
-		GET(slots_free) GET(copy_faults) GET(store_chunks_stored)
+		GET(slots_free) GET(copy_faults) GET(store_chunks_stored) GET(unsupported_ops)
+		GET(connections_current) GET(connections_march)
 #undef GET
 	}
-	REQUIRE(found == 12);
+	REQUIRE(found == 15);
 }
 
 /* ---- expectations -------------------------------------------------------- */
@@ -445,6 +455,77 @@ static void expect_reply(const char *what, int type, const struct frame *args, s
 	}
 	free(resp);
 	check_case(what, &before, o);
+}
+
+
+/* ---- the current dialect (protocol.md §11) ------------------------------ */
+
+/*
+ * A current-dialect key (IPCCacheServerKey): the March fields, then
+ * cache_salt, request_configs, num_kv_readers and null_chunk_mask, each
+ * given as raw msgpack.
+ */
+static struct proto_msg enc_key_current(const uint32_t *tok, size_t ntok, int64_t start,
+					int64_t end, int64_t worker, const uint8_t *salt_mp,
+					size_t salt_len, uint8_t readers, const uint8_t *mask_mp,
+					size_t mask_len)
+{
+	struct key_spec k = { .model = MODEL, .world_size = 1, .worker_id = worker,
+			      .tokens = tok, .ntokens = ntok, .start = start, .end = end,
+			      .request_id = "req-current" };
+	struct mp m = { 0 };
+	struct proto_msg out;
+
+	mp_key(&m, &k);
+	m.p[0] = 0x80 | 11;	/* 7 fields -> 11 */
+	mp_str(&m, "cache_salt");
+	mp_raw(&m, salt_mp, salt_len);
+	mp_str(&m, "request_configs");
+	mp_byte(&m, 0xc0);
+	mp_str(&m, "num_kv_readers");
+	mp_byte(&m, readers);
+	mp_str(&m, "null_chunk_mask");
+	mp_raw(&m, mask_mp, mask_len);
+	out.data = m.p;
+	out.len = m.n;
+	return out;
+}
+
+/* Frames [uid, op, args...] with a raw op frame (an int, or a str name). */
+static size_t op_frames(struct frame *f, struct proto_msg *u, const void *op, size_t op_len,
+			const struct frame *args, size_t nargs)
+{
+	REQUIRE(nargs + 2 <= 24);
+	REQUIRE(proto_encode_int(u, (int64_t)R.uid++) == 0);
+	f[0] = (struct frame){ u->data, u->len };
+	f[1] = (struct frame){ op, op_len };
+	for (size_t i = 0; i < nargs; i++)
+		f[2 + i] = args[i];
+	return nargs + 2;
+}
+
+/*
+ * A request that must get no reply and move counter @o: a frame-level fault,
+ * or a LOOKUP refused as LMCache refuses it (semantic, unanswered).
+ */
+static void expect_silent(const char *what, const void *op, size_t op_len,
+			  const struct frame *args, size_t nargs, enum outcome o)
+{
+	struct proto_msg u = { 0 };
+	struct frame f[24];
+	struct counters before;
+	struct reply rp;
+	size_t n = op_frames(f, &u, op, op_len, args, nargs);
+
+	stats(&R, &before);
+	raw_send(&R, f, n);
+	if (raw_recv(&R, NO_REPLY_MS, &rp)) {
+		fprintf(stderr, "FAIL case '%s': got a %zu-frame reply\n", what, rp.nframes);
+		CHECK(!"no reply");
+		reply_free(&rp);
+	}
+	check_case(what, &before, o);
+	proto_msg_free(&u);
 }
 
 static struct t_daemon *the_daemon;
@@ -1078,6 +1159,177 @@ int main(void)
 		CHECK(!raw_recv(&big, 500, &rp));
 		raw_close(&big);
 		free(p);
+	}
+
+	/* ---- the current dialect: a second connection, latched by its first
+	 * telling request (GET_EXPERIMENTAL), with its own registration ---- */
+	{
+		struct raw march = R;
+		static const uint8_t OP_EXPERIMENTAL = 0x20, OP_REGISTER = 0x01, OP_STORE = 0x06,
+				     OP_RETRIEVE = 0x07, OP_LOOKUP = 0x08;
+		static const uint8_t EMPTY_LIST[] = { 0x90 }, NO_SALT[] = { 0xa0 },
+				     NIL_MASK[] = { 0xc0 };
+		struct counters before, after;
+
+		raw_open(&R, d->endpoint);
+		{
+			struct proto_msg u = { 0 };
+			struct frame f[24];
+			struct reply rp;
+			size_t n = op_frames(f, &u, &OP_EXPERIMENTAL, 1, NULL, 0);
+
+			raw_send(&R, f, n);
+			CHECK(raw_recv(&R, 5000, &rp));
+			CHECK(rp.nframes == 3 && rp.len[2] == 1 && !memcmp(rp.f[2], EMPTY_LIST, 1));
+			reply_free(&rp);
+			proto_msg_free(&u);
+		}
+		/* REGISTER, 7 frames: one group of both layers (same buffer, instance 2) */
+		struct proto_msg m_inst2 = enc_int(2), m_et = { 0 };
+		REQUIRE(proto_encode_str(&m_et, "vllm") == 0);
+		static const uint8_t HINTS[] = { 0x80 };
+		static const uint8_t GROUPS[] = {
+			0x91, 0x82, 0xaf, 'e', 'n', 'g', 'i', 'n', 'e', '_', 'g', 'r', 'o', 'u', 'p',
+			'_', 'i', 'd', 0x00, 0xad, 'l', 'a', 'y', 'e', 'r', '_', 'i', 'n', 'd', 'i',
+			'c', 'e', 's', 0x92, 0x00, 0x01,
+		};
+		struct frame reg7[7] = { { m_inst2.data, m_inst2.len }, { m_descs.data, m_descs.len },
+					 { m_model.data, m_model.len }, { m_ws.data, m_ws.len },
+					 { m_et.data, m_et.len }, { HINTS, 1 },
+					 { GROUPS, sizeof(GROUPS) } };
+		{
+			struct proto_msg u = { 0 };
+			struct frame f[24];
+			struct reply rp;
+			size_t n = op_frames(f, &u, &OP_REGISTER, 1, reg7, 7);
+
+			raw_send(&R, f, n);
+			CHECK(raw_recv(&R, 5000, &rp));
+			CHECK_EQ(rp.nframes, 2);	/* None: no response frame */
+			reply_free(&rp);
+			proto_msg_free(&u);
+			CHECK(!*last_error(&R));
+		}
+		struct proto_msg k_ok = enc_key_current(tok, 2 * C, 0, 2 * C, 0, NO_SALT, 1, 1,
+							NIL_MASK, 1);
+		static const uint8_t SLASH_SALT[] = { 0xa3, 'a', '/', 'b' };
+		struct proto_msg k_slash = enc_key_current(tok, 2 * C, 0, 2 * C, 0, SLASH_SALT,
+							   sizeof(SLASH_SALT), 1, NIL_MASK, 1);
+		static const uint8_t MASK2[] = { 0x92, 0x91, 0xc2, 0x91, 0xc2 };
+		struct proto_msg k_mask2 = enc_key_current(tok, 2 * C, 0, 2 * C, 0, NO_SALT, 1, 1,
+							   MASK2, sizeof(MASK2));
+		struct proto_msg k_lookup0 = enc_key_current(tok, 2 * C, 0, 2 * C, -1, NO_SALT, 1,
+							     0, NIL_MASK, 1);
+		static const uint8_t BLOCKS1[] = { 0x91, 0x92, 0x02, 0x03 };
+		static const uint8_t BLOCKS2[] = { 0x92, 0x92, 0x02, 0x03, 0x92, 0x04, 0x05 };
+		uint8_t sem[2 + 81];
+		sem[0] = 0xc4, sem[1] = 81;
+		memset(sem + 2, 0x5a, 81);
+		sem[2] = 2;	/* version 2: unknown */
+		struct frame a_slash[4] = { { k_slash.data, k_slash.len }, { m_inst2.data, m_inst2.len },
+					    { BLOCKS1, sizeof(BLOCKS1) }, { m_ev.data, m_ev.len } };
+		expect_silent("current: cache_salt with '/'", &OP_STORE, 1, a_slash, 4, FRAME_FAULT);
+		struct frame a_sem[5] = { { k_ok.data, k_ok.len }, { m_inst2.data, m_inst2.len },
+					  { BLOCKS1, sizeof(BLOCKS1) }, { sem, sizeof(sem) },
+					  { m_skip.data, m_skip.len } };
+		expect_silent("current: 81-byte handle, version 2", &OP_RETRIEVE, 1, a_sem, 5,
+			      FRAME_FAULT);
+		static const uint8_t OP_99 = 99;
+		expect_silent("current: unknown op id 99", &OP_99, 1, NULL, 0, FRAME_FAULT);
+		uint8_t big_op[2 + 65];
+		big_op[0] = 0xd9, big_op[1] = 65;
+		memset(big_op + 2, 'x', 65);
+		expect_silent("current: 65-byte string op", big_op, sizeof(big_op), NULL, 0,
+			      FRAME_FAULT);
+		static const uint8_t NAME_NUL[] = { 0xa3, 'a', 0x00, 'b' };
+		expect_silent("current: string op with a NUL", NAME_NUL, sizeof(NAME_NUL), NULL, 0,
+			      FRAME_FAULT);
+		struct frame a_look0[2] = { { k_lookup0.data, k_lookup0.len }, { m_tp.data, m_tp.len } };
+		expect_silent("current: LOOKUP with num_kv_readers 0", &OP_LOOKUP, 1, a_look0, 2,
+			      SEMANTIC);
+
+		/* semantic failures get [b"", false], never silence (STORE has no timeout) */
+		static const uint8_t EV64[] = { 0xc4, 64 };
+		uint8_t ev_frame[2 + 64];
+		memcpy(ev_frame, EV64, 2);
+		memset(ev_frame + 2, 0xab, 64);
+		struct frame cases[3][4] = {
+			{ { k_ok.data, k_ok.len }, { m_inst2.data, m_inst2.len },
+			  { BLOCKS2, sizeof(BLOCKS2) }, { m_ev.data, m_ev.len } },
+			{ { k_mask2.data, k_mask2.len }, { m_inst2.data, m_inst2.len },
+			  { BLOCKS1, sizeof(BLOCKS1) }, { m_ev.data, m_ev.len } },
+			{ { k_ok.data, k_ok.len }, { m_inst2.data, m_inst2.len },
+			  { BLOCKS1, sizeof(BLOCKS1) }, { ev_frame, sizeof(ev_frame) } },
+		};
+		static const char *const names[3] = {
+			"current: 2 block lists, 1 group registered",
+			"current: null_chunk_mask of 2 groups, 1 registered",
+			"current: 64-byte event on a host registration",
+		};
+		for (int c = 0; c < 3; c++) {
+			struct proto_msg u = { 0 };
+			struct frame f[24];
+			struct reply rp;
+			size_t n = op_frames(f, &u, &OP_STORE, 1, cases[c], 4);
+
+			stats(&R, &before);
+			raw_send(&R, f, n);
+			CHECK(raw_recv(&R, 5000, &rp));
+			if (rp.nframes != 3 || rp.len[2] != 4 || memcmp(rp.f[2], XFER_FALSE, 4))
+				fprintf(stderr, "FAIL case '%s': not [b\"\", false]\n", names[c]);
+			CHECK(rp.nframes == 3 && rp.len[2] == 4 && !memcmp(rp.f[2], XFER_FALSE, 4));
+			reply_free(&rp);
+			proto_msg_free(&u);
+			check_case(names[c], &before, SEMANTIC);
+		}
+		/* an unknown string op: answered None (no response frame), counted, not a fault */
+		{
+			static const uint8_t NAME[] = { 0xb7, 's', 't', 'o', 'r', 'e', '_', 'w', 'i', 't',
+							'h', '_', 'c', 'h', 'u', 'n', 'k', '_', 'e', 'v',
+							'e', 'n', 't', 's' };
+			struct proto_msg u = { 0 };
+			struct frame f[24];
+			struct reply rp;
+			size_t n = op_frames(f, &u, NAME, sizeof(NAME), NULL, 0);
+			stats(&R, &before);
+			raw_send(&R, f, n);
+			CHECK(raw_recv(&R, 5000, &rp));
+			CHECK_EQ(rp.nframes, 2);
+			CHECK(rp.nframes >= 2 && rp.len[1] == sizeof(NAME) &&
+			      !memcmp(rp.f[1], NAME, sizeof(NAME)));	/* the op echoed */
+			reply_free(&rp);
+			proto_msg_free(&u);
+			stats(&R, &after);
+			CHECK_EQ(after.frame_faults, before.frame_faults);
+			CHECK_EQ(after.semantic_errors, before.semantic_errors);
+			CHECK_EQ(after.unsupported_ops, before.unsupported_ops + 1);
+			/* this connection speaks the current dialect, R's the March one */
+			CHECK(after.connections_current >= 1 && after.connections_march >= 1);
+			CHECK(strstr(last_error(&R), "store_with_chunk_events") != NULL);
+		}
+		/* after all that, a good STORE still works on this connection */
+		{
+			struct frame good[4] = { { k_ok.data, k_ok.len }, { m_inst2.data, m_inst2.len },
+						 { BLOCKS1, sizeof(BLOCKS1) }, { m_ev.data, m_ev.len } };
+			struct proto_msg u = { 0 };
+			struct frame f[24];
+			struct reply rp;
+			size_t n = op_frames(f, &u, &OP_STORE, 1, good, 4);
+
+			raw_send(&R, f, n);
+			CHECK(raw_recv(&R, 5000, &rp));
+			CHECK(rp.nframes == 3 && rp.len[2] == 4 && !memcmp(rp.f[2], XFER_TRUE, 4));
+			reply_free(&rp);
+			proto_msg_free(&u);
+		}
+		proto_msg_free(&k_ok);
+		proto_msg_free(&k_slash);
+		proto_msg_free(&k_mask2);
+		proto_msg_free(&k_lookup0);
+		proto_msg_free(&m_inst2);
+		proto_msg_free(&m_et);
+		raw_close(&R);
+		R = march;
 	}
 
 	/* ---- afterwards: PING, the stored chunk, the counters --------------- */

@@ -344,7 +344,9 @@ static void test_redis(const char *dir)
 	/* Restarted on the same port: the tier reconnects and sharing works again. */
 	rpid = redis_start(port);
 	uint64_t w0 = t_stat_n(&a, "l3_written");
-	for (int i = 0; i < 100 && t_stat_n(&a, "l3_nodes_up") != 1; i++)
+	/* Both nodes reconnect on their own backoff: wait for each, not just A. */
+	for (int i = 0; i < 200 && (t_stat_n(&a, "l3_nodes_up") != 1 ||
+				    t_stat_n(&b, "l3_nodes_up") != 1); i++)
 		usleep(50000);
 	CHECK_EQ(store_prompt(&a, 60, PROMPT), 0);
 	CHECK(wait_stat(&a, "l3_written", w0 + PROMPT) >= w0 + PROMPT);

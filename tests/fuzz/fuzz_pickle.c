@@ -96,7 +96,8 @@ static void register_path(const uint8_t *data, size_t size)
 			struct kv_layout l = r.layers[i].layout;
 			char lerr[128];
 
-			ASSERT(r.layers[i].kind == PROTO_KV_CUDA_IPC);
+			ASSERT(r.layers[i].kind == PROTO_KV_CUDA_IPC ||
+			       r.layers[i].kind == PROTO_KV_HOST_SHM);
 			ASSERT(kv_layout_init(&l, lerr, sizeof(lerr)) == 0);
 			ASSERT(r.layers[i].offset + l.extent_bytes >= r.layers[i].offset);
 			ASSERT(r.layers[i].offset + l.extent_bytes <= r.layers[i].nbytes);
@@ -140,7 +141,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	rc = pk_cuda_ipc_decode(in.data, in.len, &w, err, sizeof(err));
 	if (rc == 0) {
 		ASSERT(w.ndim >= 1 && w.ndim <= PK_MAX_DIMS);
-		ASSERT(w.kind == PK_WRAPPER_CUDA_IPC || w.kind == PK_WRAPPER_RAW_CUDA_IPC);
+		ASSERT(w.kind == PK_WRAPPER_CUDA_IPC || w.kind == PK_WRAPPER_RAW_CUDA_IPC ||
+		       w.kind == PK_WRAPPER_CPU_SHM);
+		ASSERT(memchr(w.shm_name, '\0', sizeof(w.shm_name)));
+		ASSERT(w.kind == PK_WRAPPER_CPU_SHM ? w.shm_name[0] && w.storage_size_bytes :
+		       !w.shm_name[0]);
+		ASSERT(!w.has_alloc_offset || w.kind == PK_WRAPPER_RAW_CUDA_IPC);
 		ASSERT(memchr(w.dtype, '\0', sizeof(w.dtype)) && w.dtype[0]);
 		ASSERT(memchr(w.device_uuid, '\0', sizeof(w.device_uuid)));
 		ASSERT(memchr(w.ref_counter, '\0', sizeof(w.ref_counter)));

@@ -2,8 +2,10 @@
  * fuzz_protocol.c - libFuzzer target for the wire codec (src/protocol.c).
  *
  * Input format (what tests/fuzz/make_corpus.py writes):
- *   byte 0        flags: low 3 bits = frame count - 1 (1..8 frames); bit 7
- *                 shrinks the error buffer to 7 bytes (reason truncation)
+ *   byte 0        flags: low 3 bits = frame count - 1 (1..8 frames); bits
+ *                 3-4 the dialect decoded in (0 march, 1 auto, 2 current,
+ *                 3 march); bit 7 shrinks the error buffer to 7 bytes
+ *                 (reason truncation)
  *   then per frame  2-byte little-endian length, then that many bytes
  *                 (clipped to what is left; missing frames are empty)
  * Frame 0 is the type frame, the rest are argument frames, as the server
@@ -289,6 +291,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		return 0;
 	nframes = (size_t)(data[0] & 7) + 1;
 	errlen = (data[0] & 0x80) ? 7 : sizeof(err);
+	static const enum proto_dialect dialects[4] = {
+		PROTO_DIALECT_MARCH, PROTO_DIALECT_AUTO, PROTO_DIALECT_CURRENT, PROTO_DIALECT_MARCH,
+	};
+	const enum proto_dialect dialect = dialects[(data[0] >> 3) & 3];
 	for (size_t i = 0; i < nframes; i++) {
 		size_t len = 0;
 
@@ -308,17 +314,30 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 	rc = proto_decode_type(&f[0], &type);
 	ASSERT(rc == 0 || rc == -EPROTO || rc == -EBADMSG || rc == -ENOMEM || rc == -E2BIG);
 	err[0] = 'x';
-	rc = proto_decode_request(&f[0], &f[1], nframes - 1, &req, err, errlen);
+	rc = proto_decode_request_in(dialect, &f[0], &f[1], nframes - 1, &req, err, errlen);
 	if (rc == 0) {
-		check_request(&req);
-		round_trip(&req);
+		ASSERT(dialect == PROTO_DIALECT_AUTO || req.dialect == dialect);
+		ASSERT(req.type != PROTO_UNSUPPORTED || (req.op_name && req.op_name[0]));
+		ASSERT(req.nblocks == 0 || req.nblock_lists > 0);
+		/* the encoders write the March forms: re-encode only what March decoded */
+		if (req.dialect == PROTO_DIALECT_MARCH && dialect == PROTO_DIALECT_MARCH) {
+			check_request(&req);
+			round_trip(&req);
+		}
+		if (req.type == PROTO_UNSUPPORTED && req.unsupported_reply != PROTO_UNSUP_NONE) {
+			struct proto_msg m;
+
+			ASSERT(proto_encode_unsupported(&m, req.unsupported_reply) == 0);
+			proto_msg_free(&m);
+		}
 		proto_request_free(&req);
 	} else {
 		ASSERT(rc == -EBADMSG || rc == -EINVAL || rc == -EPROTO || rc == -E2BIG ||
 		       rc == -ENOMEM);
 		/* one line of reason, NUL-terminated within the buffer */
 		ASSERT(memchr(err, '\0', errlen) && !strchr(err, '\n') && err[0] != '\0');
-		ASSERT(!req.key.token_ids && !req.layers && !req.block_ids);
+		ASSERT(!req.key.token_ids && !req.layers && !req.block_ids && !req.groups &&
+		       !req.key.null_chunk_mask);
 	}
 	for (size_t i = 0; i < nframes; i++)
 		reply_round_trip(&f[i]);

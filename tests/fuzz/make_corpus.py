@@ -52,6 +52,8 @@ def pack(o):
     if isinstance(o, (list, tuple)):
         head = bytes([0x90 | len(o)]) if len(o) < 16 else b"\xdc" + struct.pack(">H", len(o))
         return head + b"".join(pack(x) for x in o)
+    if isinstance(o, float):
+        return b"\xcb" + struct.pack(">d", o)
     if isinstance(o, dict):
         head = bytes([0x80 | len(o)]) if len(o) < 16 else b"\xde" + struct.pack(">H", len(o))
         return head + b"".join(pack(k) + pack(v) for k, v in o.items())
@@ -60,13 +62,22 @@ def pack(o):
     raise TypeError(type(o))
 
 
-def seed(type_no, *args, raw=None):
+DIALECT = {"march": 0, "auto": 1, "current": 2}
+
+
+def seed(type_no, *args, raw=None, dialect="march"):
+    """type_no: an int op id, or a str op name (current dialect)."""
     frames = [pack(type_no)] + [pack(a) for a in args] + (raw or [])
     assert 1 <= len(frames) <= 8
-    out = bytes([len(frames) - 1])
+    out = bytes([(len(frames) - 1) | DIALECT[dialect] << 3])
     for f in frames:
         out += struct.pack("<H", len(f)) + f
     return out
+
+
+CUR = {"cache_salt": "", "request_configs": None, "num_kv_readers": 1, "null_chunk_mask": None}
+CUR_NM = {"cache_salt": "s1", "request_configs": {"lmcache.skip_l2": True},
+          "num_kv_readers": 2}
 
 
 def key(worker=None, tokens=(1, 2, 3, 4), start=0, end=4, **extra):
@@ -119,6 +130,30 @@ def main():
         "query_status": seed(6, 0),
         "query_hits": seed(7, 2**40),
         "end_session": seed(9, "cmpl-42"),
+        # the current dialect (protocol.md §11): frozen ids, string ops, the new key
+        "cur_lookup": seed(8, key(**CUR), 1, dialect="auto"),
+        "cur_store_groups": seed(6, key(worker=0, tokens=range(8), end=8, **CUR), 7,
+                                 [[0, 1], [2, 3]], b"stub_ipc_handle", dialect="current"),
+        "cur_retrieve_sem": seed(7, key(worker=0, tokens=range(8), end=8,
+                                        null_chunk_mask=[[False, True], [True]], **CUR_NM),
+                                 7, [[0]], b"\x01" + bytes(80), 3, dialect="current"),
+        "cur_register": seed(1, 7, [desc()], "m", 2, "vllm", {"kv_layout": "NHD"},
+                             [{"engine_group_id": 0, "layer_indices": [0],
+                               "tokens_per_block": 16, "sw_size_tokens": -1}],
+                             dialect="auto"),
+        "cur_query": seed(9, "cmpl-42", dialect="current"),
+        "cur_wait": seed(10, "cmpl-42", 0.5, dialect="current"),
+        "cur_end_info": seed(13, "r", {"finish_reason": "stop", "stop_token_id": 2},
+                             dialect="current"),
+        "cur_clear_force": seed(20, True, dialect="current"),
+        "cur_ping": seed(22, None, dialect="auto"),
+        "cur_experimental": seed(32, dialect="current"),
+        "cur_report": seed(23, 7, "m", [{"req_id": "r", "new_block_ids": [1],
+                                         "new_token_ids": [5]}], dialect="current"),
+        "cur_unsupported": seed(14, {"instance_id": 7}, dialect="current"),
+        "cur_str_op": seed("store_with_chunk_events", key(**CUR), 7, [[0]], b"",
+                           dialect="current"),
+        "ambiguous_9": seed(9, "r", dialect="auto"),
         # reply documents, as the client sees them (the harness decodes every
         # frame as a reply too)
         "replies": seed(13, raw=[b"\x92\xc4\x00\xc3", b"\x92\xc4\x40" + ev + b"\xc2",
