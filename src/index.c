@@ -518,8 +518,10 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 			break;
 		}
 		node = do_lru_tail(&ix->lru);
+		/* A hooked entry's slot is freed after the hook (below): count it as
+		 * free already, or one reservation would evict a whole batch. */
 		while (node && n < EVICT_BATCH && scanned < EVICT_SCAN && total + n < max &&
-		       pool_free_slots(ix->pool) < target_free) {
+		       pool_free_slots(ix->pool) + nhook < target_free) {
 			/* Nodes on the list are alive: freeing one needs lru->lock to unlink it. */
 			struct idx_entry *e = lru_entry(node, struct idx_entry, lru);
 			struct idx_shard *sh = &ix->shards[e->shard];

@@ -454,6 +454,14 @@ static void test_prefix_lookup(void)
 	teardown(p, ix);
 }
 
+/* An eviction hook that only counts its calls (it runs with no index lock held). */
+static int hook_calls;
+static void count_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
+{
+	(void)arg, (void)k, (void)data, (void)nbytes;
+	hook_calls++;
+}
+
 static void test_eviction(void)
 {
 	struct idx_entry *w7, *wn0, *pinned, *pe, *fill[4];
@@ -553,6 +561,24 @@ static void test_eviction(void)
 	CHECK_EQ(st.evictions, 3);
 	idx_abort_write(ix, wn0);
 	idx_abort_write(ix, fill[0]);
+	INV(ix);
+	teardown(p, ix);
+
+	/* With an eviction hook (demotion to L2) a slot frees only after the
+	 * hook has read it: one reservation must still evict just what it
+	 * needs, not a whole batch. */
+	setup(8, &(struct idx_config){ .nshards = 2, .evict_low_watermark_slots = 1 }, &p, &ix);
+	hook_calls = 0;
+	idx_set_evict_hook(ix, count_hook, NULL);
+	for (uint32_t i = 0; i < 8; i++)
+		store(ix, &k[i]);
+	REQUIRE(idx_reserve_write(ix, &n[0], OBJ, &wn0) == 0);
+	idx_get_stats(ix, &st);
+	CHECK_EQ(st.evictions, 1);
+	CHECK_EQ(hook_calls, 1);
+	for (uint32_t i = 0; i < 8; i++)	/* only the oldest went */
+		CHECK_EQ(state_of(ix, &k[i]) == IDX_FREE, i == 0);
+	idx_abort_write(ix, wn0);
 	INV(ix);
 	teardown(p, ix);
 }
