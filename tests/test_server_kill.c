@@ -183,28 +183,46 @@ static void child_truncate_first(int status_w, int64_t instance)
 		dst[b] = CHILD_NB / 2 + b;
 	}
 	make_tokens(tok, 2 * CHILD_CHUNKS * C, (uint64_t)getpid() << 32);
-	/* Chunks [0, 8) stored while the buffer is whole. */
+	/* Chunks [0, 8) stored while the buffer is whole. A STORE succeeds even
+	 * when some chunks found no room (the pool is full of other clients'
+	 * locked chunks) or outlived --write-ttl-s on a loaded machine, so store
+	 * until a LOOKUP finds all 8: its locks also keep them from eviction
+	 * until the RETRIEVE below. */
 	struct kvstash_key k = { .model = MODEL, .world_size = 1, .worker_id = 0, .tokens = tok,
 				 .ntokens = 2 * CHILD_CHUNKS * C, .start = 0,
 				 .end = CHILD_CHUNKS * C, .request_id = rid };
-	if (kvstash_store(c, &k, instance, src, CHILD_NB / 2))
-		_exit(4);
+	int64_t found = 0;
+
+	for (int attempt = 0; found != CHILD_CHUNKS; attempt++) {
+		if (attempt == 50 || kvstash_store(c, &k, instance, src, CHILD_NB / 2))
+			_exit(4);
+		k.worker_id = -1;
+		if (kvstash_lookup_chunks(c, &k, 1, &found))
+			_exit(5);
+		k.worker_id = 0;
+		if (found != CHILD_CHUNKS)
+			usleep(100000);
+	}
 	if (ftruncate(buf.fd, 0))
 		_exit(6);
 	/* Chunks [8, 16): the server's copy reads past EOF (SIGBUS). */
 	k.start = CHILD_CHUNKS * C;
 	k.end = 2 * CHILD_CHUNKS * C;
 	int rc = kvstash_store(c, &k, instance, src, CHILD_NB / 2);
-	child_say(status_w, rc == -EIO && strstr(kvstash_last_error(), "bus error") ? 'S' : 's');
-	if (rc != -EIO)
+	bool store_faulted = rc == -EIO && strstr(kvstash_last_error(), "bus error");
+
+	child_say(status_w, store_faulted ? 'S' : 's');
+	if (!store_faulted)
 		fprintf(stderr, "child: STORE into a truncated buffer: %d %s\n", rc,
 			kvstash_last_error());
 	/* RETRIEVE of the chunks [0, 8): the server's copy writes past EOF. */
 	k.start = 0;
 	k.end = CHILD_CHUNKS * C;
 	rc = kvstash_retrieve(c, &k, instance, dst, CHILD_NB / 2, 0);
-	child_say(status_w, rc == -ENOENT && strstr(kvstash_last_error(), "bus error") ? 'G' : 'g');
-	if (rc != -ENOENT)
+	bool retrieve_faulted = rc == -ENOENT && strstr(kvstash_last_error(), "bus error");
+
+	child_say(status_w, retrieve_faulted ? 'G' : 'g');
+	if (!retrieve_faulted)
 		fprintf(stderr, "child: RETRIEVE into a truncated buffer: %d %s\n", rc,
 			kvstash_last_error());
 	for (;;)

@@ -293,7 +293,11 @@ static void test_sigterm(void)
 	g_endpoint = d->endpoint;
 	for (int i = 0; i < NSTORERS; i++)
 		REQUIRE(pthread_create(&th[i], NULL, storer, (void *)(intptr_t)i) == 0);
+	/* Stop mid-traffic: after at least one answered STORE (a loaded 2-core
+	 * machine may need more than the usual 1.5 s to get there). */
 	usleep(1500000);
+	for (int i = 0; i < 3000 && atomic_load(&answered) == 0; i++)
+		usleep(10000);
 	REQUIRE(kill(d->pid, SIGTERM) == 0);
 	for (int i = 0; i < 1000; i++) {
 		if (waitpid(d->pid, &status, WNOHANG) == d->pid)
