@@ -977,7 +977,7 @@ static int decode_mem_blob(const struct pk_value *b, struct pk_cuda_ipc *w, stru
 /* The 8-tuple of THPStorage_shareCuda (torch/csrc/StorageSharing.cpp). */
 static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
-	int64_t v;
+	int64_t v = 0;	/* set by want_int on success; gcc -O3 cannot see that */
 	int rc;
 
 	if (!h)
@@ -1042,7 +1042,7 @@ static int decode_share_cuda(const struct pk_value *h, struct pk_cuda_ipc *w, st
 static int decode_raw(const struct pk_value *st, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	const struct pk_value *v = pk_dict_get(st, "_ipc_handle_reserved");
-	int64_t x;
+	int64_t x = 0;	/* set by want_int on success; gcc -O3 cannot see that */
 	int rc;
 
 	w->kind = PK_WRAPPER_RAW_CUDA_IPC;
@@ -1081,7 +1081,7 @@ static int decode_cpu_shm(const struct pk_value *st, struct pk_cuda_ipc *w, stru
 	const uint8_t *body;
 	size_t body_len;
 	char q[48];
-	int64_t x;
+	int64_t x = 0;	/* set by want_int on success; gcc -O3 cannot see that */
 	int rc;
 
 	w->kind = PK_WRAPPER_CPU_SHM;
@@ -1125,7 +1125,7 @@ static int decode_cpu_shm(const struct pk_value *st, struct pk_cuda_ipc *w, stru
 static int decode_wrapper(const struct pk_value *root, struct pk_cuda_ipc *w, struct ks_errbuf *e)
 {
 	const struct pk_value *st, *v;
-	int64_t x;
+	int64_t x = 0;	/* set by want_int on success; gcc -O3 cannot see that */
 	uint32_t ndim;
 	int rc;
 
