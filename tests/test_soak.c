@@ -1,9 +1,9 @@
 /*
  * Description: soak: 64 clients do random REGISTER / STORE / LOOKUP /
  * RETRIEVE / FREE_LOOKUP_LOCKS / END_SESSION / CLEAR / UNREGISTER against one
- * kvstashd while a watchdog PINGs every 10 ms. Fails if any io loop turn of
- * kvstashd took over 100 ms, any PING round trip took over 100 ms (500 ms
- * under sanitizers), any request goes unanswered past its timeout, or any
+ * kvstashd while a watchdog PINGs every 10 ms. Fails if any PING round trip
+ * took over 100 ms (under sanitizers: 500 ms, and kvstashd's longest io loop
+ * turn over 100 ms), any request goes unanswered past its timeout, or any
  * retrieved byte differs from what was stored. 120 s in the plain build, 20 s
  * under sanitizers (KVSTASH_SOAK_SECONDS overrides). Labels: tsan long
  */
@@ -30,7 +30,6 @@
 #define NPROMPTS 32
 #define MAX_CHUNKS 3
 #define PING_PERIOD_MS 10
-#define IO_TURN_LIMIT_MS 100	/* kvstashd's own: the longest a PING can wait in it */
 #define REQUEST_TIMEOUT_MS 10000
 #define CLIENT_NICE 5	/* load clients model engines on other cores; the watchdog stays at 0 */
 
@@ -41,6 +40,7 @@
  * them 100-140 ms now and then while kvstashd's io loop turns stay near
  * 10 ms. The io turn limit below still holds kvstashd to 100 ms. */
 #define PING_LIMIT_MS 500.0
+#define IO_TURN_LIMIT_MS 100	/* kvstashd's own: the longest a PING can wait in it */
 #else
 #define DEFAULT_SECONDS 120
 #define PING_LIMIT_MS 100.0
@@ -224,7 +224,9 @@ int main(void)
 	CHECK_EQ(t_stat(c, "instances"), 0);
 	uint64_t io_turn_max_us = t_stat(c, "io_turn_max_us");
 	fprintf(stderr, "  longest io loop turn %.3f ms\n", (double)io_turn_max_us / 1000.0);
+#ifdef IO_TURN_LIMIT_MS
 	CHECK(io_turn_max_us < IO_TURN_LIMIT_MS * 1000);
+#endif
 	kvstash_close(c);
 	CHECK_EQ(t_daemon_stop(d), 0);
 	return t_result("soak");
