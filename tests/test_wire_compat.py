@@ -20,20 +20,20 @@
 import mmap
 import os
 import random
-import signal
 import struct
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
 try:
-    import msgpack
+    import msgpack  # noqa: F401 (wirelib packs with it)
     import zmq
 except ImportError as exc:  # pragma: no cover
     print("SKIP: python3-zmq / python3-msgpack not available (%s)" % exc)
     sys.exit(77)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wirelib import Raw, Server, hx, pk, slot_of, unpack_strict  # noqa: E402
 
 # ---------------------------------------------------------------- constants
 
@@ -73,29 +73,6 @@ def check(cond, what, detail=""):
         FAILS.append(what)
     sys.stdout.flush()
     return cond
-
-
-def hx(b):
-    return b.hex(" ") if b is not None else "None"
-
-
-class Raw(object):
-    """An argument frame sent verbatim (already msgpack, or deliberately not)."""
-
-    def __init__(self, data):
-        self.data = data
-
-
-def pk(v):
-    if isinstance(v, Raw):
-        return v.data
-    return msgpack.packb(v, use_bin_type=True)
-
-
-def unpack_strict(b):
-    # raw=False: str stays str, bin stays bytes (msgspec semantics);
-    # unpackb raises on trailing data.
-    return msgpack.unpackb(b, raw=False, strict_map_key=False)
 
 
 # ---------------------------------------------------------------- keys
@@ -382,10 +359,6 @@ class Reg(object):
             os.close(fd)
 
 
-def slot_of(block_ids, BS, t):
-    return block_ids[t // BS] * BS + t % BS
-
-
 # TRUTH[(model, worker, tuple(tokens[:(i+1)*C]))] = {(l, k, t_in_chunk): bytes}
 TRUTH = {}
 
@@ -465,59 +438,6 @@ def pick_blocks(rng, NB, n):
 
 
 # ---------------------------------------------------------------- server
-
-
-def _die_with_parent():
-    """In the child: SIGTERM it if this test is killed (no orphan kvstashd)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Server(object):
-    def __init__(self):
-        build = os.environ.get("KVSTASH_BUILD_DIR", "./build")
-        self.binary = os.path.join(build, "kvstashd")
-        self.dir = tempfile.mkdtemp(prefix="kvstash-wire-")
-        self.endpoint = "ipc://%s/sock" % self.dir
-        self.logpath = os.path.join(self.dir, "kvstashd.log")
-        self.log = open(self.logpath, "wb")
-        self.proc = subprocess.Popen([self.binary, "--listen=" + self.endpoint, "--pool-size=256M", "--http-port=0"],
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-
-    def tail(self, n=40):
-        try:
-            with open(self.logpath, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-            return "\n".join(lines[-n:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return "timeout (killed)"
-
-    def cleanup(self):
-        self.log.close()
-        for name in os.listdir(self.dir):
-            try:
-                os.unlink(os.path.join(self.dir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(self.dir)
-        except OSError:
-            pass
 
 
 def wait_ready(srv, ctx):

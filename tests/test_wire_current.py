@@ -33,10 +33,7 @@ import mmap
 import os
 import pickle
 import random
-import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 import traceback
@@ -49,6 +46,9 @@ try:
 except ImportError as exc:  # pragma: no cover
     print("SKIP: python3-zmq / python3-msgpack not available (%s)" % exc)
     sys.exit(77)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from wirelib import Server, hx, pk, slot_of, unpack_strict  # noqa: E402
 
 # ---------------------------------------------------------------- constants
 
@@ -137,31 +137,8 @@ def count_check():
         NCHECKS[0] += 1
 
 
-def hx(b):
-    return b.hex(" ") if b is not None else "None"
-
-
 def frames_hx(fr):
     return "[%s]" % ", ".join("[%s]" % hx(f) for f in fr) if fr is not None else "None"
-
-
-class Raw(object):
-    """An argument frame sent verbatim (already msgpack)."""
-
-    def __init__(self, data):
-        self.data = data
-
-
-def pk(v):
-    if isinstance(v, Raw):
-        return v.data
-    return msgpack.packb(v, use_bin_type=True)
-
-
-def unpack_strict(b):
-    # raw=False: str stays str, bin stays bytes (msgspec semantics);
-    # unpackb raises on trailing data.
-    return msgpack.unpackb(b, raw=False, strict_map_key=False)
 
 
 # ---------------------------------------------------------------- msgspec-strict reply types
@@ -650,10 +627,6 @@ class KV(object):
         self.segs = []
 
 
-def slot_of(block_ids, BS, t):
-    return block_ids[t // BS] * BS + t % BS
-
-
 def pick_blocks(rng, reg, ntokens):
     """Block ids covering ntokens: one list per group (current) or a flat list (March)."""
     n = ntokens // reg.BS
@@ -753,60 +726,6 @@ def do_retrieve(cli, reg, tokens, start, end, worker, blocks, skip, what, want_o
 
 
 # ---------------------------------------------------------------- server
-
-
-def _die_with_parent():
-    """In the child: SIGTERM it if this test is killed (no orphan kvstashd)."""
-    try:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
-class Server(object):
-    def __init__(self, extra=()):
-        build = os.environ.get("KVSTASH_BUILD_DIR", "./build")
-        self.binary = os.path.join(build, "kvstashd")
-        self.dir = tempfile.mkdtemp(prefix="kvstash-wirecur-")
-        self.endpoint = "ipc://%s/s.sock" % self.dir
-        self.logpath = os.path.join(self.dir, "kvstashd.log")
-        self.log = open(self.logpath, "wb")
-        self.args = list(extra)
-        self.proc = subprocess.Popen([self.binary, "--listen=" + self.endpoint, "--pool-size=256M", "--workers=2",
-                                      "--http-port=0"] + self.args,
-                                     stdout=self.log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-
-    def tail(self, n=40):
-        try:
-            with open(self.logpath, "rb") as f:
-                lines = f.read().decode("utf-8", "replace").splitlines()
-            return "\n".join(lines[-n:])
-        except OSError:
-            return ""
-
-    def stop(self):
-        if self.proc.poll() is not None:
-            return self.proc.returncode
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return "timeout (killed)"
-
-    def cleanup(self):
-        self.log.close()
-        for name in os.listdir(self.dir):
-            try:
-                os.unlink(os.path.join(self.dir, name))
-            except OSError:
-                pass
-        try:
-            os.rmdir(self.dir)
-        except OSError:
-            pass
 
 
 def wait_ready(srv, ctx):
@@ -1354,9 +1273,9 @@ def main():
     clients = []
     crashed = False
     try:
-        srv = Server()
-        srv_cur = Server(["--protocol=current"])
-        srv_mar = Server(["--protocol=march"])
+        srv = Server("kvstash-wirecur-", "s.sock", ["--workers=2"])
+        srv_cur = Server("kvstash-wirecur-", "s.sock", ["--workers=2", "--protocol=current"])
+        srv_mar = Server("kvstash-wirecur-", "s.sock", ["--workers=2", "--protocol=march"])
         servers = [srv, srv_cur, srv_mar]
         for s in servers:
             if not check(wait_ready(s, ctx), "kvstashd %s starts and answers KS_STATS on %s" %

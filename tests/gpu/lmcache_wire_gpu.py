@@ -16,8 +16,6 @@ with skip_first_n_tokens, waits on the server's event, and compares on the
 GPU. A second process (spawned, its own CUDA context) does the same at the
 same time. Exit 0 pass, 1 fail, 77 skip (no torch / GPU / libzmq).
 """
-import ctypes
-import ctypes.util
 import os
 import pickle
 import random
@@ -41,55 +39,10 @@ def check(what, cond):
         failures += 1
 
 
-# ---- libzmq through ctypes --------------------------------------------------------
+# ---- libzmq through ctypes (zmq_ctypes.py) ----------------------------------------
 
-class Zmq:
-    ZMQ_DEALER, ZMQ_RCVMORE, ZMQ_SNDMORE, ZMQ_LINGER, ZMQ_RCVTIMEO = 5, 13, 2, 17, 27
-
-    def __init__(self):
-        name = os.environ.get("KVSTASH_LIBZMQ") or ctypes.util.find_library("zmq") or "libzmq.so.5"
-        self.lib = ctypes.CDLL(name)
-        L = self.lib
-        L.zmq_ctx_new.restype = ctypes.c_void_p
-        L.zmq_socket.restype = ctypes.c_void_p
-        L.zmq_socket.argtypes = [ctypes.c_void_p, ctypes.c_int]
-        L.zmq_connect.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
-        L.zmq_send.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        L.zmq_recv.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        L.zmq_setsockopt.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_size_t]
-        L.zmq_getsockopt.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
-                                     ctypes.POINTER(ctypes.c_size_t)]
-        L.zmq_close.argtypes = [ctypes.c_void_p]
-        self.ctx = L.zmq_ctx_new()
-
-    def dealer(self, ep, timeout_ms=20000):
-        s = self.lib.zmq_socket(self.ctx, self.ZMQ_DEALER)
-        v = ctypes.c_int(0)
-        self.lib.zmq_setsockopt(s, self.ZMQ_LINGER, ctypes.byref(v), 4)
-        v = ctypes.c_int(timeout_ms)
-        self.lib.zmq_setsockopt(s, self.ZMQ_RCVTIMEO, ctypes.byref(v), 4)
-        assert self.lib.zmq_connect(s, ep.encode()) == 0
-        return s
-
-    def send(self, s, frames):
-        for i, f in enumerate(frames):
-            buf = ctypes.create_string_buffer(f, len(f))
-            flags = self.ZMQ_SNDMORE if i + 1 < len(frames) else 0
-            assert self.lib.zmq_send(s, buf, len(f), flags) == len(f)
-
-    def recv(self, s):
-        frames, more = [], 1
-        buf = ctypes.create_string_buffer(1 << 16)
-        while more:
-            n = self.lib.zmq_recv(s, buf, len(buf), 0)
-            if n < 0:
-                return None
-            frames.append(buf.raw[:n])
-            m = ctypes.c_int(0)
-            sz = ctypes.c_size_t(4)
-            self.lib.zmq_getsockopt(s, self.ZMQ_RCVMORE, ctypes.byref(m), ctypes.byref(sz))
-            more = m.value
-        return frames
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from zmq_ctypes import Zmq  # noqa: E402
 
 
 # ---- LMCache's CudaIPCWrapper, under its real module path -----------------------
