@@ -57,6 +57,10 @@ void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t n
 {
 	struct srv *s = arg;
 
+	/* The chunk leaves the pool: a queued report, never a wait. */
+	kve_removed(s->kve, k, KVE_MEDIUM_CPU);
+	if (!s->l2)
+		return;
 	/* A copy into the tier's bounded staging; a full tier drops, never blocks. */
 	if (tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done, s))
 		ctr_add(&s->ctr.demote_dropped, 1);
