@@ -40,17 +40,40 @@
 #define KVE_WAIT_MS 20u
 #define KVE_DRAIN_MS 1000u
 
-enum kve_type { KVE_STORED = 0, KVE_REMOVED, KVE_CLEARED };
+/*
+ * KVE_STORED with medium DISK carries no tokens: the publisher takes them
+ * from its block table (the chunk's CPU BlockStored). KVE_REMOVED of CPU
+ * with demoting set keeps the table entry until KVE_STORED DISK or
+ * KVE_DEMOTE_FAILED says how the demotion ended.
+ */
+enum kve_type { KVE_STORED = 0, KVE_REMOVED, KVE_CLEARED, KVE_DEMOTE_FAILED };
 
 struct kve_report {
 	struct kve_report *next;
 	uint8_t type;		/* enum kve_type */
 	uint8_t medium;		/* enum kve_medium */
 	bool has_parent;
+	bool demoting;
 	uint64_t hash, parent;
 	uint32_t ntokens;
 	uint32_t tokens[];
 };
+
+/*
+ * What the publisher knows of one announced block: its tokens and parent
+ * (to announce it again in another medium, or after a CLEAR of the pool)
+ * and the mediums it is in. Publisher thread only.
+ */
+struct kve_block {
+	struct kve_block *next;
+	uint64_t hash, parent;
+	bool has_parent, cpu, disk;
+	uint32_t pending;	/* demotions under way */
+	uint32_t ntokens;
+	uint32_t tokens[];
+};
+
+#define KVE_TABLE_BUCKETS 65536u
 
 struct kve_batch {
 	uint64_t seq;
@@ -72,6 +95,8 @@ struct kve {
 	char *topic;
 	size_t topic_len;
 	uint64_t seq;
+	struct kve_block **table;	/* [KVE_TABLE_BUCKETS] announced blocks */
+	uint32_t carry_dropped;	/* drops not yet shown by a sequence gap */
 	struct kve_batch *ring;	/* [buffer] replay buffer, oldest at ring_head */
 	uint32_t ring_cap, ring_head, ring_len;
 	uint64_t stall_ms;
@@ -82,7 +107,8 @@ struct kve {
 	_Atomic uint64_t n_replays, n_replay_bad, next_seq;
 };
 
-static const char *const medium_name[] = { "CPU", "DISK", "REDIS" };
+/* vLLM's names: CPULoadStoreSpec / DiskLoadStoreSpec .medium(). */
+static const char *const medium_name[] = { "CPU", "Disk" };
 
 static uint64_t load_be64(const uint8_t *p)
 {
@@ -151,6 +177,9 @@ static void enqueue(struct kve *ev, struct kve_report *r)
 	}
 }
 
+static void report_key(struct kve *ev, const struct ks_key *k, uint8_t type, uint8_t medium,
+		       bool demoting);
+
 void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
 		const uint32_t *tokens, uint32_t ntokens, enum kve_medium medium)
 {
@@ -174,19 +203,36 @@ void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
 
 void kve_removed(struct kve *ev, const struct ks_key *k, enum kve_medium medium)
 {
-	struct kve_report *r;
-
 	if (!ev)
 		return;
-	r = malloc(sizeof(*r));
+	report_key(ev, k, KVE_REMOVED, (uint8_t)medium, false);
+}
+
+static void report_key(struct kve *ev, const struct ks_key *k, uint8_t type, uint8_t medium,
+		       bool demoting)
+{
+	struct kve_report *r = malloc(sizeof(*r));
+
 	if (r) {
-		r->type = KVE_REMOVED;
-		r->medium = (uint8_t)medium;
+		memset(r, 0, sizeof(*r));
+		r->type = type;
+		r->medium = medium;
+		r->demoting = demoting;
 		r->hash = kve_block_hash(k, k->chunk_hash);
-		r->has_parent = false;
-		r->ntokens = 0;
 	}
 	enqueue(ev, r);
+}
+
+void kve_demoting(struct kve *ev, const struct ks_key *k)
+{
+	if (ev)
+		report_key(ev, k, KVE_REMOVED, KVE_MEDIUM_CPU, true);
+}
+
+void kve_demoted(struct kve *ev, const struct ks_key *k, bool ok)
+{
+	if (ev)
+		report_key(ev, k, ok ? KVE_STORED : KVE_DEMOTE_FAILED, KVE_MEDIUM_DISK, false);
 }
 
 void kve_cleared(struct kve *ev)
@@ -214,53 +260,161 @@ static void pack_str(msgpack_packer *pk, const char *s)
 }
 
 /*
- * One event as vLLM's msgspec encodes a tagged struct (omit_defaults): a map
- * whose "type" is the class name, then its fields in declaration order;
- * fields without a default are always present, defaulted ones only when set.
+ * Events are packed as vLLM's msgspec encodes its tagged structs
+ * (omit_defaults): a map whose "type" is the class name, then the fields in
+ * declaration order; fields without a default are always present, defaulted
+ * ones only when set.
  */
-static void pack_event(msgpack_packer *pk, const struct kve_report *r)
+static void pack_stored(msgpack_packer *pk, uint64_t hash, bool has_parent, uint64_t parent,
+			const uint32_t *tokens, uint32_t ntokens, uint8_t medium)
 {
+	msgpack_pack_map(pk, 8);
+	pack_str(pk, "type");
+	pack_str(pk, "BlockStored");
+	pack_str(pk, "block_hashes");
+	msgpack_pack_array(pk, 1);
+	msgpack_pack_uint64(pk, hash);
+	pack_str(pk, "parent_block_hash");
+	if (has_parent)
+		msgpack_pack_uint64(pk, parent);
+	else
+		msgpack_pack_nil(pk);
+	pack_str(pk, "token_ids");
+	msgpack_pack_array(pk, ntokens);
+	for (uint32_t t = 0; t < ntokens; t++)
+		msgpack_pack_uint32(pk, tokens[t]);
+	pack_str(pk, "block_size");
+	msgpack_pack_uint32(pk, ntokens);	/* one block = one whole chunk */
+	pack_str(pk, "lora_id");
+	msgpack_pack_nil(pk);
+	pack_str(pk, "medium");
+	pack_str(pk, medium_name[medium]);
+	pack_str(pk, "lora_name");
+	msgpack_pack_nil(pk);
+}
+
+static void pack_removed(msgpack_packer *pk, uint64_t hash, uint8_t medium)
+{
+	msgpack_pack_map(pk, 3);
+	pack_str(pk, "type");
+	pack_str(pk, "BlockRemoved");
+	pack_str(pk, "block_hashes");
+	msgpack_pack_array(pk, 1);
+	msgpack_pack_uint64(pk, hash);
+	pack_str(pk, "medium");
+	pack_str(pk, medium_name[medium]);
+}
+
+static struct kve_block **table_slot(struct kve *ev, uint64_t hash)
+{
+	struct kve_block **p = &ev->table[(hash ^ hash >> 29) & (KVE_TABLE_BUCKETS - 1)];
+
+	while (*p && (*p)->hash != hash)
+		p = &(*p)->next;
+	return p;
+}
+
+/* Forget @*p if no medium holds it and no demotion is under way. */
+static void table_release(struct kve_block **p)
+{
+	struct kve_block *b = *p;
+
+	if (b && !b->cpu && !b->disk && !b->pending) {
+		*p = b->next;
+		free(b);
+	}
+}
+
+/* Pack what report @r means for consumers; returns the number of events. */
+static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_report *r)
+{
+	struct kve_block **p, *b;
+	uint32_t n = 0;
+
 	switch (r->type) {
 	case KVE_STORED:
-		msgpack_pack_map(pk, 8);
-		pack_str(pk, "type");
-		pack_str(pk, "BlockStored");
-		pack_str(pk, "block_hashes");
-		msgpack_pack_array(pk, 1);
-		msgpack_pack_uint64(pk, r->hash);
-		pack_str(pk, "parent_block_hash");
-		if (r->has_parent)
-			msgpack_pack_uint64(pk, r->parent);
-		else
-			msgpack_pack_nil(pk);
-		pack_str(pk, "token_ids");
-		msgpack_pack_array(pk, r->ntokens);
-		for (uint32_t t = 0; t < r->ntokens; t++)
-			msgpack_pack_uint32(pk, r->tokens[t]);
-		pack_str(pk, "block_size");
-		msgpack_pack_uint32(pk, r->ntokens);	/* one block = one whole chunk */
-		pack_str(pk, "lora_id");
-		msgpack_pack_nil(pk);
-		pack_str(pk, "medium");
-		pack_str(pk, medium_name[r->medium]);
-		pack_str(pk, "lora_name");
-		msgpack_pack_nil(pk);
-		break;
+		p = table_slot(ev, r->hash);
+		b = *p;
+		if (r->medium == KVE_MEDIUM_CPU) {
+			if (!b) {
+				b = malloc(sizeof(*b) + (size_t)r->ntokens * sizeof(uint32_t));
+				if (b) {
+					*b = (struct kve_block){ .hash = r->hash, .parent = r->parent,
+								 .has_parent = r->has_parent,
+								 .ntokens = r->ntokens };
+					memcpy(b->tokens, r->tokens,
+					       (size_t)r->ntokens * sizeof(uint32_t));
+					*p = b;
+				}
+			}
+			if (b)
+				b->cpu = true;
+			pack_stored(pk, r->hash, r->has_parent, r->parent, r->tokens, r->ntokens,
+				    KVE_MEDIUM_CPU);
+			return 1;
+		}
+		/* Demoted to disk: announced with the tokens kept from its CPU store. */
+		if (!b)
+			return 0;
+		if (b->pending)
+			b->pending--;
+		if (!b->disk) {
+			b->disk = true;
+			pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens, b->ntokens,
+				    KVE_MEDIUM_DISK);
+			n = 1;
+		}
+		return n;
+	case KVE_DEMOTE_FAILED:
+		p = table_slot(ev, r->hash);
+		if (*p && (*p)->pending)
+			(*p)->pending--;
+		table_release(p);
+		return 0;
 	case KVE_REMOVED:
-		msgpack_pack_map(pk, 3);
-		pack_str(pk, "type");
-		pack_str(pk, "BlockRemoved");
-		pack_str(pk, "block_hashes");
-		msgpack_pack_array(pk, 1);
-		msgpack_pack_uint64(pk, r->hash);
-		pack_str(pk, "medium");
-		pack_str(pk, medium_name[r->medium]);
-		break;
+		p = table_slot(ev, r->hash);
+		b = *p;
+		if (r->medium == KVE_MEDIUM_CPU) {
+			if (b) {
+				b->cpu = false;
+				b->pending += r->demoting;
+				table_release(p);
+			}
+			pack_removed(pk, r->hash, KVE_MEDIUM_CPU);
+			return 1;
+		}
+		/* Leaving the disk: only what was announced there. */
+		if (!b || !b->disk)
+			return 0;
+		b->disk = false;
+		table_release(p);
+		pack_removed(pk, r->hash, KVE_MEDIUM_DISK);
+		return 1;
 	default:
+		/* The pool is empty; what is on disk stays, announced again. */
 		msgpack_pack_map(pk, 1);
 		pack_str(pk, "type");
 		pack_str(pk, "AllBlocksCleared");
-		break;
+		n = 1;
+		for (uint32_t i = 0; i < KVE_TABLE_BUCKETS; i++) {
+			p = &ev->table[i];
+			while (*p) {
+				b = *p;
+				b->cpu = false;
+				if (b->disk) {
+					pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens,
+						    b->ntokens, KVE_MEDIUM_DISK);
+					n++;
+				}
+				if (!b->disk && !b->pending) {
+					*p = b->next;
+					free(b);
+				} else {
+					p = &b->next;
+				}
+			}
+		}
+		return n;
 	}
 }
 
@@ -279,24 +433,36 @@ static void ring_push(struct kve *ev, uint64_t seq, char *data, size_t len)
 	ev->ring_len++;
 }
 
-static void publish(struct kve *ev, struct kve_report *list, uint32_t n, uint32_t dropped)
+static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
 {
-	msgpack_sbuffer sb;
-	msgpack_packer pk;
+	msgpack_sbuffer body, sb;
+	msgpack_packer bpk, pk;
 	struct timespec ts;
 	uint8_t seqb[8];
+	uint32_t n = 0;
 	int rc;
 
-	if (dropped)
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
+	for (struct kve_report *r = list; r; r = r->next)
+		n += apply(ev, &bpk, r);
+	ev->carry_dropped += dropped;
+	if (!n) {
+		msgpack_sbuffer_destroy(&body);
+		return;
+	}
+	if (ev->carry_dropped) {
 		ev->seq++;	/* a number no batch carries: the consumer sees the gap */
+		ev->carry_dropped = 0;
+	}
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	clock_gettime(CLOCK_REALTIME, &ts);
 	msgpack_pack_array(&pk, 3);
 	msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
 	msgpack_pack_array(&pk, n);
-	for (struct kve_report *r = list; r; r = r->next)
-		pack_event(&pk, r);
+	msgpack_sbuffer_write(&sb, body.data, body.size);
+	msgpack_sbuffer_destroy(&body);
 	msgpack_pack_int(&pk, 0);	/* data_parallel_rank */
 
 	store_be64(seqb, ev->seq);
@@ -432,7 +598,7 @@ static void *publisher_main(void *arg)
 
 				nanosleep(&d, NULL);
 			}
-			publish(ev, list, n, dropped);
+			publish(ev, list, dropped);
 			free_list(list);
 		}
 		if (stop)
@@ -459,6 +625,14 @@ static void kve_free(struct kve *ev)
 	for (uint32_t i = 0; ev->ring && i < ev->ring_len; i++)
 		free(ev->ring[(ev->ring_head + i) % ev->ring_cap].data);
 	free(ev->ring);
+	for (uint32_t i = 0; ev->table && i < KVE_TABLE_BUCKETS; i++)
+		while (ev->table[i]) {
+			struct kve_block *b = ev->table[i];
+
+			ev->table[i] = b->next;
+			free(b);
+		}
+	free(ev->table);
 	free(ev->topic);
 	free_list(ev->head);
 	ks_cond_destroy(&ev->cond);
@@ -497,9 +671,10 @@ int kve_create(const struct kve_config *cfg, struct kve **out, char *err, size_t
 	ev->stall_ms = cfg->stall_ms;
 	ev->ring_cap = cfg->buffer_batches;
 	ev->ring = calloc(ev->ring_cap, sizeof(*ev->ring));
+	ev->table = calloc(KVE_TABLE_BUCKETS, sizeof(*ev->table));
 	ev->topic = strdup(cfg->topic ? cfg->topic : "");
 	ev->zctx = zmq_ctx_new();
-	if (!ev->ring || !ev->topic || !ev->zctx) {
+	if (!ev->ring || !ev->table || !ev->topic || !ev->zctx) {
 		rc = -ENOMEM;
 		snprintf(err, errlen, "kv events: out of memory");
 		goto fail;

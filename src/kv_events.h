@@ -26,7 +26,7 @@
 struct kve;
 
 /* Storage mediums as vLLM names them (BlockStored/BlockRemoved "medium"). */
-enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK, KVE_MEDIUM_REDIS };
+enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK };
 
 struct kve_config {
 	const char *endpoint;		/* PUB: bind if it has '*', '::', ipc:// or inproc://, else connect */
@@ -59,8 +59,15 @@ void kve_destroy(struct kve *ev);
  */
 void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
 		const uint32_t *tokens, uint32_t ntokens, enum kve_medium medium);
-/* Chunk @k left @medium (evicted, demoted, removed). Never blocks. */
+/* Chunk @k left @medium (evicted from the pool, removed from disk). Never blocks. */
 void kve_removed(struct kve *ev, const struct ks_key *k, enum kve_medium medium);
+/*
+ * Chunk @k, evicted from the pool, is being written to the disk tier: it left
+ * CPU; kve_demoted says how the write ended (ok: BlockStored "Disk" with the
+ * tokens of its CPU store). Never block.
+ */
+void kve_demoting(struct kve *ev, const struct ks_key *k);
+void kve_demoted(struct kve *ev, const struct ks_key *k, bool ok);
 /* Everything is gone (CLEAR, start). Never blocks. */
 void kve_cleared(struct kve *ev);
 

@@ -772,6 +772,8 @@ static int tiers_open(struct srv *s)
 			.path = s->cfg.disk_path,
 			.capacity_bytes = (uint64_t)s->cfg.disk_size_gb << 30,
 			.lock_timeout_ms = s->cfg.lock_timeout_ms,
+			.evicted_fn = s->kve ? disk_evicted : NULL,
+			.evicted_arg = s,
 		};
 		struct tier_disk_stats st;
 

@@ -408,6 +408,7 @@ void conns_free(struct srv *s);
 
 /* server_tiers.c: L2/L3. */
 void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);
+void disk_evicted(void *arg, const struct ks_key *k);
 void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
 struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
 				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,

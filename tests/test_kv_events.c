@@ -1,5 +1,5 @@
 /*
- * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; bad replay input gets no reply; a stalled publisher drops (counted, a sequence gap) and never slows STORE; bad endpoints fail at start with a message. Labels: unit tsan
+ * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; bad replay input gets no reply; with a disk tier an evicted chunk moves from CPU to Disk and a CLEAR re-announces the disk; a stalled publisher drops (counted, a sequence gap) and never slows STORE; bad endpoints fail at start with a message. Labels: unit tsan
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -541,6 +541,81 @@ static void test_events(void)
 	free(dir);
 }
 
+/*
+ * With a disk tier: an evicted chunk is removed from CPU and stored on "Disk"
+ * with the same hash, tokens and parent; a CLEAR of the pool re-announces the
+ * disk's chunks after AllBlocksCleared.
+ */
+static void test_disk(void)
+{
+	char *dir = t_mkdtemp("kvev");
+	char ep[256], args[800];
+	static struct sub s;
+	struct view cpu = { .n = 0 }, disk = { .n = 0 };
+	struct node n;
+	size_t mark;
+
+	REQUIRE(dir);
+	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
+	/* 16 pool slots; the disk holds 1 GiB = about 250 chunks of 4 MiB. */
+	snprintf(args, sizeof(args), "--pool-size=64M --kv-events-endpoint=%s --disk-path=%s/l2 "
+		 "--disk-size-gb=1", ep, dir);
+	node_start(&n, args);
+	sub_open(&s, ep, "");
+	for (int p = 0; p < 8; p++)
+		REQUIRE(store_prompt(&n, 200 + p) == 0);
+	sub_drain(&s, "", 600);
+	for (size_t i = 0; i < s.nev; i++) {
+		const struct ev *e = &s.evs[i];
+
+		if (!strcmp(e->type, "AllBlocksCleared")) {
+			cpu.n = disk.n = 0;
+			continue;
+		}
+		view_apply(!strcmp(e->medium, "Disk") ? &disk : &cpu, e);
+		if (!strcmp(e->type, "BlockStored") && !strcmp(e->medium, "Disk")) {
+			/* The same block as its CPU store: tokens and parent. */
+			bool found = false;
+
+			for (size_t j = 0; j < i; j++) {
+				const struct ev *c = &s.evs[j];
+
+				if (strcmp(c->type, "BlockStored") || c->hash != e->hash)
+					continue;
+				found = true;
+				CHECK_EQ(c->ntokens, e->ntokens);
+				CHECK_EQ(c->tok0, e->tok0);
+				CHECK_EQ(c->tok_last, e->tok_last);
+				CHECK_EQ(c->has_parent, e->has_parent);
+				CHECK_EQ(c->parent, e->parent);
+				CHECK_EQ(e->block_size, C);
+			}
+			CHECK(found);
+		}
+	}
+	CHECK(disk.n > 0);
+	CHECK_EQ(disk.n, t_stat(n.c, "l2_objects"));
+	CHECK_EQ(disk.n, t_stat(n.c, "l2_demoted"));
+	for (size_t i = 0; i < disk.n; i++)
+		CHECK(!view_has(&cpu, disk.h[i]));	/* removed from CPU, stored on disk */
+	CHECK_EQ(cpu.n + disk.n, 8 * PROMPT);
+
+	/* CLEAR drops the pool only: the disk's chunks are announced again. */
+	mark = s.nev;
+	REQUIRE(kvstash_clear(n.c) == 0);
+	sub_drain(&s, "", 300);
+	CHECK(s.nev > mark && !strcmp(s.evs[mark].type, "AllBlocksCleared"));
+	CHECK_EQ(s.nev - mark, 1 + disk.n);
+	for (size_t i = mark + 1; i < s.nev; i++)
+		CHECK(!strcmp(s.evs[i].type, "BlockStored") && !strcmp(s.evs[i].medium, "Disk") &&
+		      view_has(&disk, s.evs[i].hash));
+	CHECK(!s.gap);
+	zmq_close(s.sock);
+	CHECK_EQ(node_stop(&n), 0);
+	t_rmtree(dir);
+	free(dir);
+}
+
 /* A publisher that falls behind drops (counted, a sequence gap); STORE never waits. */
 static void test_slow_publisher(void)
 {
@@ -632,6 +707,7 @@ int main(void)
 	bad_flag("--kv-events-replay-endpoint=tcp://127.0.0.1:0", "--log-level=info",
 		 "needs --kv-events-endpoint");
 	test_events();
+	test_disk();
 	test_slow_publisher();
 	zmq_ctx_term(zctx);
 	return t_result("kv_events");
