@@ -39,6 +39,8 @@
 /* The publisher wakes at least this often (replay requests, stop). */
 #define KVE_WAIT_MS 20u
 #define KVE_DRAIN_MS 1000u
+/* The replay buffer also keeps at most this many payload bytes (oldest go first). */
+#define KVE_RING_BYTES_MAX (256ull << 20)
 
 /*
  * KVE_STORED with medium DISK carries no tokens: the publisher takes them
@@ -99,6 +101,7 @@ struct kve {
 	uint32_t carry_dropped;	/* drops not yet shown by a sequence gap */
 	struct kve_batch *ring;	/* [buffer] replay buffer, oldest at ring_head */
 	uint32_t ring_cap, ring_head, ring_len;
+	uint64_t ring_bytes;
 	uint64_t stall_ms;
 	pthread_t thread;
 	bool started;
@@ -418,12 +421,14 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 	}
 }
 
-/* Keep @payload (taken over) as batch @seq; the oldest goes when full. */
+/* Keep @data (taken over) as batch @seq; the oldest go when full (batches or bytes). */
 static void ring_push(struct kve *ev, uint64_t seq, char *data, size_t len)
 {
 	uint32_t pos;
 
-	if (ev->ring_len == ev->ring_cap) {
+	while (ev->ring_len && (ev->ring_len == ev->ring_cap ||
+				ev->ring_bytes + len > KVE_RING_BYTES_MAX)) {
+		ev->ring_bytes -= ev->ring[ev->ring_head].len;
 		free(ev->ring[ev->ring_head].data);
 		ev->ring_head = (ev->ring_head + 1) % ev->ring_cap;
 		ev->ring_len--;
@@ -431,6 +436,7 @@ static void ring_push(struct kve *ev, uint64_t seq, char *data, size_t len)
 	pos = (ev->ring_head + ev->ring_len) % ev->ring_cap;
 	ev->ring[pos] = (struct kve_batch){ .seq = seq, .len = len, .data = data };
 	ev->ring_len++;
+	ev->ring_bytes += len;
 }
 
 static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
@@ -697,8 +703,7 @@ int kve_create(const struct kve_config *cfg, struct kve **out, char *err, size_t
 		goto fail;
 	}
 	if (cfg->replay_endpoint && *cfg->replay_endpoint) {
-		int maxmsg = 4096;
-		int64_t maxmsg64 = maxmsg;
+		int64_t maxmsg64 = 4096;	/* a request is 8 bytes */
 
 		ev->replay = zmq_socket(ev->zctx, ZMQ_ROUTER);
 		if (!ev->replay) {
@@ -706,8 +711,13 @@ int kve_create(const struct kve_config *cfg, struct kve **out, char *err, size_t
 			snprintf(err, errlen, "kv events: ROUTER socket: %s", zmq_strerror(-rc));
 			goto fail;
 		}
+		/* Room for a whole replay per peer: past the high-water mark a ROUTER
+		 * drops silently, and the end marker would be lost. */
+		int rhwm = (int)KS_MIN((uint64_t)cfg->buffer_batches + 16, (uint64_t)INT32_MAX);
+
 		zmq_setsockopt(ev->replay, ZMQ_LINGER, &linger, sizeof(linger));
 		zmq_setsockopt(ev->replay, ZMQ_MAXMSGSIZE, &maxmsg64, sizeof(maxmsg64));
+		zmq_setsockopt(ev->replay, ZMQ_SNDHWM, &rhwm, sizeof(rhwm));
 		if (zmq_bind(ev->replay, cfg->replay_endpoint) < 0) {
 			rc = -zmq_errno();
 			snprintf(err, errlen, "kv events: cannot bind --kv-events-replay-endpoint "
