@@ -561,6 +561,23 @@ static void free_list(struct kve_report *r)
 	}
 }
 
+/* Test hook: hold the first batch back for stall_ms (until kve_destroy at most). */
+static void stall(struct kve *ev)
+{
+	const uint64_t end = ks_now_ms() + ev->stall_ms;
+	const struct timespec step = { 0, 10 * 1000000L };
+	bool stop = false;
+
+	ev->stall_ms = 0;
+	while (!stop && ks_now_ms() < end) {
+		nanosleep(&step, NULL);
+		if (ks_lock(&ev->lock) == 0) {
+			stop = ev->stop;
+			ks_unlock(&ev->lock);
+		}
+	}
+}
+
 static void *publisher_main(void *arg)
 {
 	struct kve *ev = arg;
@@ -598,12 +615,8 @@ static void *publisher_main(void *arg)
 		stop = ev->stop && !ev->head;
 		ks_unlock(&ev->lock);
 		if (n) {
-			if (ev->stall_ms) {
-				struct timespec d = { (time_t)(ev->stall_ms / 1000),
-						      (long)(ev->stall_ms % 1000) * 1000000L };
-
-				nanosleep(&d, NULL);
-			}
+			if (ev->stall_ms)
+				stall(ev);
 			publish(ev, list, dropped);
 			free_list(list);
 		}

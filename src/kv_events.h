@@ -34,7 +34,7 @@ struct kve_config {
 	const char *topic;		/* first frame of every message ("" allowed) */
 	uint32_t buffer_batches;	/* batches kept for replay (>= 1) */
 	uint32_t queue_events;		/* reports queued before drops; 0 = 65536 */
-	uint64_t stall_ms;		/* test hook: the publisher sleeps this long per batch */
+	uint64_t stall_ms;		/* test hook: the publisher holds its first batch this long */
 };
 
 struct kve_stats {

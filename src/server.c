@@ -747,7 +747,7 @@ static int events_open(struct srv *s)
 		ec.queue_events = (uint32_t)strtoul(q, NULL, 10);
 	if (st && *st) {
 		ec.stall_ms = strtoull(st, NULL, 10);
-		log_warn("test hook: the KV event publisher stalls %" PRIu64 " ms per batch",
+		log_warn("test hook: the KV event publisher stalls %" PRIu64 " ms on its first batch",
 			 ec.stall_ms);
 	}
 	rc = kve_create(&ec, &s->kve, err, sizeof(err));
