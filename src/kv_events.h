@@ -6,7 +6,10 @@
  * and the call returns at once. One publisher thread owns the ZMQ sockets:
  * it drains the queue into batches, sends each batch on a PUB socket as
  * [topic, seq u64 big-endian, msgpack [ts, [events...], dp_rank]], keeps the
- * last N batches for replay and answers replay requests on a ROUTER socket.
+ * last N batches for replay (at most 256 MiB) and answers replay requests on
+ * a ROUTER socket. It also keeps each announced chunk's tokens and parent, so
+ * a chunk demoted to disk is announced there, and a CLEAR of the pool is
+ * followed by the disk's chunks again.
  * A full queue drops the report and counts it; the next batch's sequence
  * number then skips one, so a consumer sees the gap.
  *
