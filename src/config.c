@@ -110,6 +110,15 @@ static const struct cfg_opt cfg_opts[] = {
 	  "address of the HTTP endpoint (/metrics, /healthz, /stats); it has no authentication" },
 	{ "http-port", NULL, CFG_U32, F(http_port), "8080", 0, 65535, NULL,
 	  "TCP port of the HTTP endpoint (0 = no HTTP endpoint)" },
+	{ "kv-events-endpoint", NULL, CFG_STR, F(kv_events_endpoint), "", 0, 0, NULL,
+	  "publish KV cache events in vLLM's format on a ZMQ PUB socket, e.g. tcp://*:5557 "
+	  "(bound if it has '*' or is ipc://, else connected); empty = off (docs/kv-events.md)" },
+	{ "kv-events-topic", NULL, CFG_STR, F(kv_events_topic), "", 0, 0, NULL,
+	  "topic frame of every event message (llm-d: kv@<pod-ip:port>@<model>)" },
+	{ "kv-events-buffer", NULL, CFG_U32, F(kv_events_buffer), "10000", 1, 1000000, NULL,
+	  "event batches kept for replay" },
+	{ "kv-events-replay-endpoint", NULL, CFG_STR, F(kv_events_replay_endpoint), "", 0, 0,
+	  NULL, "ZMQ ROUTER to bind for replay requests (vLLM's protocol); empty = none" },
 };
 
 static int parse_u64(const char *s, uint64_t *out, bool bytes)

@@ -42,6 +42,10 @@ struct srv_config {
 	char curve_allowed_clients[512];
 	char http_host[256];	/* HTTP endpoint (/metrics, /healthz, /stats) */
 	uint32_t http_port;	/* 0 = no HTTP endpoint */
+	char kv_events_endpoint[512];	/* ZMQ PUB for KV cache events; empty = off */
+	char kv_events_replay_endpoint[512];	/* ROUTER for replay; empty = none */
+	char kv_events_topic[256];
+	uint32_t kv_events_buffer;	/* batches kept for replay */
 };
 
 /* Fill @c with every option's default. */

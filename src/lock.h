@@ -63,6 +63,8 @@ enum lock_rank {
 	/* tier_disk->lock, tier_redis node->lock: one at a time, leaves but for the log ring */
 	LOCK_RANK_TIER = 45,
 	LOCK_RANK_QUEUE = 50,
+	/* kve->lock: the KV event queue (kv_events.c); a leaf but for the log ring */
+	LOCK_RANK_KV_EVENTS = 55,
 	LOCK_RANK_LOG = 60,
 };
 

@@ -421,6 +421,8 @@ static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
 {
 	size_t n = idx_clear(s->idx);
 
+	kve_cleared(s->kve);
+
 	log_info("CLEAR: %zu object(s) dropped", n);
 	reply_nil(s, a);
 }
@@ -718,6 +720,48 @@ static bool is_loopback_endpoint(const char *ep)
 	       !strncmp(ep, "tcp://localhost:", 16) || !strncmp(ep, "tcp://[::1]:", 12);
 }
 
+/*
+ * Start the KV event publisher if --kv-events-endpoint names one, and tell
+ * consumers that this kvstashd starts empty (a restart drops the pool).
+ */
+static int events_open(struct srv *s)
+{
+	struct kve_config ec = {
+		.endpoint = s->cfg.kv_events_endpoint,
+		.replay_endpoint = s->cfg.kv_events_replay_endpoint,
+		.topic = s->cfg.kv_events_topic,
+		.buffer_batches = s->cfg.kv_events_buffer,
+	};
+	const char *q = getenv("KVSTASH_TEST_KV_EVENTS_QUEUE");
+	const char *st = getenv("KVSTASH_TEST_KV_EVENTS_STALL_MS");
+	char err[512];
+	int rc;
+
+	if (!s->cfg.kv_events_endpoint[0]) {
+		if (!s->cfg.kv_events_replay_endpoint[0])
+			return 0;
+		log_error("--kv-events-replay-endpoint needs --kv-events-endpoint");
+		return -EINVAL;
+	}
+	if (q && *q)
+		ec.queue_events = (uint32_t)strtoul(q, NULL, 10);
+	if (st && *st) {
+		ec.stall_ms = strtoull(st, NULL, 10);
+		log_warn("test hook: the KV event publisher stalls %" PRIu64 " ms on its first batch",
+			 ec.stall_ms);
+	}
+	rc = kve_create(&ec, &s->kve, err, sizeof(err));
+	if (rc) {
+		log_error("%s", err);
+		return rc;
+	}
+	log_info("KV cache events on %s%s%s (topic '%s', %u batches kept)",
+		 s->cfg.kv_events_endpoint, s->cfg.kv_events_replay_endpoint[0] ? ", replay on " : "",
+		 s->cfg.kv_events_replay_endpoint, s->cfg.kv_events_topic, s->cfg.kv_events_buffer);
+	kve_cleared(s->kve);
+	return 0;
+}
+
 /* Open the L2 disk and L3 Redis tiers that the configuration names. */
 static int tiers_open(struct srv *s)
 {
@@ -728,6 +772,8 @@ static int tiers_open(struct srv *s)
 			.path = s->cfg.disk_path,
 			.capacity_bytes = (uint64_t)s->cfg.disk_size_gb << 30,
 			.lock_timeout_ms = s->cfg.lock_timeout_ms,
+			.evicted_fn = s->kve ? disk_evicted : NULL,
+			.evicted_arg = s,
 		};
 		struct tier_disk_stats st;
 
@@ -892,9 +938,14 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	}
 	s->engines[0] = s->host_xfer;
 	s->nengines = 1;
+	rc = events_open(s);
+	if (rc)
+		goto out_destroy;
 	rc = tiers_open(s);
 	if (rc)
 		goto out_destroy;
+	if (s->kve && !s->l2)
+		idx_set_evict_hook(s->idx, demote_hook, s);	/* BlockRemoved on eviction */
 	rc = cuda_setup(s);
 	if (rc)
 		goto out_destroy;
@@ -1073,6 +1124,7 @@ void srv_destroy(struct srv *s)
 		tier_disk_close(s->l2);
 	if (s->l3)
 		tier_redis_close(s->l3);
+	kve_destroy(s->kve);	/* after every thread that reports */
 	for (int d = 0; d < s->ncuda; d++)
 		for (unsigned w = 0; w < SRV_MAX_WORKERS; w++)
 			xfer_cuda_ctx_destroy(s->cuda_ctx[d][w]);

@@ -20,6 +20,7 @@
 #include "compiler.h"
 #include "config.h"
 #include "hash.h"
+#include "kv_events.h"
 #include "layout.h"
 #include "metrics.h"
 #include "protocol.h"
@@ -177,6 +178,11 @@ struct srv_xfer_job {
 	uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
 	bool has_wait_sem;
 	uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+	/* STORE with KV events on: the range's tokens, and the hash of the chunk
+	 * before the range (has_parent: the range does not start at token 0). */
+	uint32_t *ev_tokens;	/* [nchunks * chunk_tokens]; owned; NULL = events off */
+	uint8_t ev_parent[KS_HASH_LEN];
+	bool ev_has_parent;
 	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
 	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
 	size_t nkeys, l1_hits;
@@ -274,6 +280,7 @@ struct srv {
 	struct xfer_engine *host_xfer;	/* == engines[0] */
 	struct tier_disk *l2;		/* or NULL */
 	struct tier_redis *l3;		/* or NULL */
+	struct kve *kve;		/* KV cache events (kv_events.c), or NULL */
 	struct xfer_engine *engines[SRV_MAX_ENGINES];	/* [0] host, [1 + d] CUDA device d */
 	unsigned nengines;
 	int ncuda;			/* CUDA devices served (0: host only) */
@@ -401,6 +408,7 @@ void conns_free(struct srv *s);
 
 /* server_tiers.c: L2/L3. */
 void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);
+void disk_evicted(void *arg, const struct ks_key *k);
 void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
 struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
 				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,

@@ -61,7 +61,7 @@ struct stat_row {
 	uint64_t value;
 };
 
-#define SRV_MAX_STATS 96
+#define SRV_MAX_STATS 112
 
 /* Fill @rows with every counter. Safe from any thread: atomics and stats calls only. */
 static size_t collect_stats(struct srv *s, struct stat_row *rows)
@@ -232,6 +232,26 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 		    "Redis values that failed their checksum (deleted, never served).");
 		ROW("l3_nodes_up", "kvstash_l3_nodes_up", STAT_GAUGE, rs.nodes_up,
 		    "Redis nodes connected.");
+	}
+	if (s->kve) {
+		struct kve_stats ks;
+
+		kve_get_stats(s->kve, &ks);
+		ROW("kv_events_published", "kvstash_kv_events_published_total", STAT_COUNTER,
+		    ks.published, "KV cache events sent on --kv-events-endpoint.");
+		ROW("kv_events_dropped", "kvstash_kv_events_dropped_total", STAT_COUNTER, ks.dropped,
+		    "KV cache events dropped because the publisher's queue was full (the next "
+		    "batch's sequence number skips one).");
+		ROW("kv_events_batches", "kvstash_kv_events_batches_total", STAT_COUNTER, ks.batches,
+		    "KV cache event batches (ZMQ messages) sent.");
+		ROW("kv_events_send_failed", "kvstash_kv_events_send_failed_total", STAT_COUNTER,
+		    ks.send_failed, "Event batches ZMQ refused to queue (kept for replay).");
+		ROW("kv_events_replays", "kvstash_kv_events_replays_total", STAT_COUNTER, ks.replays,
+		    "Replay requests answered.");
+		ROW("kv_events_replay_bad", "kvstash_kv_events_replay_bad_total", STAT_COUNTER,
+		    ks.replay_bad, "Malformed replay requests ignored.");
+		ROW("kv_events_next_seq", "kvstash_kv_events_next_sequence", STAT_GAUGE, ks.next_seq,
+		    "Sequence number of the next event batch.");
 	}
 #undef CTR
 #undef ROW

@@ -52,14 +52,61 @@ static void demote_done(void *arg, int status, uint64_t tag, size_t nbytes)
 	ctr_add(status ? &s->ctr.demote_failed : &s->ctr.demoted, 1);
 }
 
-/* idx eviction hook: runs on the evicting worker with no index lock held. */
-void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
+/* A demotion with KV events on: its key, for the event when the write ends. */
+struct demote_ev {
+	struct srv *s;
+	struct ks_key key;
+};
+
+static void demote_done_ev(void *arg, int status, uint64_t tag, size_t nbytes)
+{
+	struct demote_ev *d = arg;
+
+	demote_done(d->s, status, tag, nbytes);
+	kve_demoted(d->s->kve, &d->key, status == 0);
+	free(d);
+}
+
+/* tier_disk eviction callback (its worker, no lock held): the chunk left the disk. */
+void disk_evicted(void *arg, const struct ks_key *k)
 {
 	struct srv *s = arg;
 
-	/* A copy into the tier's bounded staging; a full tier drops, never blocks. */
-	if (tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done, s))
+	kve_removed(s->kve, k, KVE_MEDIUM_DISK);
+}
+
+/*
+ * idx eviction hook: runs on the evicting worker with no index lock held.
+ * Installed with a disk tier (demotion) or with KV events (BlockRemoved).
+ */
+void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
+{
+	struct srv *s = arg;
+	struct demote_ev *d;
+
+	if (!s->l2) {
+		/* The chunk leaves the pool: a queued report, never a wait. */
+		kve_removed(s->kve, k, KVE_MEDIUM_CPU);
+		return;
+	}
+	if (!s->kve) {
+		/* A copy into the tier's bounded staging; a full tier drops, never blocks. */
+		if (tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done, s))
+			ctr_add(&s->ctr.demote_dropped, 1);
+		return;
+	}
+	/* Reported before the put: the write may end before tier_disk_put returns. */
+	kve_demoting(s->kve, k);
+	d = malloc(sizeof(*d));
+	if (d) {
+		d->s = s;
+		d->key = *k;
+	}
+	if (!d || tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done_ev, d)) {
 		ctr_add(&s->ctr.demote_dropped, 1);
+		kve_demoted(s->kve, k, false);
+		free(d);
+	}
 }
 
 static void l3_done(void *arg, int status, uint64_t tag, size_t nbytes)

@@ -85,6 +85,7 @@ void xfer_job_free(struct srv_xfer_job *j)
 	free(j->slots);
 	free(j->group_skip);
 	free(j->descs);
+	free(j->ev_tokens);
 	free(j);
 }
 
@@ -159,6 +160,12 @@ static void commit_chunk(struct srv_xfer_job *j, uint32_t c)
 	j->entries[c] = NULL;
 	if (idx_commit_write(j->srv->idx, e) == 0) {
 		j->committed++;
+		if (j->ev_tokens)
+			kve_stored(j->srv->kve, &j->keys[c],
+				   c ? j->keys[c - 1].chunk_hash :
+				   j->ev_has_parent ? j->ev_parent : NULL,
+				   j->ev_tokens + (size_t)c * j->chunk_tokens, j->chunk_tokens,
+				   KVE_MEDIUM_CPU);
 		l3_write_through(j->srv, &j->keys[c], j->inst->object_bytes);
 	} else {
 		ctr_add(&j->srv->ctr.store_chunks_lost, 1);
@@ -769,6 +776,19 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 	for (size_t c = first; c < last; c++)
 		ks_key_init(&j->keys[c - first], h[c], model, model_len,
 			    ks_kv_rank(k->world_size, (uint32_t)k->worker_id));
+	if (s->kve && rq->type == PROTO_STORE) {
+		/* What a BlockStored event carries, copied: the request is freed
+		 * before the worker commits. */
+		j->ev_tokens = malloc(range * sizeof(*j->ev_tokens));
+		if (!j->ev_tokens) {
+			snprintf(err, errlen, "%s: out of memory", op);
+			return -ENOMEM;
+		}
+		memcpy(j->ev_tokens, k->token_ids + k->start, range * sizeof(*j->ev_tokens));
+		j->ev_has_parent = first > 0;
+		if (first > 0)
+			memcpy(j->ev_parent, h[first - 1], KS_HASH_LEN);
+	}
 	atomic_fetch_add_explicit(&in->refs, 1, memory_order_relaxed);
 	j->inst = in;
 	return 0;

@@ -102,6 +102,8 @@ struct td_req {
 };
 
 struct tier_disk {
+	void (*evicted_fn)(void *arg, const struct ks_key *key);	/* set at open */
+	void *evicted_arg;
 	/* Protects the index, LRU, queue and the counters not marked atomic. */
 	struct ks_mutex lock;
 	struct td_ent **buckets;	/* owns the entries */
@@ -266,6 +268,8 @@ static void td_drop_victims(struct tier_disk *td, struct td_ent *victims)
 		if (unlinkat(td->dirfd, name, 0) && errno != ENOENT)
 			log_warn("tier_disk: unlink %s/%s: %s", td->path, name, strerror(errno));
 		cnt_inc(td, evictions);
+		if (td->evicted_fn)
+			td->evicted_fn(td->evicted_arg, &victims->key);
 		free(victims);
 		victims = nx;
 	}
@@ -831,6 +835,8 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 		return -ENOMEM;
 	td->dirfd = td->lockfd = td->efd = -1;
 	td->capacity = cfg->capacity_bytes;
+	td->evicted_fn = cfg->evicted_fn;
+	td->evicted_arg = cfg->evicted_arg;
 	td->queue_depth = cfg->queue_depth ? cfg->queue_depth : TD_DEFAULT_QUEUE_DEPTH;
 	td->staging_bytes = cfg->staging_bytes ? cfg->staging_bytes : TD_DEFAULT_STAGING;
 	td->lru.next = td->lru.prev = &td->lru;

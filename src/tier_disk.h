@@ -30,6 +30,10 @@ struct tier_disk_config {
 	uint64_t staging_bytes;		/* TIER_PUT_COPY bytes held at once; 0 = 256 MiB */
 	bool force_pwrite;		/* skip io_uring (also env KVSTASH_TIER_DISK_PWRITE=1) */
 	unsigned lock_timeout_ms;	/* 0 = KS_LOCK_TIMEOUT_MS_DEFAULT */
+	/* Called for each chunk removed for capacity, on the tier's worker (or in
+	 * tier_disk_open) with no lock held; NULL = none. */
+	void (*evicted_fn)(void *arg, const struct ks_key *key);
+	void *evicted_arg;
 };
 
 struct tier_disk_stats {

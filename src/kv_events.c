@@ -1,0 +1,802 @@
+/*
+ * kv_events.c - KV cache events in vLLM's ZMQ format: the bounded report
+ * queue, the publisher thread, the replay buffer and the ROUTER that serves
+ * it (docs/kv-events.md).
+ *
+ * Threads: kve_stored/kve_removed/kve_cleared on any thread (transfer
+ * workers, the evicting thread inside the index eviction hook, the io
+ * thread); they allocate the report with no lock held and only link it in
+ * under kve->lock. publisher_main owns both ZMQ sockets, the sequence
+ * counter and the replay buffer (no lock: only it touches them); sockets
+ * bound in kve_create are handed to it by pthread_create (a full barrier).
+ *
+ * Lock ordering (docs/architecture.md): kve->lock (KV_EVENTS 55) is a leaf
+ * but for the log ring. The reporting side takes it holding no index, LRU,
+ * pool or tier lock (the eviction hook runs with none held); the publisher
+ * holds it only to move queued reports to its own list, never across ZMQ
+ * I/O or msgpack encoding. Its one wait is ks_cond_wait_ms with a timeout.
+ */
+#include "kv_events.h"
+
+#include <errno.h>
+#include <inttypes.h>
+#include <msgpack.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <zmq.h>
+
+#include "compiler.h"
+#include "lock.h"
+#include "log.h"
+
+#define KVE_QUEUE_DEFAULT 65536u
+/* Reports per batch at most: a batch is one ZMQ message. */
+#define KVE_BATCH_MAX 1024u
+/* The publisher wakes at least this often (replay requests, stop). */
+#define KVE_WAIT_MS 20u
+#define KVE_DRAIN_MS 1000u
+/* The replay buffer also keeps at most this many payload bytes (oldest go first). */
+#define KVE_RING_BYTES_MAX (256ull << 20)
+
+/*
+ * KVE_STORED with medium DISK carries no tokens: the publisher takes them
+ * from its block table (the chunk's CPU BlockStored). KVE_REMOVED of CPU
+ * with demoting set keeps the table entry until KVE_STORED DISK or
+ * KVE_DEMOTE_FAILED says how the demotion ended.
+ */
+enum kve_type { KVE_STORED = 0, KVE_REMOVED, KVE_CLEARED, KVE_DEMOTE_FAILED };
+
+struct kve_report {
+	struct kve_report *next;
+	uint8_t type;		/* enum kve_type */
+	uint8_t medium;		/* enum kve_medium */
+	bool has_parent;
+	bool demoting;
+	uint64_t hash, parent;
+	uint32_t ntokens;
+	uint32_t tokens[];
+};
+
+/*
+ * What the publisher knows of one announced block: its tokens and parent
+ * (to announce it again in another medium, or after a CLEAR of the pool)
+ * and the mediums it is in. Publisher thread only.
+ */
+struct kve_block {
+	struct kve_block *next;
+	uint64_t hash, parent;
+	bool has_parent, cpu, disk;
+	uint32_t pending;	/* demotions under way */
+	uint32_t ntokens;
+	uint32_t tokens[];
+};
+
+#define KVE_TABLE_BUCKETS 65536u
+
+struct kve_batch {
+	uint64_t seq;
+	size_t len;
+	char *data;		/* msgpack payload; owned */
+};
+
+struct kve {
+	struct ks_mutex lock;
+	struct ks_cond cond;
+	struct kve_report *head GUARDED_BY(lock), *tail GUARDED_BY(lock);
+	uint32_t queued GUARDED_BY(lock);
+	uint32_t dropped_pending GUARDED_BY(lock);	/* drops since the last drain */
+	bool stop GUARDED_BY(lock);
+	uint32_t queue_max;
+
+	/* Publisher thread only. */
+	void *zctx, *pub, *replay;
+	char *topic;
+	size_t topic_len;
+	uint64_t seq;
+	struct kve_block **table;	/* [KVE_TABLE_BUCKETS] announced blocks */
+	uint32_t carry_dropped;	/* drops not yet shown by a sequence gap */
+	struct kve_batch *ring;	/* [buffer] replay buffer, oldest at ring_head */
+	uint32_t ring_cap, ring_head, ring_len;
+	uint64_t ring_bytes;
+	uint64_t stall_ms;
+	pthread_t thread;
+	bool started;
+
+	_Atomic uint64_t n_queued, n_dropped, n_published, n_batches, n_send_failed;
+	_Atomic uint64_t n_replays, n_replay_bad, next_seq;
+};
+
+/* vLLM's names: CPULoadStoreSpec / DiskLoadStoreSpec .medium(). */
+static const char *const medium_name[] = { "CPU", "Disk" };
+
+static uint64_t load_be64(const uint8_t *p)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < 8; i++)
+		v = v << 8 | p[i];
+	return v;
+}
+
+static void store_be64(uint8_t *p, uint64_t v)
+{
+	for (int i = 7; i >= 0; i--, v >>= 8)
+		p[i] = (uint8_t)v;
+}
+
+/*
+ * The low 64 bits of the chunk's BLAKE3 prefix hash (as vLLM publishes the
+ * low 64 bits of its block hash), mixed with the model name and kv_rank so
+ * that each published block is exactly one kvstash object.
+ */
+uint64_t kve_block_hash(const struct ks_key *k, const uint8_t chunk_hash[KS_HASH_LEN])
+{
+	uint64_t h = 0xcbf29ce484222325ull;	/* FNV-1a over model and rank */
+
+	for (size_t i = 0; i < k->model_len; i++)
+		h = (h ^ (uint8_t)k->model[i]) * 0x100000001b3ull;
+	for (int i = 0; i < 4; i++)
+		h = (h ^ ((k->kv_rank >> (8 * i)) & 0xff)) * 0x100000001b3ull;
+	return load_be64(chunk_hash + KS_HASH_LEN - 8) ^ h;
+}
+
+static void enqueue(struct kve *ev, struct kve_report *r)
+{
+	bool ok = false;
+
+	if (!r) {
+		atomic_fetch_add_explicit(&ev->n_dropped, 1, memory_order_relaxed);
+		if (ks_lock(&ev->lock) == 0) {
+			ev->dropped_pending++;
+			ks_unlock(&ev->lock);
+		}
+		return;
+	}
+	r->next = NULL;
+	if (ks_lock(&ev->lock) == 0) {
+		if (ev->queued < ev->queue_max && !ev->stop) {
+			if (ev->tail)
+				ev->tail->next = r;
+			else
+				ev->head = r;
+			ev->tail = r;
+			ev->queued++;
+			ok = true;
+		} else {
+			ev->dropped_pending++;
+		}
+		ks_unlock(&ev->lock);
+	}
+	if (ok) {
+		atomic_fetch_add_explicit(&ev->n_queued, 1, memory_order_relaxed);
+		ks_cond_signal(&ev->cond);
+	} else {
+		atomic_fetch_add_explicit(&ev->n_dropped, 1, memory_order_relaxed);
+		free(r);
+	}
+}
+
+static void report_key(struct kve *ev, const struct ks_key *k, uint8_t type, uint8_t medium,
+		       bool demoting);
+
+void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
+		const uint32_t *tokens, uint32_t ntokens, enum kve_medium medium)
+{
+	struct kve_report *r;
+
+	if (!ev)
+		return;
+	r = malloc(sizeof(*r) + (size_t)ntokens * sizeof(uint32_t));
+	if (r) {
+		r->type = KVE_STORED;
+		r->medium = (uint8_t)medium;
+		r->hash = kve_block_hash(k, k->chunk_hash);
+		r->has_parent = parent != NULL;
+		r->parent = parent ? kve_block_hash(k, parent) : 0;
+		r->ntokens = ntokens;
+		if (ntokens)
+			memcpy(r->tokens, tokens, (size_t)ntokens * sizeof(uint32_t));
+	}
+	enqueue(ev, r);
+}
+
+void kve_removed(struct kve *ev, const struct ks_key *k, enum kve_medium medium)
+{
+	if (!ev)
+		return;
+	report_key(ev, k, KVE_REMOVED, (uint8_t)medium, false);
+}
+
+static void report_key(struct kve *ev, const struct ks_key *k, uint8_t type, uint8_t medium,
+		       bool demoting)
+{
+	struct kve_report *r = malloc(sizeof(*r));
+
+	if (r) {
+		memset(r, 0, sizeof(*r));
+		r->type = type;
+		r->medium = medium;
+		r->demoting = demoting;
+		r->hash = kve_block_hash(k, k->chunk_hash);
+	}
+	enqueue(ev, r);
+}
+
+void kve_demoting(struct kve *ev, const struct ks_key *k)
+{
+	if (ev)
+		report_key(ev, k, KVE_REMOVED, KVE_MEDIUM_CPU, true);
+}
+
+void kve_demoted(struct kve *ev, const struct ks_key *k, bool ok)
+{
+	if (ev)
+		report_key(ev, k, ok ? KVE_STORED : KVE_DEMOTE_FAILED, KVE_MEDIUM_DISK, false);
+}
+
+void kve_cleared(struct kve *ev)
+{
+	struct kve_report *r;
+
+	if (!ev)
+		return;
+	r = malloc(sizeof(*r));
+	if (r) {
+		memset(r, 0, sizeof(*r));
+		r->type = KVE_CLEARED;
+	}
+	enqueue(ev, r);
+}
+
+/* ---- encoding (publisher thread) ---- */
+
+static void pack_str(msgpack_packer *pk, const char *s)
+{
+	size_t n = strlen(s);
+
+	msgpack_pack_str(pk, n);
+	msgpack_pack_str_body(pk, s, n);
+}
+
+/*
+ * Events are packed as vLLM's msgspec encodes its tagged structs
+ * (omit_defaults): a map whose "type" is the class name, then the fields in
+ * declaration order; fields without a default are always present, defaulted
+ * ones only when set.
+ */
+static void pack_stored(msgpack_packer *pk, uint64_t hash, bool has_parent, uint64_t parent,
+			const uint32_t *tokens, uint32_t ntokens, uint8_t medium)
+{
+	msgpack_pack_map(pk, 8);
+	pack_str(pk, "type");
+	pack_str(pk, "BlockStored");
+	pack_str(pk, "block_hashes");
+	msgpack_pack_array(pk, 1);
+	msgpack_pack_uint64(pk, hash);
+	pack_str(pk, "parent_block_hash");
+	if (has_parent)
+		msgpack_pack_uint64(pk, parent);
+	else
+		msgpack_pack_nil(pk);
+	pack_str(pk, "token_ids");
+	msgpack_pack_array(pk, ntokens);
+	for (uint32_t t = 0; t < ntokens; t++)
+		msgpack_pack_uint32(pk, tokens[t]);
+	pack_str(pk, "block_size");
+	msgpack_pack_uint32(pk, ntokens);	/* one block = one whole chunk */
+	pack_str(pk, "lora_id");
+	msgpack_pack_nil(pk);
+	pack_str(pk, "medium");
+	pack_str(pk, medium_name[medium]);
+	pack_str(pk, "lora_name");
+	msgpack_pack_nil(pk);
+}
+
+static void pack_removed(msgpack_packer *pk, uint64_t hash, uint8_t medium)
+{
+	msgpack_pack_map(pk, 3);
+	pack_str(pk, "type");
+	pack_str(pk, "BlockRemoved");
+	pack_str(pk, "block_hashes");
+	msgpack_pack_array(pk, 1);
+	msgpack_pack_uint64(pk, hash);
+	pack_str(pk, "medium");
+	pack_str(pk, medium_name[medium]);
+}
+
+static struct kve_block **table_slot(struct kve *ev, uint64_t hash)
+{
+	struct kve_block **p = &ev->table[(hash ^ hash >> 29) & (KVE_TABLE_BUCKETS - 1)];
+
+	while (*p && (*p)->hash != hash)
+		p = &(*p)->next;
+	return p;
+}
+
+/* Forget @*p if no medium holds it and no demotion is under way. */
+static void table_release(struct kve_block **p)
+{
+	struct kve_block *b = *p;
+
+	if (b && !b->cpu && !b->disk && !b->pending) {
+		*p = b->next;
+		free(b);
+	}
+}
+
+/* Pack what report @r means for consumers; returns the number of events. */
+static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_report *r)
+{
+	struct kve_block **p, *b;
+	uint32_t n = 0;
+
+	switch (r->type) {
+	case KVE_STORED:
+		p = table_slot(ev, r->hash);
+		b = *p;
+		if (r->medium == KVE_MEDIUM_CPU) {
+			if (!b) {
+				b = malloc(sizeof(*b) + (size_t)r->ntokens * sizeof(uint32_t));
+				if (b) {
+					*b = (struct kve_block){ .hash = r->hash, .parent = r->parent,
+								 .has_parent = r->has_parent,
+								 .ntokens = r->ntokens };
+					memcpy(b->tokens, r->tokens,
+					       (size_t)r->ntokens * sizeof(uint32_t));
+					*p = b;
+				}
+			}
+			if (b)
+				b->cpu = true;
+			pack_stored(pk, r->hash, r->has_parent, r->parent, r->tokens, r->ntokens,
+				    KVE_MEDIUM_CPU);
+			return 1;
+		}
+		/* Demoted to disk: announced with the tokens kept from its CPU store. */
+		if (!b)
+			return 0;
+		if (b->pending)
+			b->pending--;
+		if (!b->disk) {
+			b->disk = true;
+			pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens, b->ntokens,
+				    KVE_MEDIUM_DISK);
+			n = 1;
+		}
+		return n;
+	case KVE_DEMOTE_FAILED:
+		p = table_slot(ev, r->hash);
+		if (*p && (*p)->pending)
+			(*p)->pending--;
+		table_release(p);
+		return 0;
+	case KVE_REMOVED:
+		p = table_slot(ev, r->hash);
+		b = *p;
+		if (r->medium == KVE_MEDIUM_CPU) {
+			if (b) {
+				b->cpu = false;
+				b->pending += r->demoting;
+				table_release(p);
+			}
+			pack_removed(pk, r->hash, KVE_MEDIUM_CPU);
+			return 1;
+		}
+		/* Leaving the disk: only what was announced there. */
+		if (!b || !b->disk)
+			return 0;
+		b->disk = false;
+		table_release(p);
+		pack_removed(pk, r->hash, KVE_MEDIUM_DISK);
+		return 1;
+	default:
+		/* The pool is empty; what is on disk stays, announced again. */
+		msgpack_pack_map(pk, 1);
+		pack_str(pk, "type");
+		pack_str(pk, "AllBlocksCleared");
+		n = 1;
+		for (uint32_t i = 0; i < KVE_TABLE_BUCKETS; i++) {
+			p = &ev->table[i];
+			while (*p) {
+				b = *p;
+				b->cpu = false;
+				if (b->disk) {
+					pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens,
+						    b->ntokens, KVE_MEDIUM_DISK);
+					n++;
+				}
+				if (!b->disk && !b->pending) {
+					*p = b->next;
+					free(b);
+				} else {
+					p = &b->next;
+				}
+			}
+		}
+		return n;
+	}
+}
+
+/* Keep @data (taken over) as batch @seq; the oldest go when full (batches or bytes). */
+static void ring_push(struct kve *ev, uint64_t seq, char *data, size_t len)
+{
+	uint32_t pos;
+
+	while (ev->ring_len && (ev->ring_len == ev->ring_cap ||
+				ev->ring_bytes + len > KVE_RING_BYTES_MAX)) {
+		ev->ring_bytes -= ev->ring[ev->ring_head].len;
+		free(ev->ring[ev->ring_head].data);
+		ev->ring_head = (ev->ring_head + 1) % ev->ring_cap;
+		ev->ring_len--;
+	}
+	pos = (ev->ring_head + ev->ring_len) % ev->ring_cap;
+	ev->ring[pos] = (struct kve_batch){ .seq = seq, .len = len, .data = data };
+	ev->ring_len++;
+	ev->ring_bytes += len;
+}
+
+static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
+{
+	msgpack_sbuffer body, sb;
+	msgpack_packer bpk, pk;
+	struct timespec ts;
+	uint8_t seqb[8];
+	uint32_t n = 0;
+	int rc;
+
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&bpk, &body, msgpack_sbuffer_write);
+	for (struct kve_report *r = list; r; r = r->next)
+		n += apply(ev, &bpk, r);
+	ev->carry_dropped += dropped;
+	if (!n) {
+		msgpack_sbuffer_destroy(&body);
+		return;
+	}
+	if (ev->carry_dropped) {
+		ev->seq++;	/* a number no batch carries: the consumer sees the gap */
+		ev->carry_dropped = 0;
+	}
+	msgpack_sbuffer_init(&sb);
+	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	msgpack_pack_array(&pk, 3);
+	msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+	msgpack_pack_array(&pk, n);
+	msgpack_sbuffer_write(&sb, body.data, body.size);
+	msgpack_sbuffer_destroy(&body);
+	msgpack_pack_int(&pk, 0);	/* data_parallel_rank */
+
+	store_be64(seqb, ev->seq);
+	rc = zmq_send(ev->pub, ev->topic, ev->topic_len, ZMQ_SNDMORE | ZMQ_DONTWAIT);
+	if (rc >= 0)
+		rc = zmq_send(ev->pub, seqb, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT);
+	if (rc >= 0)
+		rc = zmq_send(ev->pub, sb.data, sb.size, ZMQ_DONTWAIT);
+	if (rc < 0)
+		atomic_fetch_add_explicit(&ev->n_send_failed, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(&ev->n_published, n, memory_order_relaxed);
+	atomic_fetch_add_explicit(&ev->n_batches, 1, memory_order_relaxed);
+	ring_push(ev, ev->seq, sb.data, sb.size);	/* takes the buffer */
+	ev->seq++;
+	atomic_store_explicit(&ev->next_seq, ev->seq, memory_order_relaxed);
+}
+
+/*
+ * One replay request: [identity, "", start seq (8 bytes big-endian)] gets
+ * [identity, "", seq, payload] for every kept batch from there, then
+ * [identity, "", -1, ""]. Anything else is read and ignored.
+ */
+static void serve_replay(struct kve *ev)
+{
+	static const uint8_t end_seq[8] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+	uint8_t id[256], delim[8], start[8];
+	int idn = -1, dn = -1, sn = -1, nframes = 0, more = 1;
+	size_t more_len = sizeof(more);
+
+	while (more) {
+		uint8_t scratch[16];
+		int n;
+
+		if (nframes == 0)
+			n = idn = zmq_recv(ev->replay, id, sizeof(id), ZMQ_DONTWAIT);
+		else if (nframes == 1)
+			n = dn = zmq_recv(ev->replay, delim, sizeof(delim), ZMQ_DONTWAIT);
+		else if (nframes == 2)
+			n = sn = zmq_recv(ev->replay, start, sizeof(start), ZMQ_DONTWAIT);
+		else
+			n = zmq_recv(ev->replay, scratch, sizeof(scratch), ZMQ_DONTWAIT);
+		if (n < 0)
+			return;
+		nframes++;
+		if (zmq_getsockopt(ev->replay, ZMQ_RCVMORE, &more, &more_len))
+			return;
+	}
+	if (nframes != 3 || idn <= 0 || idn > (int)sizeof(id) || dn != 0 || sn != 8) {
+		atomic_fetch_add_explicit(&ev->n_replay_bad, 1, memory_order_relaxed);
+		return;
+	}
+	uint64_t from = load_be64(start);
+
+	atomic_fetch_add_explicit(&ev->n_replays, 1, memory_order_relaxed);
+	for (uint32_t i = 0; i < ev->ring_len; i++) {
+		const struct kve_batch *b = &ev->ring[(ev->ring_head + i) % ev->ring_cap];
+		uint8_t seqb[8];
+
+		if (b->seq < from)
+			continue;
+		store_be64(seqb, b->seq);
+		if (zmq_send(ev->replay, id, (size_t)idn, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+		    zmq_send(ev->replay, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+		    zmq_send(ev->replay, seqb, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
+		    zmq_send(ev->replay, b->data, b->len, ZMQ_DONTWAIT) < 0)
+			return;	/* the peer is gone or not reading: give up on it */
+	}
+	if (zmq_send(ev->replay, id, (size_t)idn, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+	    zmq_send(ev->replay, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+	    zmq_send(ev->replay, end_seq, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
+		zmq_send(ev->replay, "", 0, ZMQ_DONTWAIT);
+}
+
+static void poll_replay(struct kve *ev)
+{
+	zmq_pollitem_t it = { .socket = ev->replay, .events = ZMQ_POLLIN };
+
+	for (int i = 0; i < 64 && ev->replay && zmq_poll(&it, 1, 0) > 0 &&
+			(it.revents & ZMQ_POLLIN); i++)
+		serve_replay(ev);
+}
+
+static void free_list(struct kve_report *r)
+{
+	while (r) {
+		struct kve_report *next = r->next;
+
+		free(r);
+		r = next;
+	}
+}
+
+/* Test hook: hold the first batch back for stall_ms (until kve_destroy at most). */
+static void stall(struct kve *ev)
+{
+	const uint64_t end = ks_now_ms() + ev->stall_ms;
+	const struct timespec step = { 0, 10 * 1000000L };
+	bool stop = false;
+
+	ev->stall_ms = 0;
+	while (!stop && ks_now_ms() < end) {
+		nanosleep(&step, NULL);
+		if (ks_lock(&ev->lock) == 0) {
+			stop = ev->stop;
+			ks_unlock(&ev->lock);
+		}
+	}
+}
+
+static void *publisher_main(void *arg)
+{
+	struct kve *ev = arg;
+
+	pthread_setname_np(pthread_self(), "kv-events");
+	for (;;) {
+		struct kve_report *list = NULL, *last = NULL;
+		uint32_t n = 0, dropped = 0;
+		bool stop;
+
+		poll_replay(ev);
+		if (ks_lock(&ev->lock))
+			continue;
+		if (!ev->head && !ev->stop)
+			(void)ks_cond_wait_ms(&ev->cond, &ev->lock, KVE_WAIT_MS);
+		while (ev->head && n < KVE_BATCH_MAX) {
+			struct kve_report *r = ev->head;
+
+			ev->head = r->next;
+			if (!ev->head)
+				ev->tail = NULL;
+			r->next = NULL;
+			if (last)
+				last->next = r;
+			else
+				list = r;
+			last = r;
+			n++;
+		}
+		ev->queued -= n;
+		if (n) {
+			dropped = ev->dropped_pending;
+			ev->dropped_pending = 0;
+		}
+		stop = ev->stop && !ev->head;
+		ks_unlock(&ev->lock);
+		if (n) {
+			if (ev->stall_ms)
+				stall(ev);
+			publish(ev, list, dropped);
+			free_list(list);
+		}
+		if (stop)
+			break;
+	}
+	return NULL;
+}
+
+/* vLLM's rule: bind a wildcard or local transport, connect to anything else. */
+static bool binds(const char *ep)
+{
+	return strchr(ep, '*') || strstr(ep, "::") || !strncmp(ep, "ipc://", 6) ||
+	       !strncmp(ep, "inproc://", 9);
+}
+
+static void kve_free(struct kve *ev)
+{
+	if (ev->pub)
+		zmq_close(ev->pub);
+	if (ev->replay)
+		zmq_close(ev->replay);
+	if (ev->zctx)
+		zmq_ctx_term(ev->zctx);
+	for (uint32_t i = 0; ev->ring && i < ev->ring_len; i++)
+		free(ev->ring[(ev->ring_head + i) % ev->ring_cap].data);
+	free(ev->ring);
+	for (uint32_t i = 0; ev->table && i < KVE_TABLE_BUCKETS; i++)
+		while (ev->table[i]) {
+			struct kve_block *b = ev->table[i];
+
+			ev->table[i] = b->next;
+			free(b);
+		}
+	free(ev->table);
+	free(ev->topic);
+	free_list(ev->head);
+	ks_cond_destroy(&ev->cond);
+	ks_mutex_destroy(&ev->lock);
+	free(ev);
+}
+
+int kve_create(const struct kve_config *cfg, struct kve **out, char *err, size_t errlen)
+{
+	struct kve *ev;
+	int linger = 0, hwm = 100000, rc;
+
+	if (!cfg->endpoint || !*cfg->endpoint || !cfg->buffer_batches) {
+		snprintf(err, errlen, "kv events: an endpoint and a buffer of at least 1 batch");
+		return -EINVAL;
+	}
+	ev = calloc(1, sizeof(*ev));
+	if (!ev) {
+		snprintf(err, errlen, "kv events: out of memory");
+		return -ENOMEM;
+	}
+	rc = ks_mutex_init(&ev->lock, LOCK_RANK_KV_EVENTS, "kv events queue");
+	if (rc) {
+		free(ev);
+		snprintf(err, errlen, "kv events: %s", strerror(-rc));
+		return rc;
+	}
+	rc = ks_cond_init(&ev->cond);
+	if (rc) {
+		ks_mutex_destroy(&ev->lock);
+		free(ev);
+		snprintf(err, errlen, "kv events: %s", strerror(-rc));
+		return rc;
+	}
+	ev->queue_max = cfg->queue_events ? cfg->queue_events : KVE_QUEUE_DEFAULT;
+	ev->stall_ms = cfg->stall_ms;
+	ev->ring_cap = cfg->buffer_batches;
+	ev->ring = calloc(ev->ring_cap, sizeof(*ev->ring));
+	ev->table = calloc(KVE_TABLE_BUCKETS, sizeof(*ev->table));
+	ev->topic = strdup(cfg->topic ? cfg->topic : "");
+	ev->zctx = zmq_ctx_new();
+	if (!ev->ring || !ev->table || !ev->topic || !ev->zctx) {
+		rc = -ENOMEM;
+		snprintf(err, errlen, "kv events: out of memory");
+		goto fail;
+	}
+	ev->topic_len = strlen(ev->topic);
+	ev->pub = zmq_socket(ev->zctx, ZMQ_PUB);
+	if (!ev->pub) {
+		rc = -zmq_errno();
+		snprintf(err, errlen, "kv events: PUB socket: %s", zmq_strerror(-rc));
+		goto fail;
+	}
+	zmq_setsockopt(ev->pub, ZMQ_LINGER, &linger, sizeof(linger));
+	zmq_setsockopt(ev->pub, ZMQ_SNDHWM, &hwm, sizeof(hwm));
+	if ((binds(cfg->endpoint) ? zmq_bind(ev->pub, cfg->endpoint) :
+				    zmq_connect(ev->pub, cfg->endpoint)) < 0) {
+		rc = -zmq_errno();
+		snprintf(err, errlen, "kv events: cannot %s --kv-events-endpoint %s: %s",
+			 binds(cfg->endpoint) ? "bind" : "connect", cfg->endpoint,
+			 zmq_strerror(-rc));
+		goto fail;
+	}
+	if (cfg->replay_endpoint && *cfg->replay_endpoint) {
+		int64_t maxmsg64 = 4096;	/* a request is 8 bytes */
+
+		ev->replay = zmq_socket(ev->zctx, ZMQ_ROUTER);
+		if (!ev->replay) {
+			rc = -zmq_errno();
+			snprintf(err, errlen, "kv events: ROUTER socket: %s", zmq_strerror(-rc));
+			goto fail;
+		}
+		/* Room for a whole replay per peer: past the high-water mark a ROUTER
+		 * drops silently, and the end marker would be lost. */
+		int rhwm = (int)KS_MIN((uint64_t)cfg->buffer_batches + 16, (uint64_t)INT32_MAX);
+
+		zmq_setsockopt(ev->replay, ZMQ_LINGER, &linger, sizeof(linger));
+		zmq_setsockopt(ev->replay, ZMQ_MAXMSGSIZE, &maxmsg64, sizeof(maxmsg64));
+		zmq_setsockopt(ev->replay, ZMQ_SNDHWM, &rhwm, sizeof(rhwm));
+		if (zmq_bind(ev->replay, cfg->replay_endpoint) < 0) {
+			rc = -zmq_errno();
+			snprintf(err, errlen, "kv events: cannot bind --kv-events-replay-endpoint "
+				 "%s: %s", cfg->replay_endpoint, zmq_strerror(-rc));
+			goto fail;
+		}
+	}
+	rc = pthread_create(&ev->thread, NULL, publisher_main, ev);
+	if (rc) {
+		rc = -rc;
+		snprintf(err, errlen, "kv events: thread: %s", strerror(-rc));
+		goto fail;
+	}
+	ev->started = true;
+	*out = ev;
+	return 0;
+fail:
+	kve_free(ev);
+	return rc;
+}
+
+void kve_destroy(struct kve *ev)
+{
+	if (!ev)
+		return;
+	if (ev->started) {
+		uint64_t deadline = ks_now_ms() + KVE_DRAIN_MS;
+
+		/* Let the publisher send what is queued, for a bounded time. */
+		for (;;) {
+			bool empty = true;
+
+			if (ks_lock(&ev->lock) == 0) {
+				empty = !ev->head;
+				if (empty || ks_now_ms() >= deadline) {
+					ev->stop = true;
+					free_list(ev->head);
+					ev->head = ev->tail = NULL;
+					ev->queued = 0;
+					empty = true;
+				}
+				ks_unlock(&ev->lock);
+			}
+			if (empty)
+				break;
+			struct timespec d = { 0, 5 * 1000000L };
+
+			nanosleep(&d, NULL);
+		}
+		ks_cond_signal(&ev->cond);
+		pthread_join(ev->thread, NULL);
+	}
+	kve_free(ev);
+}
+
+void kve_get_stats(struct kve *ev, struct kve_stats *st)
+{
+	memset(st, 0, sizeof(*st));
+	if (!ev)
+		return;
+	st->queued = atomic_load_explicit(&ev->n_queued, memory_order_relaxed);
+	st->dropped = atomic_load_explicit(&ev->n_dropped, memory_order_relaxed);
+	st->published = atomic_load_explicit(&ev->n_published, memory_order_relaxed);
+	st->batches = atomic_load_explicit(&ev->n_batches, memory_order_relaxed);
+	st->send_failed = atomic_load_explicit(&ev->n_send_failed, memory_order_relaxed);
+	st->replays = atomic_load_explicit(&ev->n_replays, memory_order_relaxed);
+	st->replay_bad = atomic_load_explicit(&ev->n_replay_bad, memory_order_relaxed);
+	st->next_seq = atomic_load_explicit(&ev->next_seq, memory_order_relaxed);
+}
