@@ -14,7 +14,7 @@
  *     lru->lock             (this list; the eviction walker only trylocks shards)
  *       pool->free_lock     (free slot stack)
  *
- * do_lru_* functions need lru->lock held by the caller (style.md §2); the
+ * do_lru_* functions need lru->lock held by the caller (the do_ prefix convention); the
  * compiler checks it with -Wthread-safety. A node's links are protected by
  * the lock of the list it is on, so lru_on_list() too needs it held (or the
  * caller's own guarantee that no other thread can move the node).

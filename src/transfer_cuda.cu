@@ -155,7 +155,7 @@ static bool cuda_err_sticky(cudaError_t e)
 }
 
 /*
- * style.md §6: logs and evaluates to 0 or -EIO, never aborts, hides no
+ * Error convention: logs and evaluates to 0 or -EIO, never aborts, hides no
  * return. Clears the runtime's last-error slot so a later
  * cudaGetLastError() after a launch reports only that launch.
  */
