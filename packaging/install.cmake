@@ -78,7 +78,8 @@ set(CPACK_GENERATOR DEB)
 set(CPACK_PACKAGE_NAME kvstash)
 set(CPACK_PACKAGE_VERSION ${PROJECT_VERSION})
 set(CPACK_PACKAGE_CONTACT "kvstash developers <kvstash@localhost>")
-set(CPACK_PACKAGE_DESCRIPTION_SUMMARY "KV-cache server for LLM inference engines")
+# No CPACK_PACKAGE_DESCRIPTION_SUMMARY: CPack would prepend it to every
+# package's description, giving the libraries the daemon's synopsis.
 set(CPACK_DEB_COMPONENT_INSTALL ON)
 set(CPACK_COMPONENTS_ALL daemon lib dev)
 set(CPACK_DEBIAN_FILE_NAME DEB-DEFAULT)
@@ -94,16 +95,18 @@ if(KVSTASH_HAVE_CUDA)
   list(APPEND CPACK_DEBIAN_PACKAGE_SHLIBDEPS_PRIVATE_DIRS ${CUDAToolkit_LIBRARY_DIR})
 endif()
 set(CPACK_DEBIAN_PACKAGE_CONTROL_STRICT_PERMISSION ON)
+# Debian ships stripped binaries (no -dbgsym packages are built here).
+set(CPACK_STRIP_FILES ON)
 
 set(CPACK_DEBIAN_DAEMON_PACKAGE_NAME kvstash)
 set(CPACK_DEBIAN_DAEMON_PACKAGE_SECTION net)
 set(CPACK_DEBIAN_DAEMON_PACKAGE_DEPENDS "libkvstash0 (= ${KS_DEB_VERSION}), adduser")
 set(CPACK_DEBIAN_DAEMON_DESCRIPTION "KV-cache server for LLM inference engines
- kvstashd keeps attention KV-cache chunks of LLM inference engines (vLLM and
- others speaking LMCache's multiprocess protocol) in a host-memory pool, with
- optional disk and Redis tiers, so that a repeated prompt prefix is copied
- back instead of recomputed. This package has the daemon, its systemd unit
- and configuration, and the kvstash command-line tool.")
+kvstashd keeps attention KV-cache chunks of LLM inference engines (vLLM and
+others speaking LMCache's multiprocess protocol) in a host-memory pool, with
+optional disk and Redis tiers, so that a repeated prompt prefix is copied
+back instead of recomputed. This package has the daemon, its systemd unit
+and configuration, and the kvstash command-line tool.")
 set(CPACK_DEBIAN_DAEMON_PACKAGE_CONTROL_EXTRA ${CMAKE_SOURCE_DIR}/packaging/deb/conffiles
     ${CMAKE_SOURCE_DIR}/packaging/deb/postinst ${CMAKE_SOURCE_DIR}/packaging/deb/prerm
     ${CMAKE_SOURCE_DIR}/packaging/deb/postrm)
@@ -111,8 +114,10 @@ set(CPACK_DEBIAN_DAEMON_PACKAGE_CONTROL_EXTRA ${CMAKE_SOURCE_DIR}/packaging/deb/
 set(CPACK_DEBIAN_LIB_PACKAGE_NAME libkvstash0)
 set(CPACK_DEBIAN_LIB_PACKAGE_SECTION libs)
 set(CPACK_DEBIAN_LIB_DESCRIPTION "client library of the kvstash KV-cache server
- libkvstash speaks the LMCache multiprocess protocol to kvstashd over ZeroMQ:
- register KV buffers, store, look up and retrieve KV-cache chunks.")
+libkvstash speaks the LMCache multiprocess protocol to kvstashd over ZeroMQ:
+register KV buffers, store, look up and retrieve KV-cache chunks.")
+# ldconfig through a trigger (CPack's own postinst/postrm also call ldconfig).
+set(CPACK_DEBIAN_LIB_PACKAGE_CONTROL_EXTRA ${CMAKE_SOURCE_DIR}/packaging/deb/lib/triggers)
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS ON)
 set(CPACK_DEBIAN_PACKAGE_GENERATE_SHLIBS_POLICY ">=")
 
@@ -120,6 +125,7 @@ set(CPACK_DEBIAN_DEV_PACKAGE_NAME libkvstash-dev)
 set(CPACK_DEBIAN_DEV_PACKAGE_SECTION libdevel)
 set(CPACK_DEBIAN_DEV_PACKAGE_DEPENDS "libkvstash0 (= ${KS_DEB_VERSION})")
 set(CPACK_DEBIAN_DEV_DESCRIPTION "client library of the kvstash KV-cache server (development files)
- The header, pkg-config file (kvstash.pc) and CMake package (find_package(kvstash),
- target kvstash::kvstash) for building programs against libkvstash.")
+The header, pkg-config file (kvstash.pc) and CMake package
+(find_package(kvstash), target kvstash::kvstash) for building programs
+against libkvstash.")
 include(CPack)
