@@ -15,8 +15,11 @@ endforeach()
 set_directory_properties(PROPERTIES COMPILE_OPTIONS "${_ks_c_opts}")
 set_target_properties(kvstash_core PROPERTIES COMPILE_OPTIONS "${_ks_c_opts}")
 set(KVSTASH_CUDA_WARNINGS
-  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Werror,-Wno-unused-parameter,-Wno-missing-field-initializers>
-  $<$<COMPILE_LANGUAGE:CUDA>:--Werror=all-warnings>)
+  $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Wall,-Wextra,-Wno-unused-parameter,-Wno-missing-field-initializers>)
+if(KVSTASH_WERROR)
+  list(APPEND KVSTASH_CUDA_WARNINGS $<$<COMPILE_LANGUAGE:CUDA>:-Xcompiler=-Werror>
+       $<$<COMPILE_LANGUAGE:CUDA>:--Werror=all-warnings>)
+endif()
 
 # Hopper machine code plus PTX, which the driver JIT-compiles for newer GPUs.
 if(NOT DEFINED KVSTASH_CUDA_ARCHITECTURES)

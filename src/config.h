@@ -63,6 +63,10 @@ int cfg_parse_args(struct srv_config *c, int argc, char **argv, FILE *out, char 
 int cfg_load_file(struct srv_config *c, const char *path, char *err, size_t errlen);
 /* Print --help from the table. */
 void cfg_print_help(FILE *out, const char *prog);
+/* The default config file (every option commented, with its default): --print-config. */
+void cfg_print_config(FILE *out);
+/* The kvstashd(8) man page in roff: --print-man. */
+void cfg_print_man(FILE *out);
 /* One "config: k=v k=v ..." line, for the startup log. */
 void cfg_format(const struct srv_config *c, char *buf, size_t len);
 /* The endpoint to bind: listen, or tcp://host:port. */

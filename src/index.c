@@ -883,7 +883,7 @@ int idx_lookup_lock(struct idx *ix, const struct ks_key *keys, size_t n, size_t 
 	 * locked key can't be evicted between the count and the lock.
 	 */
 	for (i = 0; i < n; i++) {
-		bool present;
+		bool present = false;
 		int rc = lock_one(ix, &keys[i], locks_per_key, deadline_ms, &present);
 
 		if (rc) {

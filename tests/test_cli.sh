@@ -90,6 +90,20 @@ check "ping stopped by SIGINT exits 0 (got $RC)" [ "$RC" -eq 0 ]
 check "ping stopped by SIGINT prints the summary: $(cat "$TMP/out")" \
 	grep -Eq "^--- .*: [0-9]+ sent, [0-9]+ received, rtt" "$TMP/out"
 
+# Global options before the command, as redis-cli, git and systemctl take them.
+run_cmd "$TMP/out" "$KVSTASH" -e "$MAIN_EP" ping
+check "kvstash -e EP ping exits 0 (got $RC): $(cat "$TMP/out")" [ "$RC" -eq 0 ]
+check "kvstash -e EP ping pongs" grep -q "^pong from ${MAIN_EP//./\\.}:" "$TMP/out"
+run_cmd "$TMP/out" "$KVSTASH" --endpoint="$MAIN_EP" --timeout-ms=2000 ping -c 2 -i 0
+check "kvstash --endpoint=EP --timeout-ms=N ping -c 2 exits 0 (got $RC)" [ "$RC" -eq 0 ]
+check "kvstash --endpoint=EP --timeout-ms=N ping -c 2 pongs twice" \
+	[ "$(grep -c "^pong from" "$TMP/out")" -eq 2 ]
+run_cmd "$TMP/out" "$KVSTASH" -e "$MAIN_EP" ping stats
+check "two commands are refused with exit 2 (got $RC)" [ "$RC" -eq 2 ]
+check "two commands: the stray one is named" grep -q "unexpected argument 'stats'" "$TMP/out"
+run_cmd "$TMP/out" "$KVSTASH" -e "$MAIN_EP"
+check "options without a command exit 2 (got $RC)" [ "$RC" -eq 2 ]
+
 # KVSTASH_ENDPOINT is the default endpoint.
 KVSTASH_ENDPOINT=$MAIN_EP run_cmd "$TMP/out" "$KVSTASH" ping
 check "ping via \$KVSTASH_ENDPOINT exits 0" [ "$RC" -eq 0 ]
@@ -162,7 +176,7 @@ usage_err "unknown --dtype" store-test -e "$MAIN_EP" --dtype=float64
 usage_err "unknown --layout" store-test -e "$MAIN_EP" --layout=bogus
 run_cmd "$TMP/out" "$KVSTASH" --help
 check "kvstash --help exits 0" [ "$RC" -eq 0 ]
-check "kvstash --help prints usage" grep -q "^Usage: kvstash COMMAND" "$TMP/out"
+check "kvstash --help prints usage" grep -q "^Usage: kvstash \[OPTIONS\] COMMAND" "$TMP/out"
 check "no usage error was sent to the server as a request" \
 	[ "$(srv_stat "$MAIN_EP" semantic_errors)" = 0 ]
 
@@ -207,7 +221,7 @@ ntested=0
 for line in "${OPTS[@]}"; do
 	read -r name spec <<<"$line"
 	case "$name" in
-	help|version) continue ;;
+	help|version|print-config|print-man) continue ;;
 	esac
 	ntested=$((ntested + 1))
 	case "$spec" in

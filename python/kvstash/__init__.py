@@ -21,7 +21,8 @@ errno, .message the library's message (the server's reason where it sent one).
 
 The library is found through $KVSTASH_LIB (a path to libkvstash.so), then
 next to this package, then $KVSTASH_BUILD_DIR and the repository's build
-directories, then the system's library path (ldconfig).
+directories, then libkvstash.so.0 on the dynamic linker's path (an installed
+libkvstash0, LD_LIBRARY_PATH), then ldconfig's cache.
 """
 
 import ctypes
@@ -104,6 +105,9 @@ def _candidates():
     repo = os.path.dirname(os.path.dirname(here))
     yield os.path.join(repo, "build", "libkvstash.so")
     yield from sorted(glob.glob(os.path.join(repo, "build*", "libkvstash.so")))
+    # Installed (libkvstash0, cmake --install): the dynamic linker's path,
+    # LD_LIBRARY_PATH included, then ldconfig's cache.
+    yield "libkvstash.so.0"
     found = ctypes.util.find_library("kvstash")
     if found:
         yield found
