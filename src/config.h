@@ -46,6 +46,7 @@ struct srv_config {
 	char kv_events_replay_endpoint[512];	/* ROUTER for replay; empty = none */
 	char kv_events_topic[256];
 	uint32_t kv_events_buffer;	/* batches kept for replay */
+	char kv_events_format[8];	/* map | array: vLLM msgspec encodings (docs/kv-events.md) */
 };
 
 /* Fill @c with every option's default. */

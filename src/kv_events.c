@@ -96,6 +96,7 @@ struct kve {
 	void *zctx, *pub, *replay;
 	char *topic;
 	size_t topic_len;
+	bool array_form;	/* positional encoding (array_like structs), else maps */
 	uint64_t seq;
 	struct kve_block **table;	/* [KVE_TABLE_BUCKETS] announced blocks */
 	uint32_t carry_dropped;	/* drops not yet shown by a sequence gap */
@@ -264,47 +265,64 @@ static void pack_str(msgpack_packer *pk, const char *s)
 
 /*
  * Events are packed as vLLM's msgspec encodes its tagged structs
- * (omit_defaults): a map whose "type" is the class name, then the fields in
- * declaration order; fields without a default are always present, defaulted
- * ones only when set.
+ * (omit_defaults). Map form (vLLM main): a map whose "type" is the class
+ * name, then the fields in declaration order; fields without a default are
+ * always present, defaulted ones only when set. Array form (vLLM releases
+ * whose structs are array_like=True): the class name, then the same fields
+ * by position; a decoder with fewer fields ignores the trailing ones.
  */
-static void pack_stored(msgpack_packer *pk, uint64_t hash, bool has_parent, uint64_t parent,
-			const uint32_t *tokens, uint32_t ntokens, uint8_t medium)
+static void pack_event_head(msgpack_packer *pk, bool array_form, const char *type,
+			    uint32_t nfields)
 {
-	msgpack_pack_map(pk, 8);
-	pack_str(pk, "type");
-	pack_str(pk, "BlockStored");
-	pack_str(pk, "block_hashes");
+	if (array_form) {
+		msgpack_pack_array(pk, 1 + nfields);
+	} else {
+		msgpack_pack_map(pk, 1 + nfields);
+		pack_str(pk, "type");
+	}
+	pack_str(pk, type);
+}
+
+/* The name of the next field, in the map form only. */
+static void pack_field(msgpack_packer *pk, bool array_form, const char *name)
+{
+	if (!array_form)
+		pack_str(pk, name);
+}
+
+static void pack_stored(msgpack_packer *pk, bool array_form, uint64_t hash, bool has_parent,
+			uint64_t parent, const uint32_t *tokens, uint32_t ntokens, uint8_t medium)
+{
+	pack_event_head(pk, array_form, "BlockStored", 7);
+	pack_field(pk, array_form, "block_hashes");
 	msgpack_pack_array(pk, 1);
 	msgpack_pack_uint64(pk, hash);
-	pack_str(pk, "parent_block_hash");
+	pack_field(pk, array_form, "parent_block_hash");
 	if (has_parent)
 		msgpack_pack_uint64(pk, parent);
 	else
 		msgpack_pack_nil(pk);
-	pack_str(pk, "token_ids");
+	pack_field(pk, array_form, "token_ids");
 	msgpack_pack_array(pk, ntokens);
 	for (uint32_t t = 0; t < ntokens; t++)
 		msgpack_pack_uint32(pk, tokens[t]);
-	pack_str(pk, "block_size");
+	pack_field(pk, array_form, "block_size");
 	msgpack_pack_uint32(pk, ntokens);	/* one block = one whole chunk */
-	pack_str(pk, "lora_id");
+	pack_field(pk, array_form, "lora_id");
 	msgpack_pack_nil(pk);
-	pack_str(pk, "medium");
+	pack_field(pk, array_form, "medium");
 	pack_str(pk, medium_name[medium]);
-	pack_str(pk, "lora_name");
+	pack_field(pk, array_form, "lora_name");
 	msgpack_pack_nil(pk);
 }
 
-static void pack_removed(msgpack_packer *pk, uint64_t hash, uint8_t medium)
+static void pack_removed(msgpack_packer *pk, bool array_form, uint64_t hash, uint8_t medium)
 {
-	msgpack_pack_map(pk, 3);
-	pack_str(pk, "type");
-	pack_str(pk, "BlockRemoved");
-	pack_str(pk, "block_hashes");
+	pack_event_head(pk, array_form, "BlockRemoved", 2);
+	pack_field(pk, array_form, "block_hashes");
 	msgpack_pack_array(pk, 1);
 	msgpack_pack_uint64(pk, hash);
-	pack_str(pk, "medium");
+	pack_field(pk, array_form, "medium");
 	pack_str(pk, medium_name[medium]);
 }
 
@@ -352,8 +370,8 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 			}
 			if (b)
 				b->cpu = true;
-			pack_stored(pk, r->hash, r->has_parent, r->parent, r->tokens, r->ntokens,
-				    KVE_MEDIUM_CPU);
+			pack_stored(pk, ev->array_form, r->hash, r->has_parent, r->parent,
+				    r->tokens, r->ntokens, KVE_MEDIUM_CPU);
 			return 1;
 		}
 		/* Demoted to disk: announced with the tokens kept from its CPU store. */
@@ -363,8 +381,8 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 			b->pending--;
 		if (!b->disk) {
 			b->disk = true;
-			pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens, b->ntokens,
-				    KVE_MEDIUM_DISK);
+			pack_stored(pk, ev->array_form, b->hash, b->has_parent, b->parent,
+				    b->tokens, b->ntokens, KVE_MEDIUM_DISK);
 			n = 1;
 		}
 		return n;
@@ -383,7 +401,7 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 				b->pending += r->demoting;
 				table_release(p);
 			}
-			pack_removed(pk, r->hash, KVE_MEDIUM_CPU);
+			pack_removed(pk, ev->array_form, r->hash, KVE_MEDIUM_CPU);
 			return 1;
 		}
 		/* Leaving the disk: only what was announced there. */
@@ -391,13 +409,11 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 			return 0;
 		b->disk = false;
 		table_release(p);
-		pack_removed(pk, r->hash, KVE_MEDIUM_DISK);
+		pack_removed(pk, ev->array_form, r->hash, KVE_MEDIUM_DISK);
 		return 1;
 	default:
 		/* The pool is empty; what is on disk stays, announced again. */
-		msgpack_pack_map(pk, 1);
-		pack_str(pk, "type");
-		pack_str(pk, "AllBlocksCleared");
+		pack_event_head(pk, ev->array_form, "AllBlocksCleared", 0);
 		n = 1;
 		for (uint32_t i = 0; i < KVE_TABLE_BUCKETS; i++) {
 			p = &ev->table[i];
@@ -405,8 +421,9 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 				b = *p;
 				b->cpu = false;
 				if (b->disk) {
-					pack_stored(pk, b->hash, b->has_parent, b->parent, b->tokens,
-						    b->ntokens, KVE_MEDIUM_DISK);
+					pack_stored(pk, ev->array_form, b->hash, b->has_parent,
+						    b->parent, b->tokens, b->ntokens,
+						    KVE_MEDIUM_DISK);
 					n++;
 				}
 				if (!b->disk && !b->pending) {
@@ -464,12 +481,22 @@ static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
 	msgpack_sbuffer_init(&sb);
 	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
 	clock_gettime(CLOCK_REALTIME, &ts);
-	msgpack_pack_array(&pk, 3);
+	/* EventBatch: ts, events, data_parallel_rank (always 0: one stream) */
+	if (ev->array_form) {
+		msgpack_pack_array(&pk, 3);
+	} else {
+		msgpack_pack_map(&pk, 3);
+		pack_str(&pk, "ts");
+	}
 	msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+	if (!ev->array_form)
+		pack_str(&pk, "events");
 	msgpack_pack_array(&pk, n);
 	msgpack_sbuffer_write(&sb, body.data, body.size);
 	msgpack_sbuffer_destroy(&body);
-	msgpack_pack_int(&pk, 0);	/* data_parallel_rank */
+	if (!ev->array_form)
+		pack_str(&pk, "data_parallel_rank");
+	msgpack_pack_int(&pk, 0);
 
 	store_be64(seqb, ev->seq);
 	rc = zmq_send(ev->pub, ev->topic, ev->topic_len, ZMQ_SNDMORE | ZMQ_DONTWAIT);
@@ -699,6 +726,7 @@ int kve_create(const struct kve_config *cfg, struct kve **out, char *err, size_t
 		goto fail;
 	}
 	ev->topic_len = strlen(ev->topic);
+	ev->array_form = cfg->array_form;
 	ev->pub = zmq_socket(ev->zctx, ZMQ_PUB);
 	if (!ev->pub) {
 		rc = -zmq_errno();

@@ -36,6 +36,7 @@ struct kve_config {
 	const char *replay_endpoint;	/* ROUTER (bound), or NULL/"" for none */
 	const char *topic;		/* first frame of every message ("" allowed) */
 	uint32_t buffer_batches;	/* batches kept for replay (>= 1) */
+	bool array_form;		/* vLLM's array_like encoding, else maps (docs/kv-events.md) */
 	uint32_t queue_events;		/* reports queued before drops; 0 = 65536 */
 	uint64_t stall_ms;		/* test hook: the publisher holds its first batch this long */
 };

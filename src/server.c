@@ -731,6 +731,7 @@ static int events_open(struct srv *s)
 		.replay_endpoint = s->cfg.kv_events_replay_endpoint,
 		.topic = s->cfg.kv_events_topic,
 		.buffer_batches = s->cfg.kv_events_buffer,
+		.array_form = !strcmp(s->cfg.kv_events_format, "array"),
 	};
 	const char *q = getenv("KVSTASH_TEST_KV_EVENTS_QUEUE");
 	const char *st = getenv("KVSTASH_TEST_KV_EVENTS_STALL_MS");

@@ -1,5 +1,5 @@
 /*
- * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; bad replay input gets no reply; with a disk tier an evicted chunk moves from CPU to Disk and a CLEAR re-announces the disk; a stuck publisher drops (counted, a sequence gap) and never holds up STORE; bad endpoints fail at start with a message. Labels: unit tsan
+ * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; batches and events are maps as vLLM main encodes them, or positional arrays with --kv-events-format=array; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; bad replay input gets no reply; with a disk tier an evicted chunk moves from CPU to Disk and a CLEAR re-announces the disk; a stuck publisher drops (counted, a sequence gap) and never holds up STORE; bad endpoints fail at start with a message. Labels: unit tsan
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -52,6 +52,7 @@ struct sub {
 	uint64_t seqs[MAXEV];
 	size_t nseq;
 	bool gap;		/* a sequence number was skipped */
+	bool array_form;	/* expect --kv-events-format=array (positional) */
 };
 
 static void *zctx;
@@ -95,9 +96,80 @@ static uint64_t as_u64(const msgpack_object *o)
 }
 
 /* Decode one batch payload [ts, [events], dp_rank] into @s. */
+/* One event field by name (whichever form it came in) into @d. */
+static void decode_field(struct ev *d, const char *name, const msgpack_object *v)
+{
+	if (!strcmp(name, "type") && v->type == MSGPACK_OBJECT_STR)
+		snprintf(d->type, sizeof(d->type), "%.*s", (int)v->via.str.size, v->via.str.ptr);
+	else if (!strcmp(name, "medium") && v->type == MSGPACK_OBJECT_STR)
+		snprintf(d->medium, sizeof(d->medium), "%.*s", (int)v->via.str.size,
+			 v->via.str.ptr);
+	else if (!strcmp(name, "block_hashes") && v->type == MSGPACK_OBJECT_ARRAY &&
+		 v->via.array.size == 1)
+		d->hash = as_u64(&v->via.array.ptr[0]);
+	else if (!strcmp(name, "parent_block_hash")) {
+		d->has_parent = v->type != MSGPACK_OBJECT_NIL;
+		d->parent = d->has_parent ? as_u64(v) : 0;
+	} else if (!strcmp(name, "token_ids") && v->type == MSGPACK_OBJECT_ARRAY) {
+		d->ntokens = v->via.array.size;
+		if (d->ntokens) {
+			d->tok0 = (uint32_t)as_u64(&v->via.array.ptr[0]);
+			d->tok_last = (uint32_t)as_u64(&v->via.array.ptr[d->ntokens - 1]);
+		}
+	} else if (!strcmp(name, "block_size"))
+		d->block_size = (uint32_t)as_u64(v);
+}
+
+/* vLLM's field order of each event (KVCacheEvent subclasses), type first. */
+static const char *const stored_fields[] = { "type", "block_hashes", "parent_block_hash",
+					      "token_ids", "block_size", "lora_id", "medium",
+					      "lora_name" };
+static const char *const removed_fields[] = { "type", "block_hashes", "medium" };
+
+/*
+ * One event: a map with "type" (map form) or [type, fields by position]
+ * (array form); it must be in the same form as its batch. false if not.
+ */
+static bool decode_event(struct ev *d, const msgpack_object *e, bool array_form)
+{
+	if (!array_form) {
+		if (e->type != MSGPACK_OBJECT_MAP || !e->via.map.size ||
+		    !str_is(&e->via.map.ptr[0].key, "type"))
+			return false;
+		for (uint32_t f = 0; f < e->via.map.size; f++) {
+			const msgpack_object *key = &e->via.map.ptr[f].key;
+			char name[32];
+
+			if (key->type != MSGPACK_OBJECT_STR || key->via.str.size >= sizeof(name))
+				return false;
+			snprintf(name, sizeof(name), "%.*s", (int)key->via.str.size, key->via.str.ptr);
+			decode_field(d, name, &e->via.map.ptr[f].val);
+		}
+		return true;
+	}
+	if (e->type != MSGPACK_OBJECT_ARRAY || !e->via.array.size)
+		return false;
+	decode_field(d, "type", &e->via.array.ptr[0]);
+	const char *const *names = !strcmp(d->type, "BlockStored") ? stored_fields :
+				   !strcmp(d->type, "BlockRemoved") ? removed_fields : NULL;
+	size_t nnames = names == stored_fields ? 8 : names == removed_fields ? 3 : 1;
+
+	if (e->via.array.size != nnames)
+		return false;
+	for (uint32_t f = 1; f < e->via.array.size; f++)
+		decode_field(d, names[f], &e->via.array.ptr[f]);
+	return true;
+}
+
+/*
+ * A batch as vLLM's EventBatch encodes it: {"ts", "events",
+ * "data_parallel_rank"} (map form) or [ts, events, rank] (array form),
+ * checked strictly against the form this subscriber expects.
+ */
 static bool decode_batch(struct sub *s, uint64_t seq, const void *data, size_t len)
 {
 	msgpack_unpacked u;
+	const msgpack_object *ts, *events, *rank;
 	bool ok = false;
 
 	msgpack_unpacked_init(&u);
@@ -105,46 +177,35 @@ static bool decode_batch(struct sub *s, uint64_t seq, const void *data, size_t l
 		goto out;
 	const msgpack_object *b = &u.data;
 
-	if (b->type != MSGPACK_OBJECT_ARRAY || b->via.array.size != 3 ||
-	    b->via.array.ptr[0].type != MSGPACK_OBJECT_FLOAT64 ||
-	    b->via.array.ptr[1].type != MSGPACK_OBJECT_ARRAY ||
-	    b->via.array.ptr[2].type != MSGPACK_OBJECT_POSITIVE_INTEGER)
+	if (s->array_form) {
+		if (b->type != MSGPACK_OBJECT_ARRAY || b->via.array.size != 3)
+			goto out;
+		ts = &b->via.array.ptr[0];
+		events = &b->via.array.ptr[1];
+		rank = &b->via.array.ptr[2];
+	} else {
+		if (b->type != MSGPACK_OBJECT_MAP || b->via.map.size != 3 ||
+		    !str_is(&b->via.map.ptr[0].key, "ts") ||
+		    !str_is(&b->via.map.ptr[1].key, "events") ||
+		    !str_is(&b->via.map.ptr[2].key, "data_parallel_rank"))
+			goto out;
+		ts = &b->via.map.ptr[0].val;
+		events = &b->via.map.ptr[1].val;
+		rank = &b->via.map.ptr[2].val;
+	}
+	if (ts->type != MSGPACK_OBJECT_FLOAT64 || events->type != MSGPACK_OBJECT_ARRAY ||
+	    rank->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
 		goto out;
-	const msgpack_object_array *evs = &b->via.array.ptr[1].via.array;
-
-	for (uint32_t i = 0; i < evs->size; i++) {
-		const msgpack_object *e = &evs->ptr[i];
+	for (uint32_t i = 0; i < events->via.array.size; i++) {
 		struct ev *d;
 
-		if (e->type != MSGPACK_OBJECT_MAP || s->nev >= MAXEV)
+		if (s->nev >= MAXEV)
 			goto out;
 		d = &s->evs[s->nev++];
 		memset(d, 0, sizeof(*d));
 		d->seq = seq;
-		for (uint32_t f = 0; f < e->via.map.size; f++) {
-			const msgpack_object *key = &e->via.map.ptr[f].key, *v = &e->via.map.ptr[f].val;
-
-			if (str_is(key, "type") && v->type == MSGPACK_OBJECT_STR)
-				snprintf(d->type, sizeof(d->type), "%.*s", (int)v->via.str.size,
-					 v->via.str.ptr);
-			else if (str_is(key, "medium") && v->type == MSGPACK_OBJECT_STR)
-				snprintf(d->medium, sizeof(d->medium), "%.*s", (int)v->via.str.size,
-					 v->via.str.ptr);
-			else if (str_is(key, "block_hashes") && v->type == MSGPACK_OBJECT_ARRAY &&
-				 v->via.array.size == 1)
-				d->hash = as_u64(&v->via.array.ptr[0]);
-			else if (str_is(key, "parent_block_hash")) {
-				d->has_parent = v->type != MSGPACK_OBJECT_NIL;
-				d->parent = d->has_parent ? as_u64(v) : 0;
-			} else if (str_is(key, "token_ids") && v->type == MSGPACK_OBJECT_ARRAY) {
-				d->ntokens = v->via.array.size;
-				if (d->ntokens) {
-					d->tok0 = (uint32_t)as_u64(&v->via.array.ptr[0]);
-					d->tok_last = (uint32_t)as_u64(&v->via.array.ptr[d->ntokens - 1]);
-				}
-			} else if (str_is(key, "block_size"))
-				d->block_size = (uint32_t)as_u64(v);
-		}
+		if (!decode_event(d, &events->via.array.ptr[i], s->array_form))
+			goto out;
 	}
 	ok = true;
 out:
@@ -708,6 +769,48 @@ static void bad_flag(const char *flag, const char *flag2, const char *needle)
 	free(dir);
 }
 
+/* --kv-events-format=array: the same events, positional, as array_like vLLM releases send. */
+static void test_array_form(void)
+{
+	char *dir = t_mkdtemp("kvev");
+	char ep[256], args[600];
+	static struct sub s;
+	struct node n;
+	uint32_t tok[PROMPT * C];
+
+	REQUIRE(dir);
+	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
+	snprintf(args, sizeof(args), "--pool-size=64M --kv-events-endpoint=%s "
+		 "--kv-events-format=array", ep);
+	node_start(&n, args);
+	sub_open(&s, ep, "");
+	s.array_form = true;
+	REQUIRE(store_prompt(&n, 0) == 0);
+	sub_drain(&s, "", 300);
+	CHECK_EQ(count_type(&s, 0, "BlockStored"), PROMPT);
+	prompt_tokens(0, tok);
+	for (size_t i = 0; i < s.nev && i < PROMPT; i++) {
+		const struct ev *e = &s.evs[i];
+
+		CHECK_EQ(e->hash, expect_hash(0, (int)i));
+		CHECK_EQ(e->has_parent, i > 0);
+		if (i > 0)
+			CHECK_EQ(e->parent, expect_hash(0, (int)i - 1));
+		CHECK_EQ(e->block_size, C);
+		CHECK_EQ(e->tok0, tok[i * C]);
+		CHECK(!strcmp(e->medium, "CPU"));
+	}
+	size_t mark = s.nev;
+
+	REQUIRE(kvstash_clear(n.c) == 0);
+	sub_drain(&s, "", 300);
+	CHECK_EQ(count_type(&s, mark, "AllBlocksCleared"), 1);
+	zmq_close(s.sock);
+	CHECK_EQ(node_stop(&n), 0);
+	t_rmtree(dir);
+	free(dir);
+}
+
 int main(void)
 {
 	zctx = zmq_ctx_new();
@@ -725,6 +828,7 @@ int main(void)
 	test_events();
 	test_disk();
 	test_slow_publisher();
+	test_array_form();
 	zmq_ctx_term(zctx);
 	return t_result("kv_events");
 }
