@@ -1,4 +1,4 @@
-/* Description: L3 tier on a real 3-master, 3-replica Redis Cluster: sharing between two instances, resharding under load (no failed request, no wrong byte), a master killed (fail fast, then traffic follows the failover), AUTH on a single node, bad URLs and a seed that is not a cluster. Labels: unit */
+/* Description: L3 tier on a real 3-master, 3-replica Redis Cluster: sharing between two instances, resharding under load (no failed request, no wrong byte), a master killed (fail fast, then traffic follows the failover), AUTH (requirepass, ACL user) on the cluster and a single node, kvstashd with --redis-user/--redis-password-file (wrong ones refused at start, no password in logs or /metrics), uncovered slots, bad URLs, a seed that is not a cluster, CRC16 slots. Labels: unit */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -28,6 +28,9 @@ extern char **environ;
 #define VAL 20000	/* bytes per chunk: small, the test is about routing */
 
 static char *tmpdir;
+/* Once the test turns AUTH on in the cluster, its own connections use it. */
+static const char *auth_pw;
+#define CLUSTER_PW "cl-Secret-9f3"
 
 /* Every redis-server started, killed at exit (REQUIRE too) or on a fatal signal. */
 static volatile pid_t spawned[16];
@@ -109,6 +112,8 @@ static redisContext *rconn(int port)
 	}
 	if (c)
 		redisSetTimeout(c, tv);
+	if (c && auth_pw)
+		freeReplyObject(redisCommand(c, "AUTH %s", auth_pw));
 	return c;
 }
 
@@ -273,6 +278,210 @@ static int get_check(struct tier_redis *tr, unsigned i)
 		rc = 1;
 	free(dst);
 	return rc;
+}
+
+/* ---- kvstashd on the cluster -------------------------------------------------- */
+
+/* GET @path from 127.0.0.1:@port into @out (NUL-terminated). 0 or -1. */
+static int http_get(int port, const char *path, char *out, size_t n)
+{
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				 .sin_port = htons((uint16_t)port) };
+	struct timeval tv = { 5, 0 };
+	int s = socket(AF_INET, SOCK_STREAM, 0);
+	size_t got = 0;
+	char req[256];
+
+	if (s < 0)
+		return -1;
+	setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+	if (connect(s, (struct sockaddr *)&a, sizeof(a))) {
+		close(s);
+		return -1;
+	}
+	snprintf(req, sizeof(req), "GET %s HTTP/1.0\r\nHost: localhost\r\n\r\n", path);
+	if (write(s, req, strlen(req)) != (ssize_t)strlen(req)) {
+		close(s);
+		return -1;
+	}
+	for (;;) {
+		ssize_t r = read(s, out + got, n - 1 - got);
+
+		if (r <= 0)
+			break;
+		got += (size_t)r;
+		if (got + 1 >= n)
+			break;
+	}
+	out[got] = 0;
+	close(s);
+	return got ? 0 : -1;
+}
+
+/* Whether the file at @path contains @needle. */
+static bool file_has(const char *path, const char *needle)
+{
+	FILE *f = fopen(path, "r");
+	static char buf[1 << 20];
+	size_t n;
+
+	if (!f)
+		return false;
+	n = fread(buf, 1, sizeof(buf) - 1, f);
+	buf[n] = 0;
+	fclose(f);
+	return strstr(buf, needle) != NULL;
+}
+
+/*
+ * kvstashd with @args, expected to refuse to start: its exit status (-1 if
+ * it is still running after 15 s: then killed). Its output goes to @log.
+ */
+static int daemon_must_fail(const char *args, const char *log)
+{
+	char buf[1024], *argv[32];
+	int argc = 0, st = -1;
+	posix_spawn_file_actions_t fa;
+	pid_t pid;
+
+	snprintf(buf, sizeof(buf), "%s", args);
+	argv[argc++] = (char *)t_build_path("kvstashd");
+	for (char *save = NULL, *t = strtok_r(buf, " ", &save); t && argc < 31;
+	     t = strtok_r(NULL, " ", &save))
+		argv[argc++] = t;
+	argv[argc] = NULL;
+	posix_spawn_file_actions_init(&fa);
+	posix_spawn_file_actions_addopen(&fa, 1, log, O_WRONLY | O_CREAT | O_TRUNC, 0644);
+	posix_spawn_file_actions_adddup2(&fa, 1, 2);
+	if (posix_spawn(&pid, argv[0], &fa, NULL, argv, environ)) {
+		posix_spawn_file_actions_destroy(&fa);
+		return -1;
+	}
+	posix_spawn_file_actions_destroy(&fa);
+	for (int i = 0; i < 1500; i++) {
+		if (waitpid(pid, &st, WNOHANG) == pid)
+			return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+		usleep(10000);
+	}
+	kill(pid, SIGKILL);
+	waitpid(pid, NULL, 0);
+	return -1;
+}
+
+/* AUTH on the running cluster (@s, live nodes have pid > 0): library and kvstashd. */
+static void test_cluster_auth(struct rsrv *s, int seed)
+{
+	char url[512], args[1200], pwfile[600], badfile[600], log[600];
+	struct tier_redis *tr;
+	uint8_t *v = malloc(VAL);
+	int rc;
+	FILE *f;
+
+	/* masterauth first, so replicas keep replicating; then requirepass */
+	for (int i = 0; i < NSRV; i++)
+		if (s[i].pid) {
+			CHECK_EQ(strcmp(rcmd(s[i].port, "CONFIG SET masterauth " CLUSTER_PW), "OK"), 0);
+			CHECK_EQ(strcmp(rcmd(s[i].port, "CONFIG SET requirepass " CLUSTER_PW), "OK"), 0);
+		}
+	auth_pw = CLUSTER_PW;
+	for (int i = 0; i < NSRV; i++)
+		if (s[i].pid)
+			CHECK_EQ(strcmp(rcmd(s[i].port, "ACL SETUSER kvc on >kvc-pw ~tc:* +@all"),
+					"OK"), 0);
+	snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", seed);
+	tr = open_url(url, NULL, NULL, &rc);
+	CHECK_EQ(rc, -EACCES);	/* NOAUTH: said at start */
+	CHECK(!tr);
+	tr = open_url(url, NULL, "wrong-pw", &rc);
+	CHECK_EQ(rc, -EACCES);
+	tr = open_url(url, "kvc", "wrong-pw", &rc);
+	CHECK_EQ(rc, -EACCES);
+	tr = open_url(url, NULL, CLUSTER_PW, &rc);
+	CHECK_EQ(rc, 0);
+	if (tr) {
+		for (unsigned i = 7000; i < 7030; i++) {
+			t_fill(v, VAL, i);
+			CHECK_EQ(put_sync(tr, i, v), 0);
+		}
+		tier_redis_close(tr);
+	}
+	/* an ACL user, credentials in the URL; another instance reads byte-exact */
+	snprintf(url, sizeof(url), "redis+cluster://kvc:kvc-pw@127.0.0.1:%d", seed);
+	tr = open_url(url, NULL, NULL, &rc);
+	CHECK_EQ(rc, 0);
+	if (tr) {
+		for (unsigned i = 7000; i < 7030; i++)
+			CHECK_EQ(get_check(tr, i), 0);
+		tier_redis_close(tr);
+	}
+
+	/* kvstashd: --redis-password-file and --redis-user; right credentials start */
+	snprintf(pwfile, sizeof(pwfile), "%s/cluster-pw", tmpdir);
+	snprintf(badfile, sizeof(badfile), "%s/cluster-bad-pw", tmpdir);
+	snprintf(log, sizeof(log), "%s/kvstashd-bad.log", tmpdir);
+	f = fopen(pwfile, "w");
+	REQUIRE(f);
+	fputs("kvc-pw\n", f);
+	fclose(f);
+	f = fopen(badfile, "w");
+	REQUIRE(f);
+	fputs("not-" CLUSTER_PW "\n", f);
+	fclose(f);
+	{
+		int hport = free_port();
+		struct t_daemon *d;
+		static char metrics[1 << 16];
+
+		snprintf(args, sizeof(args),
+			 "--pool-size=64M --redis-url=redis+cluster://127.0.0.1:%d --redis-user=kvc "
+			 "--redis-password-file=%s --redis-prefix=tc: --http-port=%d", seed, pwfile,
+			 hport);
+		d = t_daemon_start(args);
+		CHECK(d != NULL);
+		if (d) {
+			CHECK_EQ(http_get(hport, "/metrics", metrics, sizeof(metrics)), 0);
+			CHECK(strstr(metrics, "kvstash_l3_node_up{node=\"127.0.0.1:") != NULL);
+			CHECK(strstr(metrics, "kvstash_l3_map_refreshes_total") != NULL);
+			CHECK(strstr(metrics, "kvstash_l3_slots_uncovered 0") != NULL);
+			CHECK(!strstr(metrics, "kvc-pw"));
+			CHECK(!file_has(d->log_path, "kvc-pw"));
+			CHECK(file_has(d->log_path, "redis tier: cluster"));
+			if (t_failures)
+				t_daemon_dump_log(d);
+			CHECK_EQ(t_daemon_stop(d), 0);
+		}
+		/* the password in the URL is shown redacted in the config line */
+		snprintf(args, sizeof(args),
+			 "--pool-size=64M --redis-url=redis+cluster://kvc:kvc-pw@127.0.0.1:%d "
+			 "--redis-prefix=tc:", seed);
+		d = t_daemon_start(args);
+		CHECK(d != NULL);
+		if (d) {
+			CHECK(!file_has(d->log_path, "kvc-pw"));
+			CHECK(file_has(d->log_path, "kvc:***@"));
+			CHECK_EQ(t_daemon_stop(d), 0);
+		}
+	}
+	/* wrong credentials: kvstashd refuses to start, says why, never prints them */
+	snprintf(args, sizeof(args),
+		 "--listen=ipc://%s/bad-sock --http-port=0 --pool-size=64M "
+		 "--redis-url=redis+cluster://127.0.0.1:%d --redis-password-file=%s", tmpdir, seed,
+		 badfile);
+	CHECK(daemon_must_fail(args, log) > 0);
+	CHECK(file_has(log, "authentication failed"));
+	CHECK(!file_has(log, CLUSTER_PW));
+	snprintf(args, sizeof(args),
+		 "--listen=ipc://%s/bad-sock --http-port=0 --pool-size=64M "
+		 "--redis-url=redis+cluster://127.0.0.1:%d", tmpdir, seed);
+	CHECK(daemon_must_fail(args, log) > 0);
+	CHECK(file_has(log, "NOAUTH"));
+	snprintf(args, sizeof(args),
+		 "--listen=ipc://%s/bad-sock --http-port=0 --pool-size=64M "
+		 "--redis-url=redis+cluster://127.0.0.1:%d --redis-password-file=%s/none", tmpdir,
+		 seed, tmpdir);
+	CHECK(daemon_must_fail(args, log) > 0);
+	CHECK(file_has(log, "--redis-password-file"));
+	free(v);
 }
 
 /* ---- load while resharding ---------------------------------------------------- */
@@ -505,6 +714,7 @@ static void test_cluster(void)
 	}
 	tier_redis_close(t1);
 	tier_redis_close(t2);
+	test_cluster_auth(s, s[0].port);
 	/* a cluster with uncovered slots: opens, those keys fail fast, the rest work */
 	{
 		unsigned bad = 0, good = 0;
@@ -512,12 +722,12 @@ static void test_cluster(void)
 		for (int i = 0; i < NSRV; i++)
 			if (s[i].pid && i != 2)
 				rcmd(s[i].port, "CONFIG SET cluster-require-full-coverage no");
-		/* master 1 forgets slot 0..99 of its own: nobody serves them */
+		/* every node forgets every slot: none is served (a half-built cluster) */
 		for (int i = 0; i < NSRV; i++)
 			if (s[i].pid)
 				rcmd(s[i].port, "CLUSTER DELSLOTSRANGE 0 16383");
 		snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", s[0].port);
-		t1 = open_url(url, NULL, NULL, &rc);
+		t1 = open_url(url, NULL, auth_pw, &rc);
 		CHECK_EQ(rc, 0);
 		if (t1) {
 			tier_redis_get_stats(t1, &st);
