@@ -45,6 +45,8 @@
  *   tier_redis->map_lock    (LOCK_RANK_TIER: the cluster map thread's stop
  *                            flag and parked redirects; a leaf, never held
  *                            with a node lock)
+ *   tr_waiter->lock         (LOCK_RANK_TIER: one tier_redis_exists_wait()
+ *                            call's answer; a leaf)
  *     log ring
  *
  * Never held across a hiredis call, a callback or a wait (ks_cond_wait_ms
