@@ -638,6 +638,73 @@ static void test_cluster(void)
 			CHECK_EQ(get_check(t2, i), 0);
 	}
 
+	/* one slot migrated by hand: ASK while it moves, MOVED once it has */
+	{
+		unsigned ka = 0, kb = 0, slot = 0;
+		char rk[512], cmd[700];
+		uint64_t asked0, moved0;
+
+		/* a key on master 0, and another key of the same slot */
+		for (unsigned i = 8000; i < 9000 && !ka; i++) {
+			struct ks_key k = mkkey(i);
+
+			tier_redis_key(t1, &k, rk, sizeof(rk));
+			snprintf(cmd, sizeof(cmd), "EXISTS %s", rk);
+			if (strncmp(rcmd(s[0].port, cmd), "MOVED", 5)) {
+				ka = i;
+				slot = tier_redis_key_slot(rk, strlen(rk));
+			}
+		}
+		REQUIRE(ka);
+		for (unsigned i = 10000; i < 2000000 && !kb; i++) {
+			struct ks_key k = mkkey(i);
+
+			tier_redis_key(t1, &k, rk, sizeof(rk));
+			if (tier_redis_key_slot(rk, strlen(rk)) == slot)
+				kb = i;
+		}
+		REQUIRE(kb);
+		t_fill(v, VAL, ka);
+		CHECK_EQ(put_sync(t1, ka, v), 0);
+		snprintf(cmd, sizeof(cmd), "CLUSTER SETSLOT %u IMPORTING %s", slot, ids[0]);
+		CHECK_EQ(strcmp(rcmd(s[1].port, cmd), "OK"), 0);
+		snprintf(cmd, sizeof(cmd), "CLUSTER SETSLOT %u MIGRATING %s", slot, ids[1]);
+		CHECK_EQ(strcmp(rcmd(s[0].port, cmd), "OK"), 0);
+		tier_redis_get_stats(t2, &st);
+		asked0 = st.asked;
+		/* a new key of the migrating slot: ASK to the importing master */
+		t_fill(v, VAL, kb);
+		CHECK_EQ(put_sync(t2, kb, v), 0);
+		CHECK_EQ(get_check(t1, kb), 0);
+		CHECK_EQ(get_check(t2, ka), 0);	/* not moved yet: the old master */
+		tier_redis_get_stats(t2, &st);
+		CHECK(st.asked > asked0);
+		/* move the old key, then the slot */
+		{
+			struct ks_key k = mkkey(ka);
+			redisContext *c = rconn(s[0].port);
+			redisReply *r;
+
+			REQUIRE(c);
+			tier_redis_key(t1, &k, rk, sizeof(rk));
+			r = redisCommand(c, "MIGRATE 127.0.0.1 %d %s 0 5000 KEYS %s", s[1].port, "", rk);
+			CHECK(r && r->type == REDIS_REPLY_STATUS);
+			freeReplyObject(r);
+			redisFree(c);
+		}
+		CHECK_EQ(get_check(t2, ka), 0);	/* ASK: on the new master now */
+		snprintf(cmd, sizeof(cmd), "CLUSTER SETSLOT %u NODE %s", slot, ids[1]);
+		CHECK_EQ(strcmp(rcmd(s[1].port, cmd), "OK"), 0);
+		CHECK_EQ(strcmp(rcmd(s[0].port, cmd), "OK"), 0);
+		tier_redis_get_stats(t1, &st);
+		moved0 = st.moved;
+		CHECK_EQ(get_check(t1, ka), 0);	/* MOVED */
+		CHECK_EQ(get_check(t1, kb), 0);
+		tier_redis_get_stats(t1, &st);
+		CHECK(st.moved > moved0);
+		CHECK_EQ(st.corrupt, 0);
+	}
+
 	/* kill master 2: its slots fail fast; after its replica takes over, traffic follows */
 	{
 		int victim = 2, replica = -1;
