@@ -18,6 +18,7 @@
 #include "compiler.h"
 #include "hash.h"
 #include "helpers.h"
+#include "kvfix.h"
 #include "tier_redis.h"
 #include "tierwait.h"
 
@@ -281,6 +282,165 @@ static int get_check(struct tier_redis *tr, unsigned i)
 }
 
 /* ---- kvstashd on the cluster -------------------------------------------------- */
+
+/* Two kvstashd sharing chunks through the cluster: the STORE / LOOKUP / RETRIEVE
+ * helpers of tests/test_tiers.c, on a smaller layout. */
+#define NL 2
+#define NB 192
+#define BS 16
+#define NH 8
+#define HS 128
+#define C 256
+#define PROMPT 4	/* chunks per prompt */
+
+struct node {
+	struct t_daemon *d;
+	kvstash_client *c;
+	struct t_kv kv;
+	int64_t inst;
+	bool disk;	/* started with --disk-path: every eviction is demoted */
+};
+
+static void node_start(struct node *n, const char *args, int64_t inst)
+{
+	memset(n, 0, sizeof(*n));
+	n->d = t_daemon_start(args);
+	REQUIRE(n->d);
+	REQUIRE(kvstash_connect(n->d->endpoint, 10000, &n->c) == 0);
+	REQUIRE(t_kv_create(&n->kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, NH, HS) == 0);
+	n->inst = inst;
+	n->disk = strstr(args, "--disk-path") != NULL;
+	REQUIRE(t_kv_register(&n->kv, n->c, inst, "m-tier", 1) == 0);
+}
+
+static int node_stop(struct node *n)
+{
+	kvstash_close(n->c);
+	t_kv_destroy(&n->kv);
+	return t_daemon_stop(n->d);
+}
+
+static void prompt_tokens(int p, uint32_t *tok)
+{
+	for (size_t t = 0; t < PROMPT * C; t++)
+		tok[t] = (uint32_t)p * 7919u + (uint32_t)t * 3u + 1u;
+}
+
+static uint64_t seed_of(int p)
+{
+	return 0x7ee0000ull + (uint64_t)p;
+}
+
+static const int64_t src_blocks[PROMPT * C / BS] = { 5, 3, 9, 1, 0, 2, 4, 6, 8, 7, 10, 12, 11, 14, 13,
+						       15, 17, 16, 19, 18, 21, 20, 23, 22, 25, 24, 27,
+						       26, 29, 28, 31, 30, 33, 32, 35, 34, 37, 36, 39,
+						       38, 41, 40, 43, 42, 45, 44, 47, 46, 49, 48, 51,
+						       50, 53, 52, 55, 54, 57, 56, 59, 58, 61, 60, 63,
+						       62 };
+
+/* STORE chunks [0, nchunks) of prompt @p. */
+static int store_prompt(struct node *n, int p, int nchunks)
+{
+	uint32_t tok[PROMPT * C];
+	char rid[32];
+
+	prompt_tokens(p, tok);
+	for (size_t t = 0; t < (size_t)nchunks * C; t++)
+		t_kv_fill_token(&n->kv, t_kv_slot(&n->kv, src_blocks, t), seed_of(p), t);
+	snprintf(rid, sizeof(rid), "p%d", p);
+	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = 0, .tokens = tok,
+				 .ntokens = PROMPT * C, .start = 0, .end = (uint64_t)nchunks * C,
+				 .request_id = rid };
+	return kvstash_store(n->c, &k, n->inst, src_blocks, (size_t)nchunks * C / BS);
+}
+
+/* LOOKUP prompt @p and wait for the prefetch: the chunk count, or -1. */
+static int64_t lookup_prompt(struct node *n, int p)
+{
+	uint32_t tok[PROMPT * C];
+	int64_t job, chunks = -1;
+
+	prompt_tokens(p, tok);
+	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = -1, .tokens = tok,
+				 .ntokens = PROMPT * C, .start = 0, .end = PROMPT * C,
+				 .request_id = "lookup" };
+	if (kvstash_lookup(n->c, &k, 1, &job))
+		return -1;
+	/* QUERY_PREFETCH_LOOKUP_HITS is nil while loading; then the count. */
+	for (int i = 0; i < 200; i++) {
+		if (kvstash_query_lookup_hits(n->c, job, &chunks) == 0)
+			break;
+		usleep(20000);
+	}
+	if (kvstash_query_prefetch_status(n->c, job, &chunks))
+		return -1;
+	return chunks;
+}
+
+/* RETRIEVE chunks [0, nchunks) of prompt @p into other blocks; rows wrong, or -1. */
+static long retrieve_check(struct node *n, int p, int nchunks)
+{
+	uint32_t tok[PROMPT * C];
+	int64_t dst[PROMPT * C / BS];
+	long bad = 0;
+
+	prompt_tokens(p, tok);
+	for (size_t b = 0; b < PROMPT * C / BS; b++)
+		dst[b] = 100 + (int64_t)b;
+	for (size_t t = 0; t < (size_t)nchunks * C; t++)
+		for (int l = 0; l < NL; l++)
+			for (int pl = 0; pl < 2; pl++)
+				memset(t_kv_row(&n->kv, l, pl, t_kv_slot(&n->kv, dst, t)), 0, n->kv.row_bytes);
+	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = 0, .tokens = tok,
+				 .ntokens = PROMPT * C, .start = 0, .end = (uint64_t)nchunks * C,
+				 .request_id = "retrieve" };
+	if (kvstash_retrieve(n->c, &k, n->inst, dst, (size_t)nchunks * C / BS, 0)) {
+		fprintf(stderr, "retrieve prompt %d: %s\n", p, kvstash_last_error());
+		return -1;
+	}
+	for (size_t t = 0; t < (size_t)nchunks * C; t++)
+		bad += !t_kv_check_token(&n->kv, t_kv_slot(&n->kv, dst, t), seed_of(p), t);
+	return bad;
+}
+
+/* Wait until @name reaches @want (async tier writes). */
+static uint64_t wait_stat(struct node *n, const char *name, uint64_t want)
+{
+	uint64_t v = 0;
+
+	for (int i = 0; i < 250 && (v = t_stat(n->c, name)) < want; i++)
+		usleep(20000);
+	return v;
+}
+
+static void test_daemons_share(int seed)
+{
+	char args[600];
+	struct node a, b;
+
+	snprintf(args, sizeof(args), "--pool-size=64M --redis-prefix=tc: "
+		 "--redis-url=redis+cluster://127.0.0.1:%d", seed);
+	node_start(&a, args, 10);
+	node_start(&b, args, 20);
+	for (int p = 0; p < 3; p++) {
+		CHECK_EQ(store_prompt(&a, 60 + p, PROMPT), 0);
+		CHECK(wait_stat(&a, "l3_written", (uint64_t)(p + 1) * PROMPT) >=
+		      (uint64_t)(p + 1) * PROMPT);
+	}
+	for (int p = 0; p < 3; p++) {
+		CHECK_EQ(lookup_prompt(&b, 60 + p), PROMPT);
+		CHECK_EQ(retrieve_check(&b, 60 + p, PROMPT), 0);
+	}
+	CHECK(t_stat(b.c, "l3_promoted") >= 3 * PROMPT);
+	CHECK_EQ(t_stat(b.c, "l3_corrupt"), 0);
+	if (t_failures) {
+		t_daemon_dump_log(a.d);
+		t_daemon_dump_log(b.d);
+	}
+	CHECK_EQ(node_stop(&a), 0);
+	CHECK_EQ(node_stop(&b), 0);
+}
+
 
 /* GET @path from 127.0.0.1:@port into @out (NUL-terminated). 0 or -1. */
 static int http_get(int port, const char *path, char *out, size_t n)
@@ -600,6 +760,9 @@ static void test_cluster(void)
 		CHECK_EQ(tier_redis_exists_wait(t2, keys, 61, present, 5000), 60);
 		CHECK(!present[60]);
 	}
+
+	/* the same between two kvstashd processes */
+	test_daemons_share(s[0].port);
 
 	/* reshard 2000 slots from master 0 to master 1 while both store and read */
 	{
