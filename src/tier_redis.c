@@ -238,8 +238,9 @@ static struct tr_node *tr_node_of(struct tier_redis *tr, const char *rkey)
 
 	if (!tr->cluster)
 		return &tr->nodes[XXH64(rkey, strlen(rkey), 0) % tr_nnodes(tr)];
+	/* acquire: pairs with the release store that named the node, published before */
 	o = atomic_load_explicit(&tr->slot_owner[tier_redis_key_slot(rkey, strlen(rkey))],
-				 memory_order_relaxed);
+				 memory_order_acquire);
 	if (!o) {
 		tr_want_map(tr);
 		return NULL;
@@ -833,7 +834,7 @@ static bool tr_follow(struct tr_node *n, struct tr_req *r, const redisReply *rep
 		 * map thread re-reads the whole map for the slots moved with it. */
 		if (t)
 			atomic_store_explicit(&tr->slot_owner[slot], (uint8_t)(t - tr->nodes + 1),
-					      memory_order_relaxed);
+					      memory_order_release);
 		tr_want_map(tr);
 	}
 	if (queued)
@@ -1232,7 +1233,7 @@ static int tr_map_apply(struct tier_redis *tr, const redisReply *rep, const char
 	for (unsigned sl = 0; sl < TR_SLOTS; sl++) {
 		if (atomic_load_explicit(&tr->slot_owner[sl], memory_order_relaxed) != owner[sl]) {
 			changed = true;
-			atomic_store_explicit(&tr->slot_owner[sl], owner[sl], memory_order_relaxed);
+			atomic_store_explicit(&tr->slot_owner[sl], owner[sl], memory_order_release);
 		}
 		counts[owner[sl]]++;
 	}
