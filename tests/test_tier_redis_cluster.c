@@ -306,7 +306,7 @@ static void node_start(struct node *n, const char *args, int64_t inst)
 	memset(n, 0, sizeof(*n));
 	n->d = t_daemon_start(args);
 	REQUIRE(n->d);
-	REQUIRE(kvstash_connect(n->d->endpoint, 10000, &n->c) == 0);
+	REQUIRE(kvstash_connect(n->d->endpoint, 5000, &n->c) == 0);
 	REQUIRE(t_kv_create(&n->kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, NH, HS) == 0);
 	n->inst = inst;
 	n->disk = strstr(args, "--disk-path") != NULL;
@@ -367,7 +367,8 @@ static int64_t lookup_prompt(struct node *n, int p)
 	if (kvstash_lookup(n->c, &k, 1, &job))
 		return -1;
 	/* QUERY_PREFETCH_LOOKUP_HITS is nil while loading; then the count. */
-	for (int i = 0; i < 200; i++) {
+	/* bounded in time too: a daemon that died answers nothing */
+	for (uint64_t end = ks_now_ms() + 10000; ks_now_ms() < end;) {
 		if (kvstash_query_lookup_hits(n->c, job, &chunks) == 0)
 			break;
 		usleep(20000);
