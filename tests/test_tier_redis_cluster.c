@@ -1,4 +1,4 @@
-/* Description: L3 tier on a real 3-master, 3-replica Redis Cluster: sharing between two instances, resharding under load (no failed request, no wrong byte), a master killed (fail fast, then traffic follows the failover), AUTH (requirepass, ACL user) on the cluster and a single node, kvstashd with --redis-user/--redis-password-file (wrong ones refused at start, no password in logs or /metrics), uncovered slots, bad URLs, a seed that is not a cluster, CRC16 slots. Labels: unit */
+/* Description: L3 tier on a real 3-master, 3-replica Redis Cluster: sharing between two instances, resharding under load (no failed request, no wrong byte), a master killed (fail fast, then traffic follows the failover), AUTH (requirepass, ACL user) on the cluster and a single node, kvstashd with --redis-user/--redis-password-file (wrong ones refused at start, no password in logs or /metrics), uncovered slots, bad URLs, a seed that is not a cluster, CRC16 slots. Labels: unit tsan */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
