@@ -306,7 +306,7 @@ static void node_start(struct node *n, const char *args, int64_t inst)
 	memset(n, 0, sizeof(*n));
 	n->d = t_daemon_start(args);
 	REQUIRE(n->d);
-	REQUIRE(kvstash_connect(n->d->endpoint, 5000, &n->c) == 0);
+	REQUIRE(kvstash_connect(n->d->endpoint, 10000, &n->c) == 0);
 	REQUIRE(t_kv_create(&n->kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, NH, HS) == 0);
 	n->inst = inst;
 	n->disk = strstr(args, "--disk-path") != NULL;
