@@ -9,9 +9,13 @@
  * and, for disk, again including syncfs(); disk gets are timed cold (pages
  * dropped with fadvise after the sync) and warm.
  *
+ *   cluster: the Redis tier again through a 3-master Redis Cluster
+ *          (redis+cluster://) on loopback, next to the single node.
+ *
  * usage: tier_bench [--dir DIR] [--size-mib N] [--count N] [--reps N] [--redis URL | --no-redis]
- *                   [--no-disk]
- * Without --redis, a redis-server from PATH is started on a free loopback port.
+ *                   [--no-disk] [--no-cluster]
+ * Without --redis, a redis-server from PATH is started on a free loopback port, then
+ * (unless --no-cluster) three cluster-enabled ones joined with redis-cli --cluster create.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -231,23 +235,51 @@ static void bench_disk(const char *dir, uint8_t *buf, size_t sz, unsigned count,
 
 /* ---- redis --------------------------------------------------------------- */
 
-static pid_t spawn_redis(int *port)
+static bool port_free(int port)
 {
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	socklen_t l = sizeof(a);
+	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
+				 .sin_port = htons((uint16_t)port) };
 	int s = socket(AF_INET, SOCK_STREAM, 0);
+	bool ok = s >= 0 && !bind(s, (struct sockaddr *)&a, sizeof(a));
+
+	if (s >= 0)
+		close(s);
+	return ok;
+}
+
+/* A free loopback port whose cluster bus port (+10000) is free too. */
+static int pick_port(void)
+{
+	static int next;
+
+	if (!next)
+		next = 20000 + (int)((unsigned)getpid() * 7919u % 9000u);
+	for (int tries = 0; tries < 9000; tries++) {
+		int p = next++;
+
+		if (next >= 30000)
+			next = 20000;
+		if (port_free(p) && port_free(p + 10000))
+			return p;
+	}
+	return -1;
+}
+
+/* A redis-server on a free port; @cluster_conf: cluster mode with that node file. */
+static pid_t spawn_redis(int *port, const char *cluster_conf)
+{
 	char ps[16];
 	pid_t pid;
 	int rc;
 
-	if (bind(s, (struct sockaddr *)&a, sizeof(a)) || getsockname(s, (struct sockaddr *)&a, &l))
+	*port = pick_port();
+	if (*port < 0)
 		return -1;
-	close(s);
-	*port = ntohs(a.sin_port);
 	snprintf(ps, sizeof(ps), "%d", *port);
 	char *argv[] = { "redis-server", "--port", ps, "--bind", "127.0.0.1", "--save", "",
 			 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-			 NULL };
+			 cluster_conf ? "--cluster-enabled" : NULL, "yes", "--cluster-config-file",
+			 (char *)cluster_conf, NULL };
 	posix_spawn_file_actions_t fa;
 
 	posix_spawn_file_actions_init(&fa);
@@ -272,15 +304,13 @@ static pid_t spawn_redis(int *port)
 	return -1;
 }
 
+static void bench_tier(const char *url, const char *what, uint8_t *buf, size_t sz, unsigned count);
+
 static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count)
 {
-	const char *urls[] = { url };
-	struct tier_redis_config cfg = { .urls = urls, .nurls = 1, .ttl_s = 600,
-					 .queue_depth = count + 1, .key_prefix = "bench:" };
-	struct tier_redis *tr;
 	uint64_t total = (uint64_t)sz * count, t0;
 	char host[256];
-	int port = 0, rc;
+	int port = 0;
 	redisContext *c;
 
 	if (sscanf(url, "redis://%255[^:]:%d", host, &port) != 2) {
@@ -310,6 +340,19 @@ static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count
 	for (unsigned i = 0; i < count; i++)
 		freeReplyObject(redisCommand(c, "DEL raw:%u", i));
 	redisFree(c);
+	bench_tier(url, "", buf, sz, count);
+}
+
+/* tier_redis put/get through @url (one node or a cluster), @what in the row labels. */
+static void bench_tier(const char *url, const char *what, uint8_t *buf, size_t sz, unsigned count)
+{
+	const char *urls[] = { url };
+	struct tier_redis_config cfg = { .urls = urls, .nurls = 1, .ttl_s = 600,
+					 .queue_depth = count + 1, .key_prefix = "bench:" };
+	struct tier_redis *tr;
+	uint64_t total = (uint64_t)sz * count, t0;
+	char label[128];
+	int rc;
 
 	rc = tier_redis_open(&cfg, &tr);
 	if (rc) {
@@ -324,7 +367,8 @@ static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count
 		tier_redis_put(tr, &k, 1, buf, sz, 0, done_cb, NULL);
 	}
 	rc = wait_all(count, 600);
-	row("tier_redis put (pipelined, checksummed)", total, ks_now_ns() - t0);
+	snprintf(label, sizeof(label), "tier_redis put%s (pipelined, checksummed)", what);
+	row(label, total, ks_now_ns() - t0);
 	if (rc)
 		fprintf(stderr, "put errors: %s\n", strerror(-rc));
 	uint8_t **dst = calloc(count, sizeof(*dst));
@@ -339,7 +383,8 @@ static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count
 		tier_redis_get(tr, &k, dst[i], sz, done_cb, NULL);
 	}
 	rc = wait_all(count, 600);
-	row("tier_redis get (pipelined, verified)", total, ks_now_ns() - t0);
+	snprintf(label, sizeof(label), "tier_redis get%s (pipelined, verified)", what);
+	row(label, total, ks_now_ns() - t0);
 	if (rc)
 		fprintf(stderr, "get errors: %s\n", strerror(-rc));
 	for (unsigned i = 0; i < count; i++) {
@@ -353,12 +398,76 @@ static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count
 	tier_redis_close(tr);
 }
 
+static bool cluster_ok(int port)
+{
+	redisContext *c = redisConnectWithTimeout("127.0.0.1", port, (struct timeval){ 1, 0 });
+	redisReply *r = c && !c->err ? redisCommand(c, "CLUSTER INFO") : NULL;
+	bool ok = r && r->type == REDIS_REPLY_STRING && strstr(r->str, "cluster_state:ok");
+
+	freeReplyObject(r);
+	if (c)
+		redisFree(c);
+	return ok;
+}
+
+/* A 3-master Redis Cluster on loopback (no replicas), the tier through it, then torn down. */
+static void bench_cluster(uint8_t *buf, size_t sz, unsigned count)
+{
+	char dir[] = "/tmp/tier-bench-cluster.XXXXXX", conf[3][64], addr[3][32], url[64];
+	pid_t pid[3] = { -1, -1, -1 };
+	int port[3], st = -1;
+	bool ok = false;
+
+	if (!mkdtemp(dir))
+		return;
+	for (int i = 0; i < 3; i++) {
+		snprintf(conf[i], sizeof(conf[i]), "%s/nodes-%d.conf", dir, i);
+		pid[i] = spawn_redis(&port[i], conf[i]);
+		if (pid[i] < 0)
+			goto out;
+		snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", port[i]);
+	}
+	{
+		char *argv[] = { "redis-cli", "--cluster", "create", addr[0], addr[1], addr[2],
+				 "--cluster-replicas", "0", "--cluster-yes", NULL };
+		posix_spawn_file_actions_t fa;
+		pid_t cli;
+
+		posix_spawn_file_actions_init(&fa);
+		posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
+		if (posix_spawnp(&cli, "redis-cli", &fa, NULL, argv, environ) == 0)
+			waitpid(cli, &st, 0);
+		posix_spawn_file_actions_destroy(&fa);
+	}
+	for (int t = 0; t < 500 && !ok && st == 0; t++) {
+		ok = cluster_ok(port[0]) && cluster_ok(port[1]) && cluster_ok(port[2]);
+		if (!ok)
+			usleep(20000);
+	}
+	if (!ok) {
+		fprintf(stderr, "redis cluster: could not be created; skipped\n");
+		goto out;
+	}
+	printf("redis cluster: 3 masters on loopback, %u x %zu MiB\n", count, sz >> 20);
+	snprintf(url, sizeof(url), "redis+cluster://%s", addr[0]);
+	bench_tier(url, ", cluster x3", buf, sz, count);
+out:
+	for (int i = 0; i < 3; i++) {
+		if (pid[i] > 0) {
+			kill(pid[i], SIGTERM);
+			waitpid(pid[i], NULL, 0);
+		}
+		unlink(conf[i]);
+	}
+	rmdir(dir);
+}
+
 int main(int argc, char **argv)
 {
 	const char *dir = "./tier-bench.d", *url = NULL;
 	size_t sz = 32u << 20;
 	unsigned count = 16, reps = 3;
-	bool disk = true, redis = true;
+	bool disk = true, redis = true, cluster = true;
 	char urlbuf[64];
 	pid_t rpid = -1;
 
@@ -377,9 +486,11 @@ int main(int argc, char **argv)
 			redis = false;
 		else if (!strcmp(argv[i], "--no-disk"))
 			disk = false;
+		else if (!strcmp(argv[i], "--no-cluster"))
+			cluster = false;
 		else {
 			fprintf(stderr, "usage: %s [--dir DIR] [--size-mib N] [--count N] [--reps N] "
-					"[--redis URL | --no-redis] [--no-disk]\n", argv[0]);
+					"[--redis URL | --no-redis] [--no-disk] [--no-cluster]\n", argv[0]);
 			return 2;
 		}
 	}
@@ -409,7 +520,7 @@ int main(int argc, char **argv)
 		if (!url) {
 			int port = 0;
 
-			rpid = spawn_redis(&port);
+			rpid = spawn_redis(&port, NULL);
 			if (rpid < 0) {
 				fprintf(stderr, "redis: no redis-server to start; skipped\n");
 				redis = false;
@@ -419,6 +530,9 @@ int main(int argc, char **argv)
 		}
 		if (redis)
 			bench_redis(url, buf, sz, count);
+		/* the same through a cluster, when the single node was started here too */
+		if (redis && cluster && url == urlbuf)
+			bench_cluster(buf, sz, count);
 	}
 	if (rpid > 0) {
 		kill(rpid, SIGTERM);

@@ -14,6 +14,7 @@
 
 #include "compiler.h"
 #include "log.h"
+#include "tier_redis.h"
 
 enum cfg_type { CFG_STR, CFG_U32, CFG_BYTES, CFG_ENUM };
 
@@ -90,12 +91,18 @@ static const struct cfg_opt cfg_opts[] = {
 	{ "disk-size-gb", NULL, CFG_U32, F(disk_size_gb), "100", 1, 1 << 20, NULL,
 	  "capacity of the disk tier in GiB (oldest chunks are removed beyond it)" },
 	{ "redis-url", NULL, CFG_STR, F(redis_url), "", 0, 0, NULL,
-	  "L3 Redis/Valkey tier: redis://host:port, several separated by commas (keys are "
-	  "sharded over them; every kvstashd sharing the tier lists them in the same order)" },
+	  "L3 Redis/Valkey tier: redis://[user:password@]host:port, several separated by commas "
+	  "(keys are sharded over them; every kvstashd sharing the tier lists them in the same "
+	  "order), or a Redis/Valkey Cluster: redis+cluster://[user:password@]host:port"
+	  "[,host:port...] (seed nodes; the masters are found and followed)" },
 	{ "redis-prefix", NULL, CFG_STR, F(redis_prefix), "kvstash:", 0, 0, NULL,
 	  "prefix of the Redis keys" },
 	{ "redis-ttl-s", NULL, CFG_U32, F(redis_ttl_s), "86400", 0, 31536000, NULL,
 	  "expiry of chunks written to Redis, seconds (0 = never)" },
+	{ "redis-user", NULL, CFG_STR, F(redis_user), "", 0, 0, NULL,
+	  "Redis ACL user to AUTH as (needs --redis-password-file)" },
+	{ "redis-password-file", NULL, CFG_STR, F(redis_password_file), "", 0, 0, NULL,
+	  "file whose first line is the Redis AUTH password (keeps it out of ps and logs)" },
 	{ "curve-secret-key-file", NULL, CFG_STR, F(curve_secret_key_file), "", 0, 0, NULL,
 	  "file with the server's Z85 CURVE secret key: encrypt all traffic and require "
 	  "clients to know the server's public key (kvstash keygen makes one)" },
@@ -452,6 +459,14 @@ void cfg_format(const struct srv_config *c, char *buf, size_t len)
 		switch (o->type) {
 		case CFG_STR:
 		case CFG_ENUM:
+			if (o->off == offsetof(struct srv_config, redis_url)) {
+				/* a password in the URL never reaches a log line */
+				char shown[sizeof(c->redis_url) + 256];
+
+				tier_redis_redact_url(field, shown, sizeof(shown));
+				n += (size_t)snprintf(buf + n, len - n, " %s=%s", o->name, shown);
+				break;
+			}
 			n += (size_t)snprintf(buf + n, len - n, " %s=%s", o->name, field);
 			break;
 		case CFG_U32:

@@ -38,6 +38,8 @@ struct srv_config {
 	char redis_url[1024];
 	char redis_prefix[64];
 	uint32_t redis_ttl_s;
+	char redis_user[256];		/* ACL user for AUTH; "" = default user */
+	char redis_password_file[512];	/* first line = AUTH password; "" = none */
 	char curve_secret_key_file[512];
 	char curve_allowed_clients[512];
 	char http_host[256];	/* HTTP endpoint (/metrics, /healthz, /stats) */

@@ -790,10 +790,21 @@ static int tiers_open(struct srv *s)
 		idx_set_evict_hook(s->idx, demote_hook, s);
 	}
 	if (s->cfg.redis_url[0]) {
-		char urls_buf[sizeof(s->cfg.redis_url)];
+		char urls_buf[sizeof(s->cfg.redis_url)], shown[sizeof(s->cfg.redis_url) + 256];
+		char password[512] = "";
 		const char *urls[TIER_REDIS_MAX_NODES];
 		size_t n = 0;
 
+		tier_redis_redact_url(s->cfg.redis_url, shown, sizeof(shown));
+		if (s->cfg.redis_password_file[0]) {
+			rc = tier_redis_read_password_file(s->cfg.redis_password_file, password,
+							   sizeof(password));
+			if (rc) {
+				log_error("--redis-password-file %s: %s", s->cfg.redis_password_file,
+					  rc == -ENODATA ? "empty" : strerror(-rc));
+				return rc;
+			}
+		}
 		snprintf(urls_buf, sizeof(urls_buf), "%s", s->cfg.redis_url);
 		for (char *save = NULL, *u = strtok_r(urls_buf, ",", &save);
 		     u && n < TIER_REDIS_MAX_NODES; u = strtok_r(NULL, ",", &save))
@@ -801,14 +812,20 @@ static int tiers_open(struct srv *s)
 		struct tier_redis_config rcfg = {
 			.urls = urls, .nurls = n, .key_prefix = s->cfg.redis_prefix,
 			.ttl_s = s->cfg.redis_ttl_s, .lock_timeout_ms = s->cfg.lock_timeout_ms,
+			.user = s->cfg.redis_user, .password = password,
 		};
 		rc = tier_redis_open(&rcfg, &s->l3);
+		explicit_bzero(password, sizeof(password));	/* tier_redis keeps its copy */
+		explicit_bzero(urls_buf, sizeof(urls_buf));
 		if (rc) {
-			log_error("redis tier %s: %s", s->cfg.redis_url, strerror(-rc));
+			log_error("redis tier %s: %s%s", shown, strerror(-rc),
+				  rc == -EACCES ? " (wrong or missing credentials: see "
+						  "--redis-user, --redis-password-file)" : "");
 			return rc;
 		}
-		log_info("redis tier: %zu node(s) (%s), key prefix '%s', ttl %u s", n,
-			 s->cfg.redis_url, s->cfg.redis_prefix, s->cfg.redis_ttl_s);
+		log_info("redis tier: %s (%s), key prefix '%s', ttl %u s",
+			 strncmp(s->cfg.redis_url, "redis+cluster://", 16) ? "nodes" : "cluster",
+			 shown, s->cfg.redis_prefix, s->cfg.redis_ttl_s);
 	}
 	return 0;
 }

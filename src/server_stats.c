@@ -232,6 +232,18 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 		    "Redis values that failed their checksum (deleted, never served).");
 		ROW("l3_nodes_up", "kvstash_l3_nodes_up", STAT_GAUGE, rs.nodes_up,
 		    "Redis nodes connected.");
+		ROW("l3_nodes", "kvstash_l3_nodes", STAT_GAUGE, rs.nodes,
+		    "Redis nodes known (cluster: every master seen since start).");
+		ROW("l3_redirects_moved", "kvstash_l3_redirects_moved_total", STAT_COUNTER, rs.moved,
+		    "Redis Cluster MOVED redirects followed.");
+		ROW("l3_redirects_ask", "kvstash_l3_redirects_ask_total", STAT_COUNTER, rs.asked,
+		    "Redis Cluster ASK redirects followed (slot migrations).");
+		ROW("l3_map_refreshes", "kvstash_l3_map_refreshes_total", STAT_COUNTER,
+		    rs.map_refreshes, "Redis Cluster slot maps read.");
+		ROW("l3_map_errors", "kvstash_l3_map_errors_total", STAT_COUNTER, rs.map_errors,
+		    "Redis Cluster slot map refreshes that no node answered.");
+		ROW("l3_slots_uncovered", "kvstash_l3_slots_uncovered", STAT_GAUGE,
+		    rs.slots_uncovered, "Redis Cluster hash slots no master serves now.");
 	}
 	if (s->kve) {
 		struct kve_stats ks;
@@ -365,6 +377,21 @@ void srv_render_metrics(struct srv *s, struct metrics_buf *out)
 			    sent && now > sent ? (double)(now - sent) / 1e3 : 0.0;
 			metrics_gauge(out, dev_family[f][0], e == 0 ? dev_family[f][1] : NULL, labels, v);
 		}
+	}
+	/* Per Redis node: connected, and (cluster) hash slots it serves. */
+	if (s->l3) {
+		struct tier_redis_node_info ni[TIER_REDIS_MAX_NODES];
+		size_t nn = tier_redis_nodes(s->l3, ni, TIER_REDIS_MAX_NODES);
+		char nlabels[sizeof(ni[0].addr) + 16];
+
+		for (unsigned f = 0; f < 2; f++)
+			for (size_t i = 0; i < nn; i++) {
+				snprintf(nlabels, sizeof(nlabels), "node=\"%s\"", ni[i].addr);
+				metrics_gauge(out, f ? "kvstash_l3_node_slots" : "kvstash_l3_node_up",
+					      i ? NULL : f ? "Redis Cluster hash slots the node serves." :
+					      "1 when the Redis node is connected.", nlabels,
+					      f ? (double)ni[i].slots : ni[i].up ? 1.0 : 0.0);
+			}
 	}
 	char why[256];
 	metrics_gauge(out, "kvstash_healthy", "1 when /healthz reports healthy.", NULL,

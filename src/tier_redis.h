@@ -4,9 +4,12 @@
  *
  * Values use the chunk_file.h format (header with the full key, layout tag,
  * length and checksums, then the payload) under "<prefix><chunk name>"
- * (ks_chunk_name()), so any instance can verify what another stored. Keys
- * are spread over the configured nodes by XXH64(redis key) % nnodes: every
- * instance must list the nodes in the same order.
+ * (ks_chunk_name()), so any instance can verify what another stored. With
+ * redis:// URLs keys are spread over the configured nodes by
+ * XXH64(redis key) % nnodes: every instance must list the nodes in the same
+ * order. With redis+cluster:// seeds the nodes are a Redis Cluster's
+ * masters, read from CLUSTER SLOTS and kept current; keys go by hash slot,
+ * MOVED/ASK are followed (docs/operations.md).
  *
  * Every call returns at once; a worker thread per node does the network
  * I/O (hiredis, connect and per-call timeouts), pipelining what is queued.
@@ -37,7 +40,10 @@
 struct tier_redis;
 
 struct tier_redis_config {
-	const char *const *urls;	/* "redis://host:port" or "host:port"; borrowed */
+	/* "[redis://][user:password@]host[:port]", or cluster seeds, the first
+	 * "redis+cluster://[user:password@]host:port", the others alike or bare
+	 * "host:port"; borrowed */
+	const char *const *urls;
 	size_t nurls;			/* 1..TIER_REDIS_MAX_NODES */
 	const char *key_prefix;		/* NULL = "kvstash:" */
 	unsigned ttl_s;			/* SET ... EX ttl_s; 0 = no expiry */
@@ -48,6 +54,8 @@ struct tier_redis_config {
 	unsigned backoff_max_ms;	/* cap of the doubling; 0 = 2000 */
 	uint64_t pipeline_bytes;	/* value bytes per pipelined batch; 0 = 64 MiB */
 	unsigned lock_timeout_ms;	/* 0 = KS_LOCK_TIMEOUT_MS_DEFAULT */
+	const char *user;		/* ACL user (AUTH user password), or NULL */
+	const char *password;		/* AUTH password, or NULL (copied; not in URLs then) */
 };
 
 #define TIER_REDIS_MAX_NODES 64
@@ -62,7 +70,18 @@ struct tier_redis_stats {
 	uint64_t reconnects;		/* successful connects after a loss */
 	uint64_t exists_keys, exists_hits;
 	uint64_t bytes_out, bytes_in;	/* value bytes sent / received */
-	unsigned nodes, nodes_up;
+	unsigned nodes, nodes_up;	/* cluster: masters known (ever), connected */
+	bool cluster;
+	uint64_t moved, asked;		/* cluster redirects followed */
+	uint64_t map_refreshes;		/* slot maps read */
+	uint64_t map_errors;		/* refreshes no node answered (or malformed) */
+	unsigned slots_uncovered;	/* hash slots no master serves in the current map */
+};
+
+struct tier_redis_node_info {
+	char addr[272];			/* host:port (never credentials) */
+	bool up;			/* connected */
+	unsigned slots;			/* cluster: slots owned in the current map */
 };
 
 /* tier_redis_put() flags */
@@ -129,6 +148,22 @@ long tier_redis_exists_wait(struct tier_redis *tr, const struct ks_key *keys, si
 int tier_redis_remove(struct tier_redis *tr, const struct ks_key *key);
 
 void tier_redis_get_stats(struct tier_redis *tr, struct tier_redis_stats *out);
+
+/* Per-node state into @out[0..max); returns how many. */
+size_t tier_redis_nodes(struct tier_redis *tr, struct tier_redis_node_info *out, size_t max);
+
+/* Redis Cluster hash slot (0..16383) of @key, {hash tags} honoured. */
+unsigned tier_redis_key_slot(const char *key, size_t len);
+
+/* @url (comma-separated list too) with every password replaced by "***", for logs. */
+void tier_redis_redact_url(const char *url, char *out, size_t n);
+
+/*
+ * The password on the first line of @path (line end stripped) into @out.
+ * 0, -errno (cannot open/read), -ENODATA (empty), -ENAMETOOLONG (longer
+ * than @n - 1).
+ */
+int tier_redis_read_password_file(const char *path, char *out, size_t n);
 
 /* The Redis key of @key (prefix + ks_chunk_name()) into @out of @n bytes. */
 void tier_redis_key(const struct tier_redis *tr, const struct ks_key *key, char *out, size_t n);
