@@ -46,6 +46,18 @@ static size_t g_pool_used;
 		}                                                                        \
 	} while (0)
 
+/*
+ * Host -> device copy that has landed when it returns. cudaMemcpy from
+ * pageable memory may return while its DMA is still running, and the ctx's
+ * streams are non-blocking, so nothing else orders a job after it (an
+ * engine orders its writes with the event or semaphore it passes instead).
+ */
+static void upload(void *dev, const void *host, size_t bytes)
+{
+	CUDA_OK(cudaMemcpy(dev, host, bytes, cudaMemcpyHostToDevice));
+	CUDA_OK(cudaDeviceSynchronize());
+}
+
 static uint64_t splitmix(uint64_t *s)
 {
 	uint64_t x = (*s += 0x9e3779b97f4a7c15ull);
@@ -249,7 +261,7 @@ static void round_trip(struct xfer_cuda_ctx *ctx, const struct tcase *tc, uint64
 	for (uint32_t i = 0; i < tc->NL; i++)
 		layers[i] = dev + i * layer_bytes + tc->misalign;
 	fill_random(mirror, dev_bytes, seed);
-	CUDA_OK(cudaMemcpy(dev, mirror, dev_bytes, cudaMemcpyHostToDevice));
+	upload(dev, mirror, dev_bytes);
 	make_slots(&l, tc->ntokens, seed ^ 0x5107, slots);
 	for (uint32_t c = 0; c < nchunks; c++) {
 		uint32_t n = tc->ntokens - c * tc->C < tc->C ? tc->ntokens - c * tc->C : tc->C;
@@ -293,7 +305,7 @@ static void round_trip(struct xfer_cuda_ctx *ctx, const struct tcase *tc, uint64
 	/* RETRIEVE into poisoned layers; the expected image is the poison with
 	 * tokens >= skip overwritten from the (verified) objects. */
 	fill_random(want, dev_bytes, seed ^ 0xdead);
-	CUDA_OK(cudaMemcpy(dev, want, dev_bytes, cudaMemcpyHostToDevice));
+	upload(dev, want, dev_bytes);
 	ref_copy(&l, want, layer_bytes, tc->misalign, slots, tc->ntokens, tc->C, ref, 0, tc->skip);
 	/* Fully skipped chunks may be passed as NULL. */
 	for (uint32_t c = 0; c < nchunks; c++)
@@ -456,7 +468,7 @@ static void test_timeout(struct xfer_cuda_ctx *ctx)
 	REQUIRE(slots && mirror && nchunks <= 32);
 	CUDA_OK(cudaMalloc((void **)&dev, l.extent_bytes));
 	fill_random(mirror, l.extent_bytes, 99);
-	CUDA_OK(cudaMemcpy(dev, mirror, l.extent_bytes, cudaMemcpyHostToDevice));
+	upload(dev, mirror, l.extent_bytes);
 	for (int i = 0; i < 8; i++)
 		layers[i] = dev;	/* 8 layers aliasing one buffer: 256 MiB per job */
 	make_slots(&l, tc.ntokens, 3, slots);
