@@ -81,7 +81,7 @@ def check(what, cond, detail=""):
 # ---- libzmq through ctypes (zmq_ctypes.py) ----------------------------------------
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from zmq_ctypes import Zmq  # noqa: E402
+from zmq_ctypes import Zmq, torch_and_msgpack  # noqa: E402
 
 
 # ---- the CUDA driver API through ctypes ------------------------------------------------
@@ -644,15 +644,10 @@ def main():
     conf = [c for c in os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "").split(",")
             if c.strip() and not c.strip().startswith("expandable_segments")]
     os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ",".join(conf + ["expandable_segments:False"])
-    try:
-        import torch
-        import msgpack
-    except ImportError as e:
-        print("skip:", e)
+    mods = torch_and_msgpack()
+    if mods is None:
         return 77
-    if not torch.cuda.is_available():
-        print("skip: no CUDA device")
-        return 77
+    torch, msgpack = mods
     try:
         z = Zmq()
     except OSError as e:

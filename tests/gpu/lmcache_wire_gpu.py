@@ -42,7 +42,7 @@ def check(what, cond):
 # ---- libzmq through ctypes (zmq_ctypes.py) ----------------------------------------
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from zmq_ctypes import Zmq  # noqa: E402
+from zmq_ctypes import Zmq, torch_and_msgpack  # noqa: E402
 
 
 # ---- LMCache's CudaIPCWrapper, under its real module path -----------------------
@@ -171,15 +171,10 @@ class Engine:
 
 
 def main():
-    try:
-        import torch
-        import msgpack
-    except ImportError as e:
-        print("skip:", e)
+    mods = torch_and_msgpack()
+    if mods is None:
         return 77
-    if not torch.cuda.is_available():
-        print("skip: no CUDA device")
-        return 77
+    torch, msgpack = mods
     if len(sys.argv) == 4:	# child: python3 lmcache_wire_gpu.py child EP LAYOUT
         W = install_wrapper(torch)
         Engine(Zmq(), sys.argv[2], torch, msgpack, W, 77, sys.argv[3], 7).run()

@@ -1,6 +1,7 @@
 """libzmq through ctypes, for the GPU scripts: the GPU host has python3 and
 torch but no pyzmq, so a DEALER is driven straight from the libzmq carried
-with the build (KVSTASH_LIBZMQ names it if the loader does not find it)."""
+with the build (KVSTASH_LIBZMQ names it if the loader does not find it).
+Also the scripts' common skip check (torch_and_msgpack)."""
 import ctypes
 import ctypes.util
 import os
@@ -56,3 +57,18 @@ class Zmq:
 
     def close(self, s):
         self.lib.zmq_close(s)
+
+
+def torch_and_msgpack():
+    """(torch, msgpack) for a GPU script, or None after printing why it skips
+    (exit 77): either module missing or no CUDA device."""
+    try:
+        import torch
+        import msgpack
+    except ImportError as e:
+        print("skip:", e)
+        return None
+    if not torch.cuda.is_available():
+        print("skip: no CUDA device")
+        return None
+    return torch, msgpack
