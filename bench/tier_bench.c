@@ -36,6 +36,7 @@
 #include "chunk_file.h"
 #include "compiler.h"
 #include "hash.h"
+#include "redis_fixture.h"
 #include "tier_disk.h"
 #include "tier_redis.h"
 
@@ -235,75 +236,6 @@ static void bench_disk(const char *dir, uint8_t *buf, size_t sz, unsigned count,
 
 /* ---- redis --------------------------------------------------------------- */
 
-static bool port_free(int port)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
-				 .sin_port = htons((uint16_t)port) };
-	int s = socket(AF_INET, SOCK_STREAM, 0);
-	bool ok = s >= 0 && !bind(s, (struct sockaddr *)&a, sizeof(a));
-
-	if (s >= 0)
-		close(s);
-	return ok;
-}
-
-/* A free loopback port whose cluster bus port (+10000) is free too. */
-static int pick_port(void)
-{
-	static int next;
-
-	if (!next)
-		next = 20000 + (int)((unsigned)getpid() * 7919u % 9000u);
-	for (int tries = 0; tries < 9000; tries++) {
-		int p = next++;
-
-		if (next >= 30000)
-			next = 20000;
-		if (port_free(p) && port_free(p + 10000))
-			return p;
-	}
-	return -1;
-}
-
-/* A redis-server on a free port; @cluster_conf: cluster mode with that node file. */
-static pid_t spawn_redis(int *port, const char *cluster_conf)
-{
-	char ps[16];
-	pid_t pid;
-	int rc;
-
-	*port = pick_port();
-	if (*port < 0)
-		return -1;
-	snprintf(ps, sizeof(ps), "%d", *port);
-	char *argv[] = { "redis-server", "--port", ps, "--bind", "127.0.0.1", "--save", "",
-			 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-			 cluster_conf ? "--cluster-enabled" : NULL, "yes", "--cluster-config-file",
-			 (char *)cluster_conf, NULL };
-	posix_spawn_file_actions_t fa;
-
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	rc = posix_spawnp(&pid, "redis-server", &fa, NULL, argv, environ);
-	posix_spawn_file_actions_destroy(&fa);
-	if (rc)
-		return -1;
-	for (int i = 0; i < 500; i++) {
-		struct timeval tv = { 1, 0 };
-		redisContext *c = redisConnectWithTimeout("127.0.0.1", *port, tv);
-		bool ok = c && !c->err;
-
-		if (c)
-			redisFree(c);
-		if (ok)
-			return pid;
-		usleep(10000);
-	}
-	kill(pid, SIGKILL);
-	waitpid(pid, NULL, 0);
-	return -1;
-}
-
 static void bench_tier(const char *url, const char *what, uint8_t *buf, size_t sz, unsigned count);
 
 static void bench_redis(const char *url, uint8_t *buf, size_t sz, unsigned count)
@@ -413,19 +345,19 @@ static bool cluster_ok(int port)
 /* A 3-master Redis Cluster on loopback (no replicas), the tier through it, then torn down. */
 static void bench_cluster(uint8_t *buf, size_t sz, unsigned count)
 {
-	char dir[] = "/tmp/tier-bench-cluster.XXXXXX", conf[3][64], addr[3][32], url[64];
-	pid_t pid[3] = { -1, -1, -1 };
-	int port[3], st = -1;
+	char dir[] = "/tmp/tier-bench-cluster.XXXXXX", conf[600], addr[3][32], url[64];
+	struct t_redis node[3] = { 0 };
+	int st = -1;
 	bool ok = false;
 
 	if (!mkdtemp(dir))
 		return;
 	for (int i = 0; i < 3; i++) {
-		snprintf(conf[i], sizeof(conf[i]), "%s/nodes-%d.conf", dir, i);
-		pid[i] = spawn_redis(&port[i], conf[i]);
-		if (pid[i] < 0)
+		const struct t_redis_opts o = { .dir = dir, .cluster = true };
+
+		if (t_redis_start(&node[i], &o))
 			goto out;
-		snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", port[i]);
+		snprintf(addr[i], sizeof(addr[i]), "127.0.0.1:%d", node[i].port);
 	}
 	{
 		char *argv[] = { "redis-cli", "--cluster", "create", addr[0], addr[1], addr[2],
@@ -440,7 +372,7 @@ static void bench_cluster(uint8_t *buf, size_t sz, unsigned count)
 		posix_spawn_file_actions_destroy(&fa);
 	}
 	for (int t = 0; t < 500 && !ok && st == 0; t++) {
-		ok = cluster_ok(port[0]) && cluster_ok(port[1]) && cluster_ok(port[2]);
+		ok = cluster_ok(node[0].port) && cluster_ok(node[1].port) && cluster_ok(node[2].port);
 		if (!ok)
 			usleep(20000);
 	}
@@ -453,11 +385,9 @@ static void bench_cluster(uint8_t *buf, size_t sz, unsigned count)
 	bench_tier(url, ", cluster x3", buf, sz, count);
 out:
 	for (int i = 0; i < 3; i++) {
-		if (pid[i] > 0) {
-			kill(pid[i], SIGTERM);
-			waitpid(pid[i], NULL, 0);
-		}
-		unlink(conf[i]);
+		t_redis_kill(&node[i]);
+		snprintf(conf, sizeof(conf), "%s/nodes-%d.conf", dir, node[i].port);
+		unlink(conf);
 	}
 	rmdir(dir);
 }
@@ -468,8 +398,7 @@ int main(int argc, char **argv)
 	size_t sz = 32u << 20;
 	unsigned count = 16, reps = 3;
 	bool disk = true, redis = true, cluster = true;
-	char urlbuf[64];
-	pid_t rpid = -1;
+	struct t_redis local = { 0 };	/* a redis-server started here, when no --url */
 
 	for (int i = 1; i < argc; i++) {
 		if (!strcmp(argv[i], "--dir") && i + 1 < argc)
@@ -518,26 +447,19 @@ int main(int argc, char **argv)
 		bench_disk(dir, buf, sz, count, reps);
 	if (redis) {
 		if (!url) {
-			int port = 0;
-
-			rpid = spawn_redis(&port, NULL);
-			if (rpid < 0) {
+			if (t_redis_start(&local, NULL)) {
 				fprintf(stderr, "redis: no redis-server to start; skipped\n");
 				redis = false;
 			}
-			snprintf(urlbuf, sizeof(urlbuf), "redis://127.0.0.1:%d", port);
-			url = urlbuf;
+			url = local.url;
 		}
 		if (redis)
 			bench_redis(url, buf, sz, count);
 		/* the same through a cluster, when the single node was started here too */
-		if (redis && cluster && url == urlbuf)
+		if (redis && cluster && url == local.url)
 			bench_cluster(buf, sz, count);
 	}
-	if (rpid > 0) {
-		kill(rpid, SIGTERM);
-		waitpid(rpid, NULL, 0);
-	}
+	t_redis_kill(&local);
 	if (disk)
 		rmdir(dir);
 	free(buf);

@@ -6,6 +6,7 @@
 #ifndef KS_TEST_KVFIX_H
 #define KS_TEST_KVFIX_H
 
+#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 

@@ -16,6 +16,7 @@
 #include "compiler.h"
 #include "hash.h"
 #include "helpers.h"
+#include "redis_fixture.h"
 #include "tierwait.h"
 #include "tier_redis.h"
 
@@ -38,82 +39,11 @@ static int wait_done(struct waiter *w)
 	return wait_done_ms(w, WAIT_MS);
 }
 
-/* ---- a real redis-server on a free loopback port ------------------------- */
-
-struct rserver {
-	pid_t pid;
-	int port;
-	char url[64];
-};
-
-static int free_port(void)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
-	socklen_t l = sizeof(a);
-	int s = socket(AF_INET, SOCK_STREAM, 0), port = -1;
-
-	if (s >= 0 && !bind(s, (struct sockaddr *)&a, sizeof(a)) &&
-	    !getsockname(s, (struct sockaddr *)&a, &l))
-		port = ntohs(a.sin_port);
-	close(s);
-	return port;
-}
+/* ---- a real redis-server on a free loopback port (tests/redis_fixture.h) */
 
 static redisContext *rconn(int port)
 {
-	struct timeval tv = { 1, 0 };
-	redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-
-	if (c && c->err) {
-		redisFree(c);
-		return NULL;
-	}
-	if (c)
-		redisSetTimeout(c, tv);
-	return c;
-}
-
-static int rserver_start(struct rserver *s)
-{
-	char port[16];
-	char *argv[] = { "redis-server", "--port", port, "--bind", "127.0.0.1", "--save", "",
-			 "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
-			 NULL };
-	posix_spawn_file_actions_t fa;
-
-	snprintf(port, sizeof(port), "%d", s->port);
-	snprintf(s->url, sizeof(s->url), "redis://127.0.0.1:%d", s->port);
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	if (posix_spawnp(&s->pid, "redis-server", &fa, NULL, argv, environ)) {
-		posix_spawn_file_actions_destroy(&fa);
-		return -1;
-	}
-	posix_spawn_file_actions_destroy(&fa);
-	for (int i = 0; i < 500; i++) {	/* 5 s */
-		redisContext *c = rconn(s->port);
-
-		if (c) {
-			redisReply *r = redisCommand(c, "PING");
-			bool ok = r && r->type == REDIS_REPLY_STATUS;
-
-			freeReplyObject(r);
-			redisFree(c);
-			if (ok)
-				return 0;
-		}
-		usleep(10000);
-	}
-	return -1;
-}
-
-static void rserver_kill(struct rserver *s)
-{
-	if (s->pid > 0) {
-		kill(s->pid, SIGKILL);
-		waitpid(s->pid, NULL, 0);
-	}
-	s->pid = 0;
+	return t_redis_connect(port, NULL);
 }
 
 static long long rcmd_int(int port, const char *fmt, const char *arg)
@@ -178,7 +108,7 @@ static const size_t sizes[] = { 1, 4096, (1u << 20) + 3, 8u << 20 };
 #define NSIZES (sizeof(sizes) / sizeof(sizes[0]))
 
 /* Round trip; a second instance (another kvstashd) sees the same chunks; exists. */
-static void test_roundtrip_shared(struct rserver *a, struct rserver *b)
+static void test_roundtrip_shared(struct t_redis *a, struct t_redis *b)
 {
 	const char *urls[] = { a->url, b->url };
 	struct tier_redis *tr1 = open_tr(urls, 2, 600, 64, "t1:");
@@ -270,7 +200,7 @@ static void test_roundtrip_shared(struct rserver *a, struct rserver *b)
 }
 
 /* A value changed in Redis (payload, header, length) is -EBADMSG, counted, deleted. */
-static void test_corruption(struct rserver *a)
+static void test_corruption(struct t_redis *a)
 {
 	const char *urls[] = { a->url };
 	struct tier_redis *tr = open_tr(urls, 1, 600, 64, "t2:");
@@ -323,7 +253,7 @@ static void test_corruption(struct rserver *a)
 }
 
 /* SET ... EX ttl: the key carries the TTL and is gone after it. */
-static void test_ttl(struct rserver *a)
+static void test_ttl(struct t_redis *a)
 {
 	const char *urls[] = { a->url };
 	struct tier_redis *tr = open_tr(urls, 1, 1, 64, "t3:");
@@ -349,7 +279,7 @@ static void test_ttl(struct rserver *a)
 }
 
 /* A full node queue refuses at once with -EAGAIN, counted. */
-static void test_queue_full(struct rserver *a)
+static void test_queue_full(struct t_redis *a)
 {
 	const char *urls[] = { a->url };
 	struct tier_redis *tr = open_tr(urls, 1, 60, 2, "t4:");
@@ -379,7 +309,7 @@ static void test_queue_full(struct rserver *a)
 }
 
 /* Kill redis-server mid-run: fast -ENOTCONN, counted; restart it: the tier reconnects. */
-static void test_outage(struct rserver *a)
+static void test_outage(struct t_redis *a)
 {
 	const char *urls[] = { a->url };
 	struct tier_redis *tr = open_tr(urls, 1, 600, 64, "t5:");
@@ -411,7 +341,7 @@ static void test_outage(struct rserver *a)
 		CHECK_EQ(get_sync(tr, &k, dst, n, NULL, NULL), 0);
 		CHECK_EQ(t_verify(dst, n, 70), (size_t)-1);
 	}
-	rserver_kill(a);
+	t_redis_kill(a);
 	/* in flight or queued when the loss is seen: -ENOTCONN via the callback,
 	 * then -ENOTCONN at once while down; each answer comes fast */
 	for (int i = 0; i < 20; i++) {
@@ -435,7 +365,7 @@ static void test_outage(struct rserver *a)
 	CHECK(st.notconn >= failed + 1);	/* + the exists part */
 	CHECK_EQ(failed, 20);
 	/* back on the same port: reconnect within the capped backoff */
-	REQUIRE(rserver_start(a) == 0);
+	REQUIRE(t_redis_start(a, NULL) == 0);
 	for (int i = 0; i < 500; i++) {
 		tier_redis_get_stats(tr, &st);
 		if (st.nodes_up == 1)
@@ -454,26 +384,19 @@ static void test_outage(struct rserver *a)
 	free(dst);
 }
 
-static bool have_redis_server(void)
-{
-	return system("command -v redis-server >/dev/null 2>&1") == 0;
-}
-
 int main(void)
 {
-	struct rserver a = { 0 }, b = { 0 };
+	struct t_redis a = { 0 }, b = { 0 };
 
-	if (!have_redis_server()) {
+	if (!t_redis_available()) {
 		fprintf(stderr, "tier_redis: redis-server not installed; skipped\n");
 		return T_EXIT_SKIP;
 	}
 	signal(SIGPIPE, SIG_IGN);	/* the test's own hiredis connections */
-	a.port = free_port();
-	b.port = free_port();
-	if (rserver_start(&a) || rserver_start(&b)) {
+	if (t_redis_start(&a, NULL) || t_redis_start(&b, NULL)) {
 		fprintf(stderr, "tier_redis: could not start redis-server\n");
-		rserver_kill(&a);
-		rserver_kill(&b);
+		t_redis_kill(&a);
+		t_redis_kill(&b);
 		return T_EXIT_FAIL;
 	}
 	test_roundtrip_shared(&a, &b);
@@ -489,7 +412,7 @@ int main(void)
 
 		CHECK_EQ(tier_redis_open(&cfg, &tr), -EINVAL);
 	}
-	rserver_kill(&a);
-	rserver_kill(&b);
+	t_redis_kill(&a);
+	t_redis_kill(&b);
 	return t_result("tier_redis");
 }

@@ -19,6 +19,8 @@
 #include "hash.h"
 #include "helpers.h"
 #include "kvfix.h"
+#include "redis_fixture.h"
+#include "tier_node.h"
 #include "tier_redis.h"
 #include "tierwait.h"
 
@@ -33,92 +35,12 @@ static char *tmpdir;
 static const char *auth_pw;
 #define CLUSTER_PW "cl-Secret-9f3"
 
-/* Every redis-server started, killed at exit (REQUIRE too) or on a fatal signal. */
-static volatile pid_t spawned[16];
-
-static void kill_spawned(void)
-{
-	for (size_t i = 0; i < KS_ARRAY_SIZE(spawned); i++)
-		if (spawned[i] > 0) {
-			kill(spawned[i], SIGKILL);
-			waitpid(spawned[i], NULL, 0);
-			spawned[i] = 0;
-		}
-}
-
-static void on_fatal(int sig)
-{
-	for (size_t i = 0; i < KS_ARRAY_SIZE(spawned); i++)
-		if (spawned[i] > 0)
-			kill(spawned[i], SIGKILL);
-	signal(sig, SIG_DFL);
-	raise(sig);
-}
-
-static void track(pid_t pid, bool add)
-{
-	for (size_t i = 0; i < KS_ARRAY_SIZE(spawned); i++)
-		if (add ? spawned[i] <= 0 : spawned[i] == pid) {
-			spawned[i] = add ? pid : 0;
-			return;
-		}
-}
-
-struct rsrv {
-	pid_t pid;
-	int port;
-};
-
-static bool port_free(int port)
-{
-	struct sockaddr_in a = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK),
-				 .sin_port = htons((uint16_t)port) };
-	int s = socket(AF_INET, SOCK_STREAM, 0);
-	bool ok = s >= 0 && !bind(s, (struct sockaddr *)&a, sizeof(a));
-
-	if (s >= 0)
-		close(s);
-	return ok;
-}
-
-/*
- * A free loopback port below the ephemeral range whose cluster bus port
- * (+10000) is free too; never one handed out before by this process.
- */
-static int free_port(void)
-{
-	static int next;
-
-	if (!next)
-		next = 20000 + (int)((unsigned)getpid() * 7919u % 9000u);
-	for (int tries = 0; tries < 9000; tries++) {
-		int p = next++;
-
-		if (next >= 30000)
-			next = 20000;
-		if (port_free(p) && port_free(p + 10000))
-			return p;
-	}
-	return -1;
-}
-
+/* The test's own connections; AUTH once the test turned it on. */
 static redisContext *rconn(int port)
 {
-	struct timeval tv = { 2, 0 };
-	redisContext *c = redisConnectWithTimeout("127.0.0.1", port, tv);
-
-	if (c && c->err) {
-		redisFree(c);
-		return NULL;
-	}
-	if (c)
-		redisSetTimeout(c, tv);
-	if (c && auth_pw)
-		freeReplyObject(redisCommand(c, "AUTH %s", auth_pw));
-	return c;
+	return t_redis_connect(port, auth_pw);
 }
 
-/* Run a command on @port; the reply's string/status, or "" (static buffer). */
 static const char *rcmd(int port, const char *cmd)
 {
 	static char out[8192];
@@ -183,72 +105,14 @@ static int spawn_wait(char *const argv[], bool quiet)
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
 }
 
-static int rsrv_start(struct rsrv *s, bool cluster, const char *extra1, const char *extra2)
+/* A server of the test: its files in tmpdir, ready for the test's AUTH. */
+static int rsrv_start(struct t_redis *s, bool cluster, const char *extra_flag,
+		      const char *extra_value)
 {
-	char port[16], conf[600];
-	char *argv[32];
-	int a = 0;
-	posix_spawn_file_actions_t fa;
+	const struct t_redis_opts o = { .dir = tmpdir, .cluster = cluster, .extra_flag = extra_flag,
+					.extra_value = extra_value, .password = auth_pw };
 
-	s->port = free_port();
-	snprintf(port, sizeof(port), "%d", s->port);
-	snprintf(conf, sizeof(conf), "%s/nodes-%d.conf", tmpdir, s->port);
-	argv[a++] = "redis-server";
-	argv[a++] = "--port";
-	argv[a++] = port;
-	argv[a++] = "--bind";
-	argv[a++] = "127.0.0.1";
-	argv[a++] = "--save";
-	argv[a++] = "";
-	argv[a++] = "--appendonly";
-	argv[a++] = "no";
-	argv[a++] = "--loglevel";
-	argv[a++] = "warning";
-	argv[a++] = "--dir";
-	argv[a++] = tmpdir;
-	if (cluster) {
-		argv[a++] = "--cluster-enabled";
-		argv[a++] = "yes";
-		argv[a++] = "--cluster-config-file";
-		argv[a++] = conf;
-		/* generous: no spurious failover on a loaded CI machine; the
-		 * test promotes replicas itself (CLUSTER FAILOVER TAKEOVER) */
-		argv[a++] = "--cluster-node-timeout";
-		argv[a++] = "15000";
-	}
-	if (extra1) {
-		argv[a++] = (char *)extra1;
-		argv[a++] = (char *)extra2;
-	}
-	argv[a] = NULL;
-	posix_spawn_file_actions_init(&fa);
-	posix_spawn_file_actions_addopen(&fa, 1, "/dev/null", O_WRONLY, 0);
-	if (posix_spawnp(&s->pid, "redis-server", &fa, NULL, argv, environ)) {
-		posix_spawn_file_actions_destroy(&fa);
-		return -1;
-	}
-	posix_spawn_file_actions_destroy(&fa);
-	track(s->pid, true);
-	for (int i = 0; i < 1000; i++) {	/* 10 s */
-		redisContext *c = rconn(s->port);
-
-		if (c) {
-			redisFree(c);
-			return 0;
-		}
-		usleep(10000);
-	}
-	return -1;
-}
-
-static void rsrv_kill(struct rsrv *s)
-{
-	if (s->pid > 0) {
-		kill(s->pid, SIGKILL);
-		waitpid(s->pid, NULL, 0);
-		track(s->pid, false);
-	}
-	s->pid = 0;
+	return t_redis_start(s, &o);
 }
 
 static struct ks_key mkkey(unsigned i)
@@ -309,163 +173,35 @@ static int get_check(struct tier_redis *tr, unsigned i)
 
 /* ---- kvstashd on the cluster -------------------------------------------------- */
 
-/* Two kvstashd sharing chunks through the cluster: the STORE / LOOKUP / RETRIEVE
- * helpers of tests/test_tiers.c, on a smaller layout. */
-#define NL 2
-#define NB 192
-#define BS 16
-#define NH 8
-#define HS 128
-#define C 256
-#define PROMPT 4	/* chunks per prompt */
-
-struct node {
-	struct t_daemon *d;
-	kvstash_client *c;
-	struct t_kv kv;
-	int64_t inst;
-	bool disk;	/* started with --disk-path: every eviction is demoted */
-};
-
-static void node_start(struct node *n, const char *args, int64_t inst)
-{
-	memset(n, 0, sizeof(*n));
-	n->d = t_daemon_start(args);
-	REQUIRE(n->d);
-	REQUIRE(kvstash_connect(n->d->endpoint, 10000, &n->c) == 0);
-	REQUIRE(t_kv_create(&n->kv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, NB, BS, NH, HS) == 0);
-	n->inst = inst;
-	n->disk = strstr(args, "--disk-path") != NULL;
-	REQUIRE(t_kv_register(&n->kv, n->c, inst, "m-tier", 1) == 0);
-}
-
-static int node_stop(struct node *n)
-{
-	kvstash_close(n->c);
-	t_kv_destroy(&n->kv);
-	return t_daemon_stop(n->d);
-}
-
-static void prompt_tokens(int p, uint32_t *tok)
-{
-	for (size_t t = 0; t < PROMPT * C; t++)
-		tok[t] = (uint32_t)p * 7919u + (uint32_t)t * 3u + 1u;
-}
-
-static uint64_t seed_of(int p)
-{
-	return 0x7ee0000ull + (uint64_t)p;
-}
-
-static const int64_t src_blocks[PROMPT * C / BS] = { 5, 3, 9, 1, 0, 2, 4, 6, 8, 7, 10, 12, 11, 14, 13,
-						       15, 17, 16, 19, 18, 21, 20, 23, 22, 25, 24, 27,
-						       26, 29, 28, 31, 30, 33, 32, 35, 34, 37, 36, 39,
-						       38, 41, 40, 43, 42, 45, 44, 47, 46, 49, 48, 51,
-						       50, 53, 52, 55, 54, 57, 56, 59, 58, 61, 60, 63,
-						       62 };
-
-/* STORE chunks [0, nchunks) of prompt @p. */
-static int store_prompt(struct node *n, int p, int nchunks)
-{
-	uint32_t tok[PROMPT * C];
-	char rid[32];
-
-	prompt_tokens(p, tok);
-	for (size_t t = 0; t < (size_t)nchunks * C; t++)
-		t_kv_fill_token(&n->kv, t_kv_slot(&n->kv, src_blocks, t), seed_of(p), t);
-	snprintf(rid, sizeof(rid), "p%d", p);
-	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = 0, .tokens = tok,
-				 .ntokens = PROMPT * C, .start = 0, .end = (uint64_t)nchunks * C,
-				 .request_id = rid };
-	return kvstash_store(n->c, &k, n->inst, src_blocks, (size_t)nchunks * C / BS);
-}
-
-/* LOOKUP prompt @p and wait for the prefetch: the chunk count, or -1. */
-static int64_t lookup_prompt(struct node *n, int p)
-{
-	uint32_t tok[PROMPT * C];
-	int64_t job, chunks = -1;
-
-	prompt_tokens(p, tok);
-	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = -1, .tokens = tok,
-				 .ntokens = PROMPT * C, .start = 0, .end = PROMPT * C,
-				 .request_id = "lookup" };
-	if (kvstash_lookup(n->c, &k, 1, &job))
-		return -1;
-	/* QUERY_PREFETCH_LOOKUP_HITS is nil while loading; then the count. */
-	/* bounded in time too: a daemon that died answers nothing */
-	for (uint64_t end = ks_now_ms() + 10000; ks_now_ms() < end;) {
-		if (kvstash_query_lookup_hits(n->c, job, &chunks) == 0)
-			break;
-		usleep(20000);
-	}
-	if (kvstash_query_prefetch_status(n->c, job, &chunks))
-		return -1;
-	return chunks;
-}
-
-/* RETRIEVE chunks [0, nchunks) of prompt @p into other blocks; rows wrong, or -1. */
-static long retrieve_check(struct node *n, int p, int nchunks)
-{
-	uint32_t tok[PROMPT * C];
-	int64_t dst[PROMPT * C / BS];
-	long bad = 0;
-
-	prompt_tokens(p, tok);
-	for (size_t b = 0; b < PROMPT * C / BS; b++)
-		dst[b] = 100 + (int64_t)b;
-	for (size_t t = 0; t < (size_t)nchunks * C; t++)
-		for (int l = 0; l < NL; l++)
-			for (int pl = 0; pl < 2; pl++)
-				memset(t_kv_row(&n->kv, l, pl, t_kv_slot(&n->kv, dst, t)), 0, n->kv.row_bytes);
-	struct kvstash_key k = { .model = "m-tier", .world_size = 1, .worker_id = 0, .tokens = tok,
-				 .ntokens = PROMPT * C, .start = 0, .end = (uint64_t)nchunks * C,
-				 .request_id = "retrieve" };
-	if (kvstash_retrieve(n->c, &k, n->inst, dst, (size_t)nchunks * C / BS, 0)) {
-		fprintf(stderr, "retrieve prompt %d: %s\n", p, kvstash_last_error());
-		return -1;
-	}
-	for (size_t t = 0; t < (size_t)nchunks * C; t++)
-		bad += !t_kv_check_token(&n->kv, t_kv_slot(&n->kv, dst, t), seed_of(p), t);
-	return bad;
-}
-
-/* Wait until @name reaches @want (async tier writes). */
-static uint64_t wait_stat(struct node *n, const char *name, uint64_t want)
-{
-	uint64_t v = 0;
-
-	for (int i = 0; i < 250 && (v = t_stat(n->c, name)) < want; i++)
-		usleep(20000);
-	return v;
-}
+/* Two kvstashd sharing chunks through the cluster (tests/tier_node.h). */
+#define NODE_LAYERS 2
 
 static void test_daemons_share(int seed)
 {
 	char args[600];
-	struct node a, b;
+	struct tier_node a, b;
 
 	snprintf(args, sizeof(args), "--pool-size=64M --redis-prefix=tc: "
 		 "--redis-url=redis+cluster://127.0.0.1:%d", seed);
-	node_start(&a, args, 10);
-	node_start(&b, args, 20);
+	tier_node_start(&a, args, 10, NODE_LAYERS);
+	tier_node_start(&b, args, 20, NODE_LAYERS);
 	for (int p = 0; p < 3; p++) {
-		CHECK_EQ(store_prompt(&a, 60 + p, PROMPT), 0);
-		CHECK(wait_stat(&a, "l3_written", (uint64_t)(p + 1) * PROMPT) >=
-		      (uint64_t)(p + 1) * PROMPT);
+		CHECK_EQ(tier_store_prompt(&a, 60 + p, TIER_PROMPT), 0);
+		CHECK(tier_wait_stat(&a, "l3_written", (uint64_t)(p + 1) * TIER_PROMPT) >=
+		      (uint64_t)(p + 1) * TIER_PROMPT);
 	}
 	for (int p = 0; p < 3; p++) {
-		CHECK_EQ(lookup_prompt(&b, 60 + p), PROMPT);
-		CHECK_EQ(retrieve_check(&b, 60 + p, PROMPT), 0);
+		CHECK_EQ(tier_lookup_prompt(&b, 60 + p), TIER_PROMPT);
+		CHECK_EQ(tier_retrieve_check(&b, 60 + p, TIER_PROMPT), 0);
 	}
-	CHECK(t_stat(b.c, "l3_promoted") >= 3 * PROMPT);
+	CHECK(t_stat(b.c, "l3_promoted") >= 3 * TIER_PROMPT);
 	CHECK_EQ(t_stat(b.c, "l3_corrupt"), 0);
 	if (t_failures) {
 		t_daemon_dump_log(a.d);
 		t_daemon_dump_log(b.d);
 	}
-	CHECK_EQ(node_stop(&a), 0);
-	CHECK_EQ(node_stop(&b), 0);
+	CHECK_EQ(tier_node_stop(&a), 0);
+	CHECK_EQ(tier_node_stop(&b), 0);
 }
 
 
@@ -556,7 +292,7 @@ static int daemon_must_fail(const char *args, const char *log)
 }
 
 /* AUTH on the running cluster (@s, live nodes have pid > 0): library and kvstashd. */
-static void test_cluster_auth(struct rsrv *s, int seed)
+static void test_cluster_auth(struct t_redis *s, int seed)
 {
 	char url[512], args[1200], pwfile[600], badfile[600], log[600];
 	struct tier_redis *tr;
@@ -615,7 +351,7 @@ static void test_cluster_auth(struct rsrv *s, int seed)
 	fputs("not-" CLUSTER_PW "\n", f);
 	fclose(f);
 	{
-		int hport = free_port();
+		int hport = t_redis_free_port();
 		struct t_daemon *d;
 		static char metrics[1 << 16];
 
@@ -709,7 +445,7 @@ static void *load_thread(void *p)
 
 static void test_cluster(void)
 {
-	struct rsrv s[NSRV] = { 0 };
+	struct t_redis s[NSRV] = { 0 };
 	char url[512], addrs[NSRV][32], ids[3][64];
 	char *argv[NSRV + 8];
 	int a = 0, rc;
@@ -753,7 +489,7 @@ static void test_cluster(void)
 	snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", s[1].port);
 	t1 = open_url(url, NULL, NULL, &rc);
 	REQUIRE(rc == 0);
-	snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d,127.0.0.1:%d", free_port(),
+	snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d,127.0.0.1:%d", t_redis_free_port(),
 		 s[2].port);	/* a dead seed first */
 	t2 = open_url(url, NULL, NULL, &rc);
 	REQUIRE(rc == 0);
@@ -952,7 +688,7 @@ static void test_cluster(void)
 			if (c)
 				redisFree(c);
 		}
-		rsrv_kill(&s[victim]);
+		t_redis_kill(&s[victim]);
 		for (int i = 0; i < 10; i++) {
 			t0 = ks_now_ms();
 			r = get_check(t1, key);
@@ -1044,20 +780,25 @@ static void test_cluster(void)
 		}
 	}
 	for (int i = 0; i < NSRV; i++)
-		rsrv_kill(&s[i]);
+		t_redis_kill(&s[i]);
 	free(v);
 }
 
 /* AUTH on a single node (requirepass, then an ACL user); a seed that is not a cluster. */
 static void test_auth_and_bad_input(void)
 {
-	struct rsrv s = { 0 };
+	struct t_redis s = { 0 };
 	char url[512];
 	int rc;
 	struct tier_redis *tr;
 	uint8_t *v = malloc(VAL);
 
-	REQUIRE(rsrv_start(&s, false, "--requirepass", "s3cret-pw") == 0);
+	{
+		const struct t_redis_opts o = { .dir = tmpdir, .extra_flag = "--requirepass",
+						.extra_value = "s3cret-pw", .password = "s3cret-pw" };
+
+		REQUIRE(t_redis_start(&s, &o) == 0);
+	}
 	snprintf(url, sizeof(url), "redis://127.0.0.1:%d", s.port);
 	tr = open_url(url, NULL, NULL, &rc);
 	CHECK_EQ(rc, -EACCES);	/* NOAUTH: refused at start */
@@ -1106,7 +847,7 @@ static void test_auth_and_bad_input(void)
 	snprintf(url, sizeof(url), "redis+cluster://127.0.0.1:%d", s.port);
 	tr = open_url(url, NULL, "s3cret-pw", &rc);
 	CHECK_EQ(rc, -EINVAL);
-	rsrv_kill(&s);
+	t_redis_kill(&s);
 
 	/* malformed URLs */
 	{
@@ -1173,11 +914,6 @@ int main(void)
 		return T_EXIT_SKIP;
 	}
 	signal(SIGPIPE, SIG_IGN);
-	atexit(kill_spawned);
-	signal(SIGABRT, on_fatal);
-	signal(SIGSEGV, on_fatal);
-	signal(SIGTERM, on_fatal);
-	signal(SIGINT, on_fatal);
 	tmpdir = t_mkdtemp("rcluster");
 	REQUIRE(tmpdir);
 	test_auth_and_bad_input();
