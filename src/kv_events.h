@@ -29,7 +29,7 @@
 struct kve;
 
 /* Storage mediums as vLLM names them (BlockStored/BlockRemoved "medium"). */
-enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK };
+enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK /* "STORAGE" */ };
 
 struct kve_config {
 	const char *endpoint;		/* PUB: bind if it has '*', '::', ipc:// or inproc://, else connect */
@@ -49,6 +49,7 @@ struct kve_stats {
 	uint64_t send_failed;	/* batches ZMQ refused (they are still kept for replay) */
 	uint64_t replays;	/* replay requests answered */
 	uint64_t replay_bad;	/* replay requests ignored (malformed) */
+	uint64_t snapshots;	/* replay requests answered with a snapshot */
 	uint64_t next_seq;	/* sequence number of the next batch */
 };
 
