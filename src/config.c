@@ -125,9 +125,9 @@ static const struct cfg_opt cfg_opts[] = {
 	{ "kv-events-buffer", NULL, CFG_U32, F(kv_events_buffer), "10000", 1, 1000000, NULL,
 	  "event batches kept for replay" },
 	{ "kv-events-format", NULL, CFG_ENUM, F(kv_events_format), "map", 0, 0, "map|array",
-	  "event encoding: map = batch and events as msgpack maps (vLLM main, whose event "
-	  "structs are not array_like); array = positional arrays (vLLM releases whose "
-	  "EventBatch/KVCacheEvent are array_like=True)" },
+	  "event encoding inside the positional [ts, events, rank] batch: map = events as "
+	  "msgpack maps named by \"type\" (vLLM 0.26 and later); array = positional events "
+	  "(earlier vLLM releases, array_like=True)" },
 	{ "kv-events-replay-endpoint", NULL, CFG_STR, F(kv_events_replay_endpoint), "", 0, 0,
 	  NULL, "ZMQ ROUTER to bind for replay requests (vLLM's protocol); empty = none" },
 };

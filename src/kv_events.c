@@ -56,9 +56,10 @@ struct kve_report {
 	uint8_t medium;		/* enum kve_medium */
 	bool has_parent;
 	bool demoting;
+	uint8_t salt_len;	/* cache_salt bytes after the tokens (a prompt's first chunk) */
 	uint64_t hash, parent;
 	uint32_t ntokens;
-	uint32_t tokens[];
+	uint32_t tokens[];	/* [ntokens], then salt_len bytes of cache_salt */
 };
 
 /*
@@ -70,10 +71,15 @@ struct kve_block {
 	struct kve_block *next;
 	uint64_t hash, parent;
 	bool has_parent, cpu, disk;
+	uint8_t salt_len;
 	uint32_t pending;	/* demotions under way */
+	uint64_t walk;		/* the table walk that last emitted it (emit_table) */
 	uint32_t ntokens;
-	uint32_t tokens[];
+	uint32_t tokens[];	/* [ntokens], then salt_len bytes of cache_salt */
 };
+
+/* The cache_salt kept after the tokens of a report or block. */
+#define SALT_OF(x) ((const char *)((x)->tokens + (x)->ntokens))
 
 #define KVE_TABLE_BUCKETS 65536u
 
@@ -99,6 +105,9 @@ struct kve {
 	bool array_form;	/* positional encoding (array_like structs), else maps */
 	uint64_t seq;
 	struct kve_block **table;	/* [KVE_TABLE_BUCKETS] announced blocks */
+	uint64_t walks;			/* emit_table walks so far */
+	struct kve_block **chain;	/* emit_table's scratch: a block and its unemitted ancestors */
+	size_t chain_cap;
 	uint32_t carry_dropped;	/* drops not yet shown by a sequence gap */
 	struct kve_batch *ring;	/* [buffer] replay buffer, oldest at ring_head */
 	uint32_t ring_cap, ring_head, ring_len;
@@ -108,11 +117,16 @@ struct kve {
 	bool started;
 
 	_Atomic uint64_t n_queued, n_dropped, n_published, n_batches, n_send_failed;
-	_Atomic uint64_t n_replays, n_replay_bad, next_seq;
+	_Atomic uint64_t n_replays, n_replay_bad, n_snapshots, next_seq;
 };
 
-/* vLLM's names: CPULoadStoreSpec / DiskLoadStoreSpec .medium(). */
-static const char *const medium_name[] = { "CPU", "Disk" };
+/*
+ * vLLM's medium names: CPULoadStoreSpec.medium() is "CPU"; its file-system
+ * tier's spec says "STORAGE" (vLLM 0.27 on; 0.26 said "FS"). Dynamo maps
+ * "CPU" to its host tier and "STORAGE" to its disk tier; llm-d keeps the
+ * lowercased name as the device tier.
+ */
+static const char *const medium_name[] = { "CPU", "STORAGE" };
 
 static uint64_t load_be64(const uint8_t *p)
 {
@@ -188,19 +202,33 @@ void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
 		const uint32_t *tokens, uint32_t ntokens, enum kve_medium medium)
 {
 	struct kve_report *r;
+	const char *at;
+	size_t salt_len = 0;
 
 	if (!ev)
 		return;
-	r = malloc(sizeof(*r) + (size_t)ntokens * sizeof(uint32_t));
+	/*
+	 * A salted key's objects are stored under "model@salt" ('@' is in
+	 * neither name). vLLM mixes the salt into the hash of a prompt's first
+	 * block only, and publishes it there in extra_keys: so does kvstashd.
+	 */
+	at = parent ? NULL : memchr(k->model, '@', k->model_len);
+	if (at)
+		salt_len = KS_MIN((size_t)(k->model + k->model_len - at - 1), (size_t)UINT8_MAX);
+	r = malloc(sizeof(*r) + (size_t)ntokens * sizeof(uint32_t) + salt_len);
 	if (r) {
 		r->type = KVE_STORED;
 		r->medium = (uint8_t)medium;
+		r->demoting = false;
 		r->hash = kve_block_hash(k, k->chunk_hash);
 		r->has_parent = parent != NULL;
 		r->parent = parent ? kve_block_hash(k, parent) : 0;
 		r->ntokens = ntokens;
+		r->salt_len = (uint8_t)salt_len;
 		if (ntokens)
 			memcpy(r->tokens, tokens, (size_t)ntokens * sizeof(uint32_t));
+		if (salt_len)
+			memcpy(r->tokens + ntokens, at + 1, salt_len);
 	}
 	enqueue(ev, r);
 }
@@ -290,10 +318,18 @@ static void pack_field(msgpack_packer *pk, bool array_form, const char *name)
 		pack_str(pk, name);
 }
 
+/*
+ * BlockStored. extra_keys (vLLM's per-block tuple of what else went into
+ * the block's hash) is sent for a salted prompt's first chunk only, as
+ * [(salt,)]: left out otherwise, as vLLM's omit_defaults leaves out None,
+ * which also keeps the positional form at the 8 fields decoders written
+ * before extra_keys existed insist on.
+ */
 static void pack_stored(msgpack_packer *pk, bool array_form, uint64_t hash, bool has_parent,
-			uint64_t parent, const uint32_t *tokens, uint32_t ntokens, uint8_t medium)
+			uint64_t parent, const uint32_t *tokens, uint32_t ntokens, uint8_t medium,
+			const char *salt, uint8_t salt_len)
 {
-	pack_event_head(pk, array_form, "BlockStored", 7);
+	pack_event_head(pk, array_form, "BlockStored", salt_len ? 8 : 7);
 	pack_field(pk, array_form, "block_hashes");
 	msgpack_pack_array(pk, 1);
 	msgpack_pack_uint64(pk, hash);
@@ -313,7 +349,21 @@ static void pack_stored(msgpack_packer *pk, bool array_form, uint64_t hash, bool
 	pack_field(pk, array_form, "medium");
 	pack_str(pk, medium_name[medium]);
 	pack_field(pk, array_form, "lora_name");
-	msgpack_pack_nil(pk);
+	msgpack_pack_nil(pk);	/* an LMCache key names no LoRA adapter */
+	if (salt_len) {
+		pack_field(pk, array_form, "extra_keys");
+		msgpack_pack_array(pk, 1);	/* one entry per block hash */
+		msgpack_pack_array(pk, 1);	/* the tuple (cache_salt,) */
+		msgpack_pack_str(pk, salt_len);
+		msgpack_pack_str_body(pk, salt, salt_len);
+	}
+}
+
+static void pack_block(struct kve *ev, msgpack_packer *pk, const struct kve_block *b,
+		       uint8_t medium)
+{
+	pack_stored(pk, ev->array_form, b->hash, b->has_parent, b->parent, b->tokens, b->ntokens,
+		    medium, SALT_OF(b), b->salt_len);
 }
 
 static void pack_removed(msgpack_packer *pk, bool array_form, uint64_t hash, uint8_t medium)
@@ -346,6 +396,61 @@ static void table_release(struct kve_block **p)
 	}
 }
 
+/*
+ * Emit @b's unemitted ancestors in the table, oldest first, then @b:
+ * BlockStored for each medium it is in. Returns the events packed.
+ */
+static uint32_t emit_chain(struct kve *ev, msgpack_packer *pk, struct kve_block *b)
+{
+	size_t n = 0;
+	uint32_t events = 0;
+
+	/* Walk up to the first ancestor already emitted or not in the table. */
+	while (b && b->walk != ev->walks) {
+		if (n == ev->chain_cap) {
+			size_t cap = ev->chain_cap ? 2 * ev->chain_cap : 256;
+			struct kve_block **c = realloc(ev->chain, cap * sizeof(*c));
+
+			if (!c)
+				break;	/* out of memory: what is collected still goes out */
+			ev->chain = c;
+			ev->chain_cap = cap;
+		}
+		b->walk = ev->walks;
+		ev->chain[n++] = b;
+		b = b->has_parent ? *table_slot(ev, b->parent) : NULL;
+	}
+	while (n--) {
+		struct kve_block *c = ev->chain[n];
+
+		if (c->cpu) {
+			pack_block(ev, pk, c, KVE_MEDIUM_CPU);
+			events++;
+		}
+		if (c->disk) {
+			pack_block(ev, pk, c, KVE_MEDIUM_DISK);
+			events++;
+		}
+	}
+	return events;
+}
+
+/*
+ * BlockStored for every block the table holds in a medium, each after its
+ * parent (a router's prefix tree drops a block whose parent it has not
+ * seen). Returns the events packed.
+ */
+static uint32_t emit_table(struct kve *ev, msgpack_packer *pk)
+{
+	uint32_t n = 0;
+
+	ev->walks++;
+	for (uint32_t i = 0; i < KVE_TABLE_BUCKETS; i++)
+		for (struct kve_block *b = ev->table[i]; b; b = b->next)
+			n += emit_chain(ev, pk, b);
+	return n;
+}
+
 /* Pack what report @r means for consumers; returns the number of events. */
 static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_report *r)
 {
@@ -358,20 +463,22 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 		b = *p;
 		if (r->medium == KVE_MEDIUM_CPU) {
 			if (!b) {
-				b = malloc(sizeof(*b) + (size_t)r->ntokens * sizeof(uint32_t));
+				size_t tb = (size_t)r->ntokens * sizeof(uint32_t);
+
+				b = malloc(sizeof(*b) + tb + r->salt_len);
 				if (b) {
 					*b = (struct kve_block){ .hash = r->hash, .parent = r->parent,
 								 .has_parent = r->has_parent,
+								 .salt_len = r->salt_len,
 								 .ntokens = r->ntokens };
-					memcpy(b->tokens, r->tokens,
-					       (size_t)r->ntokens * sizeof(uint32_t));
+					memcpy(b->tokens, r->tokens, tb + r->salt_len);
 					*p = b;
 				}
 			}
 			if (b)
 				b->cpu = true;
 			pack_stored(pk, ev->array_form, r->hash, r->has_parent, r->parent,
-				    r->tokens, r->ntokens, KVE_MEDIUM_CPU);
+				    r->tokens, r->ntokens, KVE_MEDIUM_CPU, SALT_OF(r), r->salt_len);
 			return 1;
 		}
 		/* Demoted to disk: announced with the tokens kept from its CPU store. */
@@ -381,8 +488,7 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 			b->pending--;
 		if (!b->disk) {
 			b->disk = true;
-			pack_stored(pk, ev->array_form, b->hash, b->has_parent, b->parent,
-				    b->tokens, b->ntokens, KVE_MEDIUM_DISK);
+			pack_block(ev, pk, b, KVE_MEDIUM_DISK);
 			n = 1;
 		}
 		return n;
@@ -414,18 +520,11 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 	default:
 		/* The pool is empty; what is on disk stays, announced again. */
 		pack_event_head(pk, ev->array_form, "AllBlocksCleared", 0);
-		n = 1;
 		for (uint32_t i = 0; i < KVE_TABLE_BUCKETS; i++) {
 			p = &ev->table[i];
 			while (*p) {
 				b = *p;
 				b->cpu = false;
-				if (b->disk) {
-					pack_stored(pk, ev->array_form, b->hash, b->has_parent,
-						    b->parent, b->tokens, b->ntokens,
-						    KVE_MEDIUM_DISK);
-					n++;
-				}
 				if (!b->disk && !b->pending) {
 					*p = b->next;
 					free(b);
@@ -434,7 +533,7 @@ static uint32_t apply(struct kve *ev, msgpack_packer *pk, const struct kve_repor
 				}
 			}
 		}
-		return n;
+		return 1 + emit_table(ev, pk);
 	}
 }
 
@@ -456,11 +555,30 @@ static void ring_push(struct kve *ev, uint64_t seq, char *data, size_t len)
 	ev->ring_bytes += len;
 }
 
+/*
+ * The batch around @n packed events in @body: EventBatch(ts, events,
+ * data_parallel_rank), positional in every vLLM release (array_like, also
+ * once events became maps), into @sb (initialised here).
+ */
+static void pack_batch(msgpack_sbuffer *sb, const msgpack_sbuffer *body, uint32_t n)
+{
+	msgpack_packer pk;
+	struct timespec ts;
+
+	msgpack_sbuffer_init(sb);
+	msgpack_packer_init(&pk, sb, msgpack_sbuffer_write);
+	clock_gettime(CLOCK_REALTIME, &ts);
+	msgpack_pack_array(&pk, 3);
+	msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
+	msgpack_pack_array(&pk, n);
+	msgpack_sbuffer_write(sb, body->data, body->size);
+	msgpack_pack_int(&pk, 0);	/* data_parallel_rank: one stream per kvstashd */
+}
+
 static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
 {
 	msgpack_sbuffer body, sb;
-	msgpack_packer bpk, pk;
-	struct timespec ts;
+	msgpack_packer bpk;
 	uint8_t seqb[8];
 	uint32_t n = 0;
 	int rc;
@@ -478,26 +596,8 @@ static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
 		ev->seq++;	/* a number no batch carries: the consumer sees the gap */
 		ev->carry_dropped = 0;
 	}
-	msgpack_sbuffer_init(&sb);
-	msgpack_packer_init(&pk, &sb, msgpack_sbuffer_write);
-	clock_gettime(CLOCK_REALTIME, &ts);
-	/* EventBatch: ts, events, data_parallel_rank (always 0: one stream) */
-	if (ev->array_form) {
-		msgpack_pack_array(&pk, 3);
-	} else {
-		msgpack_pack_map(&pk, 3);
-		pack_str(&pk, "ts");
-	}
-	msgpack_pack_double(&pk, (double)ts.tv_sec + (double)ts.tv_nsec / 1e9);
-	if (!ev->array_form)
-		pack_str(&pk, "events");
-	msgpack_pack_array(&pk, n);
-	msgpack_sbuffer_write(&sb, body.data, body.size);
+	pack_batch(&sb, &body, n);
 	msgpack_sbuffer_destroy(&body);
-	if (!ev->array_form)
-		pack_str(&pk, "data_parallel_rank");
-	msgpack_pack_int(&pk, 0);
-
 	store_be64(seqb, ev->seq);
 	rc = zmq_send(ev->pub, ev->topic, ev->topic_len, ZMQ_SNDMORE | ZMQ_DONTWAIT);
 	if (rc >= 0)
@@ -513,10 +613,54 @@ static void publish(struct kve *ev, struct kve_report *list, uint32_t dropped)
 	atomic_store_explicit(&ev->next_seq, ev->seq, memory_order_relaxed);
 }
 
+/* [identity, "", seq, payload] to a replay peer; false if ZMQ refused (peer gone or full). */
+static bool replay_send(struct kve *ev, const uint8_t *id, size_t idn, const uint8_t seqb[8],
+			const void *data, size_t len)
+{
+	return zmq_send(ev->replay, id, idn, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+	       zmq_send(ev->replay, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+	       zmq_send(ev->replay, seqb, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
+	       zmq_send(ev->replay, data, len, ZMQ_DONTWAIT) >= 0;
+}
+
+/*
+ * The snapshot: one batch, AllBlocksCleared then BlockStored for every
+ * block in each medium it is in now (parents first), numbered as the last
+ * batch published (the view it gives is the one after that batch; the live
+ * stream goes on from the next number). One batch, so that a consumer that
+ * skips a sequence number it has seen applies all of it or none.
+ */
+static bool send_snapshot(struct kve *ev, const uint8_t *id, size_t idn)
+{
+	msgpack_sbuffer body, sb;
+	msgpack_packer pk;
+	uint8_t seqb[8];
+	uint32_t n;
+	bool ok;
+
+	msgpack_sbuffer_init(&body);
+	msgpack_packer_init(&pk, &body, msgpack_sbuffer_write);
+	pack_event_head(&pk, ev->array_form, "AllBlocksCleared", 0);
+	n = 1 + emit_table(ev, &pk);
+	pack_batch(&sb, &body, n);
+	msgpack_sbuffer_destroy(&body);
+	store_be64(seqb, ev->seq - 1);
+	ok = replay_send(ev, id, idn, seqb, sb.data, sb.size);
+	msgpack_sbuffer_destroy(&sb);
+	atomic_fetch_add_explicit(&ev->n_snapshots, 1, memory_order_relaxed);
+	return ok;
+}
+
+/* The 8-byte request that asks for a snapshot whatever the buffer holds. */
+static const uint8_t snapshot_req[8] = { 's', 'n', 'a', 'p', 's', 'h', 'o', 't' };
+
 /*
  * One replay request: [identity, "", start seq (8 bytes big-endian)] gets
  * [identity, "", seq, payload] for every kept batch from there, then
- * [identity, "", -1, ""]. Anything else is read and ignored.
+ * [identity, "", -1, ""]. A start older than the oldest kept batch (the
+ * buffer no longer reaches back to it), or the word "snapshot", gets the
+ * snapshot instead of the batches (send_snapshot), then the end marker.
+ * Anything else is read, counted and not answered.
  */
 static void serve_replay(struct kve *ev)
 {
@@ -548,25 +692,26 @@ static void serve_replay(struct kve *ev)
 		return;
 	}
 	uint64_t from = load_be64(start);
+	const struct kve_batch *oldest = ev->ring_len ? &ev->ring[ev->ring_head] : NULL;
+	bool snapshot = !memcmp(start, snapshot_req, 8) || (oldest && from < oldest->seq);
 
 	atomic_fetch_add_explicit(&ev->n_replays, 1, memory_order_relaxed);
-	for (uint32_t i = 0; i < ev->ring_len; i++) {
-		const struct kve_batch *b = &ev->ring[(ev->ring_head + i) % ev->ring_cap];
-		uint8_t seqb[8];
-
-		if (b->seq < from)
-			continue;
-		store_be64(seqb, b->seq);
-		if (zmq_send(ev->replay, id, (size_t)idn, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
-		    zmq_send(ev->replay, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
-		    zmq_send(ev->replay, seqb, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
-		    zmq_send(ev->replay, b->data, b->len, ZMQ_DONTWAIT) < 0)
+	if (snapshot && ev->seq > 0) {
+		if (!send_snapshot(ev, id, (size_t)idn))
 			return;	/* the peer is gone or not reading: give up on it */
+	} else if (!snapshot) {
+		for (uint32_t i = 0; i < ev->ring_len; i++) {
+			const struct kve_batch *b = &ev->ring[(ev->ring_head + i) % ev->ring_cap];
+			uint8_t seqb[8];
+
+			if (b->seq < from)
+				continue;
+			store_be64(seqb, b->seq);
+			if (!replay_send(ev, id, (size_t)idn, seqb, b->data, b->len))
+				return;
+		}
 	}
-	if (zmq_send(ev->replay, id, (size_t)idn, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
-	    zmq_send(ev->replay, "", 0, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0 &&
-	    zmq_send(ev->replay, end_seq, 8, ZMQ_SNDMORE | ZMQ_DONTWAIT) >= 0)
-		zmq_send(ev->replay, "", 0, ZMQ_DONTWAIT);
+	replay_send(ev, id, (size_t)idn, end_seq, "", 0);
 }
 
 static void poll_replay(struct kve *ev)
@@ -679,6 +824,7 @@ static void kve_free(struct kve *ev)
 			free(b);
 		}
 	free(ev->table);
+	free(ev->chain);
 	free(ev->topic);
 	free_list(ev->head);
 	ks_cond_destroy(&ev->cond);
@@ -826,5 +972,6 @@ void kve_get_stats(struct kve *ev, struct kve_stats *st)
 	st->send_failed = atomic_load_explicit(&ev->n_send_failed, memory_order_relaxed);
 	st->replays = atomic_load_explicit(&ev->n_replays, memory_order_relaxed);
 	st->replay_bad = atomic_load_explicit(&ev->n_replay_bad, memory_order_relaxed);
+	st->snapshots = atomic_load_explicit(&ev->n_snapshots, memory_order_relaxed);
 	st->next_seq = atomic_load_explicit(&ev->next_seq, memory_order_relaxed);
 }

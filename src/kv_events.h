@@ -7,7 +7,8 @@
  * it drains the queue into batches, sends each batch on a PUB socket as
  * [topic, seq u64 big-endian, msgpack [ts, [events...], dp_rank]], keeps the
  * last N batches for replay (at most 256 MiB) and answers replay requests on
- * a ROUTER socket. It also keeps each announced chunk's tokens and parent, so
+ * a ROUTER socket (with a snapshot of what is cached when the buffer no
+ * longer reaches back to the start asked for). It also keeps each announced chunk's tokens and parent, so
  * a chunk demoted to disk is announced there, and a CLEAR of the pool is
  * followed by the disk's chunks again.
  * A full queue drops the report and counts it; the next batch's sequence
@@ -29,7 +30,7 @@
 struct kve;
 
 /* Storage mediums as vLLM names them (BlockStored/BlockRemoved "medium"). */
-enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK };
+enum kve_medium { KVE_MEDIUM_CPU = 0, KVE_MEDIUM_DISK /* "STORAGE" */ };
 
 struct kve_config {
 	const char *endpoint;		/* PUB: bind if it has '*', '::', ipc:// or inproc://, else connect */
@@ -49,6 +50,7 @@ struct kve_stats {
 	uint64_t send_failed;	/* batches ZMQ refused (they are still kept for replay) */
 	uint64_t replays;	/* replay requests answered */
 	uint64_t replay_bad;	/* replay requests ignored (malformed) */
+	uint64_t snapshots;	/* replay requests answered with a snapshot */
 	uint64_t next_seq;	/* sequence number of the next batch */
 };
 
@@ -59,7 +61,9 @@ void kve_destroy(struct kve *ev);
 
 /*
  * Chunk @k entered @medium: its @ntokens tokens, its predecessor's chunk hash
- * (@parent, NULL for a prompt's first chunk) and the chunk size. Never blocks.
+ * (@parent, NULL for a prompt's first chunk) and the chunk size. A first
+ * chunk of a salted key ("model@salt") is published with the salt in
+ * extra_keys. Never blocks.
  */
 void kve_stored(struct kve *ev, const struct ks_key *k, const uint8_t *parent,
 		const uint32_t *tokens, uint32_t ntokens, enum kve_medium medium);

@@ -345,7 +345,7 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 				chunks = (int64_t)(hits / k->world_size);
 			if (!rc && hits < (size_t)nk && (s->l2 || s->l3))
 				pf = prefetch_job(s, s->key_buf, (size_t)nk, hits, k->world_size,
-						  nlocks, in->object_bytes);
+						  nlocks, in->object_bytes, k->token_ids);
 		}
 	}
 	job = &s->jobs[(uint64_t)s->next_job_id % SRV_JOB_SLOTS];

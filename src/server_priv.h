@@ -179,7 +179,8 @@ struct srv_xfer_job {
 	bool has_wait_sem;
 	uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
 	/* STORE with KV events on: the range's tokens, and the hash of the chunk
-	 * before the range (has_parent: the range does not start at token 0). */
+	 * before the range (has_parent: the range does not start at token 0).
+	 * JOB_PREFETCH: the LOOKUP's tokens from token 0 (nkeys / group chunks). */
 	uint32_t *ev_tokens;	/* [nchunks * chunk_tokens]; owned; NULL = events off */
 	uint8_t ev_parent[KS_HASH_LEN];
 	bool ev_has_parent;
@@ -412,7 +413,7 @@ void disk_evicted(void *arg, const struct ks_key *k);
 void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
 struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
 				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,
-				  uint64_t object_bytes);
+				  uint64_t object_bytes, const uint32_t *tokens);
 
 /* server_stats.c: KS_STATS and the data-path probe (io thread). */
 void handle_stats(struct srv *s, const struct srv_reply_addr *a);

@@ -219,6 +219,8 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 		tier_disk_get_stats(s->l2, &ds);
 		ROW("l2_objects", "kvstash_l2_objects", STAT_GAUGE, ds.objects, "Chunks on disk.");
 		ROW("l2_bytes", "kvstash_l2_bytes", STAT_GAUGE, ds.bytes, "Bytes of chunk files.");
+		ROW("l2_evictions", "kvstash_l2_evictions_total", STAT_COUNTER, ds.evictions,
+		    "Disk chunks removed for capacity.");
 		ROW("l2_corrupt", "kvstash_l2_corrupt_total", STAT_COUNTER, ds.corrupt,
 		    "Disk chunks that failed their checksum (removed, never served).");
 	}
@@ -262,6 +264,8 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 		    "Replay requests answered.");
 		ROW("kv_events_replay_bad", "kvstash_kv_events_replay_bad_total", STAT_COUNTER,
 		    ks.replay_bad, "Malformed replay requests ignored.");
+		ROW("kv_events_snapshots", "kvstash_kv_events_snapshots_total", STAT_COUNTER,
+		    ks.snapshots, "Replay requests answered with a snapshot of what is cached.");
 		ROW("kv_events_next_seq", "kvstash_kv_events_next_sequence", STAT_GAUGE, ks.next_seq,
 		    "Sequence number of the next event batch.");
 	}

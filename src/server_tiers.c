@@ -276,6 +276,15 @@ static void run_prefetch(struct xfer_job *base, unsigned worker)
 		if (idx_commit_write(s->idx, e) != 0)
 			break;
 		ctr_add(from_l3 ? &s->ctr.promoted_l3 : &s->ctr.promoted_l2, 1);
+		if (j->ev_tokens) {
+			/* Back in the pool: announced with the LOOKUP's tokens; the keys
+			 * are chunk-major from the prompt's first chunk, group per chunk. */
+			size_t c = (start + loaded) / j->group;
+
+			kve_stored(s->kve, k, c ? j->keys[(c - 1) * j->group].chunk_hash : NULL,
+				   j->ev_tokens + c * j->chunk_tokens, j->chunk_tokens,
+				   KVE_MEDIUM_CPU);
+		}
 	}
 	/* Lock what is READY now from the first unlocked group on (LOOKUP locked
 	 * [0, lock_start) already); idx_lookup_lock stops at the first miss. */
@@ -286,10 +295,14 @@ static void run_prefetch(struct xfer_job *base, unsigned worker)
 		j->prefetch_chunks = (int64_t)(lock_start / j->group);
 }
 
-/* A prefetch job for LOOKUP keys [@l1_hits, @nkeys) (copies the keys), or NULL. */
+/*
+ * A prefetch job for LOOKUP keys [@l1_hits, @nkeys) (copies the keys), or
+ * NULL. With KV events on it also copies the prompt's @tokens (at least
+ * nkeys / group chunks of them), to announce the chunks it loads.
+ */
 struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
 				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,
-				  uint64_t object_bytes)
+				  uint64_t object_bytes, const uint32_t *tokens)
 {
 	struct srv_xfer_job *j = calloc(1, sizeof(*j));
 
@@ -301,6 +314,15 @@ struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size
 		return NULL;
 	}
 	memcpy(j->keys, keys, nkeys * sizeof(*keys));
+	if (s->kve && tokens && group) {
+		size_t ntok = nkeys / group * s->cfg.chunk_tokens;
+
+		j->ev_tokens = malloc(ntok * sizeof(*j->ev_tokens));
+		if (j->ev_tokens)
+			memcpy(j->ev_tokens, tokens, ntok * sizeof(*tokens));
+		/* else: the chunks load all the same, unannounced */
+		j->chunk_tokens = s->cfg.chunk_tokens;
+	}
 	j->srv = s;
 	j->kind = JOB_PREFETCH;
 	j->nkeys = nkeys;

@@ -826,6 +826,9 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 {
 	struct tier_disk *td;
 	const char *env = getenv("KVSTASH_TIER_DISK_PWRITE");
+	/* Test hook: a capacity below --disk-size-gb's 1 GiB step, so that a
+	 * test evicts from the disk without writing gigabytes. */
+	const char *cap_env = getenv("KVSTASH_TEST_DISK_CAPACITY_BYTES");
 	int rc;
 
 	if (!cfg || !cfg->path || !*cfg->path || !cfg->capacity_bytes)
@@ -835,6 +838,8 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 		return -ENOMEM;
 	td->dirfd = td->lockfd = td->efd = -1;
 	td->capacity = cfg->capacity_bytes;
+	if (cap_env && strtoull(cap_env, NULL, 10) > 0)
+		td->capacity = strtoull(cap_env, NULL, 10);
 	td->evicted_fn = cfg->evicted_fn;
 	td->evicted_arg = cfg->evicted_arg;
 	td->queue_depth = cfg->queue_depth ? cfg->queue_depth : TD_DEFAULT_QUEUE_DEPTH;

@@ -1,5 +1,5 @@
 /*
- * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; batches and events are maps as vLLM main encodes them, or positional arrays with --kv-events-format=array; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; bad replay input gets no reply; with a disk tier an evicted chunk moves from CPU to Disk and a CLEAR re-announces the disk; a stuck publisher drops (counted, a sequence gap) and never holds up STORE; bad endpoints fail at start with a message. Labels: unit tsan
+ * Description: KV cache events in vLLM's format from a real kvstashd, read by a ZMQ SUB and decoded as vLLM's consumers decode them: a 3-chunk STORE publishes one BlockStored per chunk with its tokens, parent chain and block size = chunk size; the same STORE again publishes nothing; evictions publish BlockRemoved for exactly the evicted chunks; CLEAR publishes AllBlocksCleared; batches are positional [ts, events, rank] with events as maps (vLLM 0.26+) or positional arrays with --kv-events-format=array; a salted prompt's first chunk carries extra_keys [(salt,)]; sequences are contiguous; replay from a start sequence returns the buffered batches then -1, and rebuilds the view of a subscriber that never dropped; a start older than the buffer (or "snapshot") gets one snapshot batch that rebuilds the full view, parents first; a restart's batch 0 is AllBlocksCleared; bad replay input gets no reply; with a disk tier an evicted chunk moves from CPU to STORAGE, the disk's capacity evictions publish BlockRemoved STORAGE for exactly the removed files, a CLEAR re-announces the disk and a LOOKUP that loads chunks back announces them in CPU with their tokens; a stuck publisher drops (counted, a sequence gap) and never holds up STORE; bad endpoints fail at start with a message. Labels: unit tsan
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -42,6 +42,8 @@ struct ev {
 	uint32_t tok0, tok_last;	/* first and last token */
 	uint32_t block_size;
 	char medium[16];
+	char salt[32];		/* extra_keys [(salt,)], if sent */
+	bool has_extra;
 	uint64_t seq;
 };
 
@@ -116,14 +118,26 @@ static void decode_field(struct ev *d, const char *name, const msgpack_object *v
 			d->tok0 = (uint32_t)as_u64(&v->via.array.ptr[0]);
 			d->tok_last = (uint32_t)as_u64(&v->via.array.ptr[d->ntokens - 1]);
 		}
-	} else if (!strcmp(name, "block_size"))
+	} else if (!strcmp(name, "block_size")) {
 		d->block_size = (uint32_t)as_u64(v);
+	} else if (!strcmp(name, "extra_keys")) {
+		/* one entry per block hash; kvstashd sends only [(salt,)] */
+		d->has_extra = true;
+		if (v->type == MSGPACK_OBJECT_ARRAY && v->via.array.size == 1 &&
+		    v->via.array.ptr[0].type == MSGPACK_OBJECT_ARRAY &&
+		    v->via.array.ptr[0].via.array.size == 1 &&
+		    v->via.array.ptr[0].via.array.ptr[0].type == MSGPACK_OBJECT_STR) {
+			const msgpack_object_str *st = &v->via.array.ptr[0].via.array.ptr[0].via.str;
+
+			snprintf(d->salt, sizeof(d->salt), "%.*s", (int)st->size, st->ptr);
+		}
+	}
 }
 
 /* vLLM's field order of each event (KVCacheEvent subclasses), type first. */
 static const char *const stored_fields[] = { "type", "block_hashes", "parent_block_hash",
 					      "token_ids", "block_size", "lora_id", "medium",
-					      "lora_name" };
+					      "lora_name", "extra_keys" };
 static const char *const removed_fields[] = { "type", "block_hashes", "medium" };
 
 /*
@@ -154,7 +168,8 @@ static bool decode_event(struct ev *d, const msgpack_object *e, bool array_form)
 				   !strcmp(d->type, "BlockRemoved") ? removed_fields : NULL;
 	size_t nnames = names == stored_fields ? 8 : names == removed_fields ? 3 : 1;
 
-	if (e->via.array.size != nnames)
+	/* extra_keys, the 9th, only for a salted prompt's first chunk */
+	if (e->via.array.size != nnames && !(names == stored_fields && e->via.array.size == 9))
 		return false;
 	for (uint32_t f = 1; f < e->via.array.size; f++)
 		decode_field(d, names[f], &e->via.array.ptr[f]);
@@ -162,9 +177,9 @@ static bool decode_event(struct ev *d, const msgpack_object *e, bool array_form)
 }
 
 /*
- * A batch as vLLM's EventBatch encodes it: {"ts", "events",
- * "data_parallel_rank"} (map form) or [ts, events, rank] (array form),
- * checked strictly against the form this subscriber expects.
+ * A batch as vLLM's EventBatch encodes it in every release: [ts, events,
+ * data_parallel_rank] (array_like), its events maps or positional arrays
+ * as this subscriber expects, checked strictly.
  */
 static bool decode_batch(struct sub *s, uint64_t seq, const void *data, size_t len)
 {
@@ -177,22 +192,11 @@ static bool decode_batch(struct sub *s, uint64_t seq, const void *data, size_t l
 		goto out;
 	const msgpack_object *b = &u.data;
 
-	if (s->array_form) {
-		if (b->type != MSGPACK_OBJECT_ARRAY || b->via.array.size != 3)
-			goto out;
-		ts = &b->via.array.ptr[0];
-		events = &b->via.array.ptr[1];
-		rank = &b->via.array.ptr[2];
-	} else {
-		if (b->type != MSGPACK_OBJECT_MAP || b->via.map.size != 3 ||
-		    !str_is(&b->via.map.ptr[0].key, "ts") ||
-		    !str_is(&b->via.map.ptr[1].key, "events") ||
-		    !str_is(&b->via.map.ptr[2].key, "data_parallel_rank"))
-			goto out;
-		ts = &b->via.map.ptr[0].val;
-		events = &b->via.map.ptr[1].val;
-		rank = &b->via.map.ptr[2].val;
-	}
+	if (b->type != MSGPACK_OBJECT_ARRAY || b->via.array.size != 3)
+		goto out;
+	ts = &b->via.array.ptr[0];
+	events = &b->via.array.ptr[1];
+	rank = &b->via.array.ptr[2];
 	if (ts->type != MSGPACK_OBJECT_FLOAT64 || events->type != MSGPACK_OBJECT_ARRAY ||
 	    rank->type != MSGPACK_OBJECT_POSITIVE_INTEGER)
 		goto out;
@@ -356,14 +360,22 @@ static int store_prompt(struct node *n, int p)
 static int64_t lookup_prompt(struct node *n, int p)
 {
 	uint32_t tok[PROMPT * C];
-	int64_t chunks = -1;
+	int64_t job, chunks = -1;
 
 	prompt_tokens(p, tok);
 	struct kvstash_key k = { .model = MODEL, .world_size = 1, .worker_id = -1, .tokens = tok,
 				 .ntokens = PROMPT * C, .start = 0, .end = PROMPT * C,
 				 .request_id = "lk" };
-	if (kvstash_lookup_chunks(n->c, &k, 1, &chunks))
+	if (kvstash_lookup(n->c, &k, 1, &job))
 		return -1;
+	/* QUERY_PREFETCH_LOOKUP_HITS is nil while a prefetch from disk loads. */
+	for (int i = 0; i < 200; i++) {
+		if (kvstash_query_lookup_hits(n->c, job, &chunks) == 0)
+			break;
+		usleep(20000);
+	}
+	if (kvstash_query_prefetch_status(n->c, job, &chunks))
+		chunks = -1;
 	kvstash_free_lookup_locks(n->c, &k, 1);
 	return chunks;
 }
@@ -645,8 +657,8 @@ static void test_disk(void)
 			cpu.n = disk.n = 0;
 			continue;
 		}
-		view_apply(!strcmp(e->medium, "Disk") ? &disk : &cpu, e);
-		if (!strcmp(e->type, "BlockStored") && !strcmp(e->medium, "Disk")) {
+		view_apply(!strcmp(e->medium, "STORAGE") ? &disk : &cpu, e);
+		if (!strcmp(e->type, "BlockStored") && !strcmp(e->medium, "STORAGE")) {
 			/* The same block as its CPU store: tokens and parent. */
 			bool found = false;
 
@@ -680,11 +692,255 @@ static void test_disk(void)
 	CHECK(s.nev > mark && !strcmp(s.evs[mark].type, "AllBlocksCleared"));
 	CHECK_EQ(s.nev - mark, 1 + disk.n);
 	for (size_t i = mark + 1; i < s.nev; i++)
-		CHECK(!strcmp(s.evs[i].type, "BlockStored") && !strcmp(s.evs[i].medium, "Disk") &&
-		      view_has(&disk, s.evs[i].hash));
+		CHECK(!strcmp(s.evs[i].type, "BlockStored") &&
+		      !strcmp(s.evs[i].medium, "STORAGE") && view_has(&disk, s.evs[i].hash));
+	/* Parents first: each re-announced block's parent is on disk before it, or not at all. */
+	for (size_t i = mark + 1; i < s.nev; i++) {
+		bool before = false, on_disk = view_has(&disk, s.evs[i].parent);
+
+		for (size_t j = mark + 1; j < i; j++)
+			before |= s.evs[j].hash == s.evs[i].parent;
+		if (s.evs[i].has_parent && on_disk)
+			CHECK(before);
+	}
+
+	/*
+	 * A LOOKUP loads a prompt's chunks back from the disk into the empty
+	 * pool: each is announced in CPU again, with the tokens and parent of
+	 * its first store.
+	 */
+	int lp = -1;
+
+	for (int p = 0; p < 8 && lp < 0; p++)
+		if (view_has(&disk, expect_hash(200 + p, 0)) && view_has(&disk, expect_hash(200 + p, 1)))
+			lp = 200 + p;
+	REQUIRE(lp >= 0);
+	mark = s.nev;
+	CHECK(lookup_prompt(&n, lp) >= 2);
+	sub_drain(&s, "", 300);
+	CHECK(count_type(&s, mark, "BlockStored") >= 2);
+	CHECK(t_stat(n.c, "l2_promoted") >= 2);
+	for (int c = 0; c < 2; c++) {
+		bool found = false;
+		uint32_t tok[PROMPT * C];
+
+		prompt_tokens(lp, tok);
+		for (size_t i = mark; i < s.nev; i++) {
+			const struct ev *e = &s.evs[i];
+
+			if (strcmp(e->type, "BlockStored") || e->hash != expect_hash(lp, c))
+				continue;
+			found = true;
+			CHECK(!strcmp(e->medium, "CPU"));
+			CHECK_EQ(e->ntokens, C);
+			CHECK_EQ(e->tok0, tok[c * C]);
+			CHECK_EQ(e->tok_last, tok[c * C + C - 1]);
+			CHECK_EQ(e->has_parent, c > 0);
+			if (c > 0)
+				CHECK_EQ(e->parent, expect_hash(lp, c - 1));
+		}
+		CHECK(found);
+	}
 	CHECK(!s.gap);
 	zmq_close(s.sock);
 	CHECK_EQ(node_stop(&n), 0);
+	t_rmtree(dir);
+	free(dir);
+}
+
+/*
+ * The disk tier removes chunks for capacity: BlockRemoved "STORAGE" for
+ * exactly the chunks it dropped, so what the events say is on disk is what
+ * the disk holds.
+ */
+static void test_disk_evict(void)
+{
+	char *dir = t_mkdtemp("kvev");
+	char ep[256], args[800], cap[64];
+	static struct sub s;
+	struct view disk = { .n = 0 };
+	struct node n;
+	size_t removed = 0;
+
+	REQUIRE(dir);
+	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
+	snprintf(args, sizeof(args), "--pool-size=64M --kv-events-endpoint=%s --disk-path=%s/l2 "
+		 "--disk-size-gb=1", ep, dir);
+	/* Room for 6 chunk files of 4 MiB + header on the disk. */
+	snprintf(cap, sizeof(cap), "%llu", 6ull * ((4ull << 20) + 512));
+	setenv("KVSTASH_TEST_DISK_CAPACITY_BYTES", cap, 1);
+	node_start(&n, args);
+	unsetenv("KVSTASH_TEST_DISK_CAPACITY_BYTES");
+	sub_open(&s, ep, "");
+	for (int p = 0; p < 10; p++)
+		REQUIRE(store_prompt(&n, 300 + p) == 0);
+	sub_drain(&s, "", 600);
+	for (size_t i = 0; i < s.nev; i++) {
+		const struct ev *e = &s.evs[i];
+
+		if (!strcmp(e->type, "AllBlocksCleared")) {
+			disk.n = 0;
+			continue;
+		}
+		if (strcmp(e->medium, "STORAGE"))
+			continue;
+		if (!strcmp(e->type, "BlockRemoved")) {
+			CHECK(view_has(&disk, e->hash));	/* only what was announced there */
+			removed++;
+		}
+		view_apply(&disk, e);
+	}
+	CHECK(removed > 0);
+	CHECK_EQ(removed, t_stat(n.c, "l2_evictions"));
+	CHECK_EQ(disk.n, t_stat(n.c, "l2_objects"));
+	CHECK(disk.n <= 6);
+	CHECK(!s.gap);
+	zmq_close(s.sock);
+	CHECK_EQ(node_stop(&n), 0);
+	t_rmtree(dir);
+	free(dir);
+}
+
+/* Send the 8-byte @req on @d; decode the reply into @s (batches, or -1 without an end). */
+static int replay_raw(void *d, const uint8_t req[8], struct sub *s)
+{
+	uint64_t from = 0;
+
+	for (int i = 0; i < 8; i++)
+		from = from << 8 | req[i];
+	return replay(d, from, s);
+}
+
+/*
+ * A consumer that starts late: the buffer (4 batches) no longer reaches
+ * back to 0, so a replay from 0 gets a snapshot: one batch, numbered as the
+ * last one published, AllBlocksCleared then every cached block parents
+ * first, rebuilding the view of a subscriber that saw everything; the word
+ * "snapshot" asks for one at any time. After a restart, a replay from 0
+ * starts with the new process's AllBlocksCleared.
+ */
+static void test_snapshot(void)
+{
+	char *dir = t_mkdtemp("kvev");
+	char ep[256], rep[256], args[800];
+	static struct sub s, rp;
+	struct view full = { .n = 0 }, snap = { .n = 0 };
+	struct node n;
+	void *d;
+
+	REQUIRE(dir);
+	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
+	snprintf(rep, sizeof(rep), "ipc://%s/replay", dir);
+	snprintf(args, sizeof(args), "--pool-size=64M --kv-events-endpoint=%s "
+		 "--kv-events-replay-endpoint=%s --kv-events-buffer=4", ep, rep);
+	node_start(&n, args);
+	sub_open(&s, ep, "");
+	/* Stored one by one (one batch each at least), with evictions. */
+	for (int p = 0; p < 8; p++) {
+		REQUIRE(store_prompt(&n, 400 + p) == 0);
+		sub_drain(&s, "", 100);
+	}
+	sub_drain(&s, "", 300);
+	REQUIRE(s.nseq > 4);
+	for (size_t i = 0; i < s.nev; i++)
+		view_apply(&full, &s.evs[i]);
+	CHECK(full.n > 0);
+	d = zmq_socket(zctx, ZMQ_DEALER);
+	REQUIRE(d && zmq_connect(d, rep) == 0);
+	memset(&rp, 0, sizeof(rp));
+	CHECK_EQ(replay(d, 0, &rp), 1);
+	CHECK(rp.nseq == 1 && rp.seqs[0] == s.seqs[s.nseq - 1]);
+	CHECK(rp.nev > 0 && !strcmp(rp.evs[0].type, "AllBlocksCleared"));
+	CHECK_EQ(count_type(&rp, 0, "AllBlocksCleared"), 1);
+	for (size_t i = 0; i < rp.nev; i++) {
+		view_apply(&snap, &rp.evs[i]);
+		/* parents first: a parent in the snapshot comes before its child */
+		if (rp.evs[i].has_parent && view_has(&full, rp.evs[i].parent)) {
+			bool before = false;
+
+			for (size_t j = 1; j < i; j++)
+				before |= rp.evs[j].hash == rp.evs[i].parent;
+			CHECK(before);
+		}
+		if (i > 0) {
+			CHECK(!strcmp(rp.evs[i].type, "BlockStored"));
+			CHECK_EQ(rp.evs[i].ntokens, C);
+		}
+	}
+	CHECK(view_equal(&full, &snap));
+	CHECK_EQ(t_stat(n.c, "kv_events_snapshots"), 1);
+	/* Within the buffer: the batches themselves, as before. */
+	memset(&rp, 0, sizeof(rp));
+	CHECK(replay(d, s.seqs[s.nseq - 2], &rp) >= 1);
+	CHECK(rp.nseq > 0 && rp.seqs[0] == s.seqs[s.nseq - 2]);
+	/* "snapshot": one whatever the start. */
+	memset(&rp, 0, sizeof(rp));
+	CHECK_EQ(replay_raw(d, (const uint8_t *)"snapshot", &rp), 1);
+	memset(&snap, 0, sizeof(snap));
+	for (size_t i = 0; i < rp.nev; i++)
+		view_apply(&snap, &rp.evs[i]);
+	CHECK(view_equal(&full, &snap));
+	CHECK_EQ(t_stat(n.c, "kv_events_snapshots"), 2);
+	zmq_close(d);
+	CHECK_EQ(node_stop(&n), 0);
+
+	/* A restart starts empty: batch 0 of the new process is AllBlocksCleared. */
+	node_start(&n, args);
+	d = zmq_socket(zctx, ZMQ_DEALER);
+	REQUIRE(d && zmq_connect(d, rep) == 0);
+	memset(&rp, 0, sizeof(rp));
+	CHECK_EQ(replay(d, 0, &rp), 1);
+	CHECK(rp.nseq == 1 && rp.seqs[0] == 0);
+	CHECK(rp.nev == 1 && !strcmp(rp.evs[0].type, "AllBlocksCleared"));
+	zmq_close(d);
+	zmq_close(s.sock);
+	CHECK_EQ(node_stop(&n), 0);
+	t_rmtree(dir);
+	free(dir);
+}
+
+/*
+ * A salted key's objects are stored under "model@salt": the publisher puts
+ * the salt in extra_keys of a prompt's first chunk, as vLLM does ([(salt,)]),
+ * and nowhere else. Driven through the publisher itself (the C client
+ * speaks the March dialect, which has no salt).
+ */
+static void test_salt(bool array_form)
+{
+	char *dir = t_mkdtemp("kvev");
+	char ep[256], err[256];
+	static struct sub s;
+	struct kve *ev = NULL;
+	uint32_t tok[PROMPT * C];
+	uint8_t h[2][KS_HASH_LEN], none[KS_HASH_LEN];
+	struct ks_key k0, k1, plain;
+
+	REQUIRE(dir);
+	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
+	struct kve_config cfg = { .endpoint = ep, .topic = "t", .buffer_batches = 8,
+				  .array_form = array_form };
+
+	REQUIRE(kve_create(&cfg, &ev, err, sizeof(err)) == 0);
+	sub_open(&s, ep, "t");
+	s.array_form = array_form;
+	prompt_tokens(9, tok);
+	ks_none_hash(none);
+	ks_hash_chunks(none, tok, 0, 2, C, h);
+	REQUIRE(ks_key_init(&k0, h[0], "m@tenant-a", 10, ks_kv_rank(1, 0)) == 0);
+	REQUIRE(ks_key_init(&k1, h[1], "m@tenant-a", 10, ks_kv_rank(1, 0)) == 0);
+	REQUIRE(ks_key_init(&plain, h[0], "m", 1, ks_kv_rank(1, 0)) == 0);
+	kve_stored(ev, &k0, NULL, tok, C, KVE_MEDIUM_CPU);
+	kve_stored(ev, &k1, h[0], tok + C, C, KVE_MEDIUM_CPU);
+	kve_stored(ev, &plain, NULL, tok, C, KVE_MEDIUM_CPU);
+	sub_drain(&s, "t", 300);
+	REQUIRE(s.nev == 3);
+	CHECK(s.evs[0].has_extra && !strcmp(s.evs[0].salt, "tenant-a"));
+	CHECK(!s.evs[1].has_extra);	/* not the first chunk */
+	CHECK(!s.evs[2].has_extra);	/* no salt */
+	CHECK_EQ(s.evs[1].parent, s.evs[0].hash);
+	CHECK(s.evs[0].hash != s.evs[2].hash);	/* the salt is part of the identity */
+	zmq_close(s.sock);
+	kve_destroy(ev);
 	t_rmtree(dir);
 	free(dir);
 }
@@ -825,8 +1081,12 @@ int main(void)
 		 "--kv-events-replay-endpoint nonsense");
 	bad_flag("--kv-events-replay-endpoint=tcp://127.0.0.1:0", "--log-level=info",
 		 "needs --kv-events-endpoint");
+	test_salt(false);
+	test_salt(true);
 	test_events();
 	test_disk();
+	test_disk_evict();
+	test_snapshot();
 	test_slow_publisher();
 	test_array_form();
 	zmq_ctx_term(zctx);
