@@ -695,18 +695,30 @@ static bool now_ms_due(const struct srv *s)
 	return ks_now_ms() - s->last_tick_ms >= SRV_TICK_MS;
 }
 
+/*
+ * Timers, every SRV_TICK_MS: the reaper, the probes and expiry. Expiry pops
+ * deadline-ordered lists (index deadlines, idle sessions) and does at most a
+ * budget of each per turn, so a turn costs the same with 100 objects or
+ * 100,000; while a backlog is left, the loop comes back every
+ * SRV_EXPIRE_BACKLOG_POLL_MS instead of waiting for the next tick.
+ */
 static void housekeeping(struct srv *s)
 {
 	uint64_t now = ks_now_ms();
-	size_t n;
+	bool tick = now - s->last_tick_ms >= SRV_TICK_MS, more_idx = false;
 
-	if (now - s->last_tick_ms < SRV_TICK_MS)
+	if (!tick && !s->expiry_backlog)
+		return;
+	s->expired_unlogged += idx_expire_some(s->idx, now, SRV_EXPIRE_BUDGET, &more_idx);
+	s->expiry_backlog = sessions_expire(s, now, SRV_SESSION_EXPIRE_BUDGET) | more_idx;
+	if (!tick)
 		return;
 	s->last_tick_ms = now;
-	n = idx_expire(s->idx, now);
-	if (n)
-		log_info("expired the locks or reservations of %zu object(s)", n);
-	sessions_expire(s, now);
+	if (s->expired_unlogged) {
+		log_info("expired the locks or reservations of %" PRIu64 " object(s)",
+			 s->expired_unlogged);
+		s->expired_unlogged = 0;
+	}
 	reap_instances(s, now);
 	maybe_probe(s, now);
 }
@@ -1090,7 +1102,8 @@ int srv_run(struct srv *s)
 		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,
 		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
 	for (;;) {
-		int n = zmq_poll(items, nitems, SRV_TICK_MS);
+		int n = zmq_poll(items, nitems,
+				 s->expiry_backlog ? SRV_EXPIRE_BACKLOG_POLL_MS : SRV_TICK_MS);
 		bool completions = false;
 		uint64_t t0 = ks_now_ns(), t1, t2;
 
