@@ -1067,6 +1067,17 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
 	metrics_hist_observe(&s->io_busy, busy);
 	if (busy > max)
 		atomic_store_explicit(&s->io_busy_max_ns, busy, memory_order_relaxed);
+	if (t3 / 1000000000ull != s->io_win_s) {
+		uint64_t last = atomic_load_explicit(&s->io_busy_win_ns, memory_order_relaxed);
+
+		atomic_store_explicit(&s->io_busy_prev_win_ns,
+				      t3 / 1000000000ull == s->io_win_s + 1 ? last : 0,
+				      memory_order_relaxed);
+		atomic_store_explicit(&s->io_busy_win_ns, 0, memory_order_relaxed);
+		s->io_win_s = t3 / 1000000000ull;
+	}
+	if (busy > atomic_load_explicit(&s->io_busy_win_ns, memory_order_relaxed))
+		atomic_store_explicit(&s->io_busy_win_ns, busy, memory_order_relaxed);
 	if (busy >= SRV_IO_SLOW_NS && t3 / 1000000 - s->io_slow_logged_ms >= 1000) {
 		s->io_slow_logged_ms = t3 / 1000000;
 		log_warn("io loop turn took %.2f ms (completions %.2f, requests %.2f, "

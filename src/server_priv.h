@@ -337,6 +337,11 @@ struct srv {
 	 * PING can wait behind. Max since start, and when a slow turn was last logged. */
 	struct metrics_hist io_busy;
 	_Atomic uint64_t io_busy_max_ns;
+	/* The longest turn in this second and in the one before (wall seconds
+	 * of CLOCK_MONOTONIC): "io_turn_max_recent_us", for a benchmark's
+	 * measuring window or an operator watching a live server. */
+	_Atomic uint64_t io_busy_win_ns, io_busy_prev_win_ns;
+	uint64_t io_win_s;		/* io thread: the second io_busy_win_ns covers */
 	uint64_t io_slow_logged_ms;
 	/* Health: the io loop's last turn, and the data-path probe. */
 	_Atomic uint64_t io_alive_ms;
