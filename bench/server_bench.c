@@ -301,7 +301,7 @@ static void *tables_fill_main(void *arg)
 		struct kvstash_key k = { .model = T_MODEL, .world_size = 1, .worker_id = 0,
 					 .tokens = tok, .ntokens = CHUNK_TOKENS, .start = 0,
 					 .end = CHUNK_TOKENS, .request_id = p < opt.sessions ? rid : "fill" };
-		if (kvstash_store(tc->c, &k, 1, tc->blocks, CHUNK_TOKENS / BLOCK_SIZE))
+		if (kvstash_store(tc->c, &k, 1 + tc->id, tc->blocks, CHUNK_TOKENS / BLOCK_SIZE))
 			atomic_fetch_add(&failures, 1);
 	}
 	return NULL;
@@ -628,7 +628,7 @@ static int run_tables(void)
 		for (int b = 0; b < CHUNK_TOKENS / BLOCK_SIZE; b++)
 			tc[i].blocks[b] = b;
 		if (kvstash_connect(opt.endpoint, 60000, &tc[i].c) ||
-		    kvstash_register_host(tc[i].c, 1, T_MODEL, 1, &lay, &layer, 1)) {
+		    kvstash_register_host(tc[i].c, 1 + i, T_MODEL, 1, &lay, &layer, 1)) {
 			fprintf(stderr, "server_bench: tables client %d: %s\n", i, kvstash_last_error());
 			return -1;
 		}
@@ -661,9 +661,10 @@ static int run_tables(void)
 	       opt.workers);
 	print_pings();
 	print_server(window_turn_us);
-	kvstash_unregister(tc[0].c, 1);
-	for (int i = 0; i < opt.clients; i++)
+	for (int i = 0; i < opt.clients; i++) {
+		kvstash_unregister(tc[i].c, 1 + i);
 		kvstash_close(tc[i].c);
+	}
 	kvstash_host_buffer_destroy(&buf);
 	return 0;
 }

@@ -1053,13 +1053,24 @@ void srv_request_stop(struct srv *s)
 	}
 }
 
+/* CPU time of the calling thread: a turn much longer than this was preempted. */
+static uint64_t thread_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 /*
  * Account one io loop turn that started at @t0 (completions until @t1,
- * requests until @t2, then housekeeping): a PING arriving during the turn
- * waited up to its length. A slow turn is logged with the split, at most
- * once a second.
+ * requests until @t2, then housekeeping) with the thread's CPU clock at
+ * @cpu0: a PING arriving during the turn waited up to its length. A slow
+ * turn is logged with the split and its time on the CPU (the rest is time
+ * the thread was runnable but preempted, or waited for a lock), at most once
+ * a second.
  */
-static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
+static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2, uint64_t cpu0)
 {
 	const uint64_t t3 = ks_now_ns(), busy = t3 - t0;
 	uint64_t max = atomic_load_explicit(&s->io_busy_max_ns, memory_order_relaxed);
@@ -1081,8 +1092,9 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
 	if (busy >= SRV_IO_SLOW_NS && t3 / 1000000 - s->io_slow_logged_ms >= 1000) {
 		s->io_slow_logged_ms = t3 / 1000000;
 		log_warn("io loop turn took %.2f ms (completions %.2f, requests %.2f, "
-			 "housekeeping %.2f): PINGs waited that long", (double)busy / 1e6,
-			 (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6, (double)(t3 - t2) / 1e6);
+			 "housekeeping %.2f; on the CPU %.2f): PINGs waited that long",
+			 (double)busy / 1e6, (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6,
+			 (double)(t3 - t2) / 1e6, (double)(thread_cpu_ns() - cpu0) / 1e6);
 	}
 }
 
@@ -1116,7 +1128,7 @@ int srv_run(struct srv *s)
 		int n = zmq_poll(items, nitems,
 				 s->expiry_backlog ? SRV_EXPIRE_BACKLOG_POLL_MS : SRV_TICK_MS);
 		bool completions = false;
-		uint64_t t0 = ks_now_ns(), t1, t2;
+		uint64_t t0 = ks_now_ns(), cpu0 = thread_cpu_ns(), t1, t2;
 
 		atomic_store_explicit(&s->io_alive_ms, t0 / 1000000, memory_order_relaxed);
 
@@ -1139,7 +1151,7 @@ int srv_run(struct srv *s)
 			drain_socket(s);
 		t2 = ks_now_ns();
 		housekeeping(s);
-		io_turn_done(s, t0, t1, t2);
+		io_turn_done(s, t0, t1, t2, cpu0);
 	}
 	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
 	for (unsigned e = 0; e < s->nengines; e++)
