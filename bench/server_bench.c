@@ -34,6 +34,7 @@
  * Usage: server_bench [--endpoint EP | --workers N] [--shape bulk|mixed|tables]
  *                     [--clients N] [--chunks-per-request N] [--seconds S]
  *                     [--pool-size SIZE] [--objects N] [--sessions N]
+ *                     [--daemon-arg ARG]... (up to 8, appended to kvstashd's)
  * Without --endpoint it starts ../kvstashd (next to this program's folder)
  * on a private ipc:// endpoint with --workers (default 2) and --pool-size
  * (default 3G; 512M for tables, which also gets --read-ttl-s=2).
@@ -79,7 +80,9 @@ static struct {
 	double seconds;
 	const char *pool_size;
 	long objects, sessions;
-} opt = { NULL, SHAPE_BULK, 0, 0, 2, 8.0, NULL, 100000, 65536 };
+	const char *daemon_args[8];	/* --daemon-arg: appended to kvstashd's arguments */
+	int ndaemon_args;
+} opt = { NULL, SHAPE_BULK, 0, 0, 2, 8.0, NULL, 100000, 65536, { NULL }, 0 };
 
 static _Atomic int phase;	/* 0 setup, 1 store / mixed / tables, 2 retrieve, 3 stop */
 static _Atomic uint64_t bytes_done[3];
@@ -93,8 +96,11 @@ struct pinger_shm {
 	_Atomic int done;
 	char endpoint[700];
 	_Atomic uint64_t failures;
-	size_t n;
+	size_t n, nwake;
 	double rtt_ms[MAX_PINGS];
+	/* How late the pinger woke from each sleep between PINGs: the wait for a
+	 * core that any wake-up in that process pays, replies included. */
+	double wake_late_ms[MAX_PINGS];
 };
 static struct pinger_shm *pshm;
 
@@ -390,7 +396,12 @@ static void pinger_process(void)
 			} else {
 				atomic_fetch_add(&pshm->failures, 1);
 			}
+			double t0 = now_s(), late;
+
 			usleep(PING_PERIOD_US);
+			late = (now_s() - t0) * 1e3 - PING_PERIOD_US / 1e3;
+			if (pshm->nwake < MAX_PINGS)
+				pshm->wake_late_ms[pshm->nwake++] = late > 0 ? late : 0;
 		}
 		kvstash_close(c);
 	}
@@ -487,7 +498,13 @@ static pid_t spawn_daemon(const char *self, char *endpoint, size_t len)
 	snprintf(pool, sizeof(pool), "--pool-size=%s", opt.pool_size);
 	pid = fork();
 	if (pid == 0) {
-		execl(exe, exe, listen, workers, pool, "--log-level=warn", ttl, (char *)NULL);
+		const char *argv[8 + 8] = { exe, listen, workers, pool, "--log-level=warn", ttl };
+		int n = 6;
+
+		for (int i = 0; i < opt.ndaemon_args; i++)
+			argv[n++] = opt.daemon_args[i];
+		argv[n] = NULL;
+		execv(exe, (char *const *)argv);
 		fprintf(stderr, "server_bench: cannot run %s: %s\n", exe, strerror(errno));
 		_exit(127);
 	}
@@ -505,6 +522,12 @@ static void print_pings(void)
 		       pshm->rtt_ms[n * 99 / 100], pshm->rtt_ms[n - 1]);
 	else
 		printf("  PING: no answers\n");
+	n = pshm->nwake;
+	qsort(pshm->wake_late_ms, n, sizeof(double), cmp_double);
+	if (n)
+		printf("  the pinger's own wake-up after a sleep, late by: p50 %.3f ms, p99 %.3f ms, "
+		       "max %.3f ms (the client side's share)\n", pshm->wake_late_ms[n / 2],
+		       pshm->wake_late_ms[n * 99 / 100], pshm->wake_late_ms[n - 1]);
 }
 
 /* The server's side: its io loop turns and how long a PING took inside it. */
@@ -673,7 +696,7 @@ static void usage(const char *argv0)
 {
 	fprintf(stderr, "usage: %s [--endpoint EP | --workers N] [--shape bulk|mixed|tables] "
 		"[--clients N] [--chunks-per-request N] [--seconds S] [--pool-size SIZE] "
-		"[--objects N] [--sessions N]\n", argv0);
+		"[--objects N] [--sessions N] [--daemon-arg ARG]...\n", argv0);
 }
 
 int main(int argc, char **argv)
@@ -707,6 +730,8 @@ int main(int argc, char **argv)
 			opt.objects = atol(v), i++;
 		else if (!strcmp(a, "--sessions") && v)
 			opt.sessions = atol(v), i++;
+		else if (!strcmp(a, "--daemon-arg") && v && opt.ndaemon_args < 8)
+			opt.daemon_args[opt.ndaemon_args++] = v, i++;
 		else {
 			usage(argv[0]);
 			return 2;

@@ -63,8 +63,10 @@
 #define SRV_EXPIRE_BUDGET 256u
 #define SRV_SESSION_EXPIRE_BUDGET 128u
 #define SRV_EXPIRE_BACKLOG_POLL_MS 1
-/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
+/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE):
+ * --io-priority realtime, else nice. */
 #define SRV_IO_NICE (-10)
+#define SRV_IO_RT_PRIORITY 1
 /* LOOKUP's L3 EXISTS round trip, waited for on a worker. */
 #define SRV_L3_EXISTS_TIMEOUT_MS 500
 /* Health: the io loop must turn, and a probe must cross the transfer queue. */
