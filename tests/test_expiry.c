@@ -111,6 +111,7 @@ int main(void)
 
 	/* Many sessions at once: all expire (the server works the backlog off in
 	 * bounded steps) and PINGs are answered throughout. */
+	t0 = now_ms();
 	for (int i = 0; i < MANY; i++) {
 		snprintf(rid, sizeof(rid), "many%d", i);
 		k.request_id = rid;
@@ -118,8 +119,16 @@ int main(void)
 		k.end = C;
 		REQUIRE(kvstash_lookup_chunks(c, &k, 1, &chunks) == 0);
 	}
-	CHECK_EQ(t_stat(c, "sessions"), MANY);
-	CHECK(t_stat(c, "read_locks") >= MANY / 2);	/* the earliest may have expired already */
+	/* All live unless creating them took longer than the TTL (sanitizers,
+	 * a loaded machine): then the earliest may have expired already. */
+	if (now_ms() - t0 < 900) {
+		CHECK_EQ(t_stat(c, "sessions"), MANY);
+		CHECK_EQ(t_stat(c, "read_locks"), MANY);
+	} else {
+		CHECK(t_stat(c, "sessions") > 0);
+		fprintf(stderr, "expiry: creating %d sessions took %" PRIu64 " ms, over the TTL\n",
+			MANY, now_ms() - t0);
+	}
 	t0 = now_ms();
 	while (now_ms() - t0 < 1500) {
 		double rtt;
