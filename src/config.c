@@ -79,6 +79,12 @@ static const struct cfg_opt cfg_opts[] = {
 	{ "owner-check", NULL, CFG_ENUM, F(owner_check), "on", 0, 0, "on|off",
 	  "only the connection that registered an instance may STORE, RETRIEVE, UNREGISTER "
 	  "or heartbeat it (a re-REGISTER moves it); off: any connection may" },
+	{ "io-priority", NULL, CFG_ENUM, F(io_priority), "realtime", 0, 0, "realtime|nice|normal",
+	  "CPU priority of the io thread and of libzmq's I/O thread, which every PING crosses: "
+	  "realtime = SCHED_FIFO priority 1, so a PING never waits for a core behind a copy or "
+	  "another process (both threads do short, bounded work per wake-up); nice = nice -10; "
+	  "both need CAP_SYS_NICE (realtime: or an RLIMIT_RTPRIO of 1), and fall back one step "
+	  "(realtime to nice to normal) with a log line when it is missing" },
 	{ "protocol", NULL, CFG_ENUM, F(protocol), "auto", 0, 0, "auto|march|current",
 	  "LMCache MP wire dialect: auto serves March 2026 clients and today's (frozen ids and "
 	  "string ops, Sept 2026 on) on one port, each connection latched to the dialect its "

@@ -32,6 +32,7 @@ struct srv_config {
 	char log_format[16];
 	char cuda[8];
 	char owner_check[8];
+	char io_priority[16];	/* realtime | nice | normal: the io and libzmq I/O threads */
 	char protocol[16];	/* auto | march | current: the wire dialect(s) served */
 	char disk_path[512];
 	uint32_t disk_size_gb;

@@ -37,6 +37,13 @@
  * - Every entry in the books (linked, or unlinked and referenced) owns exactly
  *   one pool slot; slots return to the pool under the shard lock when the
  *   entry is freed, so idx_check_invariants can match entries to slots.
+ * - Deadlines: each shard keeps its linked WRITING entries and its linked
+ *   read-locked entries on two lists ordered by deadline (IDX_DQ_WRITE,
+ *   IDX_DQ_READ; an entry is on at most one). A TTL is the same for every
+ *   entry, so a new deadline is almost always the latest and goes in at the
+ *   tail (a thread that read the clock before another one took the lock
+ *   walks back a step or two). Expiry pops due entries off the heads: its
+ *   cost is the number of shards plus what is due, never the table size.
  */
 #include "index.h"
 
@@ -82,6 +89,8 @@ struct idx_entry {
 	struct idx_entry *hnext;
 	struct idx_entry **hpprev;
 	struct lru_node lru;	/* on ix->lru iff on_lru */
+	/* Deadline list of the shard (dq says which); protected by the shard lock. */
+	struct idx_entry *dq_prev, *dq_next;
 
 	/* Immutable after idx_reserve_write publishes the entry. */
 	uint64_t hv;		/* ks_key_hash64(&key) */
@@ -97,6 +106,7 @@ struct idx_entry {
 	bool writer;		/* reserved, not yet committed or aborted */
 	bool linked;		/* in the shard table, else on the orphan list */
 	bool on_lru;		/* changed under shard lock + lru->lock */
+	uint8_t dq;		/* IDX_DQ_NONE, or the deadline list it is on */
 
 	struct ks_key key;
 };
@@ -107,8 +117,11 @@ struct idx_shard {
 	struct idx_entry **buckets GUARDED_BY(lock);	/* owns: nbuckets chain heads */
 	uint32_t nbuckets GUARDED_BY(lock);	/* power of two */
 	struct idx_entry *orphans GUARDED_BY(lock);	/* unlinked, still referenced */
-	/* No deadline in this shard is earlier than this (it may be early, never late). */
-	uint64_t next_deadline_ms GUARDED_BY(lock);
+	/* Linked entries by deadline, earliest first: [IDX_DQ_READ] read-locked
+	 * (read_deadline_ms), [IDX_DQ_WRITE] WRITING (write_deadline_ms). */
+	struct idx_dq {
+		struct idx_entry *head, *tail;
+	} dq[2] GUARDED_BY(lock);
 
 	/* Books, kept by entry_account(): what idx_get_stats sums. */
 	uint64_t nentries GUARDED_BY(lock);	/* linked */
@@ -118,6 +131,9 @@ struct idx_shard {
 	uint64_t orphan_pinned GUARDED_BY(lock);
 	uint64_t orphan_writing GUARDED_BY(lock);
 };
+
+/* Which deadline list an entry is on (idx_entry.dq); also the index of idx_shard.dq. */
+enum { IDX_DQ_READ = 0, IDX_DQ_WRITE = 1, IDX_DQ_NONE = 2 };
 
 struct idx {
 	struct pool *pool;	/* borrowed until idx_destroy */
@@ -136,6 +152,9 @@ struct idx {
 	_Atomic uint64_t expired_read_locks;
 	_Atomic uint64_t expired_writes;
 	_Atomic uint64_t lock_timeouts;
+	/* idx_expire_some: the shard the next call starts at, so a budget cut
+	 * short in one shard does not starve the others. */
+	_Atomic uint32_t expire_cursor;
 };
 
 /* ---- helpers --------------------------------------------------------------- */
@@ -231,11 +250,67 @@ static void entry_account(struct idx_shard *sh, const struct idx_entry *e, int s
 	}
 }
 
-static void do_shard_note_deadline(struct idx_shard *sh, uint64_t deadline_ms)
-	REQUIRES(sh->lock)
+static inline uint64_t dq_deadline(const struct idx_entry *e, int q)
 {
-	if (deadline_ms < sh->next_deadline_ms)
-		sh->next_deadline_ms = deadline_ms;
+	return q == IDX_DQ_WRITE ? e->write_deadline_ms : e->read_deadline_ms;
+}
+
+/* Take @e off its deadline list, if it is on one. */
+static void do_dq_remove(struct idx_shard *sh, struct idx_entry *e) REQUIRES(sh->lock)
+{
+	struct idx_dq *q;
+
+	if (e->dq == IDX_DQ_NONE)
+		return;
+	q = &sh->dq[e->dq];
+	if (e->dq_prev)
+		e->dq_prev->dq_next = e->dq_next;
+	else
+		q->head = e->dq_next;
+	if (e->dq_next)
+		e->dq_next->dq_prev = e->dq_prev;
+	else
+		q->tail = e->dq_prev;
+	e->dq_prev = e->dq_next = NULL;
+	e->dq = IDX_DQ_NONE;
+}
+
+/*
+ * Put @e on the deadline list its state calls for (WRITING: the write list;
+ * read-locked: the read list; otherwise none), in deadline order, after any
+ * entry with the same deadline. Call after its state or deadline changed;
+ * an entry whose deadline changed must be removed first.
+ */
+static void do_dq_place(struct idx_shard *sh, struct idx_entry *e) REQUIRES(sh->lock)
+{
+	int want = !e->linked ? IDX_DQ_NONE :
+		   e->writer ? IDX_DQ_WRITE :
+		   e->read_locks ? IDX_DQ_READ : IDX_DQ_NONE;
+	struct idx_entry *after;
+	struct idx_dq *q;
+	uint64_t d;
+
+	if (e->dq == want)
+		return;
+	do_dq_remove(sh, e);
+	if (want == IDX_DQ_NONE)
+		return;
+	q = &sh->dq[want];
+	d = dq_deadline(e, want);
+	/* From the tail: with one TTL per list, the new deadline is nearly always the latest. */
+	for (after = q->tail; after && dq_deadline(after, want) > d; after = after->dq_prev)
+		;
+	e->dq_prev = after;
+	e->dq_next = after ? after->dq_next : q->head;
+	if (e->dq_next)
+		e->dq_next->dq_prev = e;
+	else
+		q->tail = e;
+	if (after)
+		after->dq_next = e;
+	else
+		q->head = e;
+	e->dq = (uint8_t)want;
 }
 
 static struct idx_entry *do_shard_find(struct idx_shard *sh, uint64_t hv, const struct ks_key *k)
@@ -319,6 +394,7 @@ static void free_garbage(struct idx_entry *garbage)
 static void do_entry_unlink(struct idx *ix, struct idx_shard *sh, struct idx_entry *e,
 			    struct idx_entry **garbage) REQUIRES(sh->lock)
 {
+	do_dq_remove(sh, e);
 	entry_account(sh, e, -1);
 	chain_remove(e);
 	e->linked = false;
@@ -453,7 +529,6 @@ int idx_create(const struct idx_config *cfg, struct pool *pool, struct idx **out
 			goto out_shards;
 		}
 		sh->nbuckets = nbuckets;
-		sh->next_deadline_ms = UINT64_MAX;
 	}
 	*out = ix;
 	return 0;
@@ -653,6 +728,7 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 	e->writer = true;
 	e->linked = true;
 	e->write_deadline_ms = deadline_after(ks_now_ms(), ix->write_ttl_ms);
+	e->dq = IDX_DQ_NONE;
 	lru_node_init(&e->lru);
 
 	if (ks_lock(&sh->lock)) {
@@ -667,7 +743,7 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 	}
 	chain_insert(&sh->buckets[bucket_of(sh->nbuckets, hv)], e);
 	entry_account(sh, e, +1);
-	do_shard_note_deadline(sh, e->write_deadline_ms);
+	do_dq_place(sh, e);
 	if (sh->nentries > (uint64_t)sh->nbuckets * IDX_LOAD_FACTOR &&
 	    sh->nbuckets < IDX_MAX_BUCKETS)
 		seen_buckets = sh->nbuckets;
@@ -695,6 +771,7 @@ void idx_abort_write(struct idx *ix, struct idx_entry *e)
 		return;
 	}
 	/* A WRITING entry is never on the LRU and has no pins or read locks. */
+	do_dq_remove(sh, e);
 	entry_account(sh, e, -1);
 	chain_remove(e);	/* from the table or the orphan list alike */
 	e->linked = false;
@@ -714,6 +791,7 @@ int idx_commit_write(struct idx *ix, struct idx_entry *e)
 		idx_abort_write(ix, e);	/* tries the lock once more; leaks if that fails too */
 		return -ETIMEDOUT;
 	}
+	do_dq_remove(sh, e);
 	entry_account(sh, e, -1);
 	e->writer = false;
 	if (!e->linked) {
@@ -824,9 +902,10 @@ static int lock_one(struct idx *ix, const struct ks_key *k, uint32_t locks, uint
 		goto out_unlock;
 	entry_account(sh, e, -1);
 	e->read_locks = locks > UINT32_MAX - e->read_locks ? UINT32_MAX : e->read_locks + locks;
+	do_dq_remove(sh, e);	/* its place moves with the deadline */
 	e->read_deadline_ms = deadline_ms;
 	entry_account(sh, e, +1);
-	do_shard_note_deadline(sh, deadline_ms);
+	do_dq_place(sh, e);
 out_unlock:
 	ks_unlock(&sh->lock);
 	return rc;
@@ -849,6 +928,7 @@ static int unlock_one(struct idx *ix, const struct ks_key *k, uint32_t count)
 	entry_account(sh, e, -1);
 	e->read_locks -= KS_MIN(count, e->read_locks);
 	entry_account(sh, e, +1);
+	do_dq_place(sh, e);	/* off the read list once the last lock is gone */
 	do_entry_lru_add(ix, sh, e);
 	ks_unlock(&sh->lock);
 	return 0;
@@ -952,68 +1032,79 @@ int idx_key_info(struct idx *ix, const struct ks_key *k, struct idx_entry_info *
 
 /* ---- housekeeping ------------------------------------------------------------ */
 
-/* Expire the deadlines of one shard that fall before @now_ms. Returns entries affected. */
-static size_t do_shard_expire(struct idx *ix, struct idx_shard *sh, uint64_t now_ms)
-	REQUIRES(sh->lock)
+/*
+ * Expire the deadlines of one shard that fall before @now_ms, at most
+ * *@budget entries (decremented). Returns the entries affected; sets *@more
+ * when a due entry was left for lack of budget.
+ */
+static size_t do_shard_expire(struct idx *ix, struct idx_shard *sh, uint64_t now_ms,
+			      size_t *budget, bool *more) REQUIRES(sh->lock)
 {
-	uint64_t next = UINT64_MAX;
-	size_t affected = 0, reads = 0, writes = 0;
+	size_t reads = 0, writes = 0;
+	struct idx_entry *e;
 
-	for (uint32_t b = 0; b < sh->nbuckets; b++) {
-		struct idx_entry *e = sh->buckets[b], *enext;
-
-		for (; e; e = enext) {
-			enext = e->hnext;
-			if (e->writer) {
-				if (e->write_deadline_ms >= now_ms) {
-					next = KS_MIN(next, e->write_deadline_ms);
-					continue;
-				}
-				/* Unlink so the key can be stored again; the writer still owns it. */
-				entry_account(sh, e, -1);
-				chain_remove(e);
-				e->linked = false;
-				chain_insert(&sh->orphans, e);
-				entry_account(sh, e, +1);
-				writes++;
-			} else if (e->read_locks) {
-				if (e->read_deadline_ms >= now_ms) {
-					next = KS_MIN(next, e->read_deadline_ms);
-					continue;
-				}
-				entry_account(sh, e, -1);
-				e->read_locks = 0;
-				entry_account(sh, e, +1);
-				do_entry_lru_add(ix, sh, e);
-				reads++;
-			}
+	while ((e = sh->dq[IDX_DQ_WRITE].head) && e->write_deadline_ms < now_ms) {
+		if (!*budget) {
+			*more = true;
+			break;
 		}
+		--*budget;
+		/* Unlink so the key can be stored again; the writer still owns it. */
+		do_dq_remove(sh, e);
+		entry_account(sh, e, -1);
+		chain_remove(e);
+		e->linked = false;
+		chain_insert(&sh->orphans, e);
+		entry_account(sh, e, +1);
+		writes++;
 	}
-	sh->next_deadline_ms = next;
-	affected = reads + writes;
+	while ((e = sh->dq[IDX_DQ_READ].head) && e->read_deadline_ms < now_ms) {
+		if (!*budget) {
+			*more = true;
+			break;
+		}
+		--*budget;
+		do_dq_remove(sh, e);
+		entry_account(sh, e, -1);
+		e->read_locks = 0;
+		entry_account(sh, e, +1);
+		do_entry_lru_add(ix, sh, e);
+		reads++;
+	}
 	if (reads)
 		atomic_fetch_add_explicit(&ix->expired_read_locks, reads, memory_order_relaxed);
 	if (writes)
 		atomic_fetch_add_explicit(&ix->expired_writes, writes, memory_order_relaxed);
-	return affected;
+	return reads + writes;
 }
 
-size_t idx_expire(struct idx *ix, uint64_t now_ms)
+size_t idx_expire_some(struct idx *ix, uint64_t now_ms, size_t budget, bool *more)
 {
+	uint32_t first = atomic_load_explicit(&ix->expire_cursor, memory_order_relaxed);
 	size_t affected = 0;
+	bool left = false;
 
-	for (uint32_t i = 0; i < ix->nshards; i++) {
+	for (uint32_t k = 0; k < ix->nshards && !left; k++) {
+		uint32_t i = (first + k) & ix->shard_mask;
 		struct idx_shard *sh = &ix->shards[i];
 
 		if (ks_lock(&sh->lock)) {
 			idx_timed_out(ix);
 			continue;	/* the next housekeeping round gets it */
 		}
-		if (sh->next_deadline_ms < now_ms)
-			affected += do_shard_expire(ix, sh, now_ms);
+		affected += do_shard_expire(ix, sh, now_ms, &budget, &left);
 		ks_unlock(&sh->lock);
+		if (left)	/* out of budget here: the next call starts with this shard */
+			atomic_store_explicit(&ix->expire_cursor, i, memory_order_relaxed);
 	}
+	if (more)
+		*more = left;
 	return affected;
+}
+
+size_t idx_expire(struct idx *ix, uint64_t now_ms)
+{
+	return idx_expire_some(ix, now_ms, SIZE_MAX, NULL);
 }
 
 size_t idx_clear(struct idx *ix)
@@ -1118,6 +1209,10 @@ static int do_inv_entry(struct inv_ctx *c, struct idx_shard *sh, uint32_t shard,
 	if (e->writer && (e->pins || e->read_locks))
 		return inv_fail(c, "slot %u: WRITING with %u pins, %u read locks", e->slot, e->pins,
 				e->read_locks);
+	if (e->dq != (!e->linked ? IDX_DQ_NONE : e->writer ? IDX_DQ_WRITE :
+		      e->read_locks ? IDX_DQ_READ : IDX_DQ_NONE))
+		return inv_fail(c, "slot %u: on deadline list %u (linked=%d writer=%d locks=%u)",
+				e->slot, e->dq, e->linked, e->writer, e->read_locks);
 	if (e->on_lru != entry_evictable(e))
 		return inv_fail(c, "slot %u: on_lru=%d but evictable=%d (state %d, %u locks, %u pins)",
 				e->slot, e->on_lru, entry_evictable(e), (int)entry_state(e),
@@ -1130,7 +1225,7 @@ static int do_inv_entry(struct inv_ctx *c, struct idx_shard *sh, uint32_t shard,
 static int do_inv_shard(struct inv_ctx *c, struct idx *ix, struct idx_shard *sh, uint32_t shard)
 	REQUIRES(sh->lock)
 {
-	uint64_t n = 0, w = 0, r = 0, rd = 0, locks = 0, pins = 0, opin = 0, owr = 0;
+	uint64_t n = 0, w = 0, r = 0, rd = 0, locks = 0, pins = 0, opin = 0, owr = 0, locked = 0;
 	const struct idx_entry *e;
 	int rc;
 
@@ -1151,8 +1246,31 @@ static int do_inv_shard(struct inv_ctx *c, struct idx *ix, struct idx_shard *sh,
 			r += entry_state(e) == IDX_READY;
 			rd += entry_state(e) == IDX_READING;
 			locks += e->read_locks;
+			locked += e->read_locks != 0;
 			pins += e->pins;
 		}
+	}
+	for (int q = IDX_DQ_READ; q <= IDX_DQ_WRITE; q++) {
+		uint64_t on_q = 0, want = q == IDX_DQ_WRITE ? w : locked, prev_deadline = 0;
+		const struct idx_entry *prev = NULL;
+
+		for (e = sh->dq[q].head; e; prev = e, e = e->dq_next) {
+			if (e->dq != q || e->dq_prev != prev)
+				return inv_fail(c, "shard %u: deadline list %d broken at slot %u",
+						shard, q, e->slot);
+			if (dq_deadline(e, q) < prev_deadline)
+				return inv_fail(c, "shard %u: deadline list %d out of order at slot %u",
+						shard, q, e->slot);
+			prev_deadline = dq_deadline(e, q);
+			if (++on_q > n)
+				return inv_fail(c, "shard %u: deadline list %d longer than the table",
+						shard, q);
+		}
+		if (sh->dq[q].tail != prev)
+			return inv_fail(c, "shard %u: deadline list %d tail is wrong", shard, q);
+		if (on_q != want)
+			return inv_fail(c, "shard %u: deadline list %d holds %llu, expected %llu",
+					shard, q, (unsigned long long)on_q, (unsigned long long)want);
 	}
 	for (e = sh->orphans; e; e = e->hnext) {
 		if (e->linked || e->read_locks || (!e->writer && !e->pins))

@@ -193,10 +193,18 @@ void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg);
  * (CLOCK_MONOTONIC ms, as ks_now_ms()). Returns the number of entries
  * affected. An entry's expired read locks all drop at once (READING ->
  * READY unless pinned); an expired WRITING entry is unlinked and waits for
- * its writer's commit (-ESTALE) or abort. Shards whose earliest deadline is
- * not yet due are skipped without a scan.
+ * its writer's commit (-ESTALE) or abort. Each shard keeps its deadlines in
+ * order, so the cost is the shard count plus the entries expired, whatever
+ * the number of entries in the table.
  */
 size_t idx_expire(struct idx *ix, uint64_t now_ms);
+/*
+ * idx_expire, but at most @budget entries per call, earliest first within a
+ * shard; *@more (may be NULL) is set when due entries were left, and the
+ * next call starts in the shard where this one stopped. For a caller whose
+ * turn must stay short (the io thread): the backlog goes in later calls.
+ */
+size_t idx_expire_some(struct idx *ix, uint64_t now_ms, size_t budget, bool *more);
 /*
  * Evict up to @n LRU entries, least recently used first. Returns how many
  * were evicted; fewer when the LRU runs out or the only candidates sit in

@@ -695,18 +695,30 @@ static bool now_ms_due(const struct srv *s)
 	return ks_now_ms() - s->last_tick_ms >= SRV_TICK_MS;
 }
 
+/*
+ * Timers, every SRV_TICK_MS: the reaper, the probes and expiry. Expiry pops
+ * deadline-ordered lists (index deadlines, idle sessions) and does at most a
+ * budget of each per turn, so a turn costs the same with 100 objects or
+ * 100,000; while a backlog is left, the loop comes back every
+ * SRV_EXPIRE_BACKLOG_POLL_MS instead of waiting for the next tick.
+ */
 static void housekeeping(struct srv *s)
 {
 	uint64_t now = ks_now_ms();
-	size_t n;
+	bool tick = now - s->last_tick_ms >= SRV_TICK_MS, more_idx = false;
 
-	if (now - s->last_tick_ms < SRV_TICK_MS)
+	if (!tick && !s->expiry_backlog)
+		return;
+	s->expired_unlogged += idx_expire_some(s->idx, now, SRV_EXPIRE_BUDGET, &more_idx);
+	s->expiry_backlog = sessions_expire(s, now, SRV_SESSION_EXPIRE_BUDGET) | more_idx;
+	if (!tick)
 		return;
 	s->last_tick_ms = now;
-	n = idx_expire(s->idx, now);
-	if (n)
-		log_info("expired the locks or reservations of %zu object(s)", n);
-	sessions_expire(s, now);
+	if (s->expired_unlogged) {
+		log_info("expired the locks or reservations of %" PRIu64 " object(s)",
+			 s->expired_unlogged);
+		s->expired_unlogged = 0;
+	}
 	reap_instances(s, now);
 	maybe_probe(s, now);
 }
@@ -879,26 +891,76 @@ static int cuda_setup(struct srv *s)
 }
 
 /*
- * Create the context's first socket with this thread at SRV_IO_NICE: libzmq
- * starts its I/O thread there, and that thread inherits the caller's nice
- * value. Every PING crosses it (socket -> pipe -> io thread and back), so it
- * gets the io thread's CPU priority rather than the workers'. This thread's
- * own nice value is put back. Without CAP_SYS_NICE both stay at 0 (logged
- * once by srv_run).
+ * Raise the calling thread to --io-priority: SCHED_FIFO, else nice -10, else
+ * nothing, each step down when not permitted. Returns what it got (a
+ * string for the log) and sets *why to the refusal that made it step down.
+ *
+ * Why realtime: on a loaded machine a PING's round trip is mostly the time
+ * its threads wait for a core. Measured on 2 cores with 8 clients and 2
+ * workers copying (server_bench --shape mixed): the io thread's slow turns
+ * were nearly all spent off the CPU (involuntary switches, ~0.1 ms on the
+ * CPU in a 5-20 ms turn); nice -10 does not make the scheduler (EEVDF)
+ * preempt the running copy when the io thread wakes. A SCHED_FIFO thread
+ * runs at once. It is safe here because what these threads do per wake-up
+ * is short and bounded (the expiry budget, SRV_RECV_BATCH messages, no
+ * blocking I/O), and the kernel's RT throttling bounds it anyway.
  */
-static void *zmq_socket_at_io_priority(void *zctx, int type)
+static const char *raise_io_priority(const struct srv *s, int *why)
 {
 	const id_t tid = (id_t)syscall(SYS_gettid);
-	int old, raised;
+
+	*why = 0;
+	if (!strcmp(s->cfg.io_priority, "realtime")) {
+		struct sched_param sp = { .sched_priority = SRV_IO_RT_PRIORITY };
+		int rc = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+
+		if (rc == 0)
+			return "realtime (SCHED_FIFO 1)";
+		*why = rc;
+	}
+	if (strcmp(s->cfg.io_priority, "normal")) {
+		if (setpriority(PRIO_PROCESS, tid, SRV_IO_NICE) == 0)
+			return "nice -10";
+		if (!*why)
+			*why = errno;
+	}
+	return "normal";
+}
+
+/* Put the calling thread back to SCHED_OTHER at nice @nice. */
+static void restore_priority(int nice)
+{
+	struct sched_param sp = { .sched_priority = 0 };
+	int rc = pthread_setschedparam(pthread_self(), SCHED_OTHER, &sp);
+
+	if (rc)
+		log_warn("cannot restore the starting thread's scheduling policy: %s", strerror(rc));
+	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), nice) < 0)
+		log_warn("cannot restore nice %d of the starting thread: %s", nice, strerror(errno));
+}
+
+/*
+ * Create the context's first socket with this thread at --io-priority:
+ * libzmq starts its I/O thread there, and that thread inherits the
+ * caller's policy and nice value. Every PING crosses it (socket -> pipe ->
+ * io thread and back), so it gets the io thread's CPU priority rather than
+ * the workers'. This thread's own priority is put back. Without
+ * CAP_SYS_NICE both stay as they are (logged once by srv_run).
+ */
+static void *zmq_socket_at_io_priority(struct srv *s, int type)
+{
+	int old, why;
 	void *sock;
 
 	errno = 0;
-	old = getpriority(PRIO_PROCESS, tid);
-	raised = errno == 0 && old > SRV_IO_NICE &&
-		 setpriority(PRIO_PROCESS, tid, SRV_IO_NICE) == 0;
-	sock = zmq_socket(zctx, type);
-	if (raised && setpriority(PRIO_PROCESS, tid, old) < 0)
-		log_warn("cannot restore nice %d of the starting thread: %s", old, strerror(errno));
+	old = getpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid));
+	if (errno)
+		old = 0;
+	const char *got = raise_io_priority(s, &why);
+
+	sock = zmq_socket(s->zctx, type);
+	if (strcmp(got, "normal"))
+		restore_priority(old);
 	return sock;
 }
 
@@ -978,7 +1040,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		rc = -errno;
 		goto out_destroy;
 	}
-	s->sock = zmq_socket_at_io_priority(s->zctx, ZMQ_ROUTER);
+	s->sock = zmq_socket_at_io_priority(s, ZMQ_ROUTER);
 	if (!s->sock) {
 		rc = -zmq_errno();
 		goto out_destroy;
@@ -1041,13 +1103,24 @@ void srv_request_stop(struct srv *s)
 	}
 }
 
+/* CPU time of the calling thread: a turn much longer than this was preempted. */
+static uint64_t thread_cpu_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
 /*
  * Account one io loop turn that started at @t0 (completions until @t1,
- * requests until @t2, then housekeeping): a PING arriving during the turn
- * waited up to its length. A slow turn is logged with the split, at most
- * once a second.
+ * requests until @t2, then housekeeping) with the thread's CPU clock at
+ * @cpu0: a PING arriving during the turn waited up to its length. A slow
+ * turn is logged with the split and its time on the CPU (the rest is time
+ * the thread was runnable but preempted, or waited for a lock), at most once
+ * a second.
  */
-static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
+static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2, uint64_t cpu0)
 {
 	const uint64_t t3 = ks_now_ns(), busy = t3 - t0;
 	uint64_t max = atomic_load_explicit(&s->io_busy_max_ns, memory_order_relaxed);
@@ -1055,11 +1128,23 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
 	metrics_hist_observe(&s->io_busy, busy);
 	if (busy > max)
 		atomic_store_explicit(&s->io_busy_max_ns, busy, memory_order_relaxed);
+	if (t3 / 1000000000ull != s->io_win_s) {
+		uint64_t last = atomic_load_explicit(&s->io_busy_win_ns, memory_order_relaxed);
+
+		atomic_store_explicit(&s->io_busy_prev_win_ns,
+				      t3 / 1000000000ull == s->io_win_s + 1 ? last : 0,
+				      memory_order_relaxed);
+		atomic_store_explicit(&s->io_busy_win_ns, 0, memory_order_relaxed);
+		s->io_win_s = t3 / 1000000000ull;
+	}
+	if (busy > atomic_load_explicit(&s->io_busy_win_ns, memory_order_relaxed))
+		atomic_store_explicit(&s->io_busy_win_ns, busy, memory_order_relaxed);
 	if (busy >= SRV_IO_SLOW_NS && t3 / 1000000 - s->io_slow_logged_ms >= 1000) {
 		s->io_slow_logged_ms = t3 / 1000000;
 		log_warn("io loop turn took %.2f ms (completions %.2f, requests %.2f, "
-			 "housekeeping %.2f): PINGs waited that long", (double)busy / 1e6,
-			 (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6, (double)(t3 - t2) / 1e6);
+			 "housekeeping %.2f; on the CPU %.2f): PINGs waited that long",
+			 (double)busy / 1e6, (double)(t1 - t0) / 1e6, (double)(t2 - t1) / 1e6,
+			 (double)(t3 - t2) / 1e6, (double)(thread_cpu_ns() - cpu0) / 1e6);
 	}
 }
 
@@ -1081,18 +1166,27 @@ int srv_run(struct srv *s)
 	struct pool_stats ps;
 
 	/* The heartbeat outranks the bulk path for CPU: where permitted, this
-	 * thread runs below nice 0 and the transfer workers at 0. */
-	if (setpriority(PRIO_PROCESS, (id_t)syscall(SYS_gettid), SRV_IO_NICE) < 0)
-		log_info("io thread keeps nice 0 (%s): PING latency then depends more on "
-			 "the load of other processes", strerror(errno));
+	 * thread runs realtime (or below nice 0), the transfer workers at 0. */
+	{
+		int why;
+		const char *got = raise_io_priority(s, &why);
+
+		if (why)
+			log_info("io thread priority: %s (--io-priority %s not permitted: %s): PING "
+				 "latency then depends more on the load of other processes", got,
+				 s->cfg.io_priority, strerror(why));
+		else
+			log_info("io thread priority: %s", got);
+	}
 	pool_get_stats(s->pool, &ps);
 	log_info("kvstashd %s listening on %s: pool %" PRIu64 " MiB%s, %u transfer worker(s), "
 		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,
 		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
 	for (;;) {
-		int n = zmq_poll(items, nitems, SRV_TICK_MS);
+		int n = zmq_poll(items, nitems,
+				 s->expiry_backlog ? SRV_EXPIRE_BACKLOG_POLL_MS : SRV_TICK_MS);
 		bool completions = false;
-		uint64_t t0 = ks_now_ns(), t1, t2;
+		uint64_t t0 = ks_now_ns(), cpu0 = thread_cpu_ns(), t1, t2;
 
 		atomic_store_explicit(&s->io_alive_ms, t0 / 1000000, memory_order_relaxed);
 
@@ -1115,7 +1209,7 @@ int srv_run(struct srv *s)
 			drain_socket(s);
 		t2 = ks_now_ns();
 		housekeeping(s);
-		io_turn_done(s, t0, t1, t2);
+		io_turn_done(s, t0, t1, t2, cpu0);
 	}
 	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
 	for (unsigned e = 0; e < s->nengines; e++)

@@ -55,8 +55,18 @@
 /* Sessions: bucket count and the most kept at once (oldest dropped first). */
 #define SRV_SESSION_BUCKETS 4096u
 #define SRV_SESSION_MAX 65536u
-/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE). */
+/*
+ * Expiry work per io loop turn: at most this many index deadlines and idle
+ * sessions. A backlog (a burst of locks all timing out together) is worked
+ * off in later turns, 1 ms apart, so no turn grows with the table sizes.
+ */
+#define SRV_EXPIRE_BUDGET 256u
+#define SRV_SESSION_EXPIRE_BUDGET 128u
+#define SRV_EXPIRE_BACKLOG_POLL_MS 1
+/* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE):
+ * --io-priority realtime, else nice. */
 #define SRV_IO_NICE (-10)
+#define SRV_IO_RT_PRIORITY 1
 /* LOOKUP's L3 EXISTS round trip, waited for on a worker. */
 #define SRV_L3_EXISTS_TIMEOUT_MS 500
 /* Health: the io loop must turn, and a probe must cross the transfer queue. */
@@ -236,7 +246,9 @@ struct srv_session {
 	uint8_t (*hashes)[KS_HASH_LEN];	/* owned */
 	size_t nchunks, cap;	/* hashes held / allocated */
 	uint64_t last_used_ms;
-	struct srv_session *next;
+	struct srv_session *next;	/* bucket chain */
+	/* Most recently used first: expiry takes the idle ones off the tail. */
+	struct srv_session *lru_prev, *lru_next;
 };
 
 struct srv_last_error {
@@ -310,10 +322,13 @@ struct srv {
 	_Atomic uint64_t conns_by_dialect[3];	/* indexed by enum proto_dialect */
 	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
 	size_t nsessions;		/* io thread */
+	struct srv_session *session_lru_head, *session_lru_tail;	/* by last_used_ms */
 	_Atomic uint64_t nsessions_pub;	/* mirror for other threads */
 	_Atomic uint64_t ninstances;	/* registry size, for other threads */
 	struct srv_last_error *last_errors;	/* [SRV_LAST_ERROR_SLOTS] */
 	uint64_t last_tick_ms;
+	bool expiry_backlog;		/* housekeeping left due work for the next turn */
+	uint64_t expired_unlogged;	/* index expiries not yet reported in the log */
 	struct srv_counters ctr;
 	/* Latency from request receipt to reply, per kind (any thread reads). */
 	struct metrics_hist lat_store, lat_retrieve, lat_lookup, lat_ping;
@@ -325,6 +340,11 @@ struct srv {
 	 * PING can wait behind. Max since start, and when a slow turn was last logged. */
 	struct metrics_hist io_busy;
 	_Atomic uint64_t io_busy_max_ns;
+	/* The longest turn in this second and in the one before (wall seconds
+	 * of CLOCK_MONOTONIC): "io_turn_max_recent_us", for a benchmark's
+	 * measuring window or an operator watching a live server. */
+	_Atomic uint64_t io_busy_win_ns, io_busy_prev_win_ns;
+	uint64_t io_win_s;		/* io thread: the second io_busy_win_ns covers */
 	uint64_t io_slow_logged_ms;
 	/* Health: the io loop's last turn, and the data-path probe. */
 	_Atomic uint64_t io_alive_ms;
@@ -374,7 +394,7 @@ int instance_build(struct srv *s, const struct proto_request *rq, struct srv_ins
 void registry_insert(struct srv *s, struct srv_instance *in);
 void session_free(struct srv_session *ss);
 bool session_unlink(struct srv *s, const char *rid, size_t len);
-void sessions_expire(struct srv *s, uint64_t now_ms);
+bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget);
 const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 			     size_t nchunks))[KS_HASH_LEN];
 ssize_t expand_keys(struct srv *s, const struct proto_key *k,

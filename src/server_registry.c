@@ -417,6 +417,31 @@ static uint64_t rid_hash(const char *rid, size_t len)
 	return identity_hash((const uint8_t *)rid, len);
 }
 
+/* Recency list of sessions (most recently used at the head). */
+static void session_lru_unlink(struct srv *s, struct srv_session *ss)
+{
+	if (ss->lru_prev)
+		ss->lru_prev->lru_next = ss->lru_next;
+	else
+		s->session_lru_head = ss->lru_next;
+	if (ss->lru_next)
+		ss->lru_next->lru_prev = ss->lru_prev;
+	else
+		s->session_lru_tail = ss->lru_prev;
+	ss->lru_prev = ss->lru_next = NULL;
+}
+
+static void session_lru_push_head(struct srv *s, struct srv_session *ss)
+{
+	ss->lru_prev = NULL;
+	ss->lru_next = s->session_lru_head;
+	if (s->session_lru_head)
+		s->session_lru_head->lru_prev = ss;
+	else
+		s->session_lru_tail = ss;
+	s->session_lru_head = ss;
+}
+
 void session_free(struct srv_session *ss)
 {
 	free(ss->tokens);
@@ -433,6 +458,7 @@ bool session_unlink(struct srv *s, const char *rid, size_t len)
 
 		if (ss->request_id_len == len && !memcmp(ss->request_id, rid, len)) {
 			*pp = ss->next;
+			session_lru_unlink(s, ss);
 			session_free(ss);
 			s->nsessions--;
 			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
@@ -442,27 +468,24 @@ bool session_unlink(struct srv *s, const char *rid, size_t len)
 	return false;
 }
 
-/* Drop sessions idle past the TTL; when over the cap, also the oldest. */
-void sessions_expire(struct srv *s, uint64_t now_ms)
+/*
+ * Drop sessions idle past the TTL, the longest idle first, at most @budget
+ * of them (their token arrays can be large to free). The recency list is
+ * ordered by last use, so this stops at the first live one: the cost is what
+ * expires, not the number of sessions. Returns true when idle sessions were
+ * left for the next call.
+ */
+bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget)
 {
 	uint64_t ttl = (uint64_t)s->cfg.session_ttl_s * 1000;
+	struct srv_session *ss;
 
-	for (size_t b = 0; b < SRV_SESSION_BUCKETS; b++) {
-		struct srv_session **pp = &s->sessions[b];
-
-		while (*pp) {
-			struct srv_session *ss = *pp;
-
-			if (now_ms - ss->last_used_ms > ttl) {
-				*pp = ss->next;
-				session_free(ss);
-				s->nsessions--;
-			} else {
-				pp = &ss->next;
-			}
-		}
+	while ((ss = s->session_lru_tail) && now_ms - ss->last_used_ms > ttl) {
+		if (!budget--)
+			return true;
+		session_unlink(s, ss->request_id, ss->request_id_len);
 	}
-	atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
+	return false;
 }
 
 static int ensure_hash_cap(struct srv *s, size_t n)
@@ -504,6 +527,7 @@ const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 			ss->request_id_len = k->request_id_len;
 			ss->next = *bucket;
 			*bucket = ss;
+			session_lru_push_head(s, ss);
 			s->nsessions++;
 			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
 		}
@@ -516,6 +540,10 @@ const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 		       !memcmp(ss->tokens + reuse * C, k->token_ids + reuse * C, (size_t)C * 4))
 			reuse++;
 		ss->last_used_ms = ks_now_ms();
+		if (s->session_lru_head != ss) {
+			session_lru_unlink(s, ss);
+			session_lru_push_head(s, ss);
+		}
 		if (nchunks > ss->cap) {
 			void *t = realloc(ss->tokens, nchunks * (size_t)C * 4);
 

@@ -213,6 +213,10 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	}
 	ROW("io_turn_max_us", NULL, STAT_GAUGE,
 	    atomic_load_explicit(&s->io_busy_max_ns, memory_order_relaxed) / 1000, NULL);
+	ROW("io_turn_max_recent_us", NULL, STAT_GAUGE,
+	    KS_MAX(atomic_load_explicit(&s->io_busy_win_ns, memory_order_relaxed),
+		   atomic_load_explicit(&s->io_busy_prev_win_ns, memory_order_relaxed)) / 1000,
+	    NULL);
 	if (s->l2) {
 		struct tier_disk_stats ds;
 

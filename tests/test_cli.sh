@@ -148,6 +148,12 @@ for dtype in float32 bfloat16 uint8; do
 			"$TMP/out"
 	done
 done
+check "store-test says its times follow a warm-up round" \
+	grep -q "timed after 1 untimed warm-up round" "$TMP/out"
+run_cmd "$TMP/out" "$KVSTASH" store-test -e "$MAIN_EP" --chunks 2 --warmup 0
+check "store-test --warmup 0 exits 0 (got $RC)" [ "$RC" -eq 0 ]
+check "store-test --warmup 0 says its times include first touches" \
+	grep -q "no warm-up: the times include" "$TMP/out"
 check "store-test left no instance registered" [ "$(srv_stat "$MAIN_EP" instances)" = 0 ]
 check "store-test left no pins" [ "$(srv_stat "$MAIN_EP" pins)" = 0 ]
 
@@ -169,6 +175,7 @@ usage_err "-c -1" ping -e "$MAIN_EP" -c -1
 usage_err "--timeout-ms=0" ping -e "$MAIN_EP" --timeout-ms=0
 usage_err "--chunks=0" store-test -e "$MAIN_EP" --chunks=0
 usage_err "--chunks=x" store-test -e "$MAIN_EP" --chunks=x
+usage_err "--warmup=-1" store-test -e "$MAIN_EP" --warmup=-1
 usage_err "unknown option" ping -e "$MAIN_EP" --no-such-option
 usage_err "missing option value" ping -e "$MAIN_EP" --count
 usage_err "stray argument" ping -e "$MAIN_EP" extra

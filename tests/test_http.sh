@@ -128,7 +128,7 @@ scrape /metrics "$TMP/before" >/dev/null
 RUNS=3
 CHUNKS=4
 for i in $(seq $RUNS); do
-	"$KVSTASH" store-test -e "$MAIN_EP" --chunks $CHUNKS >"$TMP/st$i" 2>&1 ||
+	"$KVSTASH" store-test -e "$MAIN_EP" --chunks $CHUNKS --warmup 0 >"$TMP/st$i" 2>&1 ||
 		fail "store-test run $i failed: $(tr '\n' '|' <"$TMP/st$i")"
 done
 "$KVSTASH" ping -e "$MAIN_EP" -c 5 -i 0 >/dev/null 2>&1 || fail "ping -c 5 failed"
@@ -147,7 +147,7 @@ check_delta() {
 	got=$(delta "$1")
 	check "$1 moved by $2 (got $got)" [ "$got" = "$2" ]
 }
-# Each store-test: REGISTER, 1 STORE, 1 LOOKUP, 1 RETRIEVE of CHUNKS chunks of
+# Each store-test (--warmup 0): REGISTER, 1 STORE, 1 LOOKUP, 1 RETRIEVE of CHUNKS chunks of
 # 256 tokens x 4 layers x K,V x 8 heads x 128 x bf16 = 4 MiB each.
 CHUNK_BYTES=$((2 * 4 * 256 * 8 * 128 * 2))
 check_delta lmcache_mp_sm_write_requests_total $RUNS
@@ -214,7 +214,7 @@ check "kvstash_instances back to 0" [ "$(metric kvstash_instances "$TMP/after")"
 scrape /metrics "$TMP/before" >/dev/null
 (
 	for i in $(seq 6); do
-		"$KVSTASH" store-test -e "$MAIN_EP" --chunks 2 >/dev/null 2>&1 || exit 1
+		"$KVSTASH" store-test -e "$MAIN_EP" --chunks 2 --warmup 0 >/dev/null 2>&1 || exit 1
 	done
 ) &
 LOAD=$!

@@ -339,6 +339,109 @@ static void test_ttl(void)
 	teardown(p, ix);
 }
 
+/*
+ * Expiry pops deadline-ordered lists: it must expire exactly the entries
+ * whose deadline is before "now", whatever the order they were locked or
+ * re-locked in, and a budgeted call must leave the rest for the next one.
+ */
+static void test_expire_exact(void)
+{
+	enum { N = 600, BATCHES = 6, WRITERS = 40 };
+	const struct idx_config cfg = { .nshards = 4, .read_ttl_ms = 10000, .write_ttl_ms = 20000 };
+	static uint64_t deadline[N];
+	static uint32_t locks[N];
+	struct idx_entry *w[WRITERS];
+	uint64_t wdeadline[WRITERS], cut, wcut;
+	struct idx_entry_info in;
+	struct idx_stats st;
+	struct pool *p;
+	struct idx *ix;
+	size_t hits, due = 0, done = 0, calls = 0, n;
+	bool more = true;
+
+	setup(N + WRITERS, &cfg, &p, &ix);
+	for (uint32_t i = 0; i < N; i++) {
+		struct ks_key k = key(1000 + i, 0);
+
+		store(ix, &k);
+	}
+	/* Lock the keys in batches a few ms apart, interleaved across shards,
+	 * and re-lock some early keys later (their place must move). */
+	for (uint32_t b = 0; b < BATCHES; b++) {
+		for (uint32_t i = b; i < N; i += BATCHES) {
+			struct ks_key k = key(1000 + i, 0);
+
+			REQUIRE(idx_lookup_lock(ix, &k, 1, 1, 1, &hits) == 0 && hits == 1);
+			locks[i]++;
+		}
+		if (b == BATCHES - 2)
+			for (uint32_t i = 0; i < N; i += 7 * BATCHES) {
+				struct ks_key k = key(1000 + i, 0);
+
+				REQUIRE(idx_lookup_lock(ix, &k, 1, 1, 2, &hits) == 0 && hits == 1);
+				locks[i] += 2;
+			}
+		sleep_ms(3);
+	}
+	for (uint32_t i = 0; i < N; i++) {
+		struct ks_key k = key(1000 + i, 0);
+
+		REQUIRE(idx_key_info(ix, &k, &in) == 0);
+		deadline[i] = in.read_deadline_ms;
+	}
+	for (uint32_t i = 0; i < WRITERS; i++) {
+		struct ks_key k = key(5000 + i, 0);
+
+		REQUIRE(idx_reserve_write(ix, &k, OBJ, &w[i]) == 0);
+		REQUIRE(idx_key_info(ix, &k, &in) == 0);
+		wdeadline[i] = in.write_deadline_ms;
+		if (i == WRITERS / 2)
+			sleep_ms(3);
+	}
+	INV(ix);
+	/* A cut in the middle of the lock batches (and of the writers). */
+	cut = deadline[BATCHES / 2] ;
+	wcut = wdeadline[WRITERS - 1];
+	for (uint32_t i = 0; i < N; i++)
+		due += deadline[i] < cut;
+	REQUIRE(due > 0 && due < N);
+	CHECK_EQ(idx_expire(ix, cut), due);
+	for (uint32_t i = 0; i < N; i++) {
+		struct ks_key k = key(1000 + i, 0);
+
+		CHECK_EQ(locks_of(ix, &k), deadline[i] < cut ? 0 : locks[i]);
+	}
+	INV(ix);
+	/* The rest of the read locks and the writers due before wcut, in calls of
+	 * at most 7: every call within its budget, *more until the last. */
+	due = 0;
+	for (uint32_t i = 0; i < N; i++)
+		due += deadline[i] >= cut && deadline[i] < wcut;
+	for (uint32_t i = 0; i < WRITERS; i++)
+		due += wdeadline[i] < wcut;
+	while (more) {
+		n = idx_expire_some(ix, wcut, 7, &more);
+		CHECK(n <= 7);
+		CHECK(more ? n == 7 : true);
+		done += n;
+		REQUIRE(++calls < 10000);
+	}
+	CHECK_EQ(done, due);
+	CHECK_EQ(idx_expire(ix, wcut), 0);
+	for (uint32_t i = 0; i < WRITERS; i++) {
+		struct ks_key k = key(5000 + i, 0);
+
+		CHECK_EQ(idx_key_info(ix, &k, &in) == 0, wdeadline[i] >= wcut);
+	}
+	idx_get_stats(ix, &st);
+	CHECK_EQ(st.read_locks, 0);
+	INV(ix);
+	for (uint32_t i = 0; i < WRITERS; i++)
+		CHECK_EQ(idx_commit_write(ix, w[i]), wdeadline[i] < wcut ? -ESTALE : 0);
+	INV(ix);
+	teardown(p, ix);
+}
+
 static void test_prefix_lookup(void)
 {
 	struct idx_stats st;
@@ -713,6 +816,7 @@ int main(void)
 	test_create();
 	test_store_states();
 	test_ttl();
+	test_expire_exact();
 	test_prefix_lookup();
 	test_eviction();
 	test_clear();

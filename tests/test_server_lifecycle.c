@@ -4,8 +4,9 @@
  * were and PING still answers; SIGTERM while STOREs are in flight answers
  * every request the server had taken (ok or failed), then exits 0. Thread
  * priorities: where kvstashd may raise them (root), the io thread and
- * libzmq's I/O thread that every PING crosses run at nice -10, the transfer
- * workers at 0 and SCHED_BATCH. A host client's buffer is unmapped on a transfer worker,
+ * libzmq's I/O thread that every PING crosses run SCHED_FIFO 1 (the default
+ * --io-priority realtime) or at nice -10 (nice), unchanged with normal; the
+ * transfer workers at nice 0 and SCHED_BATCH. A host client's buffer is unmapped on a transfer worker,
  * not on the io thread (munmap of a large touched mapping takes ms).
  * Labels: unit
  */
@@ -92,7 +93,8 @@ static int read_stat_field(const char *stat_path, int n)
 }
 
 #define STAT_NICE 19
-#define STAT_POLICY 41	/* SCHED_OTHER 0, SCHED_BATCH 3 */
+#define STAT_RT_PRIORITY 40
+#define STAT_POLICY 41	/* SCHED_OTHER 0, SCHED_FIFO 1, SCHED_BATCH 3 */
 
 static int read_nice(const char *stat_path)
 {
@@ -138,43 +140,70 @@ static int thread_field(pid_t pid, const char *prefix, int field, int *min, int 
 	return n;
 }
 
-static void test_priorities(void)
+/* True when this process may use SCHED_FIFO (root or CAP_SYS_NICE), as kvstashd started by it. */
+static bool may_realtime(void)
 {
-	struct t_daemon *d = t_daemon_start("--pool-size=64M --workers=2");
+	struct sched_param sp = { .sched_priority = 1 }, zero = { .sched_priority = 0 };
+
+	if (pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp))
+		return false;
+	pthread_setschedparam(pthread_self(), SCHED_OTHER, &zero);
+	return true;
+}
+
+/* kvstashd with --io-priority @mode: who runs at what. */
+static void check_priorities(const char *mode)
+{
+	char args[128], path[64];
+	struct t_daemon *d;
 	int lo, hi, n;
 
+	snprintf(args, sizeof(args), "--pool-size=64M --workers=2 --io-priority=%s", mode);
+	d = t_daemon_start(args);
 	REQUIRE(d);
 	usleep(200000);
-	/* Workers are SCHED_BATCH (no privilege needed), the io thread is not. */
+	snprintf(path, sizeof(path), "/proc/%d/stat", (int)d->pid);	/* the main thread: the io loop */
+	/* Workers are SCHED_BATCH at nice 0 (no privilege needed) whatever the mode. */
 	n = thread_field(d->pid, "host-xfer/", STAT_POLICY, &lo, &hi);
-	fprintf(stderr, "priorities: %d worker(s) with scheduling policy %d..%d\n", n, lo, hi);
+	fprintf(stderr, "priorities %s: %d worker(s) with scheduling policy %d..%d\n", mode, n, lo,
+		hi);
 	CHECK(n == 2 && lo == SCHED_BATCH && hi == SCHED_BATCH);
-	{
-		char path[64];
-
-		snprintf(path, sizeof(path), "/proc/%d/stat", (int)d->pid);
+	n = thread_field(d->pid, "host-xfer/", STAT_NICE, &lo, &hi);
+	CHECK(n == 2 && lo == 0 && hi == 0);
+	if (!strcmp(mode, "normal")) {
 		CHECK_EQ(read_stat_field(path, STAT_POLICY), SCHED_OTHER);
-	}
-	if (setpriority(PRIO_PROCESS, 0, -1) < 0) {	/* not privileged: kvstashd is not either */
-		fprintf(stderr, "priorities: no CAP_SYS_NICE, not checked\n");
+		CHECK_EQ(read_nice(path), 0);
+		n = thread_field(d->pid, "ZMQbg/IO", STAT_POLICY, &lo, &hi);
+		CHECK(n >= 1 && lo == SCHED_OTHER && hi == SCHED_OTHER);
+	} else if (!may_realtime()) {
+		fprintf(stderr, "priorities %s: no CAP_SYS_NICE, not checked\n", mode);
+	} else if (!strcmp(mode, "realtime")) {
+		/* The io thread and libzmq's I/O thread(s) SCHED_FIFO 1. */
+		CHECK_EQ(read_stat_field(path, STAT_POLICY), SCHED_FIFO);
+		CHECK_EQ(read_stat_field(path, STAT_RT_PRIORITY), 1);
+		n = thread_field(d->pid, "ZMQbg/IO", STAT_POLICY, &lo, &hi);
+		fprintf(stderr, "priorities %s: %d ZMQ I/O thread(s) with policy %d..%d\n", mode, n,
+			lo, hi);
+		CHECK(n >= 1 && lo == SCHED_FIFO && hi == SCHED_FIFO);
+		n = thread_field(d->pid, "ZMQbg/IO", STAT_RT_PRIORITY, &lo, &hi);
+		CHECK(n >= 1 && lo == 1 && hi == 1);
 	} else {
-		setpriority(PRIO_PROCESS, 0, 0);
+		CHECK_EQ(read_stat_field(path, STAT_POLICY), SCHED_OTHER);
 		n = thread_field(d->pid, "ZMQbg/IO", STAT_NICE, &lo, &hi);
-		fprintf(stderr, "priorities: %d ZMQ I/O thread(s) at nice %d..%d\n", n, lo, hi);
+		fprintf(stderr, "priorities %s: %d ZMQ I/O thread(s) at nice %d..%d\n", mode, n, lo,
+			hi);
 		CHECK(n >= 1 && lo == -10 && hi == -10);
-		n = thread_field(d->pid, "host-xfer/", STAT_NICE, &lo, &hi);
-		fprintf(stderr, "priorities: %d worker(s) at nice %d..%d\n", n, lo, hi);
-		CHECK(n == 2 && lo == 0 && hi == 0);
-		/* The main thread (the io loop): /proc/PID/stat. */
-		char path[64];
-		int nice_main;
-
-		snprintf(path, sizeof(path), "/proc/%d/stat", (int)d->pid);
-		nice_main = read_nice(path);
-		fprintf(stderr, "priorities: io thread at nice %d\n", nice_main);
-		CHECK_EQ(nice_main, -10);
+		fprintf(stderr, "priorities %s: io thread at nice %d\n", mode, read_nice(path));
+		CHECK_EQ(read_nice(path), -10);
 	}
 	CHECK_EQ(t_daemon_stop(d), 0);
+}
+
+static void test_priorities(void)
+{
+	check_priorities("realtime");	/* the default */
+	check_priorities("nice");
+	check_priorities("normal");
 }
 
 /* The log holds a line containing @needle (polled up to 5 s). */
