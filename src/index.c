@@ -2,14 +2,10 @@
  * index.c - the chunk index: a sharded hash table of cached objects, their
  * states, read locks, pins, the LRU and eviction (see index.h).
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * srv_client->lock          (a client's registrations and mappings; reaper)
- *   idx_shard->lock         (one per shard: hv & shard_mask; never two at once)
- *     lru->lock             (ix->lru; the eviction walker only trylocks shards)
- *       pool->free_lock     (free slot stack)
- *         log ring lock     (log lines; takes nothing)
- *           metrics         (atomics; leaves)
+ * Lock order (the tree is in lock.h): idx_shard->lock (IDX_SHARD) is taken
+ * with no lock held, one shard at a time (hv & shard_mask); under it this
+ * file takes lru->lock (ix->lru) and, freeing a slot, pool->free_lock. The
+ * eviction walker holds lru->lock and only trylocks a shard.
  *
  * Never held across anything slow: no allocation, no I/O, no wait on another
  * thread happens under a shard or LRU lock here (free() of entry metadata

@@ -22,10 +22,9 @@
  * Refcount invariant: an entry is freed only when it is unlinked and its
  * pins are 0, under its shard lock; pins are taken only under that lock.
  *
- * Lock ordering (full list in docs/architecture.md):
- *   idx_shard->lock > lru->lock > pool->free_lock
- * Never two shard locks at once. The eviction walker holds lru->lock and
- * only trylocks a shard (against the order, so trylock).
+ * Lock order (the tree is in lock.h): every idx_* call takes its locks
+ * (idx_shard->lock, under it lru->lock and pool->free_lock) and drops them
+ * before it returns; call it holding no lock.
  */
 #ifndef KS_INDEX_H
 #define KS_INDEX_H

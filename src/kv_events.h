@@ -13,7 +13,7 @@
  * A full queue drops the report and counts it; the next batch's sequence
  * number then skips one, so a consumer sees the gap.
  *
- * Lock ordering (docs/architecture.md): kve->lock (KV_EVENTS 55) is a leaf
+ * Lock order (the tree is in lock.h): kve->lock (KV_EVENTS 55) is a leaf
  * but for the log ring; it is never held across ZMQ I/O, an allocation or
  * a wait on another thread other than ks_cond_wait_ms on itself.
  */

@@ -1,16 +1,9 @@
 /*
  * pool.c - the host memory pool: one mapping cut into fixed chunk slots.
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * srv_client->lock          (a client's registrations and mappings; reaper)
- *   idx_shard->lock         (one per shard; never two shards at once)
- *     lru->lock             (eviction list; the walker only trylocks shards)
- *       pool->free_lock     (this file: free slot stack)
- *         log ring lock     (log lines; takes nothing)
- *           metrics         (atomics; leaves)
- *
- * pool->free_lock is held only for a push or a pop (and for the one-time
+ * Lock order (the tree is in lock.h): pool->free_lock (POOL) may be taken
+ * under idx_shard->lock and lru->lock; nothing but the log ring is taken
+ * under it. It is held only for a push or a pop (and for the one-time
  * slot configuration), never across anything that blocks or allocates.
  *
  * DESIGN: any thread calls in. The region is reserved once by pool_create()

@@ -7,9 +7,8 @@
  * rounded up to 4 KiB, as LMCache aligns L1 objects. A free stack hands them
  * out; byte counters are atomics so metrics read them without a lock.
  *
- * Lock ordering (full list in docs/architecture.md):
- *   ... lru->lock > pool->free_lock > queue locks > log ring
- * pool->free_lock is taken with at most shard and LRU locks held above it.
+ * Lock order (the tree is in lock.h): pool->free_lock is taken with at most
+ * idx_shard->lock and lru->lock held; nothing but the log ring under it.
  */
 #ifndef KS_POOL_H
 #define KS_POOL_H

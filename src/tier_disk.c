@@ -4,7 +4,7 @@
  * file I/O through io_uring (pread/pwrite fallback).
  *
  * DESIGN: callers (the io thread, transfer workers, tier callbacks) only
- * take td->lock for pointer moves: index lookups, LRU touches, queueing.
+ * take tier_disk->lock for pointer moves: index lookups, LRU touches, queueing.
  * One worker thread owns the ring and every file operation: it opens,
  * checksums, writes "<name>.kvc" under a ".tmp-" name and renames it into
  * place (so a reader never sees a half-written file under the final name),
@@ -19,13 +19,9 @@
  * Files are not fsync'd: this is a cache; a torn file after a crash fails
  * its checksum on read and is dropped. One process per directory (flock).
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * ... idx_shard / lru / pool locks of the caller (lower ranks), then
- *   td->lock                (LOCK_RANK_TIER: index, LRU, queue; a leaf)
- *     log ring
- *
- * Never held across open/read/write/rename/unlink, a callback or a wait.
+ * Lock order (the tree is in lock.h): tier_disk->lock (LOCK_RANK_TIER)
+ * guards the index, LRU and queue; it is taken with no lock held and is a
+ * leaf (only the log ring under it). Never held across open/read/write/rename/unlink, a callback or a wait.
  */
 #include "tier_disk.h"
 
@@ -142,7 +138,7 @@ struct tier_disk {
 
 #define cnt_inc(td, c) atomic_fetch_add_explicit(&(td)->c, 1, memory_order_relaxed)
 
-/* ---- index: chained hash + LRU, all under td->lock ---------------------- */
+/* ---- index: chained hash + LRU, all under tier_disk->lock ---------------------- */
 
 static struct td_ent **do_td_slot(struct tier_disk *td, const struct ks_key *k) REQUIRES(td->lock)
 {

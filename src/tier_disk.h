@@ -6,10 +6,9 @@
  * and finish through a ks_tier_done_fn (chunk_file.h). The index of what is
  * on disk lives in memory, so tier_disk_contains() does no I/O.
  *
- * Lock order: td->lock is LOCK_RANK_TIER (45). Callers may hold locks of
- * lower rank (shard, LRU, pool), none of higher rank (a transfer queue lock),
- * and must not hold another tier's lock. It is never held across I/O or a
- * callback.
+ * Lock order (the tree is in lock.h): tier_disk->lock is LOCK_RANK_TIER,
+ * a leaf taken with no lock held; call in holding none. It is never held
+ * across I/O or a callback.
  */
 #ifndef KS_TIER_DISK_H
 #define KS_TIER_DISK_H
