@@ -61,6 +61,7 @@ struct idx_stats {
 	uint64_t expired_read_locks;	/* entries whose read locks expired (total) */
 	uint64_t expired_writes;	/* write reservations that expired (total) */
 	uint64_t lock_timeouts;	/* shard/LRU lock waits that timed out (total) */
+	uint64_t deferred_releases;	/* unpins/aborts deferred by a lock timeout (total) */
 };
 
 /*
@@ -113,9 +114,11 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 int idx_commit_write(struct idx *ix, struct idx_entry *e);
 /*
  * Drop a reservation; the slot returns to the pool. @e is gone after.
- * If the shard lock times out (a thread is stuck holding it) the entry and
- * its slot are leaked, logged and counted in lock_timeouts, rather than this
- * thread waiting without a deadline. idx_unpin does the same.
+ * If the shard lock times out (a thread is stuck holding it) the release is
+ * deferred rather than this thread waiting without a deadline: logged,
+ * counted in deferred_releases and lock_timeouts, and applied by the next
+ * release, commit or idx_expire() that holds the shard lock. Until then the
+ * entry stays reserved. idx_unpin does the same (the entry stays pinned).
  */
 void idx_abort_write(struct idx *ix, struct idx_entry *e);
 

@@ -38,7 +38,7 @@ struct kve_config {
 	uint32_t buffer_batches;	/* batches kept for replay (>= 1) */
 	bool array_form;		/* vLLM's array_like encoding, else maps (docs/kv-events.md) */
 	uint32_t queue_events;		/* reports queued before drops; 0 = 65536 */
-	uint64_t stall_ms;		/* test hook: the publisher holds its first batch this long */
+	uint64_t stall_ms;		/* fault point kv_events.stall_ms: the first batch waits this long */
 };
 
 struct kve_stats {

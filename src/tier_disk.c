@@ -42,6 +42,7 @@
 #include <unistd.h>
 
 #include "compiler.h"
+#include "fault.h"
 #include "lock.h"
 #include "log.h"
 
@@ -821,7 +822,6 @@ static int td_scan(struct tier_disk *td) NO_THREAD_SAFETY_ANALYSIS	/* no other t
 int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 {
 	struct tier_disk *td;
-	const char *env = getenv("KVSTASH_TIER_DISK_PWRITE");
 	int rc;
 
 	if (!cfg || !cfg->path || !*cfg->path || !cfg->capacity_bytes)
@@ -875,9 +875,11 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 	rc = td_scan(td);
 	if (rc)
 		goto out_index;
-	td->use_uring = !cfg->force_pwrite && !(env && *env && strcmp(env, "0"));
+	td->use_uring = !cfg->force_pwrite;
 	if (td->use_uring) {
-		int urc = io_uring_queue_init(TD_RING_ENTRIES, &td->ring, 0);
+		int urc = ks_fault_fire(KS_FAULT_TIER_DISK_NO_URING)
+				  ? -ENOSYS
+				  : io_uring_queue_init(TD_RING_ENTRIES, &td->ring, 0);
 
 		if (urc) {
 			log_warn("tier_disk: io_uring unavailable (%s); using pread/pwrite",

@@ -27,7 +27,7 @@ struct tier_disk_config {
 	uint64_t capacity_bytes;	/* file bytes (header + payload) kept; LRU evicts above */
 	unsigned queue_depth;		/* requests queued or in flight; beyond: -EAGAIN. 0 = 64 */
 	uint64_t staging_bytes;		/* TIER_PUT_COPY bytes held at once; 0 = 256 MiB */
-	bool force_pwrite;		/* skip io_uring (also env KVSTASH_TIER_DISK_PWRITE=1) */
+	bool force_pwrite;		/* skip io_uring */
 	unsigned lock_timeout_ms;	/* 0 = KS_LOCK_TIMEOUT_MS_DEFAULT */
 	/* Called for each chunk removed for capacity, on the tier's worker (or in
 	 * tier_disk_open) with no lock held; NULL = none. */
