@@ -9,7 +9,7 @@
  * not match the outstanding request (a late answer to a call that timed
  * out) is discarded. Failures leave a message in a thread-local buffer.
  *
- * Lock ordering (full list in docs/architecture.md): client->idle_lock
+ * Lock order (the tree is in lock.h): kvstash_client->idle_lock
  * (LOCK_RANK_CLIENT) guards only the idle stack; nothing else is taken
  * under it and it is never held across a ZMQ call.
  */

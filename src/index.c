@@ -2,14 +2,10 @@
  * index.c - the chunk index: a sharded hash table of cached objects, their
  * states, read locks, pins, the LRU and eviction (see index.h).
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * srv_client->lock          (a client's registrations and mappings; reaper)
- *   idx_shard->lock         (one per shard: hv & shard_mask; never two at once)
- *     lru->lock             (ix->lru; the eviction walker only trylocks shards)
- *       pool->free_lock     (free slot stack)
- *         log ring lock     (log lines; takes nothing)
- *           metrics         (atomics; leaves)
+ * Lock order (the tree is in lock.h): idx_shard->lock (IDX_SHARD) is taken
+ * with no lock held, one shard at a time (hv & shard_mask); under it this
+ * file takes lru->lock (ix->lru) and, freeing a slot, pool->free_lock. The
+ * eviction walker holds lru->lock and only trylocks a shard.
  *
  * Never held across anything slow: no allocation, no I/O, no wait on another
  * thread happens under a shard or LRU lock here (free() of entry metadata
@@ -34,6 +30,11 @@
  *   lock there goes against the order (shard > lru), so the walker only
  *   trylocks and skips entries whose shard is busy: the holder may be waiting
  *   for lru->lock, and blocking on its shard would deadlock with it.
+ * - A release (idx_unpin, idx_abort_write) whose shard lock wait times out
+ *   is deferred, not lost: the reference it drops still holds the entry, so
+ *   the entry goes on its shard's lock-free deferred stack and the next
+ *   release, commit or housekeeping round that holds the shard lock applies
+ *   it (counted in deferred_releases).
  * - Every entry in the books (linked, or unlinked and referenced) owns exactly
  *   one pool slot; slots return to the pool under the shard lock when the
  *   entry is freed, so idx_check_invariants can match entries to slots.
@@ -56,6 +57,7 @@
 #include <string.h>
 
 #include "compiler.h"
+#include "fault.h"
 #include "lock.h"
 #include "log.h"
 #include "lru.h"
@@ -108,6 +110,10 @@ struct idx_entry {
 	bool on_lru;		/* changed under shard lock + lru->lock */
 	uint8_t dq;		/* IDX_DQ_NONE, or the deadline list it is on */
 
+	/* Releases owed (entry_defer_release), applied under the shard lock. */
+	_Atomic uint32_t deferred;
+	struct idx_entry *deferred_next;	/* on the shard's deferred stack while deferred */
+
 	struct ks_key key;
 };
 
@@ -122,6 +128,8 @@ struct idx_shard {
 	struct idx_dq {
 		struct idx_entry *head, *tail;
 	} dq[2] GUARDED_BY(lock);
+	/* Entries owing a deferred release: pushed without the lock, taken whole under it. */
+	_Atomic(struct idx_entry *) deferred;
 
 	/* Books, kept by entry_account(): what idx_get_stats sums. */
 	uint64_t nentries GUARDED_BY(lock);	/* linked */
@@ -155,6 +163,7 @@ struct idx {
 	/* idx_expire_some: the shard the next call starts at, so a budget cut
 	 * short in one shard does not starve the others. */
 	_Atomic uint32_t expire_cursor;
+	_Atomic uint64_t deferred_releases;
 };
 
 /* ---- helpers --------------------------------------------------------------- */
@@ -463,6 +472,93 @@ static void shard_grow(struct idx *ix, struct idx_shard *sh, uint32_t seen)
 	free(old);
 }
 
+/* Drop the reservation of WRITING @e (linked or orphaned); its slot returns to the pool. */
+static void do_entry_abort(struct idx *ix, struct idx_shard *sh, struct idx_entry *e,
+			   struct idx_entry **garbage) REQUIRES(sh->lock)
+{
+	/* A WRITING entry is never on the LRU and has no pins or read locks. */
+	do_dq_remove(sh, e);
+	entry_account(sh, e, -1);
+	chain_remove(e);	/* from the table or the orphan list alike */
+	e->linked = false;
+	e->writer = false;
+	do_entry_release(ix, sh, e, garbage);
+}
+
+/* Drop one pin of @e; frees an orphan at its last pin, else it may rejoin the LRU. */
+static void do_entry_unpin(struct idx *ix, struct idx_shard *sh, struct idx_entry *e,
+			   struct idx_entry **garbage) REQUIRES(sh->lock)
+{
+	if (ks_unlikely(e->pins == 0)) {
+		log_error("index: unpin of slot %u which has no pins", e->slot);
+		return;
+	}
+	entry_account(sh, e, -1);
+	e->pins--;
+	if (!e->linked) {
+		do_orphan_settle(ix, sh, e, garbage);	/* frees it at the last unpin */
+	} else {
+		entry_account(sh, e, +1);
+		do_entry_lru_add(ix, sh, e);
+	}
+}
+
+/*
+ * A release whose shard lock timed out. The pin or reservation it drops
+ * still holds @e, so @e stays alive until it is applied: count it in
+ * e->deferred and, on the step from 0, push @e on the shard's deferred
+ * stack. An entry is pushed only while its count is 0 -> 1 and the settler
+ * reads its link before taking the count, so it is never on the stack twice.
+ */
+static void entry_defer_release(struct idx *ix, struct idx_entry *e, const char *what)
+{
+	struct idx_shard *sh = &ix->shards[e->shard];
+
+	atomic_fetch_add_explicit(&ix->deferred_releases, 1, memory_order_relaxed);
+	if (atomic_fetch_add(&e->deferred, 1) == 0) {
+		struct idx_entry *head = atomic_load(&sh->deferred);
+
+		do
+			e->deferred_next = head;
+		while (!atomic_compare_exchange_weak(&sh->deferred, &head, e));
+	}
+	log_error("index: %s of slot %u deferred: shard lock timed out", what, e->slot);
+}
+
+/* Apply every release owed on @sh's deferred stack. */
+static void do_shard_settle_deferred(struct idx *ix, struct idx_shard *sh,
+				     struct idx_entry **garbage) REQUIRES(sh->lock)
+{
+	struct idx_entry *e;
+
+	if (!atomic_load_explicit(&sh->deferred, memory_order_relaxed))
+		return;
+	e = atomic_exchange(&sh->deferred, NULL);
+	while (e) {
+		struct idx_entry *next = e->deferred_next;
+		uint32_t n = atomic_exchange(&e->deferred, 0);
+
+		if (e->writer) {
+			/* Only its one writer releases a WRITING entry: an abort. */
+			do_entry_abort(ix, sh, e, garbage);
+		} else {
+			while (n--)
+				do_entry_unpin(ix, sh, e, garbage);
+		}
+		e = next;
+	}
+}
+
+/* ks_lock() of the shard lock for the release paths, which fault point idx.release_lock
+ * fails as a timeout. */
+static int release_lock_or_fault(struct idx_shard *sh) TRY_ACQUIRE(0, sh->lock)
+	NO_THREAD_SAFETY_ANALYSIS
+{
+	if (ks_fault_fire(KS_FAULT_IDX_RELEASE_LOCK))
+		return -ETIMEDOUT;
+	return ks_lock(&sh->lock);
+}
+
 /* ---- create / destroy ------------------------------------------------------ */
 
 static uint32_t pow2_at_least(uint64_t x)
@@ -765,18 +861,13 @@ void idx_abort_write(struct idx *ix, struct idx_entry *e)
 	struct idx_shard *sh = &ix->shards[e->shard];
 	struct idx_entry *garbage = NULL;
 
-	if (ks_lock(&sh->lock)) {
+	if (release_lock_or_fault(sh)) {
 		idx_timed_out(ix);
-		log_error("index: reservation of slot %u leaked: shard lock timed out", e->slot);
+		entry_defer_release(ix, e, "abort of the reservation");
 		return;
 	}
-	/* A WRITING entry is never on the LRU and has no pins or read locks. */
-	do_dq_remove(sh, e);
-	entry_account(sh, e, -1);
-	chain_remove(e);	/* from the table or the orphan list alike */
-	e->linked = false;
-	e->writer = false;
-	do_entry_release(ix, sh, e, &garbage);
+	do_shard_settle_deferred(ix, sh, &garbage);
+	do_entry_abort(ix, sh, e, &garbage);
 	ks_unlock(&sh->lock);
 	free_garbage(garbage);
 }
@@ -788,9 +879,10 @@ int idx_commit_write(struct idx *ix, struct idx_entry *e)
 
 	if (ks_lock(&sh->lock)) {
 		idx_timed_out(ix);
-		idx_abort_write(ix, e);	/* tries the lock once more; leaks if that fails too */
+		idx_abort_write(ix, e);	/* tries the lock once more; deferred if that fails too */
 		return -ETIMEDOUT;
 	}
+	do_shard_settle_deferred(ix, sh, &garbage);
 	do_dq_remove(sh, e);
 	entry_account(sh, e, -1);
 	e->writer = false;
@@ -804,6 +896,7 @@ int idx_commit_write(struct idx *ix, struct idx_entry *e)
 	entry_account(sh, e, +1);
 	do_entry_lru_add(ix, sh, e);
 	ks_unlock(&sh->lock);
+	free_garbage(garbage);
 	return 0;
 }
 
@@ -845,24 +938,13 @@ void idx_unpin(struct idx *ix, struct idx_entry *e)
 	struct idx_shard *sh = &ix->shards[e->shard];
 	struct idx_entry *garbage = NULL;
 
-	if (ks_lock(&sh->lock)) {
+	if (release_lock_or_fault(sh)) {
 		idx_timed_out(ix);
-		log_error("index: pin on slot %u leaked: shard lock timed out", e->slot);
+		entry_defer_release(ix, e, "unpin");
 		return;
 	}
-	if (ks_unlikely(e->pins == 0)) {
-		ks_unlock(&sh->lock);
-		log_error("index: unpin of slot %u which has no pins", e->slot);
-		return;
-	}
-	entry_account(sh, e, -1);
-	e->pins--;
-	if (!e->linked) {
-		do_orphan_settle(ix, sh, e, &garbage);	/* frees it at the last unpin */
-	} else {
-		entry_account(sh, e, +1);
-		do_entry_lru_add(ix, sh, e);
-	}
+	do_shard_settle_deferred(ix, sh, &garbage);
+	do_entry_unpin(ix, sh, e, &garbage);
 	ks_unlock(&sh->lock);
 	free_garbage(garbage);
 }
@@ -1088,12 +1170,16 @@ size_t idx_expire_some(struct idx *ix, uint64_t now_ms, size_t budget, bool *mor
 		uint32_t i = (first + k) & ix->shard_mask;
 		struct idx_shard *sh = &ix->shards[i];
 
+		struct idx_entry *garbage = NULL;
+
 		if (ks_lock(&sh->lock)) {
 			idx_timed_out(ix);
 			continue;	/* the next housekeeping round gets it */
 		}
+		do_shard_settle_deferred(ix, sh, &garbage);
 		affected += do_shard_expire(ix, sh, now_ms, &budget, &left);
 		ks_unlock(&sh->lock);
+		free_garbage(garbage);
 		if (left)	/* out of budget here: the next call starts with this shard */
 			atomic_store_explicit(&ix->expire_cursor, i, memory_order_relaxed);
 	}
@@ -1162,6 +1248,7 @@ void idx_get_stats(struct idx *ix, struct idx_stats *st)
 	st->expired_read_locks = atomic_load_explicit(&ix->expired_read_locks, memory_order_relaxed);
 	st->expired_writes = atomic_load_explicit(&ix->expired_writes, memory_order_relaxed);
 	st->lock_timeouts = atomic_load_explicit(&ix->lock_timeouts, memory_order_relaxed);
+	st->deferred_releases = atomic_load_explicit(&ix->deferred_releases, memory_order_relaxed);
 }
 
 /* ---- invariants -------------------------------------------------------------- */

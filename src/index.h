@@ -22,10 +22,9 @@
  * Refcount invariant: an entry is freed only when it is unlinked and its
  * pins are 0, under its shard lock; pins are taken only under that lock.
  *
- * Lock ordering (full list in docs/architecture.md):
- *   idx_shard->lock > lru->lock > pool->free_lock
- * Never two shard locks at once. The eviction walker holds lru->lock and
- * only trylocks a shard (against the order, so trylock).
+ * Lock order (the tree is in lock.h): every idx_* call takes its locks
+ * (idx_shard->lock, under it lru->lock and pool->free_lock) and drops them
+ * before it returns; call it holding no lock.
  */
 #ifndef KS_INDEX_H
 #define KS_INDEX_H
@@ -62,6 +61,7 @@ struct idx_stats {
 	uint64_t expired_read_locks;	/* entries whose read locks expired (total) */
 	uint64_t expired_writes;	/* write reservations that expired (total) */
 	uint64_t lock_timeouts;	/* shard/LRU lock waits that timed out (total) */
+	uint64_t deferred_releases;	/* unpins/aborts deferred by a lock timeout (total) */
 };
 
 /*
@@ -114,9 +114,11 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 int idx_commit_write(struct idx *ix, struct idx_entry *e);
 /*
  * Drop a reservation; the slot returns to the pool. @e is gone after.
- * If the shard lock times out (a thread is stuck holding it) the entry and
- * its slot are leaked, logged and counted in lock_timeouts, rather than this
- * thread waiting without a deadline. idx_unpin does the same.
+ * If the shard lock times out (a thread is stuck holding it) the release is
+ * deferred rather than this thread waiting without a deadline: logged,
+ * counted in deferred_releases and lock_timeouts, and applied by the next
+ * release, commit or idx_expire() that holds the shard lock. Until then the
+ * entry stays reserved. idx_unpin does the same (the entry stays pinned).
  */
 void idx_abort_write(struct idx *ix, struct idx_entry *e);
 

@@ -10,7 +10,7 @@
  * counter and the replay buffer (no lock: only it touches them); sockets
  * bound in kve_create are handed to it by pthread_create (a full barrier).
  *
- * Lock ordering (docs/architecture.md): kve->lock (KV_EVENTS 55) is a leaf
+ * Lock order (the tree is in lock.h): kve->lock (KV_EVENTS 55) is a leaf
  * but for the log ring. The reporting side takes it holding no index, LRU,
  * pool or tier lock (the eviction hook runs with none held); the publisher
  * holds it only to move queued reports to its own list, never across ZMQ

@@ -14,7 +14,7 @@
  * A full queue drops the report and counts it; the next batch's sequence
  * number then skips one, so a consumer sees the gap.
  *
- * Lock ordering (docs/architecture.md): kve->lock (KV_EVENTS 55) is a leaf
+ * Lock order (the tree is in lock.h): kve->lock (KV_EVENTS 55) is a leaf
  * but for the log ring; it is never held across ZMQ I/O, an allocation or
  * a wait on another thread other than ks_cond_wait_ms on itself.
  */
@@ -39,7 +39,7 @@ struct kve_config {
 	uint32_t buffer_batches;	/* batches kept for replay (>= 1) */
 	bool array_form;		/* vLLM's array_like encoding, else maps (docs/kv-events.md) */
 	uint32_t queue_events;		/* reports queued before drops; 0 = 65536 */
-	uint64_t stall_ms;		/* test hook: the publisher holds its first batch this long */
+	uint64_t stall_ms;		/* fault point kv_events.stall_ms: the first batch waits this long */
 };
 
 struct kve_stats {

@@ -9,6 +9,7 @@
 #include <zmq.h>
 
 #include "config.h"
+#include "fault.h"
 #include "http.h"
 #include "lock.h"
 #include "log.h"
@@ -70,6 +71,14 @@ int main(int argc, char **argv)
 	}
 	cfg_format(&cfg, line, sizeof(line));
 	log_config_line(line);
+	rc = ks_fault_configure(getenv(KS_FAULT_ENV), err, sizeof(err));
+	if (rc) {
+		log_error("startup failed: %s=%s", KS_FAULT_ENV, err);
+		log_stop();
+		return 2;
+	}
+	if (getenv(KS_FAULT_ENV) && *getenv(KS_FAULT_ENV))
+		log_warn("fault injection armed: %s=%s", KS_FAULT_ENV, getenv(KS_FAULT_ENV));
 
 	/* A client vanishing mid-reply must not kill us; ZMQ reports it as an error. */
 	signal(SIGPIPE, SIG_IGN);

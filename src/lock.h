@@ -1,27 +1,44 @@
 /*
- * lock.h - kvstash's only mutex and condition variable types.
+ * lock.h - kvstash's only mutex and condition variable types, and the lock
+ * order: the tree below is its one full statement (docs/architecture.md
+ * shows a copy; tests/test_lock_tree.sh fails when the two differ, or when a
+ * comment names a lock that no ks_mutex_init() creates).
  *
- * Every mutex has a rank: its place in the lock order below (and in
- * docs/architecture.md). Debug builds (KS_LOCKDEP) keep a per-thread stack of
- * held locks and abort, naming both locks, when a thread takes a lock whose
- * rank is not strictly below... in the tree, i.e. numerically greater than
- * every rank it already holds. The only way against the order is
- * ks_trylock(), with a comment at the call saying why.
+ * Every mutex has a rank (enum lock_rank). A thread may take a lock only if
+ * its rank is numerically greater than every rank the thread already holds;
+ * debug and sanitizer builds (KS_LOCKDEP) keep a per-thread stack of held
+ * locks and abort, naming both locks, on a violation. The only way against
+ * the order is ks_trylock(), with a comment at the call saying why.
  *
- * Lock ordering (full list in docs/architecture.md):
+ * Lock tree: a lock indented under another is taken while holding it; locks
+ * at the left margin are taken with no kvstash lock held.
  *
- * client->idle_lock         (libkvstash: a client's idle connection stack)
- *   idx_shard->lock         (one per shard; never two shards at once)
- *     lru->lock             (eviction list; the walker only trylocks shards)
- *       pool->free_lock     (free slot stack)
- *         tier locks        (tier_disk index/LRU/queue, tier_redis node queue;
- *                            one at a time; never across tier I/O or callbacks)
- *           queue->lock     (transfer job queues, completion queue; leaves)
- *             log ring lock (log lines; taken from anywhere, takes nothing)
- *               metrics     (atomics; leaves, never take another lock)
+ * kvstash_client->idle_lock  CLIENT 10     libkvstash: a client's idle
+ *                                          connection stack; a leaf
+ * idx_shard->lock            IDX_SHARD 20  one per index shard; never two
+ *   lru->lock                LRU 30        the index's eviction list; its
+ *                                          walker only trylocks a shard
+ *     pool->free_lock        POOL 40       free slot stack (freeing a slot
+ *                                          takes it under a shard lock, with
+ *                                          or without lru->lock)
+ * tier_disk->lock            TIER 45       the disk tier's index, LRU, queue
+ * tr_node->lock              TIER 45       a Redis node's request queue
+ * tier_redis->map_lock       TIER 45       the cluster map's stop flag and
+ *                                          parked redirects
+ * tr_waiter->lock            TIER 45       one tier_redis_exists_wait() answer
+ * xfer_queue->lock           QUEUE 50      a transfer engine's job FIFO and
+ *                                          completion list
+ * kve->lock                  KV_EVENTS 55  the KV event report queue
+ * any lock above
+ *   log ring lock            LOG 60        log lines; takes nothing
  *
- * Never held across a CUDA call, pread/pwrite, zmq_send/zmq_msg_recv, Redis
- * I/O or a wait on another thread (ks_cond_wait releases its own mutex).
+ * The tier, queue and KV event locks are leaves (nothing but the log ring
+ * is taken under them), one at a time. Metrics are _Atomic counters, never a
+ * lock.
+ *
+ * No lock is held across a CUDA call, pread/pwrite, zmq_send/zmq_msg_recv,
+ * Redis I/O, a callback or a wait on another thread (ks_cond_wait_ms
+ * releases its own mutex).
  *
  * Every wait has a CLOCK_MONOTONIC deadline: ks_lock() gives up after the
  * mutex's timeout_ms and returns -ETIMEDOUT with a log line.
@@ -60,10 +77,11 @@ enum lock_rank {
 	LOCK_RANK_IDX_SHARD = 20,
 	LOCK_RANK_LRU = 30,
 	LOCK_RANK_POOL = 40,
-	/* tier_disk->lock, tier_redis node->lock: one at a time, leaves but for the log ring */
+	/* tier_disk->lock, tr_node->lock, tier_redis->map_lock, tr_waiter->lock: leaves */
 	LOCK_RANK_TIER = 45,
+	/* xfer_queue->lock: a leaf */
 	LOCK_RANK_QUEUE = 50,
-	/* kve->lock: the KV event queue (kv_events.c); a leaf but for the log ring */
+	/* kve->lock: the KV event queue (kv_events.c); a leaf */
 	LOCK_RANK_KV_EVENTS = 55,
 	LOCK_RANK_LOG = 60,
 };

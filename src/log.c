@@ -7,7 +7,8 @@
  * out under the lock and writes them to stderr with no lock held. A full ring
  * drops the new line and counts it.
  *
- * Lock ordering: log ring lock is a leaf (see lock.h, docs/architecture.md).
+ * Lock order (the tree is in lock.h): the log ring lock (LOCK_RANK_LOG) may
+ * be taken under any lock and takes none.
  */
 #include "log.h"
 

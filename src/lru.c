@@ -1,14 +1,8 @@
 /*
  * lru.c - intrusive doubly-linked LRU list (see lru.h).
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * idx_shard->lock           (one per shard; never two shards at once)
- *   lru->lock               (this list; the eviction walker only trylocks shards)
- *     pool->free_lock       (free slot stack)
- *
- * Every list operation is O(1) and runs with lru->lock held by the caller;
- * nothing here blocks or allocates.
+ * Lock order: see lru.h. Every list operation is O(1) and runs with
+ * lru->lock held by the caller; nothing here blocks or allocates.
  */
 #include "lru.h"
 

@@ -7,12 +7,9 @@
  * least recently used; an eviction walker starts at lru_tail() and moves
  * towards the head with lru_newer().
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * srv_client->lock          (a client's registrations and mappings; reaper)
- *   idx_shard->lock         (one per shard; never two shards at once)
- *     lru->lock             (this list; the eviction walker only trylocks shards)
- *       pool->free_lock     (free slot stack)
+ * Lock order (the tree is in lock.h): lru->lock (LRU) is taken under
+ * idx_shard->lock; pool->free_lock may be taken under it. The index's
+ * eviction walker holds it and only trylocks a shard.
  *
  * do_lru_* functions need lru->lock held by the caller (the do_ prefix convention); the
  * compiler checks it with -Wthread-safety. A node's links are protected by

@@ -1,16 +1,9 @@
 /*
  * pool.c - the host memory pool: one mapping cut into fixed chunk slots.
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * srv_client->lock          (a client's registrations and mappings; reaper)
- *   idx_shard->lock         (one per shard; never two shards at once)
- *     lru->lock             (eviction list; the walker only trylocks shards)
- *       pool->free_lock     (this file: free slot stack)
- *         log ring lock     (log lines; takes nothing)
- *           metrics         (atomics; leaves)
- *
- * pool->free_lock is held only for a push or a pop (and for the one-time
+ * Lock order (the tree is in lock.h): pool->free_lock (POOL) may be taken
+ * under idx_shard->lock and lru->lock; nothing but the log ring is taken
+ * under it. It is held only for a push or a pop (and for the one-time
  * slot configuration), never across anything that blocks or allocates.
  *
  * DESIGN: any thread calls in. The region is reserved once by pool_create()
@@ -19,6 +12,8 @@
  * pool_configure_slots() with a release store of slot_bytes; readers that see
  * slot_bytes != 0 with an acquire load see the rest. Counters for metrics are
  * atomics written under the lock and read without it.
+ * A free whose free_lock wait times out is not lost: the slot goes on a
+ * lock-free deferred stack that the next holder of the lock drains.
  */
 #include "pool.h"
 
@@ -28,10 +23,13 @@
 #include <sys/mman.h>
 
 #include "compiler.h"
+#include "fault.h"
 #include "lock.h"
 #include "log.h"
 
 #define POOL_HUGEPAGE_BYTES (2ull << 20)
+/* deferred_next[] of a slot that is not on the deferred stack */
+#define POOL_NOT_DEFERRED (UINT32_MAX - 1)
 
 struct pool {
 	struct ks_mutex free_lock;	/* protects free_stack, nfree and in_use */
@@ -54,7 +52,16 @@ struct pool {
 	_Atomic uint64_t used_bytes;
 	_Atomic uint64_t alloc_failures;
 	_Atomic uint64_t bad_frees;
-	_Atomic uint64_t lost_slots;
+	_Atomic uint64_t deferred_frees;
+
+	/*
+	 * Frees that found free_lock timed out: a lock-free stack of slots
+	 * linked through deferred_next, pushed by pool_free without the lock
+	 * and moved to the free stack by the next pool_alloc or pool_free that
+	 * holds it. Pops take the whole stack at once (exchange), so no ABA.
+	 */
+	_Atomic uint32_t deferred_head;	/* POOL_NO_SLOT when empty */
+	_Atomic uint32_t *deferred_next;	/* owns: nslots links, else POOL_NOT_DEFERRED */
 };
 
 /*
@@ -104,6 +111,7 @@ int pool_create(uint64_t region_bytes, struct pool **out)
 	p = calloc(1, sizeof(*p));
 	if (!p)
 		return -ENOMEM;
+	atomic_init(&p->deferred_head, POOL_NO_SLOT);
 	rc = ks_mutex_init(&p->free_lock, LOCK_RANK_POOL, "pool free_lock");
 	if (rc)
 		goto out_free;
@@ -133,6 +141,7 @@ void pool_destroy(struct pool *p)
 	munmap(p->region, p->map_bytes);
 	free(p->free_stack);
 	free(p->in_use);
+	free(p->deferred_next);
 	ks_mutex_destroy(&p->free_lock);
 	free(p);
 }
@@ -142,6 +151,7 @@ int pool_configure_slots(struct pool *p, uint64_t object_bytes)
 	uint64_t slot_bytes, nslots, cur;
 	uint32_t *stack;
 	uint8_t *in_use;
+	_Atomic uint32_t *deferred_next;
 	int rc;
 
 	if (object_bytes == 0)
@@ -162,14 +172,18 @@ int pool_configure_slots(struct pool *p, uint64_t object_bytes)
 	/* Allocate before taking the lock: no allocation under a ks_mutex. */
 	stack = malloc(nslots * sizeof(*stack));
 	in_use = calloc(nslots, 1);
-	if (!stack || !in_use) {
+	deferred_next = malloc(nslots * sizeof(*deferred_next));
+	if (!stack || !in_use || !deferred_next) {
 		free(stack);
 		free(in_use);
+		free(deferred_next);
 		return -ENOMEM;
 	}
 	/* Lowest slot on top, so a fresh pool touches its pages in order. */
-	for (uint64_t i = 0; i < nslots; i++)
+	for (uint64_t i = 0; i < nslots; i++) {
 		stack[i] = (uint32_t)(nslots - 1 - i);
+		atomic_init(&deferred_next[i], POOL_NOT_DEFERRED);
+	}
 
 	rc = ks_lock(&p->free_lock);
 	if (rc)
@@ -184,6 +198,7 @@ int pool_configure_slots(struct pool *p, uint64_t object_bytes)
 	p->nslots = (uint32_t)nslots;
 	p->free_stack = stack;
 	p->in_use = in_use;
+	p->deferred_next = deferred_next;
 	p->nfree = (uint32_t)nslots;
 	atomic_store_explicit(&p->free_slots, (uint32_t)nslots, memory_order_relaxed);
 	atomic_store_explicit(&p->slot_bytes, slot_bytes, memory_order_release);
@@ -195,12 +210,75 @@ int pool_configure_slots(struct pool *p, uint64_t object_bytes)
 out_free:
 	free(stack);
 	free(in_use);
+	free(deferred_next);
 	return rc;
 }
 
 uint64_t pool_slot_bytes(const struct pool *p)
 {
 	return atomic_load_explicit(&p->slot_bytes, memory_order_acquire);
+}
+
+/* Put @slot back on the free stack; a slot already free is counted, not pushed. */
+static void do_pool_push(struct pool *p, uint32_t slot, uint64_t slot_bytes)
+	REQUIRES(p->free_lock)
+{
+	if (!p->in_use[slot]) {
+		/* A second push would hand the slot to two objects at once. */
+		atomic_fetch_add_explicit(&p->bad_frees, 1, memory_order_relaxed);
+		log_error("pool: double free of slot %u ignored", slot);
+		return;
+	}
+	p->in_use[slot] = 0;
+	p->free_stack[p->nfree++] = slot;
+	atomic_store_explicit(&p->free_slots, p->nfree, memory_order_relaxed);
+	atomic_fetch_sub_explicit(&p->used_bytes, slot_bytes, memory_order_relaxed);
+}
+
+/* Move every deferred free onto the free stack. */
+static void do_pool_settle_deferred(struct pool *p, uint64_t slot_bytes) REQUIRES(p->free_lock)
+{
+	uint32_t slot;
+
+	if (atomic_load_explicit(&p->deferred_head, memory_order_relaxed) == POOL_NO_SLOT)
+		return;
+	slot = atomic_exchange(&p->deferred_head, POOL_NO_SLOT);
+	while (slot != POOL_NO_SLOT) {
+		uint32_t next = atomic_load(&p->deferred_next[slot]);
+
+		atomic_store(&p->deferred_next[slot], POOL_NOT_DEFERRED);
+		do_pool_push(p, slot, slot_bytes);
+		slot = next;
+	}
+}
+
+/*
+ * Push @slot on the deferred stack, without the lock. A slot already on it
+ * is a double free: counted and ignored, as under the lock.
+ */
+static void pool_defer_free(struct pool *p, uint32_t slot)
+{
+	uint32_t expect = POOL_NOT_DEFERRED;
+	uint32_t head = atomic_load(&p->deferred_head);
+
+	if (!atomic_compare_exchange_strong(&p->deferred_next[slot], &expect, head)) {
+		atomic_fetch_add_explicit(&p->bad_frees, 1, memory_order_relaxed);
+		log_error("pool: double free of slot %u ignored (already deferred)", slot);
+		return;
+	}
+	while (!atomic_compare_exchange_weak(&p->deferred_head, &head, slot))
+		atomic_store(&p->deferred_next[slot], head);
+	atomic_fetch_add_explicit(&p->deferred_frees, 1, memory_order_relaxed);
+	log_error("pool: free of slot %u deferred: free_lock timed out", slot);
+}
+
+/* ks_lock() of free_lock for pool_free, which fault point pool.free_lock fails as a timeout. */
+static int free_lock_or_fault(struct pool *p) TRY_ACQUIRE(0, p->free_lock)
+	NO_THREAD_SAFETY_ANALYSIS
+{
+	if (ks_fault_fire(KS_FAULT_POOL_FREE_LOCK))
+		return -ETIMEDOUT;
+	return ks_lock(&p->free_lock);
 }
 
 int pool_alloc(struct pool *p, uint32_t *slot)
@@ -213,6 +291,7 @@ int pool_alloc(struct pool *p, uint32_t *slot)
 	rc = ks_lock(&p->free_lock);
 	if (rc)
 		return rc;
+	do_pool_settle_deferred(p, slot_bytes);
 	if (p->nfree == 0) {
 		ks_unlock(&p->free_lock);
 		atomic_fetch_add_explicit(&p->alloc_failures, 1, memory_order_relaxed);
@@ -237,25 +316,15 @@ void pool_free(struct pool *p, uint32_t slot)
 	}
 	/*
 	 * A timed-out lock here means a thread is stuck holding free_lock; waiting
-	 * longer would hang this one too, so the slot is counted lost instead.
+	 * longer would hang this one too, so the slot is deferred instead.
 	 */
-	if (ks_lock(&p->free_lock)) {
-		atomic_fetch_add_explicit(&p->lost_slots, 1, memory_order_relaxed);
-		log_error("pool: slot %u lost: free_lock timed out", slot);
+	if (free_lock_or_fault(p)) {
+		pool_defer_free(p, slot);
 		return;
 	}
-	if (!p->in_use[slot]) {
-		/* A second push would hand the slot to two objects at once. */
-		ks_unlock(&p->free_lock);
-		atomic_fetch_add_explicit(&p->bad_frees, 1, memory_order_relaxed);
-		log_error("pool: double free of slot %u ignored", slot);
-		return;
-	}
-	p->in_use[slot] = 0;
-	p->free_stack[p->nfree++] = slot;
-	atomic_store_explicit(&p->free_slots, p->nfree, memory_order_relaxed);
+	do_pool_settle_deferred(p, slot_bytes);
+	do_pool_push(p, slot, slot_bytes);
 	ks_unlock(&p->free_lock);
-	atomic_fetch_sub_explicit(&p->used_bytes, slot_bytes, memory_order_relaxed);
 }
 
 void *pool_slot_ptr(const struct pool *p, uint32_t slot)
@@ -296,6 +365,6 @@ void pool_get_stats(const struct pool *p, struct pool_stats *st)
 	st->used_bytes = atomic_load_explicit(&p->used_bytes, memory_order_relaxed);
 	st->alloc_failures = atomic_load_explicit(&p->alloc_failures, memory_order_relaxed);
 	st->bad_frees = atomic_load_explicit(&p->bad_frees, memory_order_relaxed);
-	st->lost_slots = atomic_load_explicit(&p->lost_slots, memory_order_relaxed);
+	st->deferred_frees = atomic_load_explicit(&p->deferred_frees, memory_order_relaxed);
 	st->hugepages = p->hugepages;
 }

@@ -7,9 +7,8 @@
  * rounded up to 4 KiB, as LMCache aligns L1 objects. A free stack hands them
  * out; byte counters are atomics so metrics read them without a lock.
  *
- * Lock ordering (full list in docs/architecture.md):
- *   ... lru->lock > pool->free_lock > queue locks > log ring
- * pool->free_lock is taken with at most shard and LRU locks held above it.
+ * Lock order (the tree is in lock.h): pool->free_lock is taken with at most
+ * idx_shard->lock and lru->lock held; nothing but the log ring under it.
  */
 #ifndef KS_POOL_H
 #define KS_POOL_H
@@ -31,7 +30,7 @@ struct pool_stats {
 	uint64_t used_bytes;	/* slots handed out * slot_bytes */
 	uint64_t alloc_failures;	/* pool_alloc() calls that found no free slot */
 	uint64_t bad_frees;	/* pool_free() of a free or out-of-range slot (ignored) */
-	uint64_t lost_slots;	/* pool_free() that could not take the lock in time */
+	uint64_t deferred_frees;	/* pool_free() that found the lock timed out (total) */
 	bool hugepages;		/* region is backed by 2 MiB pages */
 };
 
@@ -65,7 +64,9 @@ int pool_alloc(struct pool *p, uint32_t *slot);
  * Return @slot (from pool_alloc) to the free stack. A slot that is out of
  * range or already free is logged, counted in bad_frees and ignored (pushing
  * it twice would hand it to two objects). If free_lock times out the slot is
- * logged and counted in lost_slots rather than waiting without a deadline.
+ * not lost: it is logged, counted in deferred_frees and put on a lock-free
+ * deferred list that the next pool_alloc or pool_free holding the lock
+ * moves to the free stack (until then it counts as used).
  */
 void pool_free(struct pool *p, uint32_t slot);
 

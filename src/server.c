@@ -36,6 +36,7 @@
  */
 #include "server.h"
 #include "server_priv.h"
+#include "fault.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -745,8 +746,7 @@ static int events_open(struct srv *s)
 		.buffer_batches = s->cfg.kv_events_buffer,
 		.array_form = !strcmp(s->cfg.kv_events_format, "array"),
 	};
-	const char *q = getenv("KVSTASH_TEST_KV_EVENTS_QUEUE");
-	const char *st = getenv("KVSTASH_TEST_KV_EVENTS_STALL_MS");
+	uint64_t queue_events;
 	char err[512];
 	int rc;
 
@@ -756,13 +756,11 @@ static int events_open(struct srv *s)
 		log_error("--kv-events-replay-endpoint needs --kv-events-endpoint");
 		return -EINVAL;
 	}
-	if (q && *q)
-		ec.queue_events = (uint32_t)strtoul(q, NULL, 10);
-	if (st && *st) {
-		ec.stall_ms = strtoull(st, NULL, 10);
-		log_warn("test hook: the KV event publisher stalls %" PRIu64 " ms on its first batch",
+	if (ks_fault_value(KS_FAULT_KV_EVENTS_QUEUE, &queue_events))
+		ec.queue_events = (uint32_t)KS_MIN(queue_events, UINT32_MAX);
+	if (ks_fault_value(KS_FAULT_KV_EVENTS_STALL_MS, &ec.stall_ms))
+		log_warn("fault point: the KV event publisher stalls %" PRIu64 " ms on its first batch",
 			 ec.stall_ms);
-	}
 	rc = kve_create(&ec, &s->kve, err, sizeof(err));
 	if (rc) {
 		log_error("%s", err);
@@ -1077,11 +1075,8 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	atomic_store(&s->io_alive_ms, s->last_tick_ms);
 	for (unsigned e = 0; e < SRV_MAX_ENGINES; e++)
 		atomic_store(&s->probe_done_ms[e], s->last_tick_ms);
-	const char *stall = getenv("KVSTASH_TEST_PROBE_STALL_MS");
-	if (stall && *stall) {
-		s->probe_stall_ms = strtoull(stall, NULL, 10);
-		log_warn("test hook: data-path probes stall %" PRIu64 " ms", s->probe_stall_ms);
-	}
+	if (ks_fault_value(KS_FAULT_PROBE_STALL_MS, &s->probe_stall_ms))
+		log_warn("fault point: data-path probes stall %" PRIu64 " ms", s->probe_stall_ms);
 	*out = s;
 	return 0;
 out_destroy:

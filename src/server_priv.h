@@ -350,7 +350,7 @@ struct srv {
 	_Atomic uint64_t io_alive_ms;
 	_Atomic uint64_t probe_sent_ms[SRV_MAX_ENGINES];	/* 0 = none outstanding */
 	_Atomic uint64_t probe_done_ms[SRV_MAX_ENGINES];
-	uint64_t probe_stall_ms;	/* test hook: KVSTASH_TEST_PROBE_STALL_MS */
+	uint64_t probe_stall_ms;	/* fault point probe.stall_ms */
 	uint64_t cur_recv_ns;		/* receipt time of the request being dispatched */
 	/* Scratch for hashing and key expansion (io thread only). */
 	uint8_t (*hash_buf)[KS_HASH_LEN];

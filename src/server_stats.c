@@ -115,6 +115,10 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	    "STORE reservations that expired (TTL).");
 	ROW("lock_timeouts", "kvstash_lock_timeouts_total", STAT_COUNTER, ks_lock_timeouts_total(),
 	    "Lock waits that hit their deadline.");
+	ROW("deferred_releases", "kvstash_l1_deferred_releases_total", STAT_COUNTER,
+	    is.deferred_releases, "Unpins and aborts deferred because their shard lock timed out.");
+	ROW("deferred_frees", "kvstash_l1_deferred_frees_total", STAT_COUNTER, ps.deferred_frees,
+	    "Slot frees deferred because the pool lock timed out.");
 	ROW("instances", "kvstash_instances", STAT_GAUGE, atomic_load(&s->ninstances),
 	    "Registered engine instances.");
 	ROW("sessions", "kvstash_sessions", STAT_GAUGE, atomic_load(&s->nsessions_pub),

@@ -4,7 +4,7 @@
  * file I/O through io_uring (pread/pwrite fallback).
  *
  * DESIGN: callers (the io thread, transfer workers, tier callbacks) only
- * take td->lock for pointer moves: index lookups, LRU touches, queueing.
+ * take tier_disk->lock for pointer moves: index lookups, LRU touches, queueing.
  * One worker thread owns the ring and every file operation: it opens,
  * checksums, writes "<name>.kvc" under a ".tmp-" name and renames it into
  * place (so a reader never sees a half-written file under the final name),
@@ -19,13 +19,9 @@
  * Files are not fsync'd: this is a cache; a torn file after a crash fails
  * its checksum on read and is dropped. One process per directory (flock).
  *
- * Lock ordering (full list in docs/architecture.md):
- *
- * ... idx_shard / lru / pool locks of the caller (lower ranks), then
- *   td->lock                (LOCK_RANK_TIER: index, LRU, queue; a leaf)
- *     log ring
- *
- * Never held across open/read/write/rename/unlink, a callback or a wait.
+ * Lock order (the tree is in lock.h): tier_disk->lock (LOCK_RANK_TIER)
+ * guards the index, LRU and queue; it is taken with no lock held and is a
+ * leaf (only the log ring under it). Never held across open/read/write/rename/unlink, a callback or a wait.
  */
 #include "tier_disk.h"
 
@@ -46,6 +42,7 @@
 #include <unistd.h>
 
 #include "compiler.h"
+#include "fault.h"
 #include "lock.h"
 #include "log.h"
 
@@ -142,7 +139,7 @@ struct tier_disk {
 
 #define cnt_inc(td, c) atomic_fetch_add_explicit(&(td)->c, 1, memory_order_relaxed)
 
-/* ---- index: chained hash + LRU, all under td->lock ---------------------- */
+/* ---- index: chained hash + LRU, all under tier_disk->lock ---------------------- */
 
 static struct td_ent **do_td_slot(struct tier_disk *td, const struct ks_key *k) REQUIRES(td->lock)
 {
@@ -825,10 +822,6 @@ static int td_scan(struct tier_disk *td) NO_THREAD_SAFETY_ANALYSIS	/* no other t
 int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 {
 	struct tier_disk *td;
-	const char *env = getenv("KVSTASH_TIER_DISK_PWRITE");
-	/* Test hook: a capacity below --disk-size-gb's 1 GiB step, so that a
-	 * test evicts from the disk without writing gigabytes. */
-	const char *cap_env = getenv("KVSTASH_TEST_DISK_CAPACITY_BYTES");
 	int rc;
 
 	if (!cfg || !cfg->path || !*cfg->path || !cfg->capacity_bytes)
@@ -838,8 +831,11 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 		return -ENOMEM;
 	td->dirfd = td->lockfd = td->efd = -1;
 	td->capacity = cfg->capacity_bytes;
-	if (cap_env && strtoull(cap_env, NULL, 10) > 0)
-		td->capacity = strtoull(cap_env, NULL, 10);
+	/* A capacity below --disk-size-gb's 1 GiB step, so that a test evicts
+	 * from the disk without writing gigabytes. */
+	uint64_t test_capacity;
+	if (ks_fault_value(KS_FAULT_TIER_DISK_CAPACITY_BYTES, &test_capacity) && test_capacity)
+		td->capacity = test_capacity;
 	td->evicted_fn = cfg->evicted_fn;
 	td->evicted_arg = cfg->evicted_arg;
 	td->queue_depth = cfg->queue_depth ? cfg->queue_depth : TD_DEFAULT_QUEUE_DEPTH;
@@ -884,9 +880,11 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 	rc = td_scan(td);
 	if (rc)
 		goto out_index;
-	td->use_uring = !cfg->force_pwrite && !(env && *env && strcmp(env, "0"));
+	td->use_uring = !cfg->force_pwrite;
 	if (td->use_uring) {
-		int urc = io_uring_queue_init(TD_RING_ENTRIES, &td->ring, 0);
+		int urc = ks_fault_fire(KS_FAULT_TIER_DISK_NO_URING)
+				  ? -ENOSYS
+				  : io_uring_queue_init(TD_RING_ENTRIES, &td->ring, 0);
 
 		if (urc) {
 			log_warn("tier_disk: io_uring unavailable (%s); using pread/pwrite",

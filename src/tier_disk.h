@@ -6,10 +6,9 @@
  * and finish through a ks_tier_done_fn (chunk_file.h). The index of what is
  * on disk lives in memory, so tier_disk_contains() does no I/O.
  *
- * Lock order: td->lock is LOCK_RANK_TIER (45). Callers may hold locks of
- * lower rank (shard, LRU, pool), none of higher rank (a transfer queue lock),
- * and must not hold another tier's lock. It is never held across I/O or a
- * callback.
+ * Lock order (the tree is in lock.h): tier_disk->lock is LOCK_RANK_TIER,
+ * a leaf taken with no lock held; call in holding none. It is never held
+ * across I/O or a callback.
  */
 #ifndef KS_TIER_DISK_H
 #define KS_TIER_DISK_H
@@ -28,7 +27,7 @@ struct tier_disk_config {
 	uint64_t capacity_bytes;	/* file bytes (header + payload) kept; LRU evicts above */
 	unsigned queue_depth;		/* requests queued or in flight; beyond: -EAGAIN. 0 = 64 */
 	uint64_t staging_bytes;		/* TIER_PUT_COPY bytes held at once; 0 = 256 MiB */
-	bool force_pwrite;		/* skip io_uring (also env KVSTASH_TIER_DISK_PWRITE=1) */
+	bool force_pwrite;		/* skip io_uring */
 	unsigned lock_timeout_ms;	/* 0 = KS_LOCK_TIMEOUT_MS_DEFAULT */
 	/* Called for each chunk removed for capacity, on the tier's worker (or in
 	 * tier_disk_open) with no lock held; NULL = none. */

@@ -38,9 +38,8 @@
  * nodes[] without a lock. A PUT keeps its value until its reply, so a
  * redirected SET can be sent again.
  *
- * Lock ordering (full list in docs/architecture.md):
+ * Lock order (the tree is in lock.h), each taken with no lock held:
  *
- * ... caller's locks of lower rank
  *   tr_node->lock           (LOCK_RANK_TIER: the node's queue; a leaf)
  *   tier_redis->map_lock    (LOCK_RANK_TIER: the cluster map thread's stop
  *                            flag and parked redirects; a leaf, never held

@@ -24,7 +24,8 @@
  * callback; both are counted in notconn. The worker reconnects with
  * exponential backoff (backoff_min_ms doubling to backoff_max_ms).
  *
- * Lock order: each node's lock is LOCK_RANK_TIER (45), a leaf; never held
+ * Lock order (the tree is in lock.h): the tier's locks are LOCK_RANK_TIER
+ * leaves taken with no lock held; call in holding none. They are never held
  * across hiredis calls or callbacks.
  */
 #ifndef KS_TIER_REDIS_H

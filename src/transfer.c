@@ -3,13 +3,13 @@
  *
  * DESIGN: one engine per device (the host backend is one "device"). N
  * workers share its bounded FIFO; the io thread submits with xfer_submit()
- * and never waits. A worker pops a job under queue->lock, drops the lock,
+ * and never waits. A worker pops a job under xfer_queue->lock, drops the lock,
  * runs the job (gather/scatter, CUDA calls, index updates) holding no lock,
  * then pushes it onto the completion list and writes the eventfd (Redis
  * bio.c job_comp_pipe). The io thread polls the eventfd and reaps.
  *
- * Lock ordering (full list in docs/architecture.md):
- *   queue->lock (LOCK_RANK_QUEUE) is a leaf: nothing is taken under it but
+ * Lock order (the tree is in lock.h):
+ *   xfer_queue->lock (LOCK_RANK_QUEUE) is a leaf: nothing is taken under it but
  *   the log ring. It is never held across run(), a write() or a wait other
  *   than ks_cond_wait_ms on its own condition.
  */

@@ -1,5 +1,6 @@
 /*
- * helpers.h - shared test helpers (liburing test/helpers.h style).
+ * helpers.h - shared test helpers (liburing test/helpers.h style):
+ * helpers_pure.c (libc only) and helpers_daemon.c (kvstashd processes).
  *
  * Exit codes: T_EXIT_PASS 0, T_EXIT_FAIL 1, T_EXIT_SKIP 77.
  * CHECK(cond) prints the failing expression with file:line and makes the

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "chunk_file.h"
+#include "fault.h"
 #include "hash.h"
 #include "helpers.h"
 #include "tierwait.h"
@@ -377,20 +378,23 @@ int main(void)
 		test_queue_full(pw);
 		test_disk_full(pw);
 	}
-	/* the environment switch forces the fallback too */
+	/* io_uring failing to start (fault point tier_disk.no_uring) falls back too */
+#ifdef KS_FAULT_INJECTION
 	{
 		char *dir = t_mkdtemp("tierdisk");
+		char err[256];
 		struct tier_disk *td;
 		struct tier_disk_stats st;
 
-		setenv("KVSTASH_TIER_DISK_PWRITE", "1", 1);
+		REQUIRE(ks_fault_configure("tier_disk.no_uring", err, sizeof(err)) == 0);
 		td = open_td(dir, 1 << 20, 0, false);
-		unsetenv("KVSTASH_TIER_DISK_PWRITE");
+		REQUIRE(ks_fault_configure(NULL, err, sizeof(err)) == 0);
 		tier_disk_get_stats(td, &st);
 		CHECK(!st.uring);
 		tier_disk_close(td);
 		t_rmtree(dir);
 		free(dir);
 	}
+#endif
 	return t_result("tier_disk");
 }
