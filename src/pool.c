@@ -94,6 +94,28 @@ static void *pool_map(uint64_t bytes, size_t *map_bytes, bool *huge)
 	return p;
 }
 
+int pool_create_mapped(uint64_t region_bytes, void *region, size_t map_bytes, struct pool **out)
+{
+	struct pool *p;
+	int rc;
+
+	if (region_bytes < POOL_SLOT_ALIGN || !region || map_bytes < region_bytes)
+		return -EINVAL;
+	p = calloc(1, sizeof(*p));
+	if (!p)
+		return -ENOMEM;
+	rc = ks_mutex_init(&p->free_lock, LOCK_RANK_POOL, "pool free_lock");
+	if (rc) {
+		free(p);
+		return rc;
+	}
+	p->region = region;
+	p->map_bytes = map_bytes;
+	p->region_bytes = region_bytes;
+	*out = p;
+	return 0;
+}
+
 int pool_create(uint64_t region_bytes, struct pool **out)
 {
 	struct pool *p;
@@ -196,6 +218,36 @@ out_free:
 	free(stack);
 	free(in_use);
 	return rc;
+}
+
+int pool_take_slots(struct pool *p, const uint8_t *used)
+{
+	uint64_t slot_bytes = pool_slot_bytes(p);
+	uint32_t nfree = 0, taken;
+	int rc;
+
+	if (!slot_bytes)
+		return -ENODEV;
+	rc = ks_lock(&p->free_lock);
+	if (rc)
+		return rc;
+	if (p->nfree != p->nslots) {
+		ks_unlock(&p->free_lock);
+		return -EBUSY;
+	}
+	/* Rebuilt in the same order as a fresh pool: lowest free slot on top. */
+	for (uint32_t i = p->nslots; i-- > 0;) {
+		p->in_use[i] = used[i] ? 1 : 0;
+		if (!used[i])
+			p->free_stack[nfree++] = i;
+	}
+	p->nfree = nfree;
+	taken = p->nslots - nfree;
+	atomic_store_explicit(&p->free_slots, nfree, memory_order_relaxed);
+	ks_unlock(&p->free_lock);
+	atomic_fetch_add_explicit(&p->used_bytes, (uint64_t)taken * slot_bytes,
+				  memory_order_relaxed);
+	return 0;
 }
 
 uint64_t pool_slot_bytes(const struct pool *p)
