@@ -317,11 +317,11 @@ static int try_resume(struct warm *w, struct warm_found *found, void **region)
 		       "files not written by kvstashd");
 	if (rc)
 		REFUSE("cannot read the manifest: %s", strerror(-rc));
+	if (len < 8 || memcmp(buf, WARM_STATE_MAGIC, 8))
+		REFUSE("manifest is not a kvstash state file (bad magic)");
 	if (len < sizeof(*h) + 8)
 		REFUSE("manifest truncated (%zu bytes)", len);
 	h = (const struct warm_state_hdr *)buf;
-	if (memcmp(h->magic, WARM_STATE_MAGIC, 8))
-		REFUSE("manifest is not a kvstash state file (bad magic)");
 	if (h->byte_order != WARM_BYTE_ORDER)
 		REFUSE("manifest written on a machine of another byte order");
 	if (h->version != WARM_FORMAT_VERSION)
