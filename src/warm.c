@@ -99,6 +99,7 @@ struct warm {
 	uint64_t region_bytes, pool_file_bytes;
 	uint32_t chunk_tokens;
 	uint8_t *region;		/* borrowed view (the pool owns the mapping) */
+	int pool_fd;			/* the pool file, read by the checksum pass; -1 */
 	/* The slot table: published once with a release store (journal readers acquire). */
 	struct warm_slots_hdr *slots_map;
 	size_t slots_map_bytes;
@@ -430,6 +431,8 @@ static int try_resume(struct warm *w, struct warm_found *found, void **region)
 	rc = map_pool(w, fd, region);
 	if (rc)
 		REFUSE("cannot map the pool file: %s", strerror(-rc));
+	w->pool_fd = fd;	/* for the checksum pass */
+	fd = -1;
 	found->resumed = true;
 	found->slot_bytes = w->resume_slot_bytes;
 	w->manifest_buf = buf;
@@ -543,6 +546,7 @@ int warm_open(const char *dir, uint64_t region_bytes, uint32_t chunk_tokens, str
 		return -ENOMEM;
 	snprintf(w->dir, sizeof(w->dir), "%s", dir);
 	w->lock_fd = -1;
+	w->pool_fd = -1;
 	w->region_bytes = region_bytes;
 	w->pool_file_bytes = ks_align_up(region_bytes, POOL_SLOT_ALIGN);
 	w->chunk_tokens = chunk_tokens;
@@ -585,6 +589,8 @@ void warm_close(struct warm *w)
 		munmap(w->slots_map, w->slots_map_bytes);
 	if (w->lock_fd >= 0)
 		close(w->lock_fd);	/* drops the flock */
+	if (w->pool_fd >= 0)
+		close(w->pool_fd);
 	free(w->manifest_buf);
 	free(w->regs);
 	free(w);
@@ -663,6 +669,35 @@ struct verify_part {
 	pthread_t thread;
 };
 
+#define VERIFY_BUF_BYTES (1u << 20)
+
+/*
+ * XXH3 of @nbytes of the pool file at @off, read with pread() into @buf
+ * rather than through the shared mapping: a fresh mapping of a tmpfs file
+ * takes a page fault (and a TLB miss) per 4 KiB page, which made the pass
+ * 10x slower than the kernel's copy from its direct map (measured: 1 GiB
+ * in 2.9 s mapped, 0.3 s read). A read error reads as a mismatch.
+ */
+static bool object_sum_ok(int fd, uint8_t *buf, uint64_t off, uint64_t nbytes, uint64_t want)
+{
+	XXH3_state_t st;
+
+	XXH3_64bits_reset(&st);
+	while (nbytes) {
+		size_t n = (size_t)KS_MIN(nbytes, (uint64_t)VERIFY_BUF_BYTES);
+		ssize_t got = pread(fd, buf, n, (off_t)off);
+
+		if (got < 0 && errno == EINTR)
+			continue;
+		if (got <= 0)
+			return false;
+		XXH3_64bits_update(&st, buf, (size_t)got);
+		off += (uint64_t)got;
+		nbytes -= (uint64_t)got;
+	}
+	return XXH3_64bits_digest(&st) == want;
+}
+
 static bool key_sane(const struct ks_key *k)
 {
 	if (k->model_len > KS_MODEL_MAX || k->model[k->model_len] != '\0')
@@ -676,6 +711,7 @@ static bool key_sane(const struct ks_key *k)
 static void *verify_run(void *arg)
 {
 	struct verify_part *vp = arg;
+	uint8_t *buf = malloc(VERIFY_BUF_BYTES);
 
 	for (uint32_t i = vp->from; i < vp->to; i++) {
 		const struct warm_rec *r = &vp->recs[i];
@@ -689,6 +725,10 @@ static void *verify_run(void *arg)
 			   r->nbytes > vp->slot_bytes || !key_sane(&r->key) ||
 			   r->rec_sum != rec_sum_of(r)) {
 			vp->verdict[i] = V_RECORD;
+		} else if (buf && vp->w->pool_fd >= 0) {
+			vp->bytes += r->nbytes;
+			vp->verdict[i] = object_sum_ok(vp->w->pool_fd, buf, (uint64_t)i * vp->slot_bytes,
+						       r->nbytes, r->data_sum) ? V_OK : V_CHECKSUM;
 		} else {
 			vp->bytes += r->nbytes;
 			vp->verdict[i] = XXH3_64bits(vp->w->region + (uint64_t)i * vp->slot_bytes,
@@ -696,6 +736,7 @@ static void *verify_run(void *arg)
 										 V_CHECKSUM;
 		}
 	}
+	free(buf);
 	return NULL;
 }
 
