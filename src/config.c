@@ -91,6 +91,13 @@ static const struct cfg_opt cfg_opts[] = {
 	  "first telling request uses; march or current serve only that one" },
 	{ "cuda", NULL, CFG_ENUM, F(cuda), "auto", 0, 0, "auto|off",
 	  "serve CUDA IPC registrations on every visible GPU (auto) or host buffers only (off)" },
+	{ "state-dir", NULL, CFG_STR, F(state_dir), "", 0, 0, NULL,
+	  "warm restart: keep the pool in a file in this directory (on tmpfs, e.g. "
+	  "/dev/shm/kvstash) with its index and the registrations, so that a restarted "
+	  "kvstashd (same version or an upgrade) serves the chunks cached before and keeps "
+	  "the engines' registrations (docs/operations.md, \"Warm restart\"); a state that does not match "
+	  "(--pool-size, --chunk-size, format version) is set aside and the start is empty; "
+	  "empty = off" },
 	{ "disk-path", NULL, CFG_STR, F(disk_path), "", 0, 0, NULL,
 	  "directory for the L2 disk tier (evicted chunks are written there, found again "
 	  "after a restart); empty = no disk tier" },

@@ -34,6 +34,7 @@ struct srv_config {
 	char owner_check[8];
 	char io_priority[16];	/* realtime | nice | normal: the io and libzmq I/O threads */
 	char protocol[16];	/* auto | march | current: the wire dialect(s) served */
+	char state_dir[512];	/* --state-dir: warm restart state (warm.c); empty = off */
 	char disk_path[512];
 	uint32_t disk_size_gb;
 	char redis_url[1024];

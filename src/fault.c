@@ -25,6 +25,8 @@ static const struct {
 	[KS_FAULT_KV_EVENTS_QUEUE] = { "kv_events.queue", true },
 	[KS_FAULT_KV_EVENTS_STALL_MS] = { "kv_events.stall_ms", true },
 	[KS_FAULT_PROBE_STALL_MS] = { "probe.stall_ms", true },
+	[KS_FAULT_STORE_STALL_MS] = { "store.stall_ms", true },
+	[KS_FAULT_PIN_MS_PER_GIB] = { "pin.ms_per_gib", true },
 };
 
 static struct {
@@ -55,9 +57,15 @@ static int arm_one(const char *item, size_t len, char *err, size_t errlen)
 		if (strlen(points[i].name) == nlen && !memcmp(points[i].name, item, nlen))
 			break;
 	if (i == KS_FAULT_NPOINTS) {
-		snprintf(err, errlen, "fault point '%.*s' unknown (known: idx.release_lock, "
-			 "pool.free_lock, tier_disk.no_uring, tier_disk.capacity_bytes=N, kv_events.queue=N, "
-			 "kv_events.stall_ms=N, probe.stall_ms=N)", (int)nlen, item);
+		char known[512];
+		size_t used = 0;
+
+		known[0] = '\0';
+		for (int k = 0; k < KS_FAULT_NPOINTS && used < sizeof(known); k++)
+			used += (size_t)snprintf(known + used, sizeof(known) - used, "%s%s%s",
+						 k ? ", " : "", points[k].name,
+						 points[k].has_value ? "=N" : "");
+		snprintf(err, errlen, "fault point '%.*s' unknown (known: %s)", (int)nlen, item, known);
 		return -EINVAL;
 	}
 	if (eq) {

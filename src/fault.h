@@ -46,6 +46,12 @@ enum ks_fault_point {
 	KS_FAULT_KV_EVENTS_STALL_MS,
 	/* "probe.stall_ms=N" (value): every data-path probe job sleeps N ms. */
 	KS_FAULT_PROBE_STALL_MS,
+	/* "store.stall_ms=N" (value): each host STORE chunk waits N ms after its
+	 * copy, before its commit (a crash in the middle of a STORE). */
+	KS_FAULT_STORE_STALL_MS,
+	/* "pin.ms_per_gib=N" (value): background pinning of the pool takes at
+	 * least N ms per GiB (a slow pin on a small test pool). */
+	KS_FAULT_PIN_MS_PER_GIB,
 	KS_FAULT_NPOINTS
 };
 

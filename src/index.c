@@ -157,6 +157,7 @@ struct idx {
 	_Atomic uint64_t evictions;
 	idx_evict_fn evict_fn;	/* set before use, read-only after */
 	void *evict_arg;
+	struct idx_journal journal;	/* idx_set_journal; all NULL: none */
 	_Atomic uint64_t expired_read_locks;
 	_Atomic uint64_t expired_writes;
 	_Atomic uint64_t lock_timeouts;
@@ -380,6 +381,8 @@ static void do_entry_release(struct idx *ix, struct idx_shard *sh, struct idx_en
 			     struct idx_entry **garbage) REQUIRES(sh->lock)
 {
 	(void)sh;	/* only for the REQUIRES annotation: the slot goes back under it */
+	if (ix->journal.freed)
+		ix->journal.freed(ix->journal.arg, e->slot);
 	pool_free(ix->pool, e->slot);
 	e->hnext = *garbage;
 	*garbage = e;
@@ -746,6 +749,57 @@ void idx_set_low_watermark(struct idx *ix, uint32_t slots)
 	atomic_store(&ix->low_wm, slots ? slots : 1);
 }
 
+void idx_set_journal(struct idx *ix, const struct idx_journal *j)
+{
+	if (j)
+		ix->journal = *j;
+	else
+		memset(&ix->journal, 0, sizeof(ix->journal));
+}
+
+int idx_restore_ready(struct idx *ix, const struct ks_key *k, uint32_t slot, uint64_t nbytes)
+{
+	uint64_t slot_bytes = pool_slot_bytes(ix->pool);
+	uint64_t hv = ks_key_hash64(k);
+	struct idx_shard *sh = shard_of(ix, hv);
+	struct idx_entry *e;
+	uint32_t seen_buckets = 0;
+
+	if (!slot_bytes || slot >= pool_nslots(ix->pool))
+		return -EINVAL;
+	if (nbytes == 0 || nbytes > slot_bytes)
+		return -E2BIG;
+	e = calloc(1, sizeof(*e));
+	if (!e)
+		return -ENOMEM;
+	e->key = *k;
+	e->hv = hv;
+	e->shard = (uint32_t)(hv & ix->shard_mask);
+	e->slot = slot;
+	e->nbytes = nbytes;
+	e->linked = true;
+	lru_node_init(&e->lru);
+	if (ks_lock(&sh->lock)) {
+		free(e);
+		return idx_timed_out(ix);
+	}
+	if (do_shard_find(sh, hv, k)) {
+		ks_unlock(&sh->lock);
+		free(e);
+		return -EEXIST;
+	}
+	chain_insert(&sh->buckets[bucket_of(sh->nbuckets, hv)], e);
+	entry_account(sh, e, +1);
+	do_entry_lru_add(ix, sh, e);
+	if (sh->nentries > (uint64_t)sh->nbuckets * IDX_LOAD_FACTOR &&
+	    sh->nbuckets < IDX_MAX_BUCKETS)
+		seen_buckets = sh->nbuckets;
+	ks_unlock(&sh->lock);
+	if (seen_buckets)
+		shard_grow(ix, sh, seen_buckets);
+	return 0;
+}
+
 void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg)
 {
 	ix->evict_arg = arg;
@@ -811,6 +865,9 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 	rc = reserve_slot(ix, &slot);
 	if (rc)
 		return rc;
+	/* Before the caller writes a byte: a crash from here on drops the slot. */
+	if (ix->journal.writing)
+		ix->journal.writing(ix->journal.arg, slot);
 	e = calloc(1, sizeof(*e));
 	if (!e) {
 		rc = -ENOMEM;
@@ -852,6 +909,8 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 out_free_entry:
 	free(e);
 out_free_slot:
+	if (ix->journal.freed)
+		ix->journal.freed(ix->journal.arg, slot);
 	pool_free(ix->pool, slot);
 	return rc;
 }
@@ -877,6 +936,14 @@ int idx_commit_write(struct idx *ix, struct idx_entry *e)
 	struct idx_shard *sh = &ix->shards[e->shard];
 	struct idx_entry *garbage = NULL;
 
+	/*
+	 * Journal first, with no lock held (it checksums the object): while we
+	 * are the writer nobody else frees the slot, so its record cannot be
+	 * marked free before this READY lands, only after.
+	 */
+	if (ix->journal.ready)
+		ix->journal.ready(ix->journal.arg, e->slot, &e->key, pool_slot_ptr(ix->pool, e->slot),
+				  e->nbytes);
 	if (ks_lock(&sh->lock)) {
 		idx_timed_out(ix);
 		idx_abort_write(ix, e);	/* tries the lock once more; deferred if that fails too */

@@ -188,6 +188,43 @@ typedef void (*idx_evict_fn)(void *arg, const struct ks_key *k, const void *data
 /* Install @fn (NULL: none). Call before other threads use @ix. */
 void idx_set_evict_hook(struct idx *ix, idx_evict_fn fn, void *arg);
 
+/* ---- slot journal (warm restart, --state-dir) ---- */
+
+/*
+ * What the index tells a persistent slot table about each slot, so that a
+ * kvstashd killed at any instant leaves a table that names only complete
+ * objects (warm.c):
+ * - writing: @slot was just taken for a reservation; called before the
+ *   reservation is returned, so before any byte of the new object lands.
+ * - ready: the object in @slot is complete; called by idx_commit_write
+ *   before the entry becomes READY (and before any other thread can free
+ *   it), with no lock held: @data is the slot, readable for @nbytes.
+ * - freed: @slot goes back to the pool (eviction, CLEAR, abort, a lost
+ *   commit); called under the entry's shard lock, so it must only store.
+ * Each runs on the thread that changes the slot; the slot's owner is the
+ * only writer of its record, so the callbacks need no lock of their own.
+ */
+struct idx_journal {
+	void (*writing)(void *arg, uint32_t slot);
+	void (*ready)(void *arg, uint32_t slot, const struct ks_key *k, const void *data,
+		      uint64_t nbytes);
+	void (*freed)(void *arg, uint32_t slot);
+	void *arg;
+};
+/*
+ * Install @j (copied; NULL: none). Call before other threads use @ix, or
+ * after they stopped: idx_destroy() must not journal its frees (the objects
+ * are not gone, the process is), so the caller detaches it first.
+ */
+void idx_set_journal(struct idx *ix, const struct idx_journal *j);
+/*
+ * Link a READY entry for @k that owns @slot (already taken from the pool
+ * with pool_take_slots), for a warm restart. Returns 0, -EEXIST if @k is
+ * linked already (the caller returns the slot), -E2BIG if @nbytes exceeds
+ * the slot size, -ENOMEM, -ETIMEDOUT. Not journaled: the record is there.
+ */
+int idx_restore_ready(struct idx *ix, const struct ks_key *k, uint32_t slot, uint64_t nbytes);
+
 /* ---- housekeeping ---- */
 
 /*

@@ -101,6 +101,41 @@ static void *pool_map(uint64_t bytes, size_t *map_bytes, bool *huge)
 	return p;
 }
 
+/* The pool's bookkeeping without its memory: 0 or -errno. */
+static int pool_new(struct pool **out)
+{
+	struct pool *p = calloc(1, sizeof(*p));
+	int rc;
+
+	if (!p)
+		return -ENOMEM;
+	atomic_init(&p->deferred_head, POOL_NO_SLOT);
+	rc = ks_mutex_init(&p->free_lock, LOCK_RANK_POOL, "pool free_lock");
+	if (rc) {
+		free(p);
+		return rc;
+	}
+	*out = p;
+	return 0;
+}
+
+int pool_create_mapped(uint64_t region_bytes, void *region, size_t map_bytes, struct pool **out)
+{
+	struct pool *p;
+	int rc;
+
+	if (region_bytes < POOL_SLOT_ALIGN || !region || map_bytes < region_bytes)
+		return -EINVAL;
+	rc = pool_new(&p);
+	if (rc)
+		return rc;
+	p->region = region;
+	p->map_bytes = map_bytes;
+	p->region_bytes = region_bytes;
+	*out = p;
+	return 0;
+}
+
 int pool_create(uint64_t region_bytes, struct pool **out)
 {
 	struct pool *p;
@@ -108,30 +143,21 @@ int pool_create(uint64_t region_bytes, struct pool **out)
 
 	if (region_bytes < POOL_SLOT_ALIGN || region_bytes > SIZE_MAX - POOL_SLOT_ALIGN)
 		return -EINVAL;
-	p = calloc(1, sizeof(*p));
-	if (!p)
-		return -ENOMEM;
-	atomic_init(&p->deferred_head, POOL_NO_SLOT);
-	rc = ks_mutex_init(&p->free_lock, LOCK_RANK_POOL, "pool free_lock");
+	rc = pool_new(&p);
 	if (rc)
-		goto out_free;
+		return rc;
 	p->region = pool_map(region_bytes, &p->map_bytes, &p->hugepages);
 	if (!p->region) {
-		rc = -ENOMEM;
 		log_error("pool: mmap of %llu bytes failed", (unsigned long long)region_bytes);
-		goto out_mutex;
+		ks_mutex_destroy(&p->free_lock);
+		free(p);
+		return -ENOMEM;
 	}
 	p->region_bytes = region_bytes;
 	log_info("pool: %llu bytes at %p (%s pages)", (unsigned long long)region_bytes,
 		 (void *)p->region, p->hugepages ? "2 MiB" : "4 KiB");
 	*out = p;
 	return 0;
-
-out_mutex:
-	ks_mutex_destroy(&p->free_lock);
-out_free:
-	free(p);
-	return rc;
 }
 
 void pool_destroy(struct pool *p)
@@ -212,6 +238,36 @@ out_free:
 	free(in_use);
 	free(deferred_next);
 	return rc;
+}
+
+int pool_take_slots(struct pool *p, const uint8_t *used)
+{
+	uint64_t slot_bytes = pool_slot_bytes(p);
+	uint32_t nfree = 0, taken;
+	int rc;
+
+	if (!slot_bytes)
+		return -ENODEV;
+	rc = ks_lock(&p->free_lock);
+	if (rc)
+		return rc;
+	if (p->nfree != p->nslots) {
+		ks_unlock(&p->free_lock);
+		return -EBUSY;
+	}
+	/* Rebuilt in the same order as a fresh pool: lowest free slot on top. */
+	for (uint32_t i = p->nslots; i-- > 0;) {
+		p->in_use[i] = used[i] ? 1 : 0;
+		if (!used[i])
+			p->free_stack[nfree++] = i;
+	}
+	p->nfree = nfree;
+	taken = p->nslots - nfree;
+	atomic_store_explicit(&p->free_slots, nfree, memory_order_relaxed);
+	ks_unlock(&p->free_lock);
+	atomic_fetch_add_explicit(&p->used_bytes, (uint64_t)taken * slot_bytes,
+				  memory_order_relaxed);
+	return 0;
 }
 
 uint64_t pool_slot_bytes(const struct pool *p)

@@ -39,6 +39,12 @@ struct pool_stats {
  * a size under one 4 KiB page, -ENOMEM when the mapping fails.
  */
 int pool_create(uint64_t region_bytes, struct pool **out);
+/*
+ * The same over a region the caller mapped (--state-dir: a MAP_SHARED file,
+ * warm.c): @region of @map_bytes >= @region_bytes passes to the pool, which
+ * munmaps it in pool_destroy. 0, -EINVAL, -ENOMEM.
+ */
+int pool_create_mapped(uint64_t region_bytes, void *region, size_t map_bytes, struct pool **out);
 void pool_destroy(struct pool *p);
 
 /*
@@ -51,6 +57,14 @@ void pool_destroy(struct pool *p);
  * region_bytes / slot_bytes; the tail of the region that fits no slot is unused.
  */
 int pool_configure_slots(struct pool *p, uint64_t object_bytes);
+
+/*
+ * Warm restart: take the slots whose @used[slot] is non-zero ([nslots]) out
+ * of the free stack, right after pool_configure_slots() and before any
+ * pool_alloc(). 0, -ENODEV before configuration, -EBUSY once a slot was
+ * handed out, -ETIMEDOUT.
+ */
+int pool_take_slots(struct pool *p, const uint8_t *used);
 
 /* Slot size in bytes, 0 before pool_configure_slots(). */
 uint64_t pool_slot_bytes(const struct pool *p);

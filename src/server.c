@@ -45,6 +45,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -230,6 +231,11 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 	}
 	memcpy(in->owner, a->identity, a->identity_len);
 	in->owner_len = a->identity_len;
+	in->owner_pid = registry_owner_pid(rq);
+	if (s->warm && s->cur_type_frame &&
+	    registry_keep_frames(in, rq->dialect, s->cur_type_frame, s->cur_args, s->cur_nargs))
+		log_warn("instance %" PRId64 ": out of memory keeping its registration: it will "
+			 "not survive a restart", in->id);
 	if (in->device >= 0) {
 		/* IPC handles are opened by the device's workers; the reply waits for it. */
 		struct srv_xfer_job *j = calloc(1, sizeof(*j));
@@ -512,6 +518,9 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		args[i - 3].data = zmq_msg_data(&frames[i]);
 		args[i - 3].len = zmq_msg_size(&frames[i]);
 	}
+	s->cur_type_frame = &type_frame;
+	s->cur_args = args;
+	s->cur_nargs = nframes - 3;
 	memset(&rq, 0, sizeof(rq));
 	conn = conn_get(s, a.identity, a.identity_len);
 	dialect = conn ? conn->dialect : s->pinned_dialect;
@@ -669,6 +678,7 @@ static void reap_instances(struct srv *s, uint64_t now)
 {
 	uint64_t timeout = (uint64_t)s->cfg.client_timeout_s * 1000;
 	uint64_t grace = (uint64_t)s->cfg.registration_grace_s * 1000;
+	bool reaped = false;
 
 	for (struct srv_instance **pp = &s->instances; *pp;) {
 		struct srv_instance *in = *pp;
@@ -687,7 +697,10 @@ static void reap_instances(struct srv *s, uint64_t now)
 		*pp = in->next;
 		in->next = NULL;
 		instance_put(in);
+		reaped = true;
 	}
+	if (reaped)
+		registry_persist(s, false);
 }
 
 /* True when a housekeeping tick is due (parked WAITs check their deadlines then). */
@@ -769,7 +782,9 @@ static int events_open(struct srv *s)
 	log_info("KV cache events on %s%s%s (topic '%s', %u batches kept)",
 		 s->cfg.kv_events_endpoint, s->cfg.kv_events_replay_endpoint[0] ? ", replay on " : "",
 		 s->cfg.kv_events_replay_endpoint, s->cfg.kv_events_topic, s->cfg.kv_events_buffer);
-	kve_cleared(s->kve);
+	/* A warm restart keeps what consumers were told; a cold start drops it all. */
+	if (!s->warm_found.resumed)
+		kve_cleared(s->kve);
 	return 0;
 }
 
@@ -889,6 +904,98 @@ static int cuda_setup(struct srv *s)
 }
 
 /*
+ * The host pool: anonymous memory, or with --state-dir the pool file there
+ * (a matching state resumed, anything else set aside: warm.c).
+ */
+static int pool_open(struct srv *s)
+{
+	const struct srv_config *cfg = &s->cfg;
+	char err[512];
+	size_t map_bytes = 0;
+	void *region = NULL;
+	int rc;
+
+	if (!cfg->state_dir[0]) {
+		rc = pool_create(cfg->pool_bytes, &s->pool);
+		if (rc)
+			log_error("host pool of %" PRIu64 " bytes: %s", cfg->pool_bytes,
+				  strerror(-rc));
+		return rc;
+	}
+	rc = warm_open(cfg->state_dir, cfg->pool_bytes, cfg->chunk_tokens, &s->warm, &region,
+		       &map_bytes, &s->warm_found, err, sizeof(err));
+	if (rc) {
+		log_error("--state-dir %s: %s", cfg->state_dir, err);
+		return rc;
+	}
+	if (s->warm_found.refused)
+		log_warn("--state-dir %s: previous state refused: %s; moved its index to %s/rejected, "
+			 "starting empty", cfg->state_dir, s->warm_found.why, cfg->state_dir);
+	rc = pool_create_mapped(cfg->pool_bytes, region, map_bytes, &s->pool);
+	if (rc) {
+		munmap(region, map_bytes);
+		log_error("host pool of %" PRIu64 " bytes: %s", cfg->pool_bytes, strerror(-rc));
+		return rc;
+	}
+	log_info("pool: %" PRIu64 " bytes in %s/pool (shared file, %s)", cfg->pool_bytes,
+		 cfg->state_dir, s->warm_found.resumed ? "resumed" : "new");
+	return 0;
+}
+
+/*
+ * --state-dir, after the engines exist: the resumed index and registrations.
+ * Nothing here fails the start: what cannot be resumed is dropped, logged.
+ */
+static void warm_start(struct srv *s)
+{
+	struct warm_restored r = { 0 };
+	struct idx_journal j;
+	unsigned resumed = 0, dropped = 0;
+	uint64_t t0 = ks_now_ms();
+	int rc;
+
+	if (s->warm_found.slot_bytes) {
+		rc = pool_configure_slots(s->pool, s->warm_found.slot_bytes);
+		if (rc == 0)
+			idx_set_low_watermark(s->idx, (uint32_t)((uint64_t)pool_nslots(s->pool) *
+								 s->cfg.evict_watermark_pct / 100));
+		else
+			log_error("state dir: cannot cut the pool into %" PRIu64 "-byte slots: %s",
+				  s->warm_found.slot_bytes, strerror(-rc));
+	}
+	rc = warm_restore(s->warm, s->pool, s->idx, &r);
+	if (rc)
+		log_error("state dir: the resumed index was not restored: %s", strerror(-rc));
+	warm_journal(s->warm, &j);
+	idx_set_journal(s->idx, &j);
+	registry_restore(s, &resumed, &dropped);
+	/* CUDA registrations: their handles are opened by the device's workers. */
+	while (s->restore_pending && ks_now_ms() - t0 < SRV_RESTORE_WAIT_MS) {
+		drain_completions(s);
+		if (s->restore_pending)
+			usleep(1000);
+	}
+	if (s->restore_pending)
+		log_warn("state dir: %u CUDA registration(s) still opening after %d ms: they join "
+			 "the registry when done", s->restore_pending, SRV_RESTORE_WAIT_MS);
+	resumed -= s->restore_failed;
+	dropped += s->restore_failed;
+	registry_persist(s, false);
+	if (!s->warm_found.resumed) {
+		log_info("state dir %s: no state to resume, starting empty", s->cfg.state_dir);
+		return;
+	}
+	log_info("warm restart from %s (%s): %" PRIu64 " chunk(s) resumed, %" PRIu64 " dropped "
+		 "(%" PRIu64 " not READY at the exit, %" PRIu64 " checksum mismatch, %" PRIu64
+		 " bad record or duplicate), %u registration(s) resumed, %u dropped; %.1f MiB "
+		 "checksummed in %.3f s", s->cfg.state_dir,
+		 s->warm_found.clean ? "clean shutdown" : "after a crash: no snapshot at exit",
+		 r.chunks, r.dropped_writing + r.dropped_checksum + r.dropped_record,
+		 r.dropped_writing, r.dropped_checksum, r.dropped_record, resumed, dropped,
+		 (double)r.verified_bytes / (1 << 20), r.verify_s);
+}
+
+/*
  * Raise the calling thread to --io-priority: SCHED_FIFO, else nice -10, else
  * nothing, each step down when not permitted. Returns what it got (a
  * string for the log) and sets *why to the refusal that made it step down.
@@ -993,11 +1100,9 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	for (size_t i = 0; i < SRV_JOB_SLOTS; i++)
 		s->jobs[i].id = -1;
 
-	rc = pool_create(cfg->pool_bytes, &s->pool);
-	if (rc) {
-		log_error("host pool of %" PRIu64 " bytes: %s", cfg->pool_bytes, strerror(-rc));
+	rc = pool_open(s);
+	if (rc)
 		goto out_destroy;
-	}
 	while (shards < cfg->shards)
 		shards <<= 1;
 	icfg.nshards = shards;
@@ -1027,6 +1132,8 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	rc = cuda_setup(s);
 	if (rc)
 		goto out_destroy;
+	if (s->warm)
+		warm_start(s);
 	s->stop_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 	if (s->stop_fd < 0) {
 		rc = -errno;
@@ -1077,6 +1184,9 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		atomic_store(&s->probe_done_ms[e], s->last_tick_ms);
 	if (ks_fault_value(KS_FAULT_PROBE_STALL_MS, &s->probe_stall_ms))
 		log_warn("fault point: data-path probes stall %" PRIu64 " ms", s->probe_stall_ms);
+	if (ks_fault_value(KS_FAULT_STORE_STALL_MS, &s->store_stall_ms))
+		log_warn("fault point: each host STORE chunk waits %" PRIu64 " ms before its commit",
+			 s->store_stall_ms);
 	*out = s;
 	return 0;
 out_destroy:
@@ -1211,6 +1321,15 @@ int srv_run(struct srv *s)
 		xfer_engine_stop(s->engines[e], SRV_DRAIN_MS);
 	drain_completions(s);
 	s->io_running = false;
+	if (s->warm) {
+		/* Every transfer drained: the slot table names exactly what is READY. */
+		uint64_t t0 = ks_now_ns();
+
+		registry_persist(s, true);
+		log_info("state saved in %s: %" PRIu64 " chunk(s) READY, %" PRIu64 " registration(s), "
+			 "%.1f ms", s->cfg.state_dir, warm_ready_count(s->warm),
+			 atomic_load(&s->ninstances), (double)(ks_now_ns() - t0) / 1e6);
+	}
 	log_info("stopped");
 	return 0;
 }
@@ -1255,12 +1374,16 @@ void srv_destroy(struct srv *s)
 	auth_stop(s->auth);
 	if (s->zctx)
 		zmq_ctx_term(s->zctx);
-	if (s->idx)
+	if (s->idx) {
+		/* Tearing the index down frees no object: the slot table keeps them. */
+		idx_set_journal(s->idx, NULL);
 		idx_destroy(s->idx);
+	}
 	if (s->pool_pinned)
 		xfer_cuda_host_unregister(pool_region(s->pool));
 	if (s->pool)
 		pool_destroy(s->pool);
+	warm_close(s->warm);
 	if (s->stop_fd >= 0)
 		close(s->stop_fd);
 	waits_free(s);

@@ -26,6 +26,7 @@
 #include "protocol.h"
 #include "transfer.h"
 #include "transfer_cuda.h"
+#include "warm.h"
 
 /* Engines: [0] the host backend, [1 + d] CUDA device d. */
 #define SRV_MAX_DEVICES 16
@@ -35,6 +36,8 @@
 #define SRV_MAX_FRAMES 16
 /* Messages handled per poll round before completions and timers get a turn. */
 #define SRV_RECV_BATCH 64
+/* --state-dir: longest wait at start for resumed CUDA registrations' handles. */
+#define SRV_RESTORE_WAIT_MS 10000
 /* Housekeeping period: TTL expiry, session GC, reaper. */
 #define SRV_TICK_MS 100
 /* Lookup job table: ids older than this many LOOKUPs ago read as unknown. */
@@ -144,6 +147,12 @@ struct srv_instance {
 	uint64_t last_ping_ms;	/* 0 = never pinged with its id */
 	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the registering connection */
 	size_t owner_len;
+	/* --state-dir: the REGISTER's frames as received (registry_keep_frames), so a
+	 * restarted kvstashd rebuilds the instance; and the registering process's pid
+	 * where the descriptors name it (/proc/<pid>/fd/<n> paths), else 0. */
+	uint8_t *reg_frames;	/* owned; NULL: not kept */
+	size_t reg_frames_len;
+	int32_t owner_pid;
 	struct srv_instance *next;	/* registry list (io thread) */
 };
 
@@ -202,6 +211,7 @@ struct srv_xfer_job {
 	int64_t lookup_job;
 	int64_t prefetch_chunks;	/* result */
 	unsigned engine;		/* index into srv.engines it was queued on */
+	bool restore;			/* JOB_REGISTER of a resumed registration: no reply */
 	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
 };
 
@@ -290,6 +300,12 @@ struct srv {
 	int stop_fd;
 	struct pool *pool;
 	struct idx *idx;
+	/* --state-dir (warm.c), or NULL; what its open found; registrations being
+	 * resumed by CUDA jobs; set while the registry is rebuilt (no manifest writes). */
+	struct warm *warm;
+	struct warm_found warm_found;
+	unsigned restore_pending, restore_failed;
+	bool restoring;
 	struct xfer_engine *host_xfer;	/* == engines[0] */
 	struct tier_disk *l2;		/* or NULL */
 	struct tier_redis *l3;		/* or NULL */
@@ -351,7 +367,13 @@ struct srv {
 	_Atomic uint64_t probe_sent_ms[SRV_MAX_ENGINES];	/* 0 = none outstanding */
 	_Atomic uint64_t probe_done_ms[SRV_MAX_ENGINES];
 	uint64_t probe_stall_ms;	/* fault point probe.stall_ms */
+	uint64_t store_stall_ms;	/* fault point store.stall_ms: before each host
+					 * STORE chunk's commit (crash tests) */
 	uint64_t cur_recv_ns;		/* receipt time of the request being dispatched */
+	/* Frames of the request being dispatched (REGISTER keeps them, --state-dir);
+	 * they point into dispatch()'s frame, valid only while it runs. */
+	const struct proto_buf *cur_type_frame, *cur_args;
+	size_t cur_nargs;
 	/* Scratch for hashing and key expansion (io thread only). */
 	uint8_t (*hash_buf)[KS_HASH_LEN];
 	size_t hash_cap;
@@ -392,6 +414,11 @@ struct srv_instance *model_instance(struct srv *s, const char *model, size_t len
 int instance_build(struct srv *s, const struct proto_request *rq, struct srv_instance **out,
 		   char *err, size_t errlen);
 void registry_insert(struct srv *s, struct srv_instance *in);
+int registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
+			 const struct proto_buf *type, const struct proto_buf *args, size_t nargs);
+void registry_persist(struct srv *s, bool clean);
+void registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped);
+int32_t registry_owner_pid(const struct proto_request *rq);
 void session_free(struct srv_session *ss);
 bool session_unlink(struct srv *s, const char *rid, size_t len);
 bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget);

@@ -28,6 +28,7 @@
 #include <string.h>
 #include <strings.h>
 #include <sys/mman.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -67,6 +68,7 @@ void instance_free(struct srv_instance *in)
 			  tname);
 	}
 	free(in->maps);
+	free(in->reg_frames);
 	free(in->layer_ptrs);
 	free(in->layer_index);
 	free(in->groups);
@@ -134,6 +136,7 @@ bool instance_remove(struct srv *s, int64_t id)
 			in->next = NULL;
 			atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
 			instance_put(in);
+			registry_persist(s, false);
 			return true;
 		}
 	}
@@ -333,6 +336,12 @@ int instance_build(struct srv *s, const struct proto_request *rq,
 	if (rc == 0)	/* --evict-watermark-pct of the slots, once their size is known */
 		idx_set_low_watermark(s->idx, (uint32_t)((uint64_t)pool_nslots(s->pool) *
 							 s->cfg.evict_watermark_pct / 100));
+	if (rc == 0 && s->warm) {
+		/* The first geometry: its slot table (a no-op once it exists). */
+		struct warm_restored r;
+
+		warm_restore(s->warm, s->pool, s->idx, &r);
+	}
 	if (rc) {
 		snprintf(err, errlen, "objects of %" PRIu64 " bytes do not fit the pool's %" PRIu64
 			 "-byte slots (layout mismatch with the first registration, or pool too small)",
@@ -407,6 +416,273 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
 		 in->layout.head_size, in->device >= 0 ? "cuda device" : "host, pid-shared files",
 		 in->device >= 0 ? in->device : (int)in->nmaps, in->nmaps, in->object_bytes);
+	registry_persist(s, false);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Registrations that survive a restart (--state-dir, warm.c)               */
+
+/*
+ * A kept registration is the REGISTER request as it arrived, decoded again
+ * by the same code at the next start, plus what the registry learned:
+ *   int64 id, u32 pinged, i32 owner_pid, u32 owner_len, owner, then the
+ *   frames: u32 dialect, u32 type_len, type, u32 nargs, nargs x (u32 len, bytes)
+ * in host byte order (the manifest refuses another byte order).
+ */
+#define REG_HDR_BYTES (8 + 4 + 4 + 4)
+
+static void put32(uint8_t **p, uint32_t v)
+{
+	memcpy(*p, &v, 4);
+	*p += 4;
+}
+
+int registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
+			 const struct proto_buf *type, const struct proto_buf *args, size_t nargs)
+{
+	size_t len = 4 + 4 + type->len + 4;
+	uint8_t *buf, *p;
+
+	for (size_t i = 0; i < nargs; i++)
+		len += 4 + args[i].len;
+	buf = malloc(len);
+	if (!buf)
+		return -ENOMEM;
+	p = buf;
+	put32(&p, (uint32_t)d);
+	put32(&p, (uint32_t)type->len);
+	memcpy(p, type->data, type->len);
+	p += type->len;
+	put32(&p, (uint32_t)nargs);
+	for (size_t i = 0; i < nargs; i++) {
+		put32(&p, (uint32_t)args[i].len);
+		memcpy(p, args[i].data, args[i].len);
+		p += args[i].len;
+	}
+	free(in->reg_frames);
+	in->reg_frames = buf;
+	in->reg_frames_len = len;
+	return 0;
+}
+
+/*
+ * Write the manifest with every kept registration (io thread; @clean only
+ * after the drain at SIGTERM). A failure is logged: the previous manifest
+ * stays, so a restart then resumes the registrations it names.
+ */
+void registry_persist(struct srv *s, bool clean)
+{
+	struct warm_blob *blobs;
+	size_t n = 0, cap = 0;
+	int rc;
+
+	if (!s->warm || s->restoring)
+		return;
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		cap++;
+	blobs = calloc(cap ? cap : 1, sizeof(*blobs));
+	if (!blobs) {
+		log_error("state dir: out of memory writing the manifest");
+		return;
+	}
+	for (struct srv_instance *in = s->instances; in; in = in->next) {
+		uint8_t *b, *p;
+		size_t len;
+
+		if (!in->reg_frames)
+			continue;
+		len = REG_HDR_BYTES + in->owner_len + in->reg_frames_len;
+		b = malloc(len);
+		if (!b)
+			continue;
+		p = b;
+		memcpy(p, &in->id, 8);
+		p += 8;
+		put32(&p, in->last_ping_ms != 0);
+		put32(&p, (uint32_t)in->owner_pid);
+		put32(&p, (uint32_t)in->owner_len);
+		memcpy(p, in->owner, in->owner_len);
+		p += in->owner_len;
+		memcpy(p, in->reg_frames, in->reg_frames_len);
+		blobs[n].data = b;
+		blobs[n].len = len;
+		n++;
+	}
+	rc = warm_save(s->warm, clean, blobs, n);
+	if (rc)
+		log_error("state dir: cannot write the manifest: %s (the previous one stays)",
+			  strerror(-rc));
+	for (size_t i = 0; i < n; i++)
+		free((void *)blobs[i].data);
+	free(blobs);
+}
+
+/* Bounded reader over one kept registration. */
+struct reg_reader {
+	const uint8_t *p, *end;
+	bool bad;
+};
+
+static const uint8_t *rd_bytes(struct reg_reader *r, size_t n)
+{
+	const uint8_t *at = r->p;
+
+	if (r->bad || (size_t)(r->end - r->p) < n) {
+		r->bad = true;
+		return NULL;
+	}
+	r->p += n;
+	return at;
+}
+
+static uint32_t rd32(struct reg_reader *r)
+{
+	const uint8_t *b = rd_bytes(r, 4);
+	uint32_t v = 0;
+
+	if (b)
+		memcpy(&v, b, 4);
+	return v;
+}
+
+/* The pid in a "/proc/<pid>/fd/<n>" path (libkvstash's memfds), else 0. */
+static int32_t pid_of_path(const char *path)
+{
+	char *end;
+	long pid;
+
+	if (strncmp(path, "/proc/", 6))
+		return 0;
+	pid = strtol(path + 6, &end, 10);
+	return end != path + 6 && *end == '/' && pid > 0 && pid < INT32_MAX ? (int32_t)pid : 0;
+}
+
+/* Rebuild one kept registration; 0 = in the registry (or queued, CUDA), else dropped. */
+static int restore_one(struct srv *s, struct warm_blob b)
+{
+	struct reg_reader r = { b.data, (const uint8_t *)b.data + b.len, false };
+	struct proto_buf type, args[SRV_MAX_FRAMES];
+	struct proto_request rq;
+	struct srv_instance *in = NULL;
+	const uint8_t *idp, *owner, *frames;
+	char err[SRV_ERR_MAX];
+	uint32_t pinged, owner_len, dialect, nargs;
+	int32_t pid;
+	int64_t id = -1;
+	int rc;
+
+	idp = rd_bytes(&r, 8);
+	if (idp)
+		memcpy(&id, idp, 8);
+	pinged = rd32(&r);
+	pid = (int32_t)rd32(&r);
+	owner_len = rd32(&r);
+	owner = rd_bytes(&r, owner_len);
+	frames = r.p;
+	dialect = rd32(&r);
+	type.len = rd32(&r);
+	type.data = rd_bytes(&r, type.len);
+	nargs = rd32(&r);
+	if (nargs > SRV_MAX_FRAMES)
+		r.bad = true;
+	for (uint32_t i = 0; !r.bad && i < nargs; i++) {
+		args[i].len = rd32(&r);
+		args[i].data = rd_bytes(&r, args[i].len);
+	}
+	if (r.bad || r.p != r.end || owner_len > SRV_IDENTITY_MAX || dialect > PROTO_DIALECT_CURRENT) {
+		log_warn("state dir: a kept registration is malformed: dropped");
+		return -EINVAL;
+	}
+	if (pid > 0 && kill(pid, 0) < 0 && errno == ESRCH) {
+		log_warn("instance %" PRId64 ": not resumed: its process (pid %d) is gone", id, pid);
+		return -ESRCH;
+	}
+	memset(&rq, 0, sizeof(rq));
+	rc = proto_decode_request_in((enum proto_dialect)dialect, &type, args, nargs, &rq, err,
+				     sizeof(err));
+	if (rc || rq.type != PROTO_REGISTER_KV_CACHE) {
+		log_warn("instance %" PRId64 ": not resumed: its REGISTER no longer decodes: %s", id,
+			 rc ? err : "not a REGISTER");
+		if (!rc)
+			proto_request_free(&rq);
+		return rc ? rc : -EINVAL;
+	}
+	rc = instance_build(s, &rq, &in, err, sizeof(err));
+	if (rc) {
+		log_warn("instance %" PRId64 ": not resumed: %s", id, err);
+		proto_request_free(&rq);
+		return rc;
+	}
+	memcpy(in->owner, owner, owner_len);
+	in->owner_len = owner_len;
+	in->owner_pid = pid;
+	if (pinged)
+		in->last_ping_ms = ks_now_ms();	/* a full --client-timeout-s from now */
+	in->reg_frames = malloc(b.len - (size_t)(frames - (const uint8_t *)b.data));
+	if (in->reg_frames) {
+		in->reg_frames_len = b.len - (size_t)(frames - (const uint8_t *)b.data);
+		memcpy(in->reg_frames, frames, in->reg_frames_len);
+	}
+	if (in->device >= 0) {
+		struct srv_xfer_job *j = calloc(1, sizeof(*j));
+
+		if (j)
+			j->descs = malloc(rq.nlayers * sizeof(*j->descs));
+		if (!j || !j->descs) {
+			free(j);
+			instance_put(in);
+			proto_request_free(&rq);
+			log_warn("instance %" PRId64 ": not resumed: out of memory", id);
+			return -ENOMEM;
+		}
+		memcpy(j->descs, rq.layers, rq.nlayers * sizeof(*j->descs));
+		j->srv = s;
+		j->kind = JOB_REGISTER;
+		j->op = PROTO_REGISTER_KV_CACHE;
+		j->inst = in;
+		j->restore = true;
+		j->base.run = run_register;
+		proto_request_free(&rq);
+		rc = submit_job(s, 1 + (unsigned)in->device, j);
+		if (rc) {
+			log_warn("instance %" PRId64 ": not resumed: device queue: %s", id,
+				 strerror(-rc));
+			xfer_job_free(j);
+			return rc;
+		}
+		s->restore_pending++;
+		return 0;
+	}
+	proto_request_free(&rq);
+	registry_insert(s, in);
+	return 0;
+}
+
+/*
+ * Rebuild the registrations the manifest keeps (srv_create, before the io
+ * loop): host buffers are mapped here, CUDA IPC handles opened by a job on
+ * the device's workers (srv.restore_pending counts those still out).
+ */
+void registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped)
+{
+	size_t n = warm_nregs(s->warm);
+
+	*resumed = *dropped = 0;
+	s->restoring = true;
+	for (size_t i = 0; i < n; i++) {
+		if (restore_one(s, warm_reg(s->warm, i)) == 0)
+			(*resumed)++;
+		else
+			(*dropped)++;
+	}
+	s->restoring = false;
+}
+
+/* Learn the registering process's pid where its descriptors name it. */
+int32_t registry_owner_pid(const struct proto_request *rq)
+{
+	return rq->nlayers && rq->layers[0].kind != PROTO_KV_CUDA_IPC ?
+		       pid_of_path(rq->layers[0].path) : 0;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "compiler.h"
 #include "hash.h"
@@ -526,6 +527,8 @@ static void run_store(struct xfer_job *base, unsigned worker)
 					 (uint8_t *)idx_entry_data(j->srv->idx, e) + sg->obj_offset);
 		}
 		copy_jmp = NULL;
+		if (j->srv->store_stall_ms)	/* fault point store.stall_ms: copied, not READY */
+			usleep((useconds_t)j->srv->store_stall_ms * 1000);
 		commit_chunk(j, i);
 	}
 	j->copy_end_ns = ks_now_ns();
@@ -892,6 +895,21 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		free(j);
 		return;
 	case JOB_REGISTER:
+		if (j->restore) {
+			/* A resumed registration (srv_create): no client waits for a reply. */
+			s->restore_pending--;
+			if (ok && !xfer_job_cancelled(&j->base)) {
+				registry_insert(s, j->inst);
+				j->inst = NULL;
+			} else {
+				s->restore_failed++;
+				log_warn("instance %" PRId64 ": not resumed: %s (its process is gone, "
+					 "or the GPU changed)", j->inst->id,
+					 xfer_job_cancelled(&j->base) ? "server shutting down" : j->err);
+			}
+			xfer_job_free(j);
+			return;
+		}
 		if (ok && !xfer_job_cancelled(&j->base)) {
 			j->inst->registered_ms = ks_now_ms();
 			registry_insert(s, j->inst);
