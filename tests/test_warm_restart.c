@@ -270,6 +270,7 @@ static void register_from_child(void)
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
 }
 
+#ifdef KS_FAULT_INJECTION
 static void *store_b(void *arg)
 {
 	struct kvstash_key k = key_of(tok_b, "store-b");
@@ -278,6 +279,7 @@ static void *store_b(void *arg)
 	kvstash_store(cl, &k, INSTANCE, blk_b, NBLK);	/* the server dies under it */
 	return NULL;
 }
+#endif
 
 /* Patch the manifest: @fn changes the bytes; recompute its checksum if @resum. */
 static void patch_file(const char *name, void (*fn)(uint8_t *buf, size_t *len), bool resum)
@@ -429,7 +431,6 @@ int main(void)
 {
 	struct kvstash_key ka = key_of(tok_a, "store-a");
 	char *tmp = t_mkdtemp("warm");
-	pthread_t th;
 	int st = 0;
 
 	REQUIRE(tmp);
@@ -496,6 +497,8 @@ int main(void)
 	/* ---- 2. SIGKILL mid-STORE ---- */
 	CHECK_EQ(stop_daemon(SIGTERM), 0);
 #ifdef KS_FAULT_INJECTION
+	pthread_t th;
+
 	REQUIRE(start_daemon(NULL, NULL, "KVSTASH_FAULTS=store.stall_ms=400", NULL));
 	CHECK_EQ(kvstash_store(cl, &ka, INSTANCE, blk_a, NBLK), 0);
 	REQUIRE(pthread_create(&th, NULL, store_b, NULL) == 0);
