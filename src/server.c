@@ -227,8 +227,7 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 		reply_nil(s, a);
 		return;
 	}
-	memcpy(in->owner, a->identity, a->identity_len);
-	in->owner_len = a->identity_len;
+	instance_set_owner(s, in, a);
 	if (in->device >= 0) {
 		/* IPC handles are opened by the device's workers; the reply waits for it. */
 		struct srv_xfer_job *j = calloc(1, sizeof(*j));
@@ -513,6 +512,9 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	}
 	memset(&rq, 0, sizeof(rq));
 	conn = conn_get(s, a.identity, a.identity_len);
+	if (conn && !conn->bound)
+		conn_bind(s, conn, &frames[0]);
+	s->cur_conn = conn;
 	dialect = conn ? conn->dialect : s->pinned_dialect;
 	rc = proto_decode_request_in(dialect, &type_frame, args, nframes - 3, &rq, err,
 				     sizeof(err));
@@ -613,6 +615,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		metrics_hist_observe(&s->lat_ping, ks_now_ns() - s->cur_recv_ns);
 	else if (rq.type == PROTO_LOOKUP)
 		metrics_hist_observe(&s->lat_lookup, ks_now_ns() - s->cur_recv_ns);
+	s->cur_conn = NULL;
 	proto_request_free(&rq);
 }
 
@@ -671,14 +674,16 @@ static void reap_instances(struct srv *s, uint64_t now)
 
 	for (struct srv_instance **pp = &s->instances; *pp;) {
 		struct srv_instance *in = *pp;
-		bool dead = in->last_ping_ms ? now - in->last_ping_ms > timeout :
-					       grace && now - in->registered_ms > grace;
+		/* Never while its connection is open: an idle engine is alive. */
+		bool dead = !in->owner_up &&
+			    (in->last_ping_ms ? now - in->last_ping_ms > timeout :
+						grace && now - in->registered_ms > grace);
 
 		if (!dead) {
 			pp = &in->next;
 			continue;
 		}
-		log_warn("instance %" PRId64 ": reaped, %s", in->id,
+		log_warn("instance %" PRId64 ": reaped, %s and its connection is closed", in->id,
 			 in->last_ping_ms ? "no PING within --client-timeout-s" :
 					    "never pinged within --registration-grace-s");
 		ctr_add(&s->ctr.instances_reaped, 1);
@@ -831,9 +836,10 @@ static int tiers_open(struct srv *s)
 }
 
 /*
- * With --cuda=auto and a visible GPU: pin the pool for every device
- * (cudaHostRegister touches every page: NOTE: takes about a second per
- * 10 GiB), learn each device's UUID, and start one engine per device.
+ * With --cuda=auto and a visible GPU: have the pool pinned for every device
+ * (cudaHostRegister touches every page, about 0.35 s per GiB on an H200
+ * host: a thread does it, server_pin.c), learn each device's UUID, and
+ * start one engine per device.
  */
 static int cuda_setup(struct srv *s)
 {
@@ -849,13 +855,8 @@ static int cuda_setup(struct srv *s)
 		log_error("--workers %u: at most %d with CUDA", s->cfg.workers, SRV_MAX_WORKERS);
 		return -EINVAL;
 	}
-	rc = xfer_cuda_host_register(pool_region(s->pool), pool_region_bytes(s->pool));
-	if (rc) {
-		log_error("cannot pin the %" PRIu64 "-byte pool for CUDA: %s",
-			  pool_region_bytes(s->pool), strerror(-rc));
-		return rc;
-	}
-	s->pool_pinned = true;
+	/* Pinned in the background (server_pin.c): serving starts at once. */
+	s->pin_step = xfer_cuda_host_register;
 	for (int d = 0; d < n; d++) {
 		char name[32], gpu[128] = "?";
 
@@ -915,6 +916,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		return -ENOMEM;
 	s->cfg = *cfg;
 	s->stop_fd = -1;
+	s->pin_stop_fd = -1;
 	ks_none_hash(s->none_hash);
 	s->jobs = calloc(SRV_JOB_SLOTS, sizeof(*s->jobs));
 	s->sessions = calloc(SRV_SESSION_BUCKETS, sizeof(*s->sessions));
@@ -1010,6 +1012,16 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	else if (!is_loopback_endpoint(s->endpoint))
 		log_warn("listening on %s, which is not loopback, without CURVE: any host that "
 			 "can reach it can read and write this cache", s->endpoint);
+	rc = conn_monitor_open(s);
+	if (rc)
+		log_warn("no socket monitor (%s): connection state unknown, so instances are kept "
+			 "or reaped by their PINGs only, and taken over by a new connection only "
+			 "from the same process (ipc://)", zmq_strerror(-rc));
+	rc = pin_start(s);
+	if (rc) {
+		log_error("cannot start pinning the pool: %s", strerror(-rc));
+		goto out_destroy;
+	}
 	install_sigbus_guard();
 	s->last_tick_ms = ks_now_ms();
 	atomic_store(&s->io_alive_ms, s->last_tick_ms);
@@ -1065,8 +1077,8 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2)
 
 int srv_run(struct srv *s)
 {
-	/* [0] socket, [1] stop, [2 + e] completions of engine e */
-	zmq_pollitem_t items[2 + SRV_MAX_ENGINES] = {
+	/* [0] socket, [1] stop, [2 + e] completions of engine e, then the monitor */
+	zmq_pollitem_t items[3 + SRV_MAX_ENGINES] = {
 		{ .socket = s->sock, .events = ZMQ_POLLIN },
 		{ .fd = s->stop_fd, .events = ZMQ_POLLIN },
 	};
@@ -1075,6 +1087,11 @@ int srv_run(struct srv *s)
 	for (unsigned e = 0; e < s->nengines; e++) {
 		items[2 + e].fd = xfer_completion_fd(s->engines[e]);
 		items[2 + e].events = ZMQ_POLLIN;
+	}
+	if (s->monitor) {
+		items[nitems].socket = s->monitor;
+		items[nitems].events = ZMQ_POLLIN;
+		nitems++;
 	}
 	s->io_thread = pthread_self();
 	s->io_running = true;
@@ -1102,8 +1119,10 @@ int srv_run(struct srv *s)
 		}
 		if (items[1].revents & ZMQ_POLLIN)
 			break;
-		for (int i = 2; i < nitems; i++)
+		for (int i = 2; i < 2 + (int)s->nengines; i++)
 			completions |= (items[i].revents & ZMQ_POLLIN) != 0;
+		/* Connections opened and closed: before their requests. */
+		conn_monitor_drain(s);
 		/* Completions first: they free pins and slots other requests may need. */
 		if (completions)
 			drain_completions(s);
@@ -1131,6 +1150,7 @@ void srv_destroy(struct srv *s)
 	if (!s)
 		return;
 	s->io_running = false;	/* from here CUDA instances are unmapped inline */
+	pin_stop(s);		/* before the workers: it may be inside cudaHostRegister */
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_stop(s->engines[e], 0);
 	drain_completions(s);
@@ -1161,6 +1181,10 @@ void srv_destroy(struct srv *s)
 				session_free(ss);
 			}
 	}
+	if (s->monitor) {
+		zmq_socket_monitor(s->sock, NULL, 0);
+		zmq_close(s->monitor);
+	}
 	if (s->sock)
 		zmq_close(s->sock);
 	auth_stop(s->auth);
@@ -1168,8 +1192,9 @@ void srv_destroy(struct srv *s)
 		zmq_ctx_term(s->zctx);
 	if (s->idx)
 		idx_destroy(s->idx);
-	if (s->pool_pinned)
-		xfer_cuda_host_unregister(pool_region(s->pool));
+	for (size_t i = 0; i < s->npin_pieces; i++)
+		xfer_cuda_host_unregister(s->pin_pieces[i]);
+	free(s->pin_pieces);
 	if (s->pool)
 		pool_destroy(s->pool);
 	if (s->stop_fd >= 0)

@@ -114,13 +114,99 @@ struct srv_instance *instance_find(struct srv *s, int64_t id)
 	return NULL;
 }
 
-/* True if @a may use @in (--owner-check): the connection that registered it. */
-bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
-		       const struct srv_reply_addr *a)
+/* @in's owner is now the connection of @a (the one being dispatched). */
+void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
 {
+	struct srv_conn *c = s->cur_conn;
+
+	memcpy(in->owner, a->identity, a->identity_len);
+	in->owner_len = a->identity_len;
+	if (c && c->identity_len == a->identity_len &&
+	    !memcmp(c->identity, a->identity, a->identity_len)) {
+		in->owner_peer = c->peer;
+		in->owner_up = c->fd >= 0;
+	} else {
+		memset(&in->owner_peer, 0, sizeof(in->owner_peer));
+		in->owner_up = false;
+	}
+}
+
+/* A new connection of @in's client takes it over (its old one closed). */
+static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+{
+	char who[96];
+
+	instance_set_owner(s, in, a);
+	ctr_add(&s->ctr.instances_adopted, 1);
+	log_info("instance %" PRId64 ": taken over by a new connection of %s (its previous "
+		 "connection closed)", in->id, peer_name(&in->owner_peer, who, sizeof(who)));
+}
+
+/*
+ * True if @a may use @in (--owner-check). The connection that registered it
+ * may; so may a new connection of the same client, which then owns it
+ * (docs/architecture.md, "Reconnects"):
+ *  - ipc://: the same process (pid and uid from SO_PEERCRED), at any time;
+ *  - tcp:// with CURVE: the same client key, once the owner's connection closed;
+ *  - plain tcp://: the same peer address, once the owner's connection closed.
+ * "Closed" needs the socket monitor; without it only the first rule applies.
+ */
+bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+{
+	struct srv_conn *c = s->cur_conn;
+
 	if (strcmp(s->cfg.owner_check, "on"))
 		return true;
-	return in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len);
+	if (in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len))
+		return true;
+	if (!c || c->identity_len != a->identity_len ||
+	    memcmp(c->identity, a->identity, a->identity_len) ||
+	    !peer_same(&in->owner_peer, &c->peer))
+		goto refuse;
+	if (in->owner_peer.kind == SRV_PEER_PROCESS) {
+		if (!in->owner_up)
+			adopt(s, in, a);
+		return true;	/* the kernel says it is the same process */
+	}
+	if (s->monitor && !in->owner_up) {
+		adopt(s, in, a);
+		return true;
+	}
+refuse:
+	ctr_add(&s->ctr.owner_refused, 1);
+	return false;
+}
+
+/* A new connection @c of a process (ipc://): it takes over that process's
+ * instances whose connection closed, so an idle engine stays alive. */
+void instances_adopt_process(struct srv *s, struct srv_conn *c)
+{
+	struct srv_reply_addr a = { .identity_len = c->identity_len };
+
+	if (strcmp(s->cfg.owner_check, "on"))
+		return;
+	memcpy(a.identity, c->identity, c->identity_len);
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (!in->owner_up && peer_same(&in->owner_peer, &c->peer)) {
+			struct srv_conn *saved = s->cur_conn;
+
+			s->cur_conn = c;
+			adopt(s, in, &a);
+			s->cur_conn = saved;
+		}
+}
+
+/* @c's socket closed: the instances it owned have no connection now. */
+void instances_owner_closed(struct srv *s, const struct srv_conn *c)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->owner_up && in->owner_len == c->identity_len &&
+		    !memcmp(in->owner, c->identity, c->identity_len)) {
+			in->owner_up = false;
+			log_info("instance %" PRId64 ": its connection closed; kept for its client "
+				 "to come back (reaped --client-timeout-s after its last PING with "
+				 "its id, if it sent any)", in->id);
+		}
 }
 
 /* Unlink @id from the registry and drop the registry's reference. */
@@ -396,6 +482,9 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 	if (instance_remove(s, in->id))
 		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
 			 in->id);
+	/* A CUDA registration is inserted when its job ends: the connection
+	 * may have closed meanwhile. */
+	in->owner_up = in->owner_up && conn_up(s, in->owner, in->owner_len);
 	in->next = s->instances;
 	s->instances = in;
 	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
