@@ -512,8 +512,8 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	}
 	memset(&rq, 0, sizeof(rq));
 	conn = conn_get(s, a.identity, a.identity_len);
-	if (conn && !conn->bound)
-		conn_bind(s, conn, &frames[0]);
+	if (conn && !conn->bound)	/* the wire frames carry the metadata, not the identity */
+		conn_bind(s, conn, &frames[1]);
 	s->cur_conn = conn;
 	dialect = conn ? conn->dialect : s->pinned_dialect;
 	rc = proto_decode_request_in(dialect, &type_frame, args, nframes - 3, &rq, err,
@@ -988,6 +988,11 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	maxmsg = (int64_t)cfg->max_message_mb << 20;
 	zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
 	zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof(linger));
+	rc = conn_monitor_open(s);
+	if (rc)
+		log_warn("no socket monitor (%s): connection state unknown, so instances are kept "
+			 "or reaped by their PINGs only and stay with the connection that "
+			 "registered them", zmq_strerror(-rc));
 	{
 		char err[512];
 
@@ -1012,11 +1017,6 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	else if (!is_loopback_endpoint(s->endpoint))
 		log_warn("listening on %s, which is not loopback, without CURVE: any host that "
 			 "can reach it can read and write this cache", s->endpoint);
-	rc = conn_monitor_open(s);
-	if (rc)
-		log_warn("no socket monitor (%s): connection state unknown, so instances are kept "
-			 "or reaped by their PINGs only, and taken over by a new connection only "
-			 "from the same process (ipc://)", zmq_strerror(-rc));
 	rc = pin_start(s);
 	if (rc) {
 		log_error("cannot start pinning the pool: %s", strerror(-rc));

@@ -161,12 +161,12 @@ void conns_free(struct srv *s)
 
 /*
  * Start the ROUTER's socket monitor. Without it (-errno) connection state is
- * unknown: instances are then kept or reaped by PINGs alone and adopted only
- * by a connection of the same process (ipc://).
+ * unknown: instances are then kept or reaped by PINGs alone and never change
+ * owner.
  */
 int conn_monitor_open(struct srv *s)
 {
-	int linger = 0;
+	int linger = 0, unlimited = 0;
 
 	if (zmq_socket_monitor(s->sock, SRV_MONITOR_EP,
 			       ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) < 0)
@@ -175,6 +175,13 @@ int conn_monitor_open(struct srv *s)
 	if (!s->monitor)
 		return -zmq_errno();
 	zmq_setsockopt(s->monitor, ZMQ_LINGER, &linger, sizeof(linger));
+	/* libzmq's I/O thread blocks on a full monitor pipe (4.3 sends its
+	 * events without ZMQ_DONTWAIT); a zero receive HWM on the connecting
+	 * end makes the inproc pipe unbounded, so a burst of connections while
+	 * the io thread is busy cannot stall every connection. The io thread
+	 * drains it every turn. Called before the ROUTER binds, so no event is
+	 * sent before this end is connected. */
+	zmq_setsockopt(s->monitor, ZMQ_RCVHWM, &unlimited, sizeof(unlimited));
 	if (zmq_connect(s->monitor, SRV_MONITOR_EP) < 0) {
 		int rc = -zmq_errno();
 
@@ -321,6 +328,12 @@ void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
 	} else if (pa && *pa && !strncmp(s->endpoint, "tcp://", 6)) {
 		c->peer.kind = SRV_PEER_HOST;
 		snprintf(c->peer.addr, sizeof(c->peer.addr), "%s", pa);
+	}
+	{
+		char who[96];
+
+		log_debug("connection fd %d: %s (Peer-Address '%s')", fd,
+			  peer_name(&c->peer, who, sizeof(who)), pa ? pa : "");
 	}
 	if (!s->monitor || fd < 0)
 		return;

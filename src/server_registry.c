@@ -144,12 +144,12 @@ static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply
 
 /*
  * True if @a may use @in (--owner-check). The connection that registered it
- * may; so may a new connection of the same client, which then owns it
- * (docs/architecture.md, "Reconnects"):
- *  - ipc://: the same process (pid and uid from SO_PEERCRED), at any time;
- *  - tcp:// with CURVE: the same client key, once the owner's connection closed;
- *  - plain tcp://: the same peer address, once the owner's connection closed.
- * "Closed" needs the socket monitor; without it only the first rule applies.
+ * may. Once that connection has closed, so may a new connection of the same
+ * client, which then owns it (docs/architecture.md, "Reconnects"):
+ *  - ipc://: the same process (pid and uid from SO_PEERCRED);
+ *  - tcp:// with CURVE: the same client key;
+ *  - plain tcp://: the same peer address.
+ * "Closed" needs the socket monitor; without it no instance changes owner.
  */
 bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
 {
@@ -163,11 +163,6 @@ bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_
 	    memcmp(c->identity, a->identity, a->identity_len) ||
 	    !peer_same(&in->owner_peer, &c->peer))
 		goto refuse;
-	if (in->owner_peer.kind == SRV_PEER_PROCESS) {
-		if (!in->owner_up)
-			adopt(s, in, a);
-		return true;	/* the kernel says it is the same process */
-	}
 	if (s->monitor && !in->owner_up) {
 		adopt(s, in, a);
 		return true;
@@ -183,7 +178,7 @@ void instances_adopt_process(struct srv *s, struct srv_conn *c)
 {
 	struct srv_reply_addr a = { .identity_len = c->identity_len };
 
-	if (strcmp(s->cfg.owner_check, "on"))
+	if (strcmp(s->cfg.owner_check, "on") || !s->monitor)
 		return;
 	memcpy(a.identity, c->identity, c->identity_len);
 	for (struct srv_instance *in = s->instances; in; in = in->next)
