@@ -1,10 +1,12 @@
 /* Description: a client whose connection is replaced keeps its instance, another process cannot take it, an idle connected engine is not reaped, a reaped one gets failure replies. Labels: unit tsan
  *
- * kvstashd runs with --client-timeout-s=1, once on ipc:// and once on
+ * kvstashd runs with --client-timeout-s=3, once on ipc:// and once on
  * tcp://127.0.0.1. Client A registers instance 4242 (a memfd KV buffer),
  * PINGs with its id once (so the reaper's PING rule applies to it) and
  * STOREs two chunks. Then:
- *   1. A stays connected but idle for 2.5 timeouts: the instance is kept.
+ *   1. A stays connected but idle for longer than the timeout: the instance
+ *      is kept. A PINGs again (so the steps below have a full timeout
+ *      before the reaper may take the instance once A's connection closes).
  *   2. A forked child (another process, its own connection) tries to
  *      RETRIEVE into instance 4242's blocks and to STORE from them: refused,
  *      and A's target blocks are untouched.
@@ -131,7 +133,7 @@ static void run_case(const char *listen)
 	const bool ipc = listen == NULL;
 	struct kvstash_key k = key_of(0, NCHUNKS * C, "req-a");
 
-	snprintf(args, sizeof(args), "--pool-size=64M --client-timeout-s=1%s%s",
+	snprintf(args, sizeof(args), "--pool-size=64M --client-timeout-s=3%s%s",
 		 listen ? " --listen=" : "", listen ? listen : "");
 	d = t_daemon_start(args);
 	REQUIRE(d);
@@ -154,10 +156,11 @@ static void run_case(const char *listen)
 	CHECK_EQ(kvstash_heartbeat(a, IID), 0);
 	CHECK_EQ(kvstash_store(a, &k, IID, src, nblk), 0);
 
-	/* 1. Idle but connected, 2.5 timeouts: kept. */
-	usleep(2500 * 1000);
+	/* 1. Idle but connected past the timeout: kept. */
+	usleep(4000 * 1000);
 	CHECK_EQ(t_stat(obs, "instances"), 1);
 	CHECK_EQ(t_stat(obs, "instances_reaped"), 0);
+	CHECK_EQ(kvstash_heartbeat(a, IID), 0);
 
 	/* 2. Another process, A still connected: refused, A's blocks untouched. */
 	CHECK_EQ(run_intruder(d->endpoint), 0);
@@ -202,7 +205,7 @@ static void run_case(const char *listen)
 	closed = t_stat(obs, "connections_closed");
 	kvstash_close(b);
 	REQUIRE(wait_closed(obs, closed + 1));
-	usleep(2500 * 1000);
+	usleep(4000 * 1000);
 	CHECK_EQ(t_stat(obs, "instances_reaped"), 1);
 	CHECK_EQ(t_stat(obs, "instances"), 0);
 	REQUIRE(kvstash_connect(d->endpoint, 5000, &c) == 0);
