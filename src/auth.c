@@ -164,7 +164,15 @@ static void zap_handle(struct auth *a)
 	zmq_send(a->zap, zmq_msg_data(&f[1]), zmq_msg_size(&f[1]), ZMQ_SNDMORE);
 	zmq_send(a->zap, ok ? "200" : "400", 3, ZMQ_SNDMORE);
 	zmq_send(a->zap, ok ? "OK" : "key not allowed", ok ? 2 : 15, ZMQ_SNDMORE);
-	zmq_send(a->zap, "", 0, ZMQ_SNDMORE);
+	/* User id: the client's key (Z85), which libzmq attaches to each of its
+	 * messages as "User-Id": the reconnect rule's proof on CURVE connections. */
+	{
+		char uid[AUTH_Z85_KEY_LEN + 1] = "";
+
+		if (ok && zmq_msg_size(&f[6]) == 32)
+			zmq_z85_encode(uid, zmq_msg_data(&f[6]), 32);
+		zmq_send(a->zap, uid, strlen(uid), ZMQ_SNDMORE);
+	}
 	zmq_send(a->zap, "", 0, 0);
 	for (int i = 0; i < n; i++)
 		zmq_msg_close(&f[i]);

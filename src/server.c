@@ -229,8 +229,7 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 		reply_nil(s, a);
 		return;
 	}
-	memcpy(in->owner, a->identity, a->identity_len);
-	in->owner_len = a->identity_len;
+	instance_set_owner(s, in, a);
 	in->owner_pid = registry_owner_pid(rq);
 	if (s->warm && s->cur_type_frame &&
 	    registry_keep_frames(in, rq->dialect, s->cur_type_frame, s->cur_args, s->cur_nargs))
@@ -523,6 +522,9 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	s->cur_nargs = nframes - 3;
 	memset(&rq, 0, sizeof(rq));
 	conn = conn_get(s, a.identity, a.identity_len);
+	if (conn && !conn->bound)	/* the wire frames carry the metadata, not the identity */
+		conn_bind(s, conn, &frames[1]);
+	s->cur_conn = conn;
 	dialect = conn ? conn->dialect : s->pinned_dialect;
 	rc = proto_decode_request_in(dialect, &type_frame, args, nframes - 3, &rq, err,
 				     sizeof(err));
@@ -623,6 +625,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		metrics_hist_observe(&s->lat_ping, ks_now_ns() - s->cur_recv_ns);
 	else if (rq.type == PROTO_LOOKUP)
 		metrics_hist_observe(&s->lat_lookup, ks_now_ns() - s->cur_recv_ns);
+	s->cur_conn = NULL;
 	proto_request_free(&rq);
 }
 
@@ -682,14 +685,16 @@ static void reap_instances(struct srv *s, uint64_t now)
 
 	for (struct srv_instance **pp = &s->instances; *pp;) {
 		struct srv_instance *in = *pp;
-		bool dead = in->last_ping_ms ? now - in->last_ping_ms > timeout :
-					       grace && now - in->registered_ms > grace;
+		/* Never while its connection is open: an idle engine is alive. */
+		bool dead = !in->owner_up &&
+			    (in->last_ping_ms ? now - in->last_ping_ms > timeout :
+						grace && now - in->registered_ms > grace);
 
 		if (!dead) {
 			pp = &in->next;
 			continue;
 		}
-		log_warn("instance %" PRId64 ": reaped, %s", in->id,
+		log_warn("instance %" PRId64 ": reaped, %s and its connection is closed", in->id,
 			 in->last_ping_ms ? "no PING within --client-timeout-s" :
 					    "never pinged within --registration-grace-s");
 		ctr_add(&s->ctr.instances_reaped, 1);
@@ -856,9 +861,10 @@ static int tiers_open(struct srv *s)
 }
 
 /*
- * With --cuda=auto and a visible GPU: pin the pool for every device
- * (cudaHostRegister touches every page: NOTE: takes about a second per
- * 10 GiB), learn each device's UUID, and start one engine per device.
+ * With --cuda=auto and a visible GPU: have the pool pinned for every device
+ * (cudaHostRegister touches every page, about 0.35 s per GiB on an H200
+ * host: a thread does it, server_pin.c), learn each device's UUID, and
+ * start one engine per device.
  */
 static int cuda_setup(struct srv *s)
 {
@@ -874,13 +880,8 @@ static int cuda_setup(struct srv *s)
 		log_error("--workers %u: at most %d with CUDA", s->cfg.workers, SRV_MAX_WORKERS);
 		return -EINVAL;
 	}
-	rc = xfer_cuda_host_register(pool_region(s->pool), pool_region_bytes(s->pool));
-	if (rc) {
-		log_error("cannot pin the %" PRIu64 "-byte pool for CUDA: %s",
-			  pool_region_bytes(s->pool), strerror(-rc));
-		return rc;
-	}
-	s->pool_pinned = true;
+	/* Pinned in the background (server_pin.c): serving starts at once. */
+	s->pin_step = xfer_cuda_host_register;
 	for (int d = 0; d < n; d++) {
 		char name[32], gpu[128] = "?";
 
@@ -1082,6 +1083,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 		return -ENOMEM;
 	s->cfg = *cfg;
 	s->stop_fd = -1;
+	s->pin_stop_fd = -1;
 	ks_none_hash(s->none_hash);
 	s->jobs = calloc(SRV_JOB_SLOTS, sizeof(*s->jobs));
 	s->sessions = calloc(SRV_SESSION_BUCKETS, sizeof(*s->sessions));
@@ -1153,6 +1155,11 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	maxmsg = (int64_t)cfg->max_message_mb << 20;
 	zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
 	zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof(linger));
+	rc = conn_monitor_open(s);
+	if (rc)
+		log_warn("no socket monitor (%s): connection state unknown, so instances are kept "
+			 "or reaped by their PINGs only and stay with the connection that "
+			 "registered them", zmq_strerror(-rc));
 	{
 		char err[512];
 
@@ -1177,6 +1184,11 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	else if (!is_loopback_endpoint(s->endpoint))
 		log_warn("listening on %s, which is not loopback, without CURVE: any host that "
 			 "can reach it can read and write this cache", s->endpoint);
+	rc = pin_start(s);
+	if (rc) {
+		log_error("cannot start pinning the pool: %s", strerror(-rc));
+		goto out_destroy;
+	}
 	install_sigbus_guard();
 	s->last_tick_ms = ks_now_ms();
 	atomic_store(&s->io_alive_ms, s->last_tick_ms);
@@ -1255,8 +1267,8 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2, u
 
 int srv_run(struct srv *s)
 {
-	/* [0] socket, [1] stop, [2 + e] completions of engine e */
-	zmq_pollitem_t items[2 + SRV_MAX_ENGINES] = {
+	/* [0] socket, [1] stop, [2 + e] completions of engine e, then the monitor */
+	zmq_pollitem_t items[3 + SRV_MAX_ENGINES] = {
 		{ .socket = s->sock, .events = ZMQ_POLLIN },
 		{ .fd = s->stop_fd, .events = ZMQ_POLLIN },
 	};
@@ -1265,6 +1277,11 @@ int srv_run(struct srv *s)
 	for (unsigned e = 0; e < s->nengines; e++) {
 		items[2 + e].fd = xfer_completion_fd(s->engines[e]);
 		items[2 + e].events = ZMQ_POLLIN;
+	}
+	if (s->monitor) {
+		items[nitems].socket = s->monitor;
+		items[nitems].events = ZMQ_POLLIN;
+		nitems++;
 	}
 	s->io_thread = pthread_self();
 	s->io_running = true;
@@ -1301,8 +1318,10 @@ int srv_run(struct srv *s)
 		}
 		if (items[1].revents & ZMQ_POLLIN)
 			break;
-		for (int i = 2; i < nitems; i++)
+		for (int i = 2; i < 2 + (int)s->nengines; i++)
 			completions |= (items[i].revents & ZMQ_POLLIN) != 0;
+		/* Connections opened and closed: before their requests. */
+		conn_monitor_drain(s);
 		/* Completions first: they free pins and slots other requests may need. */
 		if (completions)
 			drain_completions(s);
@@ -1339,6 +1358,7 @@ void srv_destroy(struct srv *s)
 	if (!s)
 		return;
 	s->io_running = false;	/* from here CUDA instances are unmapped inline */
+	pin_stop(s);		/* before the workers: it may be inside cudaHostRegister */
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_stop(s->engines[e], 0);
 	drain_completions(s);
@@ -1369,6 +1389,10 @@ void srv_destroy(struct srv *s)
 				session_free(ss);
 			}
 	}
+	if (s->monitor) {
+		zmq_socket_monitor(s->sock, NULL, 0);
+		zmq_close(s->monitor);
+	}
 	if (s->sock)
 		zmq_close(s->sock);
 	auth_stop(s->auth);
@@ -1379,8 +1403,9 @@ void srv_destroy(struct srv *s)
 		idx_set_journal(s->idx, NULL);
 		idx_destroy(s->idx);
 	}
-	if (s->pool_pinned)
-		xfer_cuda_host_unregister(pool_region(s->pool));
+	for (size_t i = 0; i < s->npin_pieces; i++)
+		xfer_cuda_host_unregister(s->pin_pieces[i]);
+	free(s->pin_pieces);
 	if (s->pool)
 		pool_destroy(s->pool);
 	warm_close(s->warm);

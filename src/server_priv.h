@@ -28,6 +28,8 @@
 #include "transfer_cuda.h"
 #include "warm.h"
 
+#include <zmq.h>
+
 /* Engines: [0] the host backend, [1 + d] CUDA device d. */
 #define SRV_MAX_DEVICES 16
 #define SRV_MAX_ENGINES (1 + SRV_MAX_DEVICES)
@@ -124,6 +126,20 @@ struct srv_group {
 					 * all block 0 (vLLM's null block) is not there */
 };
 
+/*
+ * Who is at the other end of a connection, as the kernel or the transport
+ * vouches for it (docs/architecture.md, "Reconnects"): on ipc:// the peer's
+ * process (SO_PEERCRED), on tcp:// with CURVE the client's public key, on
+ * plain tcp:// only the peer's address. NONE: nothing known (the identity
+ * alone counts).
+ */
+enum srv_peer_kind { SRV_PEER_NONE = 0, SRV_PEER_PROCESS, SRV_PEER_CURVE_KEY, SRV_PEER_HOST };
+struct srv_peer {
+	enum srv_peer_kind kind;
+	uint32_t pid, uid;	/* PROCESS */
+	char addr[64];		/* CURVE_KEY: the Z85 key; HOST: the IP address */
+};
+
 /* One engine worker's registration (REGISTER_KV_CACHE). */
 struct srv_instance {
 	_Atomic int refs;	/* registry + each queued job; last put unmaps */
@@ -145,7 +161,8 @@ struct srv_instance {
 	size_t nmaps;
 	uint64_t registered_ms;
 	uint64_t last_ping_ms;	/* 0 = never pinged with its id */
-	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the registering connection */
+	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the connection that
+						 * registered it, or adopted it since */
 	size_t owner_len;
 	/* --state-dir: the REGISTER's frames as received (registry_keep_frames), so a
 	 * restarted kvstashd rebuilds the instance; and the registering process's pid
@@ -153,6 +170,8 @@ struct srv_instance {
 	uint8_t *reg_frames;	/* owned; NULL: not kept */
 	size_t reg_frames_len;
 	int32_t owner_pid;
+	struct srv_peer owner_peer;	/* who that connection was (io thread) */
+	bool owner_up;			/* that connection is open (socket monitor) */
 	struct srv_instance *next;	/* registry list (io thread) */
 };
 
@@ -243,6 +262,9 @@ struct srv_wait {
 struct srv_conn {
 	uint8_t identity[SRV_IDENTITY_MAX];
 	size_t identity_len;
+	int fd;			/* its socket while open (socket monitor); -1: closed or unknown */
+	bool bound;		/* fd and peer were looked up (at its first message) */
+	struct srv_peer peer;
 	enum proto_dialect dialect;	/* AUTO until a telling request */
 	uint64_t unsupported_logged;	/* bit i: current_ops entry i logged (63: by name) */
 	struct srv_conn *next;		/* bucket chain */
@@ -286,6 +308,10 @@ struct srv_counters {
 	_Atomic uint64_t bytes_retrieved;
 	_Atomic uint64_t lookup_hit_chunks;
 	_Atomic uint64_t instances_reaped;
+	_Atomic uint64_t instances_adopted;	/* taken over by a reconnected client */
+	_Atomic uint64_t owner_refused;	/* requests refused by --owner-check */
+	_Atomic uint64_t conn_opened, conn_closed;	/* socket monitor */
+	_Atomic uint64_t xfer_unpinned;	/* GPU chunks refused: slot not pinned yet */
 	_Atomic uint64_t copy_faults;	/* SIGBUS while copying a client's buffer */
 	_Atomic uint64_t demoted, demote_dropped, demote_failed;	/* L1 -> L2 */
 	_Atomic uint64_t l3_written, l3_dropped, l3_failed;	/* L1 -> L3 write-through */
@@ -316,7 +342,6 @@ struct srv {
 	char cuda_uuid[SRV_MAX_DEVICES][XFER_CUDA_UUID_STR_BYTES];	/* lowercase, no GPU- */
 	pthread_t io_thread;		/* the thread in srv_run */
 	bool io_running;
-	bool pool_pinned;		/* pool registered with cudaHostRegister */
 	/* Per CUDA device, per worker: that worker's context, created on its
 	 * first job and touched only by that worker thread (no lock). */
 	struct xfer_cuda_ctx *cuda_ctx[SRV_MAX_DEVICES][SRV_MAX_WORKERS];
@@ -335,6 +360,24 @@ struct srv {
 	struct srv_conn *conn_lru_head, *conn_lru_tail;
 	uint32_t nconns;
 	enum proto_dialect pinned_dialect;	/* --protocol: AUTO, or the one served */
+	/* The ROUTER's socket monitor (ACCEPTED/DISCONNECTED with the fd) and,
+	 * by fd, whether that socket is open and which connection it carries
+	 * (server_conn.c; io thread). NULL monitor: connection state unknown. */
+	void *monitor;
+	struct srv_fd_slot { bool open; struct srv_conn *conn; } *fds;
+	size_t nfds;
+	struct srv_conn *cur_conn;	/* connection of the request being dispatched */
+	/* The pool's pinning for CUDA (server_pin.c): a thread pins it piece
+	 * by piece from the start; [0, pool_pinned_bytes) is pinned. */
+	_Atomic uint64_t pool_pinned_bytes;
+	uint64_t pool_pin_total;	/* bytes to pin: the region, or 0 (host only) */
+	int (*pin_step)(void *base, size_t bytes);	/* NULL: nothing to pin */
+	uint64_t pin_test_ms_per_gib;	/* fault point pin.ms_per_gib */
+	pthread_t pin_thread;
+	bool pin_started;
+	int pin_stop_fd;
+	void **pin_pieces;		/* bases registered, for unregistering */
+	size_t npin_pieces;
 	_Atomic uint64_t conns_by_dialect[3];	/* indexed by enum proto_dialect */
 	struct srv_session **sessions;	/* [SRV_SESSION_BUCKETS] */
 	size_t nsessions;		/* io thread */
@@ -406,8 +449,10 @@ void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const ch
 void instance_free(struct srv_instance *in);
 void instance_put(struct srv_instance *in);
 struct srv_instance *instance_find(struct srv *s, int64_t id);
-bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
-		       const struct srv_reply_addr *a);
+bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
+void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
+void instances_adopt_process(struct srv *s, struct srv_conn *c);
+void instances_owner_closed(struct srv *s, const struct srv_conn *c);
 bool instance_remove(struct srv *s, int64_t id);
 struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
 				    uint32_t world_size);
@@ -453,6 +498,17 @@ void waits_free(struct srv *s);
 struct srv_conn *conn_get(struct srv *s, const uint8_t *identity, size_t len);
 void conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d);
 void conns_free(struct srv *s);
+int conn_monitor_open(struct srv *s);
+void conn_monitor_drain(struct srv *s);
+void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *identity_frame);
+bool conn_up(struct srv *s, const uint8_t *identity, size_t len);
+bool peer_same(const struct srv_peer *a, const struct srv_peer *b);
+const char *peer_name(const struct srv_peer *p, char *buf, size_t len);
+
+/* server_pin.c: pinning the pool for CUDA in the background. */
+int pin_start(struct srv *s);
+void pin_stop(struct srv *s);
+bool pool_range_pinned(struct srv *s, const void *p, uint64_t bytes);
 
 /* server_tiers.c: L2/L3. */
 void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);

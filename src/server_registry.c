@@ -116,13 +116,101 @@ struct srv_instance *instance_find(struct srv *s, int64_t id)
 	return NULL;
 }
 
-/* True if @a may use @in (--owner-check): the connection that registered it. */
-bool instance_owned_by(const struct srv *s, const struct srv_instance *in,
-		       const struct srv_reply_addr *a)
+/* @in's owner is now the connection of @a (the one being dispatched). */
+void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
 {
+	struct srv_conn *c = s->cur_conn;
+
+	memcpy(in->owner, a->identity, a->identity_len);
+	in->owner_len = a->identity_len;
+	if (c && c->identity_len == a->identity_len &&
+	    !memcmp(c->identity, a->identity, a->identity_len)) {
+		in->owner_peer = c->peer;
+		in->owner_up = c->fd >= 0;
+	} else {
+		memset(&in->owner_peer, 0, sizeof(in->owner_peer));
+		in->owner_up = false;
+	}
+}
+
+/* A new connection of @in's client takes it over (its old one closed). */
+static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+{
+	char who[96];
+
+	instance_set_owner(s, in, a);
+	ctr_add(&s->ctr.instances_adopted, 1);
+	log_info("instance %" PRId64 ": taken over by a new connection of %s (its previous "
+		 "connection closed)", in->id, peer_name(&in->owner_peer, who, sizeof(who)));
+}
+
+/*
+ * True if @a may use @in (--owner-check). The connection that registered it
+ * may. Once that connection has closed, so may a new connection of the same
+ * client, which then owns it (docs/architecture.md, "Reconnects"):
+ *  - ipc://: the same process (pid and uid from SO_PEERCRED);
+ *  - tcp:// with CURVE: the same client key;
+ *  - plain tcp://: the same peer address.
+ * On ipc:// any connection of the owning process may use it even while the
+ * owner's is open (without taking it over): the kernel vouches that it is the
+ * process whose buffers they are. A client library may hold side connections
+ * (a probe, a stats socket); one of them may have taken the instance over
+ * after a restart and be closing while the main one already sends.
+ * "Closed" needs the socket monitor; without it no instance changes owner.
+ */
+bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+{
+	struct srv_conn *c = s->cur_conn;
+
 	if (strcmp(s->cfg.owner_check, "on"))
 		return true;
-	return in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len);
+	if (in->owner_len == a->identity_len && !memcmp(in->owner, a->identity, a->identity_len))
+		return true;
+	if (!c || c->identity_len != a->identity_len ||
+	    memcmp(c->identity, a->identity, a->identity_len) ||
+	    !peer_same(&in->owner_peer, &c->peer))
+		goto refuse;
+	if (s->monitor && !in->owner_up) {
+		adopt(s, in, a);
+		return true;
+	}
+	if (c->peer.kind == SRV_PEER_PROCESS)
+		return true;
+refuse:
+	ctr_add(&s->ctr.owner_refused, 1);
+	return false;
+}
+
+/* A new connection @c of a process (ipc://): it takes over that process's
+ * instances whose connection closed, so an idle engine stays alive. */
+void instances_adopt_process(struct srv *s, struct srv_conn *c)
+{
+	struct srv_reply_addr a = { .identity_len = c->identity_len };
+
+	if (strcmp(s->cfg.owner_check, "on") || !s->monitor)
+		return;
+	memcpy(a.identity, c->identity, c->identity_len);
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (!in->owner_up && peer_same(&in->owner_peer, &c->peer)) {
+			struct srv_conn *saved = s->cur_conn;
+
+			s->cur_conn = c;
+			adopt(s, in, &a);
+			s->cur_conn = saved;
+		}
+}
+
+/* @c's socket closed: the instances it owned have no connection now. */
+void instances_owner_closed(struct srv *s, const struct srv_conn *c)
+{
+	for (struct srv_instance *in = s->instances; in; in = in->next)
+		if (in->owner_up && in->owner_len == c->identity_len &&
+		    !memcmp(in->owner, c->identity, c->identity_len)) {
+			in->owner_up = false;
+			log_info("instance %" PRId64 ": its connection closed; kept for its client "
+				 "to come back (reaped --client-timeout-s after its last PING with "
+				 "its id, if it sent any)", in->id);
+		}
 }
 
 /* Unlink @id from the registry and drop the registry's reference. */
@@ -405,6 +493,9 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 	if (instance_remove(s, in->id))
 		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
 			 in->id);
+	/* A CUDA registration is inserted when its job ends: the connection
+	 * may have closed meanwhile. */
+	in->owner_up = in->owner_up && conn_up(s, in->owner, in->owner_len);
 	in->next = s->instances;
 	s->instances = in;
 	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
@@ -425,11 +516,14 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 /*
  * A kept registration is the REGISTER request as it arrived, decoded again
  * by the same code at the next start, plus what the registry learned:
- *   int64 id, u32 pinged, i32 owner_pid, u32 owner_len, owner, then the
- *   frames: u32 dialect, u32 type_len, type, u32 nargs, nargs x (u32 len, bytes)
+ *   int64 id, u32 pinged, i32 owner_pid, u32 owner_len, owner,
+ *   the owner's peer (u32 kind, u32 pid, u32 uid, u32 addr_len, addr: what a
+ *   reconnecting engine is matched against, see "Reconnects" in
+ *   docs/architecture.md), then the frames: u32 dialect, u32 type_len, type,
+ *   u32 nargs, nargs x (u32 len, bytes)
  * in host byte order (the manifest refuses another byte order).
  */
-#define REG_HDR_BYTES (8 + 4 + 4 + 4)
+#define REG_HDR_BYTES (8 + 4 + 4 + 4 + 4 * 4)
 
 static void put32(uint8_t **p, uint32_t v)
 {
@@ -491,7 +585,9 @@ void registry_persist(struct srv *s, bool clean)
 
 		if (!in->reg_frames)
 			continue;
-		len = REG_HDR_BYTES + in->owner_len + in->reg_frames_len;
+		size_t addr_len = strnlen(in->owner_peer.addr, sizeof(in->owner_peer.addr) - 1);
+
+		len = REG_HDR_BYTES + in->owner_len + addr_len + in->reg_frames_len;
 		b = malloc(len);
 		if (!b)
 			continue;
@@ -503,6 +599,12 @@ void registry_persist(struct srv *s, bool clean)
 		put32(&p, (uint32_t)in->owner_len);
 		memcpy(p, in->owner, in->owner_len);
 		p += in->owner_len;
+		put32(&p, (uint32_t)in->owner_peer.kind);
+		put32(&p, in->owner_peer.pid);
+		put32(&p, in->owner_peer.uid);
+		put32(&p, (uint32_t)addr_len);
+		memcpy(p, in->owner_peer.addr, addr_len);
+		p += addr_len;
 		memcpy(p, in->reg_frames, in->reg_frames_len);
 		blobs[n].data = b;
 		blobs[n].len = len;
@@ -564,9 +666,9 @@ static int restore_one(struct srv *s, struct warm_blob b)
 	struct proto_buf type, args[SRV_MAX_FRAMES];
 	struct proto_request rq;
 	struct srv_instance *in = NULL;
-	const uint8_t *idp, *owner, *frames;
+	const uint8_t *idp, *owner, *frames, *peer_addr;
 	char err[SRV_ERR_MAX];
-	uint32_t pinged, owner_len, dialect, nargs;
+	uint32_t pinged, owner_len, dialect, nargs, peer_kind, peer_pid, peer_uid, peer_addr_len;
 	int32_t pid;
 	int64_t id = -1;
 	int rc;
@@ -578,6 +680,11 @@ static int restore_one(struct srv *s, struct warm_blob b)
 	pid = (int32_t)rd32(&r);
 	owner_len = rd32(&r);
 	owner = rd_bytes(&r, owner_len);
+	peer_kind = rd32(&r);
+	peer_pid = rd32(&r);
+	peer_uid = rd32(&r);
+	peer_addr_len = rd32(&r);
+	peer_addr = rd_bytes(&r, peer_addr_len);
 	frames = r.p;
 	dialect = rd32(&r);
 	type.len = rd32(&r);
@@ -589,7 +696,8 @@ static int restore_one(struct srv *s, struct warm_blob b)
 		args[i].len = rd32(&r);
 		args[i].data = rd_bytes(&r, args[i].len);
 	}
-	if (r.bad || r.p != r.end || owner_len > SRV_IDENTITY_MAX || dialect > PROTO_DIALECT_CURRENT) {
+	if (r.bad || r.p != r.end || owner_len > SRV_IDENTITY_MAX || dialect > PROTO_DIALECT_CURRENT ||
+	    peer_kind > SRV_PEER_HOST || peer_addr_len >= sizeof(in->owner_peer.addr)) {
 		log_warn("state dir: a kept registration is malformed: dropped");
 		return -EINVAL;
 	}
@@ -616,6 +724,14 @@ static int restore_one(struct srv *s, struct warm_blob b)
 	memcpy(in->owner, owner, owner_len);
 	in->owner_len = owner_len;
 	in->owner_pid = pid;
+	/* Its connection died with the previous kvstashd: the same client may
+	 * take it over when it reconnects, nobody else. */
+	in->owner_peer.kind = (enum srv_peer_kind)peer_kind;
+	in->owner_peer.pid = peer_pid;
+	in->owner_peer.uid = peer_uid;
+	memcpy(in->owner_peer.addr, peer_addr, peer_addr_len);
+	in->owner_peer.addr[peer_addr_len] = '\0';
+	in->owner_up = false;
 	if (pinged)
 		in->last_ping_ms = ks_now_ms();	/* a full --client-timeout-s from now */
 	in->reg_frames = malloc(b.len - (size_t)(frames - (const uint8_t *)b.data));

@@ -61,7 +61,7 @@ struct stat_row {
 	uint64_t value;
 };
 
-#define SRV_MAX_STATS 112
+#define SRV_MAX_STATS 128
 
 /* Fill @rows with every counter. Safe from any thread: atomics and stats calls only. */
 static size_t collect_stats(struct srv *s, struct stat_row *rows)
@@ -184,6 +184,20 @@ static size_t collect_stats(struct srv *s, struct stat_row *rows)
 	    CTR(lookup_hit_chunks), "Chunks reported as hits by LOOKUP.");
 	ROW("instances_reaped", "kvstash_reaped_instances_total", STAT_COUNTER,
 	    CTR(instances_reaped), "Instances unregistered by the reaper.");
+	ROW("instances_adopted", "kvstash_instances_adopted_total", STAT_COUNTER,
+	    CTR(instances_adopted), "Instances taken over by a new connection of their client.");
+	ROW("owner_refused", "kvstash_owner_refused_total", STAT_COUNTER, CTR(owner_refused),
+	    "Requests refused because another client owns the instance (--owner-check).");
+	ROW("connections_opened", "kvstash_connections_opened_total", STAT_COUNTER,
+	    CTR(conn_opened), "Client connections accepted.");
+	ROW("connections_closed", "kvstash_connections_closed_total", STAT_COUNTER,
+	    CTR(conn_closed), "Client connections closed.");
+	ROW("pool_pinned_bytes", "kvstash_pool_pinned_bytes", STAT_GAUGE,
+	    atomic_load(&s->pool_pinned_bytes), "Bytes of the pool pinned for CUDA so far.");
+	ROW("pool_pin_total_bytes", "kvstash_pool_pin_total_bytes", STAT_GAUGE,
+	    s->pool_pin_total, "Bytes of the pool to pin for CUDA.");
+	ROW("xfer_unpinned_chunks", "kvstash_xfer_unpinned_chunks_total", STAT_COUNTER,
+	    CTR(xfer_unpinned), "GPU chunks skipped or failed: their slot was not pinned yet.");
 	ROW("copy_faults", "kvstash_copy_faults_total", STAT_COUNTER, CTR(copy_faults),
 	    "Copies stopped by a bus error (client file truncated).");
 	ROW("log_dropped", "kvstash_log_dropped_total", STAT_COUNTER, log_dropped_total(),

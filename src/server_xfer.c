@@ -177,6 +177,31 @@ static void commit_chunk(struct srv_xfer_job *j, uint32_t c)
 
 #define SRV_CUDA_DRAIN_STEP_MS 1000
 
+/*
+ * STORE on a GPU: a reserved chunk whose slot is not pinned yet (server_pin.c)
+ * is skipped as on a full pool, counted. Returns how many were dropped.
+ */
+static uint32_t drop_unpinned(struct srv_xfer_job *j)
+{
+	uint32_t n = 0;
+
+	for (uint32_t c = 0; c < j->nchunks; c++) {
+		struct idx_entry *e = j->entries[c];
+
+		if (!e || pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, e),
+					    j->inst->object_bytes))
+			continue;
+		idx_abort_write(j->srv->idx, e);
+		j->entries[c] = NULL;
+		n++;
+	}
+	if (n) {
+		ctr_add(&j->srv->ctr.xfer_unpinned, n);
+		ctr_add(&j->srv->ctr.store_chunks_nospace, n);
+	}
+	return n;
+}
+
 /* This worker's context on @dev, created on first use (only this thread touches it). */
 static struct xfer_cuda_ctx *cuda_ctx_of(struct srv *s, int dev, unsigned worker, char *err,
 					 size_t errlen)
@@ -266,6 +291,7 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 		return;
 	}
 	nres = reserve_chunks(j);
+	nres -= drop_unpinned(j);
 	j->copy_begin_ns = ks_now_ns();
 	/* Only the reserved chunks are copied: pack their slots and objects. */
 	slots = malloc(((size_t)(nres ? nres : 1) * C) * sizeof(*slots));
@@ -392,6 +418,22 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 	}
 	if (pin_all(j))
 		return;
+	for (uint32_t c = 0; c < j->nchunks; c++)
+		if (!pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, j->entries[c]),
+				       in->object_bytes)) {
+			/* Fail fast rather than wait for the pinning thread (server_pin.c). */
+			ctr_add(&j->srv->ctr.xfer_unpinned, 1);
+			snprintf(j->err, sizeof(j->err), "chunk %u lies in the part of the pool not "
+				 "pinned for CUDA yet (%" PRIu64 " of %" PRIu64 " MiB pinned)", c,
+				 atomic_load(&j->srv->pool_pinned_bytes) >> 20,
+				 j->srv->pool_pin_total >> 20);
+			j->result = -EAGAIN;
+			for (uint32_t k = 0; k < j->nchunks; k++) {
+				idx_unpin(j->srv->idx, j->entries[k]);
+				j->entries[k] = NULL;
+			}
+			return;
+		}
 	j->copy_begin_ns = ks_now_ns();
 	objs = malloc(j->nchunks * sizeof(*objs));
 	gobjs = malloc(j->nchunks * sizeof(*gobjs));

@@ -65,8 +65,8 @@ void t_rmtree(const char *path);
 const char *t_build_path(const char *rel);
 
 /*
- * A real kvstashd, started on ipc://<tmpdir>/sock with the extra
- * arguments @args (space-separated, may be NULL). Waits until it answers a
+ * A real kvstashd, started on ipc://<tmpdir>/sock (or the --listen=EP that
+ * @args names) with the extra arguments @args (space-separated, may be NULL). Waits until it answers a
  * PING (10 s at most). Its log goes to <tmpdir>/kvstashd.log.
  */
 struct t_daemon {

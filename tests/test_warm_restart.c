@@ -2,9 +2,9 @@
  *
  * One libkvstash client object and its host KV buffer (a memfd) live
  * across every kvstashd in this test; kvstashd always binds the same ipc://
- * endpoint and uses one --state-dir on /dev/shm (--owner-check=off: a
- * reconnected DEALER gets a new ROUTER identity, and the rule that keeps
- * the owner check across reconnects is a separate change).
+ * endpoint and uses one --state-dir on /dev/shm, with --owner-check on
+ * (the default): the resumed registrations keep their owner's process, so
+ * the client's reconnected DEALER (a new ROUTER identity) takes them over.
  *
  * 1. SIGTERM: register, STORE prompt A (4 chunks), SIGTERM, start again:
  *    from the same client, without REGISTER: LOOKUP finds 4, RETRIEVE is
@@ -88,7 +88,7 @@ static bool start_daemon(const char *bin, const char *extra, const char *env, in
 
 	snprintf(log_path, sizeof(log_path), "%s/kvstashd.%d.log", dir, ++nlogs);
 	snprintf(args, sizeof(args), "--listen=%s --http-port=0 --pool-size=64M "
-		 "--owner-check=off --state-dir=%s %s", endpoint, state_dir, extra ? extra : "");
+		 "--state-dir=%s %s", endpoint, state_dir, extra ? extra : "");
 	argv[argc++] = (char *)(bin ? bin : t_build_path("kvstashd"));
 	for (char *tok = strtok_r(args, " ", &save); tok && argc < 30; tok = strtok_r(NULL, " ", &save))
 		argv[argc++] = tok;
