@@ -14,8 +14,9 @@ LOOKUP finds both chunks, RETRIEVE is byte-exact on the GPU (compared with
 torch.equal), a new STORE and its RETRIEVE work. Printed: the restart time
 (SIGTERM sent to the first PING answered on a fresh socket), the checksum
 pass and pool pinning from kvstashd's log, the hit rate right after the
-restart over every prompt stored. --owner-check=off: a reconnected socket has
-a new ROUTER identity.
+restart over every prompt stored. --owner-check stays on (the default): the
+reconnected socket (a new ROUTER identity) takes the resumed instance over as
+a connection of the same process (ipc://).
 
 Exit 0 pass, 1 fail, 77 skip (no torch / GPU / libzmq).
 """
@@ -57,8 +58,7 @@ def ping(z, ep, timeout_ms):
 
 def start(z, ep, args, log_path):
     log = open(log_path, "w")
-    d = subprocess.Popen([os.path.join(BUILD, "kvstashd"), "--listen=" + ep, "--http-port=0",
-                          "--owner-check=off"] + args, stdout=log, stderr=subprocess.STDOUT)
+    d = subprocess.Popen([os.path.join(BUILD, "kvstashd"), "--listen=" + ep, "--http-port=0"] + args, stdout=log, stderr=subprocess.STDOUT)
     return d
 
 
