@@ -8,7 +8,7 @@
  * retrieved byte differs from what was stored. KV cache events are on, with a
  * subscriber that never reads: they must not hold up PINGs or requests.
  * 120 s in the plain build, 20 s
- * under sanitizers (KVSTASH_SOAK_SECONDS overrides). Labels: tsan long
+ * under sanitizers (KVSTASH_SOAK_SECONDS overrides). Labels: tsan long serial
  */
 #include <errno.h>
 #include <inttypes.h>
