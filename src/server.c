@@ -685,8 +685,9 @@ static void reap_instances(struct srv *s, uint64_t now)
 
 	for (struct srv_instance **pp = &s->instances; *pp;) {
 		struct srv_instance *in = *pp;
-		/* Never while its connection is open: an idle engine is alive. */
-		bool dead = !in->owner_up &&
+		/* Never while its connection is open (on ipc://, any connection of
+		 * its process): an idle engine is alive. */
+		bool dead = !in->owner_up && !process_connected(s, &in->owner_peer) &&
 			    (in->last_ping_ms ? now - in->last_ping_ms > timeout :
 						grace && now - in->registered_ms > grace);
 

@@ -345,8 +345,17 @@ void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
 		conn_closed(s, f->conn);
 	f->conn = c;
 	c->fd = fd;
-	if (c->peer.kind == SRV_PEER_PROCESS)
-		instances_adopt_process(s, c);
+}
+
+/* True if a connection of the process @p (ipc://) is known to be open now. */
+bool process_connected(struct srv *s, const struct srv_peer *p)
+{
+	if (p->kind != SRV_PEER_PROCESS)
+		return false;
+	for (struct srv_conn *c = s->conn_lru_head; c; c = c->lru_next)
+		if (c->fd >= 0 && peer_same(&c->peer, p))
+			return true;
+	return false;
 }
 
 /* True if the connection of @identity is known to be open now. */

@@ -451,7 +451,6 @@ void instance_put(struct srv_instance *in);
 struct srv_instance *instance_find(struct srv *s, int64_t id);
 bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
 void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
-void instances_adopt_process(struct srv *s, struct srv_conn *c);
 void instances_owner_closed(struct srv *s, const struct srv_conn *c);
 bool instance_remove(struct srv *s, int64_t id);
 struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
@@ -502,6 +501,7 @@ int conn_monitor_open(struct srv *s);
 void conn_monitor_drain(struct srv *s);
 void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *identity_frame);
 bool conn_up(struct srv *s, const uint8_t *identity, size_t len);
+bool process_connected(struct srv *s, const struct srv_peer *p);
 bool peer_same(const struct srv_peer *a, const struct srv_peer *b);
 const char *peer_name(const struct srv_peer *p, char *buf, size_t len);
 

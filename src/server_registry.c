@@ -151,11 +151,6 @@ static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply
  *  - ipc://: the same process (pid and uid from SO_PEERCRED);
  *  - tcp:// with CURVE: the same client key;
  *  - plain tcp://: the same peer address.
- * On ipc:// any connection of the owning process may use it even while the
- * owner's is open (without taking it over): the kernel vouches that it is the
- * process whose buffers they are. A client library may hold side connections
- * (a probe, a stats socket); one of them may have taken the instance over
- * after a restart and be closing while the main one already sends.
  * "Closed" needs the socket monitor; without it no instance changes owner.
  */
 bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
@@ -174,30 +169,9 @@ bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_
 		adopt(s, in, a);
 		return true;
 	}
-	if (c->peer.kind == SRV_PEER_PROCESS)
-		return true;
 refuse:
 	ctr_add(&s->ctr.owner_refused, 1);
 	return false;
-}
-
-/* A new connection @c of a process (ipc://): it takes over that process's
- * instances whose connection closed, so an idle engine stays alive. */
-void instances_adopt_process(struct srv *s, struct srv_conn *c)
-{
-	struct srv_reply_addr a = { .identity_len = c->identity_len };
-
-	if (strcmp(s->cfg.owner_check, "on") || !s->monitor)
-		return;
-	memcpy(a.identity, c->identity, c->identity_len);
-	for (struct srv_instance *in = s->instances; in; in = in->next)
-		if (!in->owner_up && peer_same(&in->owner_peer, &c->peer)) {
-			struct srv_conn *saved = s->cur_conn;
-
-			s->cur_conn = c;
-			adopt(s, in, &a);
-			s->cur_conn = saved;
-		}
 }
 
 /* @c's socket closed: the instances it owned have no connection now. */
