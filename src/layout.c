@@ -49,6 +49,13 @@ uint32_t kv_dtype_bytes(enum kv_dtype d)
 	return (unsigned)d < KS_ARRAY_SIZE(dtypes) ? dtypes[d].bytes : 0;
 }
 
+uint32_t kv_dtype_bytes_by_name(const char *name)
+{
+	enum kv_dtype d;
+
+	return name && kv_dtype_parse(name, strlen(name), &d) == 0 ? kv_dtype_bytes(d) : 0;
+}
+
 int kv_layout_kind_parse(const char *name, size_t len, enum kv_layout_kind *out)
 {
 	for (unsigned i = 0; i < KS_ARRAY_SIZE(kinds); i++) {

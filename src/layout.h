@@ -57,6 +57,8 @@ struct kv_layout {
 int kv_dtype_parse(const char *name, size_t len, enum kv_dtype *out);
 const char *kv_dtype_name(enum kv_dtype d);
 uint32_t kv_dtype_bytes(enum kv_dtype d);
+/* Bytes per element of the dtype named @name (NUL-terminated), 0 if unknown. */
+uint32_t kv_dtype_bytes_by_name(const char *name);
 /* "flash_attn" | "flashinfer" | "mla" -> kind; -EINVAL otherwise. */
 int kv_layout_kind_parse(const char *name, size_t len, enum kv_layout_kind *out);
 const char *kv_layout_kind_name(enum kv_layout_kind k);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Grep src/ for calls that are allowed only in one place (memcached t/whitespace.t style):
-# raw mutex/cond waits only in lock.c, exit() only in main() files, printf only in cli.c.
+# raw mutex/cond waits only in lock.c, exit() only in main() files, printf only in the CLI (cli.c, cli_bench.c).
 set -u
 cd "$(dirname "$0")/.."
 fail=0
@@ -16,6 +16,6 @@ ban() {	# pattern, allowed-files-regex, why
 ban 'pthread_mutex_(timed|clock)?lock\(|pthread_cond_(timed)?wait\(' 'src/lock.c' \
 	'mutex/cond waits only in lock.c (every wait needs a deadline)'
 ban '(^|[^_a-z])exit\(' 'src/kvstashd.c|src/cli.c' 'exit() only in main() programs'
-ban '(^|[^a-z_])printf\(' 'src/cli.c' 'printf only in cli.c (log_* elsewhere)'
+ban '(^|[^a-z_])printf\(' 'src/cli.c|src/cli_bench.c' 'printf only in the CLI (log_* elsewhere)'
 [ $fail -eq 0 ] && echo "banned.sh: clean"
 exit $fail

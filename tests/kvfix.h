@@ -12,6 +12,7 @@
 
 #include "helpers.h"
 #include "kvstash.h"
+#include "layout.h"
 
 struct t_kv {
 	struct kvstash_host_buffer buf;
@@ -21,22 +22,13 @@ struct t_kv {
 	size_t layer_bytes, row_bytes;
 };
 
-static inline int t_kv_dtype_bytes(const char *d)
-{
-	if (!strcmp(d, "float32"))
-		return 4;
-	if (!strcmp(d, "bfloat16") || !strcmp(d, "float16"))
-		return 2;
-	return 1;
-}
-
 /* Dense C-order buffer of @nl layers in one memfd. 0 or -errno. */
 static inline int t_kv_create(struct t_kv *kv, enum kvstash_layout layout, const char *dtype,
 			      int nl, int nb, int bs, int nh, int hs)
 {
 	memset(kv, 0, sizeof(*kv));
 	kv->nl = nl, kv->nb = nb, kv->bs = bs, kv->nh = layout == KVSTASH_LAYOUT_MLA ? 1 : nh;
-	kv->hs = hs, kv->eb = t_kv_dtype_bytes(dtype);
+	kv->hs = hs, kv->eb = (int)kv_dtype_bytes_by_name(dtype);
 	kv->planes = layout == KVSTASH_LAYOUT_MLA ? 1 : 2;
 	kv->row_bytes = (size_t)kv->nh * (size_t)hs * (size_t)kv->eb;
 	kv->layer_bytes = (size_t)kv->planes * (size_t)nb * (size_t)bs * kv->row_bytes;
