@@ -48,6 +48,17 @@ static uint32_t tokens[NCHUNKS * C + C];
 static int64_t src[NCHUNKS * C / BS], dst[NCHUNKS * C / BS];
 static const size_t nblk = NCHUNKS * C / BS;
 
+/* The block ids and the prompt of a case (the intruder recomputes them). */
+static void set_ids(bool ipc)
+{
+	for (size_t i = 0; i < nblk; i++) {
+		src[i] = (int64_t)i;
+		dst[i] = (int64_t)(nblk + i);
+	}
+	for (size_t t = 0; t < sizeof(tokens) / sizeof(tokens[0]); t++)
+		tokens[t] = (uint32_t)(t * 2654435761u) ^ (ipc ? 1u : 2u);
+}
+
 static struct kvstash_key key_of(uint64_t start, uint64_t end, const char *rid)
 {
 	struct kvstash_key k = { .model = MODEL, .world_size = 1, .worker_id = 0,
@@ -92,13 +103,21 @@ static int intruder(const char *endpoint)
 	_exit(bad ? 1 : 0);
 }
 
-static int run_intruder(const char *endpoint)
+/*
+ * Run intruder() in another process: this program again (exec, not just
+ * fork: a forked child of a threaded process may not start threads under
+ * ThreadSanitizer, and libkvstash's ZMQ context starts some).
+ */
+static int run_intruder(const char *endpoint, bool ipc)
 {
 	int st = -1;
 	pid_t p = fork();
 
-	if (p == 0)
-		intruder(endpoint);
+	if (p == 0) {
+		execl("/proc/self/exe", "test_reconnect", "--intruder", endpoint, ipc ? "ipc" : "tcp",
+		      (char *)NULL);
+		_exit(127);
+	}
 	if (p < 0 || waitpid(p, &st, 0) != p)
 		return -1;
 	return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
@@ -143,12 +162,7 @@ static void run_case(const char *listen)
 	REQUIRE(d);
 	fprintf(stderr, "case %s\n", d->endpoint);
 	REQUIRE(t_kv_create(&kv, KVSTASH_LAYOUT_FLASH_ATTN, "float16", NL, NB, BS, NH, HS) == 0);
-	for (size_t i = 0; i < nblk; i++) {
-		src[i] = (int64_t)i;
-		dst[i] = (int64_t)(nblk + i);
-	}
-	for (size_t t = 0; t < sizeof(tokens) / sizeof(tokens[0]); t++)
-		tokens[t] = (uint32_t)(t * 2654435761u) ^ (ipc ? 1u : 2u);
+	set_ids(ipc);
 	memset(kv.buf.ptr, 0, kv.buf.bytes);
 	for (size_t t = 0; t < NCHUNKS * C; t++)
 		t_kv_fill_token(&kv, t_kv_slot(&kv, src, t), seed, t);
@@ -167,7 +181,7 @@ static void run_case(const char *listen)
 	CHECK_EQ(kvstash_heartbeat(a, IID), 0);
 
 	/* 2. Another process, A still connected: refused, A's blocks untouched. */
-	CHECK_EQ(run_intruder(d->endpoint), 0);
+	CHECK_EQ(run_intruder(d->endpoint, ipc), 0);
 	CHECK(all_zero(&kv, dst));
 	CHECK_EQ(count_bad(&kv, src, seed), 0);
 
@@ -178,7 +192,7 @@ static void run_case(const char *listen)
 	REQUIRE(wait_closed(obs, closed + 1));
 	if (ipc) {
 		/* another pid never takes it over */
-		CHECK_EQ(run_intruder(d->endpoint), 0);
+		CHECK_EQ(run_intruder(d->endpoint, ipc), 0);
 		CHECK(all_zero(&kv, dst));
 		CHECK_EQ(t_stat(obs, "instances_adopted"), 0);
 	}
@@ -213,7 +227,7 @@ static void run_case(const char *listen)
 	if (!ipc) {
 		/* plain tcp: a second connection from the same host while B is
 		 * connected is another client (docs/architecture.md) */
-		CHECK_EQ(run_intruder(d->endpoint), 0);
+		CHECK_EQ(run_intruder(d->endpoint, ipc), 0);
 	}
 
 	/* 5. B goes away for good: reaped past the timeout, then failure replies. */
@@ -247,9 +261,14 @@ static void run_case(const char *listen)
 	CHECK_EQ(t_daemon_stop(d), 0);
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
 	char tcp[64];
+
+	if (argc == 4 && !strcmp(argv[1], "--intruder")) {
+		set_ids(!strcmp(argv[3], "ipc"));
+		intruder(argv[2]);
+	}
 
 	signal(SIGPIPE, SIG_IGN);
 	run_case(NULL);

@@ -256,13 +256,11 @@ static void register_from_child(void)
 
 	REQUIRE(pid >= 0);
 	if (pid == 0) {
-		struct t_kv ckv;
-		kvstash_client *cc;
-
-		if (t_kv_create(&ckv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, 64, BS, NH, HS) ||
-		    kvstash_connect(endpoint, 5000, &cc) || t_kv_register(&ckv, cc, 12, MODEL, 1))
-			_exit(1);
-		_exit(0);
+		/* exec, not just fork: a forked child of a threaded process may not
+		 * start threads under ThreadSanitizer (libkvstash's ZMQ context) */
+		execl("/proc/self/exe", "test_warm_restart", "--register-child", endpoint,
+		      (char *)NULL);
+		_exit(127);
 	}
 	REQUIRE(waitpid(pid, &st, 0) == pid);
 	CHECK(WIFEXITED(st) && WEXITSTATUS(st) == 0);
@@ -425,8 +423,23 @@ static const char *other_build(void)
 	return NULL;
 }
 
-int main(void)
+/* The child of register_from_child: instance 12 on its own buffer, then exit. */
+static int register_child(const char *ep)
 {
+	struct t_kv ckv;
+	kvstash_client *cc;
+
+	if (t_kv_create(&ckv, KVSTASH_LAYOUT_FLASH_ATTN, "bfloat16", NL, 64, BS, NH, HS) ||
+	    kvstash_connect(ep, 5000, &cc) || t_kv_register(&ckv, cc, 12, MODEL, 1))
+		return 1;
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 3 && !strcmp(argv[1], "--register-child"))
+		return register_child(argv[2]);
+
 	struct kvstash_key ka = key_of(tok_a, "store-a");
 	char *tmp = t_mkdtemp("warm");
 	int st = 0;
