@@ -187,51 +187,77 @@ struct srv_reply_addr {
 	enum proto_dialect dialect;
 };
 
+/*
+ * A job for the transfer workers (xfer_submit), of one of five kinds. As
+ * Redis's bio jobs: a header every kind has, then a union of one struct per
+ * kind (anonymous, so a field reads j->nchunks whatever the kind; only the
+ * fields of j->kind's struct are meaningful, and srv_xfer_job_free frees by
+ * kind). The name stays srv_xfer_job: STORE/RETRIEVE are most of them.
+ */
+enum srv_job_kind {
+	JOB_XFER = 0,	/* STORE / RETRIEVE: copies between a client's blocks and the pool */
+	JOB_PROBE,	/* data-path probe: the worker answers (health, server_stats.c) */
+	JOB_REGISTER,	/* open a CUDA registration's IPC handles on its device */
+	JOB_UNMAP,	/* release an instance's mappings off the io thread */
+	JOB_PREFETCH,	/* load a LOOKUP's chunks from the disk/Redis tiers */
+};
+
 struct srv_xfer_job {
+	/* ---- every kind ---- */
 	struct xfer_job base;	/* first: the engine hands this pointer back */
 	struct srv *srv;
-	struct srv_reply_addr addr;
+	enum srv_job_kind kind;
+	unsigned engine;		/* index into srv.engines it was queued on */
+	struct srv_reply_addr addr;	/* XFER, REGISTER: who gets the reply */
 	enum proto_type op;
-	struct srv_instance *inst;	/* reference held */
-	uint32_t chunk_tokens;
-	uint32_t nchunks;
-	struct ks_key *keys;		/* [nchunks] */
-	struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
-	int64_t *slots;			/* [ngroups][nchunks * chunk_tokens] paged slots */
-	uint64_t skip_tokens;		/* RETRIEVE */
+	struct srv_instance *inst;	/* XFER, REGISTER, UNMAP: reference held */
 	int result;			/* 0 or -errno, set by run() */
 	char err[SRV_ERR_MAX];
-	uint32_t committed;		/* STORE: chunks made READY */
-	uint64_t recv_ns;		/* when the request arrived (latency) */
-	uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy (phase accounting) */
-	uint32_t ngroups;		/* == inst->ngroups; slots hold ngroups lists */
-	bool *group_skip;		/* [nchunks][ngroups]: that group of that chunk is
-					 * absent (null blocks / null_chunk_mask); NULL: none */
-	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
-	bool has_wait;
-	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
-	bool has_done;
-	/* Isolated IPC (current dialect): the client's 81-byte semaphore handle,
-	 * and ours for the reply in its place of done_event. */
-	uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
-	bool has_wait_sem;
-	uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
-	/* STORE with KV events on: the range's tokens, and the hash of the chunk
-	 * before the range (has_parent: the range does not start at token 0).
-	 * JOB_PREFETCH: the LOOKUP's tokens from token 0 (nkeys / group chunks). */
-	uint32_t *ev_tokens;	/* [nchunks * chunk_tokens]; owned; NULL = events off */
-	uint8_t ev_parent[KS_HASH_LEN];
-	bool ev_has_parent;
-	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
-	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
-	size_t nkeys, l1_hits;
-	uint32_t group, locks_per_key;
-	uint64_t object_bytes;
-	int64_t lookup_job;
-	int64_t prefetch_chunks;	/* result */
-	unsigned engine;		/* index into srv.engines it was queued on */
-	bool restore;			/* JOB_REGISTER of a resumed registration: no reply */
-	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
+	/* ---- XFER and PREFETCH: the chunks' keys and tokens ---- */
+	uint32_t chunk_tokens;
+	struct ks_key *keys;		/* XFER: [nchunks]; PREFETCH: [nkeys]; owned */
+	/* XFER with KV events on: the range's tokens [nchunks * chunk_tokens];
+	 * PREFETCH: the LOOKUP's tokens from token 0. Owned; NULL = events off. */
+	uint32_t *ev_tokens;
+	union {
+		struct {	/* JOB_XFER */
+			uint32_t nchunks;
+			struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
+			int64_t *slots;		/* [ngroups][nchunks * chunk_tokens] paged slots */
+			uint64_t skip_tokens;	/* RETRIEVE */
+			uint32_t committed;	/* STORE: chunks made READY */
+			uint64_t recv_ns;	/* when the request arrived (latency) */
+			uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy */
+			uint32_t ngroups;	/* == inst->ngroups; slots hold ngroups lists */
+			bool *group_skip;	/* [nchunks][ngroups]: that group of that chunk
+						 * is absent (null blocks / null_chunk_mask);
+						 * NULL: none */
+			uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's (CUDA) */
+			bool has_wait;
+			uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* ours, for the reply */
+			bool has_done;
+			/* Isolated IPC (current dialect): the client's 81-byte semaphore
+			 * handle, and ours for the reply in its place of done_event. */
+			uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+			bool has_wait_sem;
+			uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+			/* STORE with KV events on: the hash of the chunk before the
+			 * range (ev_has_parent: the range does not start at token 0). */
+			uint8_t ev_parent[KS_HASH_LEN];
+			bool ev_has_parent;
+		};
+		struct {	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, the first l1_hits in L1 */
+			size_t nkeys, l1_hits;
+			uint32_t group, locks_per_key;
+			uint64_t object_bytes;
+			int64_t lookup_job;
+			int64_t prefetch_chunks;	/* result */
+		};
+		struct {	/* JOB_REGISTER */
+			struct proto_kv_desc *descs;	/* the layers' descriptors; owned */
+			bool restore;	/* a resumed registration: no reply */
+		};
+	};
 };
 
 struct srv_lookup_job {

@@ -182,8 +182,10 @@ int srv_registry_submit_cuda(struct srv *s, struct srv_instance *in, const struc
 	struct srv_xfer_job *j = calloc(1, sizeof(*j));
 	int rc;
 
-	if (j)
+	if (j) {
+		j->kind = JOB_REGISTER;	/* first: it says which union member is live */
 		j->descs = malloc(rq->nlayers * sizeof(*j->descs));
+	}
 	if (!j || !j->descs) {
 		free(j);
 		srv_instance_put(in);
@@ -194,7 +196,6 @@ int srv_registry_submit_cuda(struct srv *s, struct srv_instance *in, const struc
 	if (a)
 		j->addr = *a;
 	j->restore = !a;
-	j->kind = JOB_REGISTER;
 	j->op = PROTO_REGISTER_KV_CACHE;
 	j->inst = in;
 	j->base.run = run_register;

@@ -82,11 +82,21 @@ void srv_xfer_job_free(struct srv_xfer_job *j)
 	if (j->inst)
 		srv_instance_put(j->inst);
 	free(j->keys);
-	free(j->entries);
-	free(j->slots);
-	free(j->group_skip);
-	free(j->descs);
 	free(j->ev_tokens);
+	switch (j->kind) {
+	case JOB_XFER:
+		free(j->entries);
+		free(j->slots);
+		free(j->group_skip);
+		break;
+	case JOB_REGISTER:
+		free(j->descs);
+		break;
+	case JOB_PROBE:
+	case JOB_UNMAP:
+	case JOB_PREFETCH:
+		break;
+	}
 	free(j);
 }
 
