@@ -74,7 +74,7 @@ static void count_request(struct srv *s, enum proto_type t)
 		atomic_fetch_add_explicit(&s->ctr.requests[t], 1, memory_order_relaxed);
 }
 
-uint64_t identity_hash(const uint8_t *id, size_t len)
+uint64_t srv_identity_hash(const uint8_t *id, size_t len)
 {
 	uint64_t h = 0xcbf29ce484222325ull;
 
@@ -93,11 +93,11 @@ static void identity_hex(const struct srv_reply_addr *a, char *out, size_t cap)
 }
 
 /* Remember @msg as @addr's last error (PROTO_KS_LAST_ERROR) and log it. */
-void KS_PRINTF(3, 4) set_last_error(struct srv *s, const struct srv_reply_addr *addr,
-				    const char *fmt, ...)
+void KS_PRINTF(3, 4) srv_set_last_error(struct srv *s, const struct srv_reply_addr *addr,
+					const char *fmt, ...)
 {
 	struct srv_last_error *le =
-		&s->last_errors[identity_hash(addr->identity, addr->identity_len) %
+		&s->last_errors[srv_identity_hash(addr->identity, addr->identity_len) %
 				SRV_LAST_ERROR_SLOTS];
 	char who[40];
 	va_list ap;
@@ -114,7 +114,7 @@ void KS_PRINTF(3, 4) set_last_error(struct srv *s, const struct srv_reply_addr *
 static char *get_last_error(struct srv *s, const struct srv_reply_addr *addr)
 {
 	struct srv_last_error *le =
-		&s->last_errors[identity_hash(addr->identity, addr->identity_len) %
+		&s->last_errors[srv_identity_hash(addr->identity, addr->identity_len) %
 				SRV_LAST_ERROR_SLOTS];
 
 	if (le->identity_len == addr->identity_len &&
@@ -133,7 +133,7 @@ static void send_reply(struct srv *s, const struct srv_reply_addr *a, const stru
 	    zmq_send(s->sock, a->uid, a->uid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
 	    zmq_send(s->sock, a->type, a->type_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
 	    zmq_send(s->sock, m->data, m->len, ZMQ_DONTWAIT) < 0) {
-		ctr_add(&s->ctr.replies_dropped, 1);
+		srv_ctr_add(&s->ctr.replies_dropped, 1);
 		log_debug("reply dropped: %s", zmq_strerror(zmq_errno()));
 	}
 }
@@ -149,14 +149,14 @@ static void send_reply_none(struct srv *s, const struct srv_reply_addr *a)
 	if (zmq_send(s->sock, a->identity, a->identity_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
 	    zmq_send(s->sock, a->uid, a->uid_len, ZMQ_SNDMORE | ZMQ_DONTWAIT) < 0 ||
 	    zmq_send(s->sock, a->type, a->type_len, ZMQ_DONTWAIT) < 0) {
-		ctr_add(&s->ctr.replies_dropped, 1);
+		srv_ctr_add(&s->ctr.replies_dropped, 1);
 		log_debug("reply dropped: %s", zmq_strerror(zmq_errno()));
 	}
 }
 
 /* Send an encoded response frame (@rc: the encoder's result) and free it. */
-void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
-		  struct proto_msg *m)
+void srv_send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
+		      struct proto_msg *m)
 {
 	if (rc == 0)
 		send_reply(s, a, m);
@@ -164,7 +164,7 @@ void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc,
 }
 
 /* None: c0 in the March dialect (protocol.md §1), no frame in the current one. */
-void reply_nil(struct srv *s, const struct srv_reply_addr *a)
+void srv_reply_nil(struct srv *s, const struct srv_reply_addr *a)
 {
 	struct proto_msg m = { 0 };
 
@@ -172,42 +172,42 @@ void reply_nil(struct srv *s, const struct srv_reply_addr *a)
 		send_reply_none(s, a);
 		return;
 	}
-	send_encoded(s, a, proto_encode_nil(&m), &m);
+	srv_send_encoded(s, a, proto_encode_nil(&m), &m);
 }
 
 static void reply_bool(struct srv *s, const struct srv_reply_addr *a, bool v)
 {
 	struct proto_msg m = { 0 };
 
-	send_encoded(s, a, proto_encode_bool(&m, v), &m);
+	srv_send_encoded(s, a, proto_encode_bool(&m, v), &m);
 }
 
-void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
+void srv_reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v)
 {
 	struct proto_msg m = { 0 };
 
-	send_encoded(s, a, proto_encode_int(&m, v), &m);
+	srv_send_encoded(s, a, proto_encode_int(&m, v), &m);
 }
 
 static void reply_str(struct srv *s, const struct srv_reply_addr *a, const char *v)
 {
 	struct proto_msg m = { 0 };
 
-	send_encoded(s, a, proto_encode_str(&m, v), &m);
+	srv_send_encoded(s, a, proto_encode_str(&m, v), &m);
 }
 
 /* [bin event, ok]: 64 bytes on the GPU path, c4 00 on the host path (protocol.md §5.3). */
-void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a,
-		      const uint8_t *event, size_t event_len, bool ok)
+void srv_reply_xfer_event(struct srv *s, const struct srv_reply_addr *a,
+			  const uint8_t *event, size_t event_len, bool ok)
 {
 	struct proto_msg m = { 0 };
 
-	send_encoded(s, a, proto_encode_xfer_reply(&m, event, event_len, ok), &m);
+	srv_send_encoded(s, a, proto_encode_xfer_reply(&m, event, event_len, ok), &m);
 }
 
-void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
+void srv_reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok)
 {
-	reply_xfer_event(s, a, NULL, 0, ok);
+	srv_reply_xfer_event(s, a, NULL, 0, ok);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -220,73 +220,53 @@ static void handle_register(struct srv *s, const struct srv_reply_addr *a,
 	char err[SRV_ERR_MAX];
 	int rc;
 
-	rc = instance_build(s, rq, &in, err, sizeof(err));
+	rc = srv_instance_build(s, rq, &in, err, sizeof(err));
 	if (rc) {
-		ctr_add(&s->ctr.semantic_errors, 1);
-		set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": %s", rq->instance_id,
-			       err);
+		srv_ctr_add(&s->ctr.semantic_errors, 1);
+		srv_set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
+				   rq->instance_id, err);
 		/* The pinned protocol has no error reply here; STOREs to it will fail. */
-		reply_nil(s, a);
+		srv_reply_nil(s, a);
 		return;
 	}
-	instance_set_owner(s, in, a);
-	in->owner_pid = registry_owner_pid(rq);
+	srv_instance_set_owner(s, in, a);
+	in->owner_pid = srv_registry_owner_pid(rq);
 	if (s->warm && s->cur_type_frame &&
-	    registry_keep_frames(in, rq->dialect, s->cur_type_frame, s->cur_args, s->cur_nargs))
+	    srv_registry_keep_frames(in, rq->dialect, s->cur_type_frame, s->cur_args, s->cur_nargs))
 		log_warn("instance %" PRId64 ": out of memory keeping its registration: it will "
 			 "not survive a restart", in->id);
 	if (in->device >= 0) {
 		/* IPC handles are opened by the device's workers; the reply waits for it. */
-		struct srv_xfer_job *j = calloc(1, sizeof(*j));
-
-		if (j)
-			j->descs = malloc(rq->nlayers * sizeof(*j->descs));
-		if (!j || !j->descs) {
-			if (j)
-				free(j);
-			instance_put(in);
-			set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": out of memory",
-				       rq->instance_id);
-			reply_nil(s, a);
-			return;
-		}
-		memcpy(j->descs, rq->layers, rq->nlayers * sizeof(*j->descs));
-		j->srv = s;
-		j->addr = *a;
-		j->kind = JOB_REGISTER;
-		j->op = PROTO_REGISTER_KV_CACHE;
-		j->inst = in;
-		j->base.run = run_register;
-		rc = submit_job(s, 1 + (unsigned)in->device, j);
+		rc = srv_registry_submit_cuda(s, in, rq, a);
 		if (rc) {
-			set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": device queue: %s",
-				       rq->instance_id, strerror(-rc));
-			xfer_job_free(j);
-			reply_nil(s, a);
+			srv_set_last_error(s, a, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
+					   rq->instance_id, rc == -ENOMEM ? "out of memory" :
+					   strerror(-rc));
+			srv_reply_nil(s, a);
 		}
 		return;
 	}
-	registry_insert(s, in);
-	reply_nil(s, a);
+	srv_registry_insert(s, in);
+	srv_reply_nil(s, a);
 }
 
 static void handle_unregister(struct srv *s, const struct srv_reply_addr *a,
 			      const struct proto_request *rq)
 {
-	struct srv_instance *in = instance_find(s, rq->instance_id);
+	struct srv_instance *in = srv_instance_find(s, rq->instance_id);
 
-	if (in && !instance_owned_by(s, in, a)) {
-		ctr_add(&s->ctr.semantic_errors, 1);
-		set_last_error(s, a, "UNREGISTER_KV_CACHE: instance %" PRId64 " was registered by "
-			       "another connection", rq->instance_id);
-		reply_nil(s, a);
+	if (in && !srv_instance_owned_by(s, in, a)) {
+		srv_ctr_add(&s->ctr.semantic_errors, 1);
+		srv_set_last_error(s, a, "UNREGISTER_KV_CACHE: instance %" PRId64 " was registered "
+				   "by another connection", rq->instance_id);
+		srv_reply_nil(s, a);
 		return;
 	}
-	if (instance_remove(s, rq->instance_id))
+	if (srv_instance_remove(s, rq->instance_id))
 		log_info("instance %" PRId64 ": unregistered", rq->instance_id);
 	else
 		log_info("UNREGISTER_KV_CACHE of unknown instance %" PRId64, rq->instance_id);
-	reply_nil(s, a);
+	srv_reply_nil(s, a);
 }
 
 /*
@@ -298,7 +278,7 @@ static uint32_t locks_per_key(const struct proto_request *rq)
 {
 	if (rq->dialect == PROTO_DIALECT_CURRENT)
 		return rq->key.num_kv_readers;
-	return 1 + extra_lock_count(rq->tp_size, rq->key.world_size);
+	return 1 + srv_extra_lock_count(rq->tp_size, rq->key.world_size);
 }
 
 /*
@@ -309,11 +289,11 @@ static uint32_t locks_per_key(const struct proto_request *rq)
 static void refuse_no_readers(struct srv *s, const struct srv_reply_addr *a,
 			      const struct proto_request *rq)
 {
-	ctr_add(&s->ctr.lookup_refused, 1);
-	ctr_add(&s->ctr.semantic_errors, 1);
-	set_last_error(s, a, "%s refused: key.num_kv_readers is 0 (clients before LMCache's "
-		       "num_kv_readers field send none; LMCache refuses them too)",
-		       proto_type_name(rq->type));
+	srv_ctr_add(&s->ctr.lookup_refused, 1);
+	srv_ctr_add(&s->ctr.semantic_errors, 1);
+	srv_set_last_error(s, a, "%s refused: key.num_kv_readers is 0 (clients before LMCache's "
+			   "num_kv_readers field send none; LMCache refuses them too)",
+			   proto_type_name(rq->type));
 }
 
 static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
@@ -331,27 +311,27 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 	struct srv_xfer_job *pf = NULL;
 
 	if (k->world_size == 0 || k->world_size > 255) {
-		set_last_error(s, a, "LOOKUP: world_size %u out of range 1..255", k->world_size);
-	} else if ((in = model_instance(s, k->model, k->model_len, k->world_size)) && nchunks &&
+		srv_set_last_error(s, a, "LOOKUP: world_size %u out of range 1..255", k->world_size);
+	} else if ((in = srv_model_instance(s, k->model, k->model_len, k->world_size)) && nchunks &&
 		   nlocks == 0) {
 		refuse_no_readers(s, a, rq);
 		return;
 	} else if (in && nchunks) {
-		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, nchunks);
-		ssize_t nk = h ? expand_keys(s, k, h, 0, nchunks) : -ENOMEM;
+		const uint8_t(*h)[KS_HASH_LEN] = srv_chunk_hashes(s, k, nchunks);
+		ssize_t nk = h ? srv_expand_keys(s, k, h, 0, nchunks) : -ENOMEM;
 
 		if (nk < 0) {
-			set_last_error(s, a, "LOOKUP: %s", strerror((int)-nk));
+			srv_set_last_error(s, a, "LOOKUP: %s", strerror((int)-nk));
 		} else {
 			int rc = idx_lookup_lock(s->idx, s->key_buf, (size_t)nk, k->world_size, nlocks,
 						 &hits);
 			if (rc)
-				set_last_error(s, a, "LOOKUP: index: %s", strerror(-rc));
+				srv_set_last_error(s, a, "LOOKUP: index: %s", strerror(-rc));
 			else
 				chunks = (int64_t)(hits / k->world_size);
 			if (!rc && hits < (size_t)nk && (s->l2 || s->l3))
-				pf = prefetch_job(s, s->key_buf, (size_t)nk, hits, k->world_size,
-						  nlocks, in->object_bytes, k->token_ids);
+				pf = srv_prefetch_job(s, s->key_buf, (size_t)nk, hits, k->world_size,
+						      nlocks, in->object_bytes, k->token_ids);
 		}
 	}
 	job = &s->jobs[(uint64_t)s->next_job_id % SRV_JOB_SLOTS];
@@ -360,23 +340,23 @@ static void handle_lookup(struct srv *s, const struct srv_reply_addr *a,
 	if (pf) {
 		/* The rest of the prefix may be in L2/L3: QUERY_* answer nil until loaded. */
 		pf->lookup_job = job->id;
-		if (submit_job(s, 0, pf) == 0) {
+		if (srv_submit_job(s, 0, pf) == 0) {
 			job->chunks = -1;
 			chunks = 0;
 		} else {
-			xfer_job_free(pf);
+			srv_xfer_job_free(pf);
 		}
 	}
-	ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
+	srv_ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)chunks);
 	log_debug("LOOKUP model '%s' %zu tokens: %" PRId64 " chunk(s) hit, job %" PRId64,
 		  k->model, k->ntokens, chunks, job->id);
 	if (current) {
 		/* asked for by request_id (server_lookup.c); LOOKUP itself replies None */
-		rid_job_put(s, k->request_id, k->request_id_len, s->next_job_id++);
-		reply_nil(s, a);
+		srv_rid_job_put(s, k->request_id, k->request_id_len, s->next_job_id++);
+		srv_reply_nil(s, a);
 		return;
 	}
-	reply_int(s, a, s->next_job_id++);
+	srv_reply_int(s, a, s->next_job_id++);
 }
 
 static void handle_query(struct srv *s, const struct srv_reply_addr *a,
@@ -385,15 +365,15 @@ static void handle_query(struct srv *s, const struct srv_reply_addr *a,
 	struct srv_lookup_job *job;
 
 	if (rq->job_id < 0) {
-		reply_nil(s, a);
+		srv_reply_nil(s, a);
 		return;
 	}
 	job = &s->jobs[(uint64_t)rq->job_id % SRV_JOB_SLOTS];
 	if (job->id != rq->job_id || job->chunks < 0) {
-		reply_nil(s, a);	/* unknown, consumed, too old, or still loading */
+		srv_reply_nil(s, a);	/* unknown, consumed, too old, or still loading */
 		return;
 	}
-	reply_int(s, a, job->chunks);
+	srv_reply_int(s, a, job->chunks);
 	if (consume)
 		job->id = -1;
 }
@@ -408,19 +388,20 @@ static void handle_free_lookup_locks(struct srv *s, const struct srv_reply_addr 
 	size_t last = k->end > 0 ? KS_MIN((size_t)k->end / C, nchunks) : 0;
 
 	if (k->world_size == 0 || k->world_size > 255) {
-		set_last_error(s, a, "FREE_LOOKUP_LOCKS: world_size %u out of range", k->world_size);
+		srv_set_last_error(s, a, "FREE_LOOKUP_LOCKS: world_size %u out of range",
+				   k->world_size);
 	} else if (first < last && locks_per_key(rq) == 0) {
 		refuse_no_readers(s, a, rq);
 		return;
 	} else if (first < last) {
-		const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
-		ssize_t nk = h ? expand_keys(s, k, h, first, last - first) : -ENOMEM;
+		const uint8_t(*h)[KS_HASH_LEN] = srv_chunk_hashes(s, k, last);
+		ssize_t nk = h ? srv_expand_keys(s, k, h, first, last - first) : -ENOMEM;
 		uint32_t n = locks_per_key(rq);
 
 		for (ssize_t i = 0; i < nk; i++)
 			idx_release_read_locks(s->idx, &s->key_buf[i], n);
 	}
-	reply_nil(s, a);
+	srv_reply_nil(s, a);
 }
 
 static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
@@ -430,18 +411,18 @@ static void handle_clear(struct srv *s, const struct srv_reply_addr *a)
 	kve_cleared(s->kve);
 
 	log_info("CLEAR: %zu object(s) dropped", n);
-	reply_nil(s, a);
+	srv_reply_nil(s, a);
 }
 
 /* ------------------------------------------------------------------------ */
 /* Dispatch                                                                 */
 
-void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why)
+void srv_frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why)
 {
-	ctr_add(&s->ctr.frame_faults, 1);
+	srv_ctr_add(&s->ctr.frame_faults, 1);
 	/* protocol.md §3 Errors rule 1: log, count, drop (no reply). The message
 	 * stays available to kvstash clients through PROTO_KS_LAST_ERROR. */
-	set_last_error(s, a, "dropped malformed request (%s): %s", strerror(-rc), why);
+	srv_set_last_error(s, a, "dropped malformed request (%s): %s", strerror(-rc), why);
 }
 
 /*
@@ -455,22 +436,22 @@ static void handle_unsupported(struct srv *s, struct srv_conn *c, const struct s
 	struct proto_msg m = { 0 };
 	/* one bit per named operation; every unknown name shares the last */
 	unsigned bit = rq->op_name == rq->op_name_buf ? 63 :
-		       (unsigned)(identity_hash((const uint8_t *)rq->op_name,
-						strlen(rq->op_name)) % 63);
+		       (unsigned)(srv_identity_hash((const uint8_t *)rq->op_name,
+						    strlen(rq->op_name)) % 63);
 
-	ctr_add(&s->ctr.unsupported_ops, 1);
+	srv_ctr_add(&s->ctr.unsupported_ops, 1);
 	if (!c || !(c->unsupported_logged & (1ull << bit))) {
 		if (c)
 			c->unsupported_logged |= 1ull << bit;
-		set_last_error(s, a, "operation '%s' is not implemented by kvstash: answered %s "
-			       "(logged once per connection)", rq->op_name,
-			       rq->unsupported_reply == PROTO_UNSUP_NONE ? "None" : "as a refusal");
+		srv_set_last_error(s, a, "operation '%s' is not implemented by kvstash: answered %s "
+				   "(logged once per connection)", rq->op_name,
+				   rq->unsupported_reply == PROTO_UNSUP_NONE ? "None" : "as a refusal");
 	}
 	if (rq->unsupported_reply == PROTO_UNSUP_NONE) {
-		reply_nil(s, a);
+		srv_reply_nil(s, a);
 		return;
 	}
-	send_encoded(s, a, proto_encode_unsupported(&m, rq->unsupported_reply), &m);
+	srv_send_encoded(s, a, proto_encode_unsupported(&m, rq->unsupported_reply), &m);
 }
 
 static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
@@ -490,16 +471,16 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	a.identity_len = KS_MIN(zmq_msg_size(&frames[0]), sizeof(a.identity));
 	memcpy(a.identity, zmq_msg_data(&frames[0]), a.identity_len);
 	if (nframes < 3) {
-		frame_fault(s, &a, -EINVAL, "fewer than 2 frames after the identity");
+		srv_frame_fault(s, &a, -EINVAL, "fewer than 2 frames after the identity");
 		return;
 	}
 	if (zmq_msg_size(&frames[1]) > SRV_SMALL_FRAME_MAX) {
-		frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int");
+		srv_frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int");
 		return;
 	}
 	if (zmq_msg_size(&frames[2]) > SRV_OP_FRAME_MAX) {
-		frame_fault(s, &a, -E2BIG, "type frame is neither a msgpack int nor an operation "
-			    "name of at most 64 bytes");
+		srv_frame_fault(s, &a, -E2BIG, "type frame is neither a msgpack int nor an operation "
+				"name of at most 64 bytes");
 		return;
 	}
 	a.uid_len = zmq_msg_size(&frames[1]);
@@ -508,7 +489,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	memcpy(a.type, zmq_msg_data(&frames[2]), a.type_len);
 	struct proto_buf uid_frame = { a.uid, a.uid_len };
 	if (proto_decode_uid(&uid_frame, &uid)) {
-		frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int >= 0");
+		srv_frame_fault(s, &a, -EPROTO, "uid frame is not a msgpack int >= 0");
 		return;
 	}
 	type_frame.data = a.type;
@@ -521,27 +502,27 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	s->cur_args = args;
 	s->cur_nargs = nframes - 3;
 	memset(&rq, 0, sizeof(rq));
-	conn = conn_get(s, a.identity, a.identity_len);
+	conn = srv_conn_get(s, a.identity, a.identity_len);
 	if (conn && !conn->bound)	/* the wire frames carry the metadata, not the identity */
-		conn_bind(s, conn, &frames[1]);
+		srv_conn_bind(s, conn, &frames[1]);
 	s->cur_conn = conn;
 	dialect = conn ? conn->dialect : s->pinned_dialect;
 	rc = proto_decode_request_in(dialect, &type_frame, args, nframes - 3, &rq, err,
 				     sizeof(err));
 	if (rc) {
-		frame_fault(s, &a, rc, err);
+		srv_frame_fault(s, &a, rc, err);
 		return;
 	}
 	/* The first request that tells the dialects apart latches the connection. */
-	conn_latch(s, conn, rq.dialect);
+	srv_conn_latch(s, conn, rq.dialect);
 	a.dialect = rq.dialect;
 	count_request(s, rq.type);
 	switch (rq.type) {
 	case PROTO_PING:
 		if (rq.has_instance_id) {
-			struct srv_instance *in = instance_find(s, rq.instance_id);
+			struct srv_instance *in = srv_instance_find(s, rq.instance_id);
 
-			if (in && instance_owned_by(s, in, &a))
+			if (in && srv_instance_owned_by(s, in, &a))
 				in->last_ping_ms = ks_now_ms();
 		}
 		reply_bool(s, &a, true);
@@ -550,7 +531,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		reply_str(s, &a, "OK");
 		break;
 	case PROTO_GET_CHUNK_SIZE:
-		reply_int(s, &a, s->cfg.chunk_tokens);
+		srv_reply_int(s, &a, s->cfg.chunk_tokens);
 		break;
 	case PROTO_REGISTER_KV_CACHE:
 		handle_register(s, &a, &rq);
@@ -560,7 +541,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		break;
 	case PROTO_STORE:
 	case PROTO_RETRIEVE:
-		handle_xfer(s, &a, &rq);
+		srv_handle_xfer(s, &a, &rq);
 		break;
 	case PROTO_LOOKUP:
 		handle_lookup(s, &a, &rq);
@@ -568,23 +549,23 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	case PROTO_QUERY_PREFETCH_STATUS:
 	case PROTO_QUERY_PREFETCH_LOOKUP_HITS:
 		if (rq.dialect == PROTO_DIALECT_CURRENT)
-			handle_query_current(s, &a, &rq, rq.type == PROTO_QUERY_PREFETCH_STATUS);
+			srv_handle_query_current(s, &a, &rq, rq.type == PROTO_QUERY_PREFETCH_STATUS);
 		else
 			handle_query(s, &a, &rq, rq.type == PROTO_QUERY_PREFETCH_STATUS);
 		break;
 	case PROTO_WAIT_PREFETCH_STATUS:
-		handle_wait(s, &a, &rq);
+		srv_handle_wait(s, &a, &rq);
 		break;
 	case PROTO_REPORT_BLOCK_ALLOCATION:
 		/* vLLM's block allocation deltas: kvstash has no use for them */
-		reply_nil(s, &a);
+		srv_reply_nil(s, &a);
 		break;
 	case PROTO_GET_EXPERIMENTAL: {
 		/* No experimental features: the client then sends no Q-cache or
 		 * KV-event operations (an empty list, never None: None fails its startup). */
 		struct proto_msg m = { 0 };
 
-		send_encoded(s, &a, proto_encode_empty_list(&m), &m);
+		srv_send_encoded(s, &a, proto_encode_empty_list(&m), &m);
 		break;
 	}
 	case PROTO_UNSUPPORTED:
@@ -593,8 +574,8 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 	case PROTO_AMBIGUOUS:
 		/* END_SESSION (nil) or QUERY_PREFETCH_STATUS (nil = "still loading, ask
 		 * again"): nil is right in both, and the session expires by its TTL. */
-		ctr_add(&s->ctr.ambiguous_requests, 1);
-		reply_nil(s, &a);
+		srv_ctr_add(&s->ctr.ambiguous_requests, 1);
+		srv_reply_nil(s, &a);
 		break;
 	case PROTO_OP_COUNT:
 		break;
@@ -602,8 +583,8 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		handle_free_lookup_locks(s, &a, &rq);
 		break;
 	case PROTO_END_SESSION:
-		session_unlink(s, rq.request_id, rq.request_id_len);
-		reply_nil(s, &a);
+		srv_session_unlink(s, rq.request_id, rq.request_id_len);
+		srv_reply_nil(s, &a);
 		break;
 	case PROTO_CLEAR:
 		/* force: kvstash's CLEAR already drops all but objects in a copy */
@@ -618,7 +599,7 @@ static void dispatch(struct srv *s, zmq_msg_t *frames, size_t nframes)
 		break;
 	}
 	case PROTO_KS_STATS:
-		handle_stats(s, &a);
+		srv_handle_stats(s, &a);
 		break;
 	}
 	if (rq.type == PROTO_PING)
@@ -665,7 +646,7 @@ static void drain_socket(struct srv *s)
 									    SRV_IDENTITY_MAX) };
 
 			memcpy(a.identity, zmq_msg_data(&frames[0]), a.identity_len);
-			frame_fault(s, &a, -E2BIG, "more frames than any request has");
+			srv_frame_fault(s, &a, -E2BIG, "more frames than any request has");
 		} else if (n) {
 			dispatch(s, frames, n);
 		}
@@ -687,7 +668,7 @@ static void reap_instances(struct srv *s, uint64_t now)
 		struct srv_instance *in = *pp;
 		/* Never while its connection is open (on ipc://, any connection of
 		 * its process): an idle engine is alive. */
-		bool dead = !in->owner_up && !process_connected(s, &in->owner_peer) &&
+		bool dead = !in->owner_up && !srv_process_connected(s, &in->owner_peer) &&
 			    (in->last_ping_ms ? now - in->last_ping_ms > timeout :
 						grace && now - in->registered_ms > grace);
 
@@ -698,15 +679,15 @@ static void reap_instances(struct srv *s, uint64_t now)
 		log_warn("instance %" PRId64 ": reaped, %s and its connection is closed", in->id,
 			 in->last_ping_ms ? "no PING within --client-timeout-s" :
 					    "never pinged within --registration-grace-s");
-		ctr_add(&s->ctr.instances_reaped, 1);
+		srv_ctr_add(&s->ctr.instances_reaped, 1);
 		atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
 		*pp = in->next;
 		in->next = NULL;
-		instance_put(in);
+		srv_instance_put(in);
 		reaped = true;
 	}
 	if (reaped)
-		registry_persist(s, false);
+		srv_registry_persist(s, false);
 }
 
 /* True when a housekeeping tick is due (parked WAITs check their deadlines then). */
@@ -730,7 +711,7 @@ static void housekeeping(struct srv *s)
 	if (!tick && !s->expiry_backlog)
 		return;
 	s->expired_unlogged += idx_expire_some(s->idx, now, SRV_EXPIRE_BUDGET, &more_idx);
-	s->expiry_backlog = sessions_expire(s, now, SRV_SESSION_EXPIRE_BUDGET) | more_idx;
+	s->expiry_backlog = srv_sessions_expire(s, now, SRV_SESSION_EXPIRE_BUDGET) | more_idx;
 	if (!tick)
 		return;
 	s->last_tick_ms = now;
@@ -740,7 +721,7 @@ static void housekeeping(struct srv *s)
 		s->expired_unlogged = 0;
 	}
 	reap_instances(s, now);
-	maybe_probe(s, now);
+	srv_maybe_probe(s, now);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -804,7 +785,7 @@ static int tiers_open(struct srv *s)
 			.path = s->cfg.disk_path,
 			.capacity_bytes = (uint64_t)s->cfg.disk_size_gb << 30,
 			.lock_timeout_ms = s->cfg.lock_timeout_ms,
-			.evicted_fn = s->kve ? disk_evicted : NULL,
+			.evicted_fn = s->kve ? srv_disk_evicted : NULL,
 			.evicted_arg = s,
 		};
 		struct tier_disk_stats st;
@@ -818,7 +799,7 @@ static int tiers_open(struct srv *s)
 		log_info("disk tier %s: %" PRIu64 " chunk(s) found (%" PRIu64 " bad removed), "
 			 "capacity %u GiB, %s", s->cfg.disk_path, st.scan_found, st.scan_bad,
 			 s->cfg.disk_size_gb, st.uring ? "io_uring" : "pread/pwrite");
-		idx_set_evict_hook(s->idx, demote_hook, s);
+		idx_set_evict_hook(s->idx, srv_demote_hook, s);
 	}
 	if (s->cfg.redis_url[0]) {
 		char urls_buf[sizeof(s->cfg.redis_url)], shown[sizeof(s->cfg.redis_url) + 256];
@@ -970,10 +951,10 @@ static void warm_start(struct srv *s)
 		log_error("state dir: the resumed index was not restored: %s", strerror(-rc));
 	warm_journal(s->warm, &j);
 	idx_set_journal(s->idx, &j);
-	registry_restore(s, &resumed, &dropped);
+	srv_registry_restore(s, &resumed, &dropped);
 	/* CUDA registrations: their handles are opened by the device's workers. */
 	while (s->restore_pending && ks_now_ms() - t0 < SRV_RESTORE_WAIT_MS) {
-		drain_completions(s);
+		srv_drain_completions(s);
 		if (s->restore_pending)
 			usleep(1000);
 	}
@@ -982,7 +963,7 @@ static void warm_start(struct srv *s)
 			 "the registry when done", s->restore_pending, SRV_RESTORE_WAIT_MS);
 	resumed -= s->restore_failed;
 	dropped += s->restore_failed;
-	registry_persist(s, false);
+	srv_registry_persist(s, false);
 	if (!s->warm_found.resumed) {
 		log_info("state dir %s: no state to resume, starting empty", s->cfg.state_dir);
 		return;
@@ -1131,7 +1112,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	if (rc)
 		goto out_destroy;
 	if (s->kve && !s->l2)
-		idx_set_evict_hook(s->idx, demote_hook, s);	/* BlockRemoved on eviction */
+		idx_set_evict_hook(s->idx, srv_demote_hook, s);	/* BlockRemoved on eviction */
 	rc = cuda_setup(s);
 	if (rc)
 		goto out_destroy;
@@ -1156,7 +1137,7 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	maxmsg = (int64_t)cfg->max_message_mb << 20;
 	zmq_setsockopt(s->sock, ZMQ_MAXMSGSIZE, &maxmsg, sizeof(maxmsg));
 	zmq_setsockopt(s->sock, ZMQ_LINGER, &linger, sizeof(linger));
-	rc = conn_monitor_open(s);
+	rc = srv_conn_monitor_open(s);
 	if (rc)
 		log_warn("no socket monitor (%s): connection state unknown, so instances are kept "
 			 "or reaped by their PINGs only and stay with the connection that "
@@ -1185,12 +1166,12 @@ int srv_create(const struct srv_config *cfg, struct srv **out)
 	else if (!is_loopback_endpoint(s->endpoint))
 		log_warn("listening on %s, which is not loopback, without CURVE: any host that "
 			 "can reach it can read and write this cache", s->endpoint);
-	rc = pin_start(s);
+	rc = srv_pin_start(s);
 	if (rc) {
 		log_error("cannot start pinning the pool: %s", strerror(-rc));
 		goto out_destroy;
 	}
-	install_sigbus_guard();
+	srv_install_sigbus_guard();
 	s->last_tick_ms = ks_now_ms();
 	atomic_store(&s->io_alive_ms, s->last_tick_ms);
 	for (unsigned e = 0; e < SRV_MAX_ENGINES; e++)
@@ -1322,13 +1303,13 @@ int srv_run(struct srv *s)
 		for (int i = 2; i < 2 + (int)s->nengines; i++)
 			completions |= (items[i].revents & ZMQ_POLLIN) != 0;
 		/* Connections opened and closed: before their requests. */
-		conn_monitor_drain(s);
+		srv_conn_monitor_drain(s);
 		/* Completions first: they free pins and slots other requests may need. */
 		if (completions)
-			drain_completions(s);
+			srv_drain_completions(s);
 		/* Parked WAIT_PREFETCH_STATUS calls: a prefetch may just have landed. */
 		if (s->waits && (completions || now_ms_due(s)))
-			waits_poll(s, ks_now_ms());
+			srv_waits_poll(s, ks_now_ms());
 		t1 = ks_now_ns();
 		if (items[0].revents & ZMQ_POLLIN)
 			drain_socket(s);
@@ -1339,13 +1320,13 @@ int srv_run(struct srv *s)
 	log_info("stopping: finishing queued transfers (at most %d ms)", SRV_DRAIN_MS);
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_stop(s->engines[e], SRV_DRAIN_MS);
-	drain_completions(s);
+	srv_drain_completions(s);
 	s->io_running = false;
 	if (s->warm) {
 		/* Every transfer drained: the slot table names exactly what is READY. */
 		uint64_t t0 = ks_now_ns();
 
-		registry_persist(s, true);
+		srv_registry_persist(s, true);
 		log_info("state saved in %s: %" PRIu64 " chunk(s) READY, %" PRIu64 " registration(s), "
 			 "%.1f ms", s->cfg.state_dir, warm_ready_count(s->warm),
 			 atomic_load(&s->ninstances), (double)(ks_now_ns() - t0) / 1e6);
@@ -1359,10 +1340,10 @@ void srv_destroy(struct srv *s)
 	if (!s)
 		return;
 	s->io_running = false;	/* from here CUDA instances are unmapped inline */
-	pin_stop(s);		/* before the workers: it may be inside cudaHostRegister */
+	srv_pin_stop(s);		/* before the workers: it may be inside cudaHostRegister */
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_stop(s->engines[e], 0);
-	drain_completions(s);
+	srv_drain_completions(s);
 	for (unsigned e = 0; e < s->nengines; e++)
 		xfer_engine_destroy(s->engines[e]);
 	/* After the workers: their prefetches wait on tier reads. Queued tier
@@ -1379,7 +1360,7 @@ void srv_destroy(struct srv *s)
 		struct srv_instance *in = s->instances;
 
 		s->instances = in->next;
-		instance_put(in);
+		srv_instance_put(in);
 	}
 	if (s->sessions) {
 		for (size_t b = 0; b < SRV_SESSION_BUCKETS; b++)
@@ -1387,7 +1368,7 @@ void srv_destroy(struct srv *s)
 				struct srv_session *ss = s->sessions[b];
 
 				s->sessions[b] = ss->next;
-				session_free(ss);
+				srv_session_free(ss);
 			}
 	}
 	if (s->monitor) {
@@ -1412,9 +1393,9 @@ void srv_destroy(struct srv *s)
 	warm_close(s->warm);
 	if (s->stop_fd >= 0)
 		close(s->stop_fd);
-	waits_free(s);
-	rid_jobs_free(s);
-	conns_free(s);
+	srv_waits_free(s);
+	srv_rid_jobs_free(s);
+	srv_conns_free(s);
 	free(s->jobs);
 	free(s->sessions);
 	free(s->last_errors);

@@ -75,7 +75,7 @@ static void conn_drop(struct srv *s, struct srv_conn *c)
 	if (s->cur_conn == c)
 		s->cur_conn = NULL;
 	struct srv_conn **pp =
-		&s->conns[identity_hash(c->identity, c->identity_len) % SRV_CONN_BUCKETS];
+		&s->conns[srv_identity_hash(c->identity, c->identity_len) % SRV_CONN_BUCKETS];
 
 	for (; *pp; pp = &(*pp)->next)
 		if (*pp == c) {
@@ -93,9 +93,9 @@ static void conn_drop(struct srv *s, struct srv_conn *c)
  * dialect), and made the most recently seen. NULL only when out of memory:
  * the caller then treats the request as unlatched.
  */
-struct srv_conn *conn_get(struct srv *s, const uint8_t *identity, size_t len)
+struct srv_conn *srv_conn_get(struct srv *s, const uint8_t *identity, size_t len)
 {
-	struct srv_conn **bucket = &s->conns[identity_hash(identity, len) % SRV_CONN_BUCKETS];
+	struct srv_conn **bucket = &s->conns[srv_identity_hash(identity, len) % SRV_CONN_BUCKETS];
 	struct srv_conn *c;
 
 	for (c = *bucket; c; c = c->next)
@@ -124,7 +124,7 @@ struct srv_conn *conn_get(struct srv *s, const uint8_t *identity, size_t len)
 }
 
 /* Latch an unlatched connection to @d (MARCH or CURRENT), once. */
-void conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d)
+void srv_conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d)
 {
 	char who[2 * 16 + 1];
 	size_t n = 0;
@@ -141,7 +141,7 @@ void conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d)
 		 d == PROTO_DIALECT_MARCH ? "March 2026" : "current (frozen-id)");
 }
 
-void conns_free(struct srv *s)
+void srv_conns_free(struct srv *s)
 {
 	while (s->conn_lru_head)
 		conn_drop(s, s->conn_lru_head);
@@ -164,7 +164,7 @@ void conns_free(struct srv *s)
  * unknown: instances are then kept or reaped by PINGs alone and never change
  * owner.
  */
-int conn_monitor_open(struct srv *s)
+int srv_conn_monitor_open(struct srv *s)
 {
 	int linger = 0, unlimited = 0;
 
@@ -216,12 +216,12 @@ static struct srv_fd_slot *fd_slot(struct srv *s, int fd)
 static void conn_closed(struct srv *s, struct srv_conn *c)
 {
 	c->fd = -1;
-	instances_owner_closed(s, c);
+	srv_instances_owner_closed(s, c);
 	conn_drop(s, c);
 }
 
 /* Apply every event the monitor has queued (never blocks). */
-void conn_monitor_drain(struct srv *s)
+void srv_conn_monitor_drain(struct srv *s)
 {
 	if (!s->monitor)
 		return;
@@ -261,13 +261,13 @@ void conn_monitor_drain(struct srv *s)
 		if (!f)
 			continue;
 		if (event == ZMQ_EVENT_ACCEPTED) {
-			ctr_add(&s->ctr.conn_opened, 1);
+			srv_ctr_add(&s->ctr.conn_opened, 1);
 			if (f->conn)	/* missed its close: it cannot be open now */
 				conn_closed(s, f->conn);
 			f->open = true;
 			f->conn = NULL;
 		} else if (event == ZMQ_EVENT_DISCONNECTED) {
-			ctr_add(&s->ctr.conn_closed, 1);
+			srv_ctr_add(&s->ctr.conn_closed, 1);
 			if (f->conn)
 				conn_closed(s, f->conn);
 			f->open = false;
@@ -310,7 +310,7 @@ static bool parse_ucred(const char *pa, uint32_t *uid, uint32_t *pid)
  * who the peer is. The monitor is drained first, so the fd's slot describes
  * this connection (see the top of the file).
  */
-void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
+void srv_conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
 {
 	const char *uid = zmq_msg_gets(frame, "User-Id");
 	const char *pa = zmq_msg_gets(frame, "Peer-Address");
@@ -333,11 +333,11 @@ void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
 		char who[96];
 
 		log_debug("connection fd %d: %s (Peer-Address '%s')", fd,
-			  peer_name(&c->peer, who, sizeof(who)), pa ? pa : "");
+			  srv_peer_name(&c->peer, who, sizeof(who)), pa ? pa : "");
 	}
 	if (!s->monitor || fd < 0)
 		return;
-	conn_monitor_drain(s);
+	srv_conn_monitor_drain(s);
 	f = fd_slot(s, fd);
 	if (!f || !f->open)
 		return;		/* closed already, or untracked */
@@ -348,20 +348,20 @@ void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *frame)
 }
 
 /* True if a connection of the process @p (ipc://) is known to be open now. */
-bool process_connected(struct srv *s, const struct srv_peer *p)
+bool srv_process_connected(struct srv *s, const struct srv_peer *p)
 {
 	if (p->kind != SRV_PEER_PROCESS)
 		return false;
 	for (struct srv_conn *c = s->conn_lru_head; c; c = c->lru_next)
-		if (c->fd >= 0 && peer_same(&c->peer, p))
+		if (c->fd >= 0 && srv_peer_same(&c->peer, p))
 			return true;
 	return false;
 }
 
 /* True if the connection of @identity is known to be open now. */
-bool conn_up(struct srv *s, const uint8_t *identity, size_t len)
+bool srv_conn_up(struct srv *s, const uint8_t *identity, size_t len)
 {
-	struct srv_conn *c = s->conns[identity_hash(identity, len) % SRV_CONN_BUCKETS];
+	struct srv_conn *c = s->conns[srv_identity_hash(identity, len) % SRV_CONN_BUCKETS];
 
 	for (; c; c = c->next)
 		if (c->identity_len == len && !memcmp(c->identity, identity, len))
@@ -369,7 +369,7 @@ bool conn_up(struct srv *s, const uint8_t *identity, size_t len)
 	return false;
 }
 
-bool peer_same(const struct srv_peer *a, const struct srv_peer *b)
+bool srv_peer_same(const struct srv_peer *a, const struct srv_peer *b)
 {
 	if (a->kind != b->kind || a->kind == SRV_PEER_NONE)
 		return false;
@@ -378,7 +378,7 @@ bool peer_same(const struct srv_peer *a, const struct srv_peer *b)
 	return !strcmp(a->addr, b->addr);
 }
 
-const char *peer_name(const struct srv_peer *p, char *buf, size_t len)
+const char *srv_peer_name(const struct srv_peer *p, char *buf, size_t len)
 {
 	switch (p->kind) {
 	case SRV_PEER_PROCESS:

@@ -25,10 +25,10 @@
 
 static struct srv_rid_job **rid_bucket(struct srv *s, const char *rid, size_t len)
 {
-	return &s->rid_jobs[identity_hash((const uint8_t *)rid, len) % SRV_RID_BUCKETS];
+	return &s->rid_jobs[srv_identity_hash((const uint8_t *)rid, len) % SRV_RID_BUCKETS];
 }
 
-struct srv_rid_job *rid_job_find(struct srv *s, const char *rid, size_t len)
+struct srv_rid_job *srv_rid_job_find(struct srv *s, const char *rid, size_t len)
 {
 	for (struct srv_rid_job *r = *rid_bucket(s, rid, len); r; r = r->next)
 		if (r->request_id_len == len && !memcmp(r->request_id, rid, len))
@@ -36,7 +36,7 @@ struct srv_rid_job *rid_job_find(struct srv *s, const char *rid, size_t len)
 	return NULL;
 }
 
-void rid_job_drop(struct srv *s, struct srv_rid_job *r)
+void srv_rid_job_drop(struct srv *s, struct srv_rid_job *r)
 {
 	for (struct srv_rid_job **pp = rid_bucket(s, r->request_id, r->request_id_len); *pp;
 	     pp = &(*pp)->next)
@@ -53,9 +53,9 @@ void rid_job_drop(struct srv *s, struct srv_rid_job *r)
  * ring holds [rid_head, rid_head + rid_span) in insertion order; entries
  * consumed since are NULL holes, skipped when they reach the head.
  */
-void rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job)
+void srv_rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job)
 {
-	struct srv_rid_job *r = rid_job_find(s, rid, len);
+	struct srv_rid_job *r = srv_rid_job_find(s, rid, len);
 	uint32_t pos;
 
 	if (r) {
@@ -67,7 +67,7 @@ void rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job)
 		s->rid_span--;
 	}
 	if (s->rid_span == SRV_RID_MAX) {
-		rid_job_drop(s, s->rid_ring[s->rid_head]);	/* forget the oldest */
+		srv_rid_job_drop(s, s->rid_ring[s->rid_head]);	/* forget the oldest */
 		s->rid_head = (s->rid_head + 1) % SRV_RID_MAX;
 		s->rid_span--;
 	}
@@ -88,7 +88,7 @@ void rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job)
 	s->rid_span++;
 }
 
-void rid_jobs_free(struct srv *s)
+void srv_rid_jobs_free(struct srv *s)
 {
 	if (s->rid_jobs)
 		for (size_t b = 0; b < SRV_RID_BUCKETS; b++)
@@ -115,7 +115,7 @@ static struct srv_lookup_job *rid_live_job(struct srv *s, struct srv_rid_job *r)
 
 	if (job->id == r->job)
 		return job;
-	rid_job_drop(s, r);
+	srv_rid_job_drop(s, r);
 	return NULL;
 }
 
@@ -123,11 +123,11 @@ static struct srv_lookup_job *rid_live_job(struct srv *s, struct srv_rid_job *r)
 static void reply_done(struct srv *s, const struct srv_reply_addr *a, struct srv_lookup_job *job,
 		       struct srv_rid_job *r, bool consume)
 {
-	reply_int(s, a, job->chunks);
+	srv_reply_int(s, a, job->chunks);
 	if (consume) {
 		job->id = -1;
 		if (r)
-			rid_job_drop(s, r);
+			srv_rid_job_drop(s, r);
 	}
 }
 
@@ -136,18 +136,18 @@ static void reply_done(struct srv *s, const struct srv_reply_addr *a, struct srv
  * dialect: 0 for an unknown or consumed request id, None while the job's
  * prefetch is loading, else the prefix hit in chunks.
  */
-void handle_query_current(struct srv *s, const struct srv_reply_addr *a,
-			  const struct proto_request *rq, bool consume)
+void srv_handle_query_current(struct srv *s, const struct srv_reply_addr *a,
+			      const struct proto_request *rq, bool consume)
 {
-	struct srv_rid_job *r = rid_job_find(s, rq->request_id, rq->request_id_len);
+	struct srv_rid_job *r = srv_rid_job_find(s, rq->request_id, rq->request_id_len);
 	struct srv_lookup_job *job = r ? rid_live_job(s, r) : NULL;
 
 	if (!job) {
-		reply_int(s, a, 0);
+		srv_reply_int(s, a, 0);
 		return;
 	}
 	if (job->chunks < 0) {
-		reply_nil(s, a);
+		srv_reply_nil(s, a);
 		return;
 	}
 	reply_done(s, a, job, r, consume);
@@ -156,17 +156,17 @@ void handle_query_current(struct srv *s, const struct srv_reply_addr *a,
 /*
  * WAIT_PREFETCH_STATUS: QUERY_PREFETCH_STATUS that waits up to the given
  * timeout for a loading job. The io thread never blocks: the call is parked
- * and answered by waits_poll() when the job lands (None and the job kept
+ * and answered by srv_waits_poll() when the job lands (None and the job kept
  * when the timeout passes first).
  */
-void handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq)
+void srv_handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq)
 {
-	struct srv_rid_job *r = rid_job_find(s, rq->request_id, rq->request_id_len);
+	struct srv_rid_job *r = srv_rid_job_find(s, rq->request_id, rq->request_id_len);
 	struct srv_lookup_job *job = r ? rid_live_job(s, r) : NULL;
 	struct srv_wait *w;
 
 	if (!job) {
-		reply_int(s, a, 0);
+		srv_reply_int(s, a, 0);
 		return;
 	}
 	if (job->chunks >= 0) {
@@ -174,7 +174,7 @@ void handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct pro
 		return;
 	}
 	if (rq->wait_timeout_s <= 0 || s->nwaits >= SRV_WAIT_MAX || !(w = calloc(1, sizeof(*w)))) {
-		reply_nil(s, a);
+		srv_reply_nil(s, a);
 		return;
 	}
 	w->addr = *a;
@@ -189,20 +189,20 @@ void handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct pro
 }
 
 /* Answer the parked WAITs whose job landed or whose deadline passed. */
-void waits_poll(struct srv *s, uint64_t now_ms)
+void srv_waits_poll(struct srv *s, uint64_t now_ms)
 {
 	for (struct srv_wait **pp = &s->waits; *pp;) {
 		struct srv_wait *w = *pp;
 		struct srv_lookup_job *job = &s->jobs[(uint64_t)w->job % SRV_JOB_SLOTS];
 
 		if (job->id != w->job) {
-			reply_int(s, &w->addr, 0);	/* consumed meanwhile */
+			srv_reply_int(s, &w->addr, 0);	/* consumed meanwhile */
 		} else if (job->chunks >= 0) {
-			struct srv_rid_job *r = rid_job_find(s, w->request_id, w->request_id_len);
+			struct srv_rid_job *r = srv_rid_job_find(s, w->request_id, w->request_id_len);
 
 			reply_done(s, &w->addr, job, r && r->job == w->job ? r : NULL, true);
 		} else if (now_ms >= w->deadline_ms) {
-			reply_nil(s, &w->addr);
+			srv_reply_nil(s, &w->addr);
 		} else {
 			pp = &w->next;
 			continue;
@@ -213,7 +213,7 @@ void waits_poll(struct srv *s, uint64_t now_ms)
 	}
 }
 
-void waits_free(struct srv *s)
+void srv_waits_free(struct srv *s)
 {
 	while (s->waits) {
 		struct srv_wait *w = s->waits;

@@ -23,7 +23,7 @@
  * on the host backend too, so tests can watch serving
  * while pinning is in progress.
  *
- * Threads: pin_start/pin_stop on the thread that creates/destroys the
+ * Threads: srv_pin_start/srv_pin_stop on the thread that creates/destroys the
  * server; the pin thread writes pool_pinned_bytes (atomic) and pin_pieces
  * (read only after it is joined); any thread reads pool_pinned_bytes.
  * Lock ordering: no lock of its own and none taken; the CUDA call is made
@@ -101,7 +101,7 @@ static void *pin_main(void *arg)
 }
 
 /* Start pinning in the background (or count the pool pinned: host only). */
-int pin_start(struct srv *s)
+int srv_pin_start(struct srv *s)
 {
 	const uint64_t bytes = pool_region_bytes(s->pool);
 	int rc;
@@ -128,7 +128,7 @@ int pin_start(struct srv *s)
 }
 
 /* Stop the thread (it finishes the piece it is pinning) and join it. */
-void pin_stop(struct srv *s)
+void srv_pin_stop(struct srv *s)
 {
 	uint64_t one = 1;
 
@@ -146,7 +146,7 @@ void pin_stop(struct srv *s)
 }
 
 /* True if [@p, @p + @bytes) of the pool is pinned. */
-bool pool_range_pinned(struct srv *s, const void *p, uint64_t bytes)
+bool srv_pool_range_pinned(struct srv *s, const void *p, uint64_t bytes)
 {
 	const uint8_t *base = pool_region(s->pool);
 	const uint64_t end = (uint64_t)((const uint8_t *)p - base) + bytes;

@@ -164,7 +164,7 @@ struct srv_instance {
 	uint8_t owner[SRV_IDENTITY_MAX];	/* ROUTER identity of the connection that
 						 * registered it, or adopted it since */
 	size_t owner_len;
-	/* --state-dir: the REGISTER's frames as received (registry_keep_frames), so a
+	/* --state-dir: the REGISTER's frames as received (srv_registry_keep_frames), so a
 	 * restarted kvstashd rebuilds the instance; and the registering process's pid
 	 * where the descriptors name it (/proc/<pid>/fd/<n> paths), else 0. */
 	uint8_t *reg_frames;	/* owned; NULL: not kept */
@@ -187,51 +187,77 @@ struct srv_reply_addr {
 	enum proto_dialect dialect;
 };
 
+/*
+ * A job for the transfer workers (xfer_submit), of one of five kinds. As
+ * Redis's bio jobs: a header every kind has, then a union of one struct per
+ * kind (anonymous, so a field reads j->nchunks whatever the kind; only the
+ * fields of j->kind's struct are meaningful, and srv_xfer_job_free frees by
+ * kind). The name stays srv_xfer_job: STORE/RETRIEVE are most of them.
+ */
+enum srv_job_kind {
+	JOB_XFER = 0,	/* STORE / RETRIEVE: copies between a client's blocks and the pool */
+	JOB_PROBE,	/* data-path probe: the worker answers (health, server_stats.c) */
+	JOB_REGISTER,	/* open a CUDA registration's IPC handles on its device */
+	JOB_UNMAP,	/* release an instance's mappings off the io thread */
+	JOB_PREFETCH,	/* load a LOOKUP's chunks from the disk/Redis tiers */
+};
+
 struct srv_xfer_job {
+	/* ---- every kind ---- */
 	struct xfer_job base;	/* first: the engine hands this pointer back */
 	struct srv *srv;
-	struct srv_reply_addr addr;
+	enum srv_job_kind kind;
+	unsigned engine;		/* index into srv.engines it was queued on */
+	struct srv_reply_addr addr;	/* XFER, REGISTER: who gets the reply */
 	enum proto_type op;
-	struct srv_instance *inst;	/* reference held */
-	uint32_t chunk_tokens;
-	uint32_t nchunks;
-	struct ks_key *keys;		/* [nchunks] */
-	struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
-	int64_t *slots;			/* [ngroups][nchunks * chunk_tokens] paged slots */
-	uint64_t skip_tokens;		/* RETRIEVE */
+	struct srv_instance *inst;	/* XFER, REGISTER, UNMAP: reference held */
 	int result;			/* 0 or -errno, set by run() */
 	char err[SRV_ERR_MAX];
-	uint32_t committed;		/* STORE: chunks made READY */
-	uint64_t recv_ns;		/* when the request arrived (latency) */
-	uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy (phase accounting) */
-	uint32_t ngroups;		/* == inst->ngroups; slots hold ngroups lists */
-	bool *group_skip;		/* [nchunks][ngroups]: that group of that chunk is
-					 * absent (null blocks / null_chunk_mask); NULL: none */
-	uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's event (CUDA), if has_wait */
-	bool has_wait;
-	uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* our event for the reply (CUDA) */
-	bool has_done;
-	/* Isolated IPC (current dialect): the client's 81-byte semaphore handle,
-	 * and ours for the reply in its place of done_event. */
-	uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
-	bool has_wait_sem;
-	uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
-	/* STORE with KV events on: the range's tokens, and the hash of the chunk
-	 * before the range (has_parent: the range does not start at token 0).
-	 * JOB_PREFETCH: the LOOKUP's tokens from token 0 (nkeys / group chunks). */
-	uint32_t *ev_tokens;	/* [nchunks * chunk_tokens]; owned; NULL = events off */
-	uint8_t ev_parent[KS_HASH_LEN];
-	bool ev_has_parent;
-	enum { JOB_XFER = 0, JOB_PROBE, JOB_REGISTER, JOB_UNMAP, JOB_PREFETCH } kind;
-	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, of which the first l1_hits are in L1 */
-	size_t nkeys, l1_hits;
-	uint32_t group, locks_per_key;
-	uint64_t object_bytes;
-	int64_t lookup_job;
-	int64_t prefetch_chunks;	/* result */
-	unsigned engine;		/* index into srv.engines it was queued on */
-	bool restore;			/* JOB_REGISTER of a resumed registration: no reply */
-	struct proto_kv_desc *descs;	/* JOB_REGISTER: the layers' descriptors; owned */
+	/* ---- XFER and PREFETCH: the chunks' keys and tokens ---- */
+	uint32_t chunk_tokens;
+	struct ks_key *keys;		/* XFER: [nchunks]; PREFETCH: [nkeys]; owned */
+	/* XFER with KV events on: the range's tokens [nchunks * chunk_tokens];
+	 * PREFETCH: the LOOKUP's tokens from token 0. Owned; NULL = events off. */
+	uint32_t *ev_tokens;
+	union {
+		struct {	/* JOB_XFER */
+			uint32_t nchunks;
+			struct idx_entry **entries;	/* [nchunks]; NULL = skipped (STORE) */
+			int64_t *slots;		/* [ngroups][nchunks * chunk_tokens] paged slots */
+			uint64_t skip_tokens;	/* RETRIEVE */
+			uint32_t committed;	/* STORE: chunks made READY */
+			uint64_t recv_ns;	/* when the request arrived (latency) */
+			uint64_t copy_begin_ns, copy_end_ns;	/* worker: around the copy */
+			uint32_t ngroups;	/* == inst->ngroups; slots hold ngroups lists */
+			bool *group_skip;	/* [nchunks][ngroups]: that group of that chunk
+						 * is absent (null blocks / null_chunk_mask);
+						 * NULL: none */
+			uint8_t wait_event[PROTO_EVENT_HANDLE_LEN];	/* client's (CUDA) */
+			bool has_wait;
+			uint8_t done_event[PROTO_EVENT_HANDLE_LEN];	/* ours, for the reply */
+			bool has_done;
+			/* Isolated IPC (current dialect): the client's 81-byte semaphore
+			 * handle, and ours for the reply in its place of done_event. */
+			uint8_t wait_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+			bool has_wait_sem;
+			uint8_t done_sem[PROTO_SEMAPHORE_HANDLE_LEN];
+			/* STORE with KV events on: the hash of the chunk before the
+			 * range (ev_has_parent: the range does not start at token 0). */
+			uint8_t ev_parent[KS_HASH_LEN];
+			bool ev_has_parent;
+		};
+		struct {	/* JOB_PREFETCH: keys[0..nkeys) of a LOOKUP, the first l1_hits in L1 */
+			size_t nkeys, l1_hits;
+			uint32_t group, locks_per_key;
+			uint64_t object_bytes;
+			int64_t lookup_job;
+			int64_t prefetch_chunks;	/* result */
+		};
+		struct {	/* JOB_REGISTER */
+			struct proto_kv_desc *descs;	/* the layers' descriptors; owned */
+			bool restore;	/* a resumed registration: no reply */
+		};
+	};
 };
 
 struct srv_lookup_job {
@@ -425,7 +451,7 @@ struct srv {
 };
 
 /* Counters order nothing: relaxed adds, from the io thread and workers alike. */
-static inline void ctr_add(_Atomic uint64_t *c, uint64_t v)
+static inline void srv_ctr_add(_Atomic uint64_t *c, uint64_t v)
 {
 	atomic_fetch_add_explicit(c, v, memory_order_relaxed);
 }
@@ -434,92 +460,92 @@ static inline void ctr_add(_Atomic uint64_t *c, uint64_t v)
 /* Shared between the server files (each is documented where it is defined) */
 
 /* server.c: replies and the last-error table (io thread). */
-uint64_t identity_hash(const uint8_t *id, size_t len);
-void KS_PRINTF(3, 4) set_last_error(struct srv *s, const struct srv_reply_addr *addr,
-				    const char *fmt, ...);
-void send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc, struct proto_msg *m);
-void reply_nil(struct srv *s, const struct srv_reply_addr *a);
-void reply_xfer_event(struct srv *s, const struct srv_reply_addr *a, const uint8_t *event,
-		      size_t event_len, bool ok);
-void reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok);
-void reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v);
-void frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
+uint64_t srv_identity_hash(const uint8_t *id, size_t len);
+void KS_PRINTF(3, 4) srv_set_last_error(struct srv *s, const struct srv_reply_addr *addr,
+					const char *fmt, ...);
+void srv_send_encoded(struct srv *s, const struct srv_reply_addr *a, int rc, struct proto_msg *m);
+void srv_reply_nil(struct srv *s, const struct srv_reply_addr *a);
+void srv_reply_xfer_event(struct srv *s, const struct srv_reply_addr *a, const uint8_t *event,
+			  size_t event_len, bool ok);
+void srv_reply_xfer(struct srv *s, const struct srv_reply_addr *a, bool ok);
+void srv_reply_int(struct srv *s, const struct srv_reply_addr *a, int64_t v);
+void srv_frame_fault(struct srv *s, const struct srv_reply_addr *a, int rc, const char *why);
 
 /* server_registry.c: instances and sessions. */
-void instance_free(struct srv_instance *in);
-void instance_put(struct srv_instance *in);
-struct srv_instance *instance_find(struct srv *s, int64_t id);
-bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
-void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
-void instances_owner_closed(struct srv *s, const struct srv_conn *c);
-bool instance_remove(struct srv *s, int64_t id);
-struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
-				    uint32_t world_size);
-int instance_build(struct srv *s, const struct proto_request *rq, struct srv_instance **out,
-		   char *err, size_t errlen);
-void registry_insert(struct srv *s, struct srv_instance *in);
-int registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
-			 const struct proto_buf *type, const struct proto_buf *args, size_t nargs);
-void registry_persist(struct srv *s, bool clean);
-void registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped);
-int32_t registry_owner_pid(const struct proto_request *rq);
-void session_free(struct srv_session *ss);
-bool session_unlink(struct srv *s, const char *rid, size_t len);
-bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget);
-const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
-			     size_t nchunks))[KS_HASH_LEN];
-ssize_t expand_keys(struct srv *s, const struct proto_key *k,
-		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n);
-uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size);
-int key_identity(const struct proto_key *k, char *out, size_t *len);
+void srv_instance_free(struct srv_instance *in);
+void srv_instance_put(struct srv_instance *in);
+struct srv_instance *srv_instance_find(struct srv *s, int64_t id);
+bool srv_instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
+void srv_instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a);
+void srv_instances_owner_closed(struct srv *s, const struct srv_conn *c);
+bool srv_instance_remove(struct srv *s, int64_t id);
+struct srv_instance *srv_model_instance(struct srv *s, const char *model, size_t len,
+					uint32_t world_size);
+int srv_instance_build(struct srv *s, const struct proto_request *rq, struct srv_instance **out,
+		       char *err, size_t errlen);
+void srv_registry_insert(struct srv *s, struct srv_instance *in);
+int srv_registry_submit_cuda(struct srv *s, struct srv_instance *in, const struct proto_request *rq,
+			 const struct srv_reply_addr *a);
+int srv_registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
+			     const struct proto_buf *type, const struct proto_buf *args, size_t nargs);
+void srv_registry_persist(struct srv *s, bool clean);
+void srv_registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped);
+int32_t srv_registry_owner_pid(const struct proto_request *rq);
+void srv_session_free(struct srv_session *ss);
+bool srv_session_unlink(struct srv *s, const char *rid, size_t len);
+bool srv_sessions_expire(struct srv *s, uint64_t now_ms, size_t budget);
+const uint8_t (*srv_chunk_hashes(struct srv *s, const struct proto_key *k,
+				 size_t nchunks))[KS_HASH_LEN];
+ssize_t srv_expand_keys(struct srv *s, const struct proto_key *k,
+			const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n);
+uint32_t srv_extra_lock_count(uint32_t tp_size, uint32_t world_size);
+int srv_key_identity(const struct proto_key *k, char *out, size_t *len);
 
 /* server_xfer.c: STORE/RETRIEVE and the other jobs' life. */
-void install_sigbus_guard(void);
-void xfer_job_free(struct srv_xfer_job *j);
-int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j);
-void run_register(struct xfer_job *base, unsigned worker);
-void run_unmap(struct xfer_job *base, unsigned worker);
-void handle_xfer(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
-void drain_completions(struct srv *s);
+void srv_install_sigbus_guard(void);
+void srv_xfer_job_free(struct srv_xfer_job *j);
+int srv_submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j);
+void srv_handle_xfer(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
+void srv_drain_completions(struct srv *s);
 
 /* server_lookup.c: current-dialect LOOKUP jobs by request_id, parked WAITs. */
-void rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job);
-struct srv_rid_job *rid_job_find(struct srv *s, const char *rid, size_t len);
-void rid_job_drop(struct srv *s, struct srv_rid_job *r);
-void rid_jobs_free(struct srv *s);
-void handle_query_current(struct srv *s, const struct srv_reply_addr *a,
-			  const struct proto_request *rq, bool consume);
-void handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
-void waits_poll(struct srv *s, uint64_t now_ms);
-void waits_free(struct srv *s);
+void srv_rid_job_put(struct srv *s, const char *rid, size_t len, int64_t job);
+struct srv_rid_job *srv_rid_job_find(struct srv *s, const char *rid, size_t len);
+void srv_rid_job_drop(struct srv *s, struct srv_rid_job *r);
+void srv_rid_jobs_free(struct srv *s);
+void srv_handle_query_current(struct srv *s, const struct srv_reply_addr *a,
+			      const struct proto_request *rq, bool consume);
+void srv_handle_wait(struct srv *s, const struct srv_reply_addr *a, const struct proto_request *rq);
+void srv_waits_poll(struct srv *s, uint64_t now_ms);
+void srv_waits_free(struct srv *s);
 
 /* server_conn.c: connections and their dialect. */
-struct srv_conn *conn_get(struct srv *s, const uint8_t *identity, size_t len);
-void conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d);
-void conns_free(struct srv *s);
-int conn_monitor_open(struct srv *s);
-void conn_monitor_drain(struct srv *s);
-void conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *identity_frame);
-bool conn_up(struct srv *s, const uint8_t *identity, size_t len);
-bool process_connected(struct srv *s, const struct srv_peer *p);
-bool peer_same(const struct srv_peer *a, const struct srv_peer *b);
-const char *peer_name(const struct srv_peer *p, char *buf, size_t len);
+struct srv_conn *srv_conn_get(struct srv *s, const uint8_t *identity, size_t len);
+void srv_conn_latch(struct srv *s, struct srv_conn *c, enum proto_dialect d);
+void srv_conns_free(struct srv *s);
+int srv_conn_monitor_open(struct srv *s);
+void srv_conn_monitor_drain(struct srv *s);
+void srv_conn_bind(struct srv *s, struct srv_conn *c, zmq_msg_t *identity_frame);
+bool srv_conn_up(struct srv *s, const uint8_t *identity, size_t len);
+bool srv_process_connected(struct srv *s, const struct srv_peer *p);
+bool srv_peer_same(const struct srv_peer *a, const struct srv_peer *b);
+const char *srv_peer_name(const struct srv_peer *p, char *buf, size_t len);
 
 /* server_pin.c: pinning the pool for CUDA in the background. */
-int pin_start(struct srv *s);
-void pin_stop(struct srv *s);
-bool pool_range_pinned(struct srv *s, const void *p, uint64_t bytes);
+int srv_pin_start(struct srv *s);
+void srv_pin_stop(struct srv *s);
+bool srv_pool_range_pinned(struct srv *s, const void *p, uint64_t bytes);
 
 /* server_tiers.c: L2/L3. */
-void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);
-void disk_evicted(void *arg, const struct ks_key *k);
-void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
-struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
-				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,
-				  uint64_t object_bytes, const uint32_t *tokens);
+void srv_demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes);
+void srv_disk_evicted(void *arg, const struct ks_key *k);
+void srv_l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes);
+struct srv_xfer_job *srv_prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
+				      size_t l1_hits, uint32_t group, uint32_t locks_per_key,
+				      uint64_t object_bytes, const uint32_t *tokens);
 
 /* server_stats.c: KS_STATS and the data-path probe (io thread). */
-void handle_stats(struct srv *s, const struct srv_reply_addr *a);
-void maybe_probe(struct srv *s, uint64_t now);
+void srv_handle_stats(struct srv *s, const struct srv_reply_addr *a);
+void srv_maybe_probe(struct srv *s, uint64_t now);
 
 #endif /* KS_SERVER_PRIV_H */

@@ -7,15 +7,15 @@
  *
  * Threads: the io thread builds, finds, inserts and removes instances and
  * owns the sessions; only it touches them, so they have no lock. References
- * are dropped (instance_put) on the io thread, or by srv_destroy's caller.
- * The last one unmaps (instance_free): for an instance released on the io
+ * are dropped (srv_instance_put) on the io thread, or by srv_destroy's caller.
+ * The last one unmaps (srv_instance_free): for an instance released on the io
  * thread, on a transfer worker of its device (JOB_UNMAP, server_xfer.c;
  * host instances on the host engine's), otherwise on the thread that
  * dropped it.
  *
  * Lock ordering (see server.c and docs/architecture.md): no lock of its
  * own. Locks are taken only inside single calls, none held across another:
- * pool_configure_slots (pool), xfer_submit through submit_job (a queue:
+ * pool_configure_slots (pool), xfer_submit through srv_submit_job (a queue:
  * the unmap job) and log_* (log ring).
  */
 #include "server_priv.h"
@@ -46,7 +46,7 @@
 /* Instances                                                                */
 
 /* Unmap and free, on the calling thread (named in the debug log). */
-void instance_free(struct srv_instance *in)
+void srv_instance_free(struct srv_instance *in)
 {
 	size_t closed = 0;
 
@@ -75,6 +75,66 @@ void instance_free(struct srv_instance *in)
 	free(in);
 }
 
+/* Open each distinct IPC handle once, check every layer against its allocation. */
+static void run_register(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+	struct srv_instance *in = j->inst;
+	int dev = in->device, rc;
+
+	(void)worker;
+	for (uint32_t l = 0; l < in->layout.num_layers; l++) {
+		const struct proto_kv_desc *d = &j->descs[in->layer_index[l]];
+		size_t m;
+
+		for (m = 0; m < in->nmaps; m++)
+			if (!memcmp(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN))
+				break;
+		if (m == in->nmaps) {
+			void *base_ptr = NULL, *alloc = NULL;
+			size_t bytes = 0;
+
+			rc = xfer_cuda_ipc_open_mem(dev, d->mem_handle, &base_ptr);
+			if (rc) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cudaIpcOpenMemHandle on "
+					 "device %d failed (stale handle, or one from this process)",
+					 l, dev);
+				j->result = rc;
+				return;
+			}
+			memcpy(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN);
+			in->maps[m].base = base_ptr;
+			in->nmaps++;
+			rc = xfer_cuda_mem_range(dev, base_ptr, &alloc, &bytes);
+			if (rc || alloc != base_ptr) {
+				snprintf(j->err, sizeof(j->err), "layer %u: cannot size the shared "
+					 "allocation: %s", l, strerror(rc ? -rc : EINVAL));
+				j->result = rc ? rc : -EINVAL;
+				return;
+			}
+			in->maps[m].len = bytes;
+		}
+		if (d->offset + in->layout.extent_bytes > in->maps[m].len) {
+			snprintf(j->err, sizeof(j->err), "layer %u: offset %" PRIu64 " + extent %" PRIu64
+				 " exceeds the shared allocation's %zu bytes", l, d->offset,
+				 in->layout.extent_bytes, in->maps[m].len);
+			j->result = -ERANGE;
+			return;
+		}
+		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
+	}
+}
+
+/* Release an instance's mappings on a transfer worker (see srv_instance_put). */
+static void run_unmap(struct xfer_job *base, unsigned worker)
+{
+	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
+
+	(void)worker;
+	srv_instance_free(j->inst);
+	j->inst = NULL;
+}
+
 /*
  * Drop a reference; the last one unmaps, never on the io thread while it
  * serves: it makes no CUDA call (a driver call can wait behind a running
@@ -84,7 +144,7 @@ void instance_free(struct srv_instance *in)
  * unmapped by a job on its device's workers (the host engine's for host
  * buffers).
  */
-void instance_put(struct srv_instance *in)
+void srv_instance_put(struct srv_instance *in)
 {
 	if (atomic_fetch_sub_explicit(&in->refs, 1, memory_order_acq_rel) != 1)
 		return;
@@ -97,18 +157,59 @@ void instance_put(struct srv_instance *in)
 			j->kind = JOB_UNMAP;
 			j->inst = in;
 			j->base.run = run_unmap;
-			if (submit_job(in->srv, in->device >= 0 ? 1 + (unsigned)in->device : 0,
-				       j) == 0)
+			if (srv_submit_job(in->srv, in->device >= 0 ? 1 + (unsigned)in->device : 0,
+					   j) == 0)
 				return;
 			free(j);
 		}
 		log_warn("instance %" PRId64 ": unmapping on the io thread (transfer queue full)",
 			 in->id);
 	}
-	instance_free(in);
+	srv_instance_free(in);
 }
 
-struct srv_instance *instance_find(struct srv *s, int64_t id)
+/*
+ * Queue the opening of @in's CUDA IPC handles (@rq: its REGISTER) on its
+ * device's workers; the job's completion puts @in into the registry
+ * (complete_xfer) and, for a client's REGISTER (@a not NULL), replies. A
+ * resumed registration (@a NULL) is counted in srv.restore_pending. On
+ * failure (-ENOMEM, or the queue's -errno) nothing is queued and @in's
+ * reference is dropped.
+ */
+int srv_registry_submit_cuda(struct srv *s, struct srv_instance *in, const struct proto_request *rq,
+			 const struct srv_reply_addr *a)
+{
+	struct srv_xfer_job *j = calloc(1, sizeof(*j));
+	int rc;
+
+	if (j) {
+		j->kind = JOB_REGISTER;	/* first: it says which union member is live */
+		j->descs = malloc(rq->nlayers * sizeof(*j->descs));
+	}
+	if (!j || !j->descs) {
+		free(j);
+		srv_instance_put(in);
+		return -ENOMEM;
+	}
+	memcpy(j->descs, rq->layers, rq->nlayers * sizeof(*j->descs));
+	j->srv = s;
+	if (a)
+		j->addr = *a;
+	j->restore = !a;
+	j->op = PROTO_REGISTER_KV_CACHE;
+	j->inst = in;
+	j->base.run = run_register;
+	rc = srv_submit_job(s, 1 + (unsigned)in->device, j);
+	if (rc) {
+		srv_xfer_job_free(j);
+		return rc;
+	}
+	if (!a)
+		s->restore_pending++;
+	return 0;
+}
+
+struct srv_instance *srv_instance_find(struct srv *s, int64_t id)
 {
 	for (struct srv_instance *in = s->instances; in; in = in->next)
 		if (in->id == id)
@@ -117,7 +218,7 @@ struct srv_instance *instance_find(struct srv *s, int64_t id)
 }
 
 /* @in's owner is now the connection of @a (the one being dispatched). */
-void instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+void srv_instance_set_owner(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
 {
 	struct srv_conn *c = s->cur_conn;
 
@@ -138,10 +239,10 @@ static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply
 {
 	char who[96];
 
-	instance_set_owner(s, in, a);
-	ctr_add(&s->ctr.instances_adopted, 1);
+	srv_instance_set_owner(s, in, a);
+	srv_ctr_add(&s->ctr.instances_adopted, 1);
 	log_info("instance %" PRId64 ": taken over by a new connection of %s (its previous "
-		 "connection closed)", in->id, peer_name(&in->owner_peer, who, sizeof(who)));
+		 "connection closed)", in->id, srv_peer_name(&in->owner_peer, who, sizeof(who)));
 }
 
 /*
@@ -153,7 +254,7 @@ static void adopt(struct srv *s, struct srv_instance *in, const struct srv_reply
  *  - plain tcp://: the same peer address.
  * "Closed" needs the socket monitor; without it no instance changes owner.
  */
-bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
+bool srv_instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_reply_addr *a)
 {
 	struct srv_conn *c = s->cur_conn;
 
@@ -163,19 +264,19 @@ bool instance_owned_by(struct srv *s, struct srv_instance *in, const struct srv_
 		return true;
 	if (!c || c->identity_len != a->identity_len ||
 	    memcmp(c->identity, a->identity, a->identity_len) ||
-	    !peer_same(&in->owner_peer, &c->peer))
+	    !srv_peer_same(&in->owner_peer, &c->peer))
 		goto refuse;
 	if (s->monitor && !in->owner_up) {
 		adopt(s, in, a);
 		return true;
 	}
 refuse:
-	ctr_add(&s->ctr.owner_refused, 1);
+	srv_ctr_add(&s->ctr.owner_refused, 1);
 	return false;
 }
 
 /* @c's socket closed: the instances it owned have no connection now. */
-void instances_owner_closed(struct srv *s, const struct srv_conn *c)
+void srv_instances_owner_closed(struct srv *s, const struct srv_conn *c)
 {
 	for (struct srv_instance *in = s->instances; in; in = in->next)
 		if (in->owner_up && in->owner_len == c->identity_len &&
@@ -188,7 +289,7 @@ void instances_owner_closed(struct srv *s, const struct srv_conn *c)
 }
 
 /* Unlink @id from the registry and drop the registry's reference. */
-bool instance_remove(struct srv *s, int64_t id)
+bool srv_instance_remove(struct srv *s, int64_t id)
 {
 	for (struct srv_instance **pp = &s->instances; *pp; pp = &(*pp)->next) {
 		struct srv_instance *in = *pp;
@@ -197,8 +298,8 @@ bool instance_remove(struct srv *s, int64_t id)
 			*pp = in->next;
 			in->next = NULL;
 			atomic_fetch_sub_explicit(&s->ninstances, 1, memory_order_relaxed);
-			instance_put(in);
-			registry_persist(s, false);
+			srv_instance_put(in);
+			srv_registry_persist(s, false);
 			return true;
 		}
 	}
@@ -206,8 +307,8 @@ bool instance_remove(struct srv *s, int64_t id)
 }
 
 /* An instance serving (@model, @world_size), or NULL (io thread). */
-struct srv_instance *model_instance(struct srv *s, const char *model, size_t len,
-				    uint32_t world_size)
+struct srv_instance *srv_model_instance(struct srv *s, const char *model, size_t len,
+					uint32_t world_size)
 {
 	for (struct srv_instance *in = s->instances; in; in = in->next)
 		if (in->world_size == world_size && in->model_len == len &&
@@ -323,8 +424,8 @@ static int build_groups(struct srv *s, const struct proto_request *rq, struct sr
  * dtype, shape and stride. Each distinct path is mapped once, covering the
  * largest nbytes any layer gives for it.
  */
-int instance_build(struct srv *s, const struct proto_request *rq,
-		   struct srv_instance **out, char *err, size_t errlen)
+int srv_instance_build(struct srv *s, const struct proto_request *rq,
+		       struct srv_instance **out, char *err, size_t errlen)
 {
 	struct srv_instance *in;
 	const struct proto_kv_desc *d0 = &rq->layers[0];
@@ -457,19 +558,19 @@ int instance_build(struct srv *s, const struct proto_request *rq,
 	*out = in;
 	return 0;
 out_put:
-	instance_put(in);
+	srv_instance_put(in);
 	return rc;
 }
 
 /* Put a built instance into the registry, replacing one with the same id. */
-void registry_insert(struct srv *s, struct srv_instance *in)
+void srv_registry_insert(struct srv *s, struct srv_instance *in)
 {
-	if (instance_remove(s, in->id))
+	if (srv_instance_remove(s, in->id))
 		log_info("instance %" PRId64 ": re-registered, previous registration dropped",
 			 in->id);
 	/* A CUDA registration is inserted when its job ends: the connection
 	 * may have closed meanwhile. */
-	in->owner_up = in->owner_up && conn_up(s, in->owner, in->owner_len);
+	in->owner_up = in->owner_up && srv_conn_up(s, in->owner, in->owner_len);
 	in->next = s->instances;
 	s->instances = in;
 	atomic_fetch_add_explicit(&s->ninstances, 1, memory_order_relaxed);
@@ -481,7 +582,7 @@ void registry_insert(struct srv *s, struct srv_instance *in)
 		 in->layout.num_blocks, in->layout.block_size, in->layout.num_heads,
 		 in->layout.head_size, in->device >= 0 ? "cuda device" : "host, pid-shared files",
 		 in->device >= 0 ? in->device : (int)in->nmaps, in->nmaps, in->object_bytes);
-	registry_persist(s, false);
+	srv_registry_persist(s, false);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -505,8 +606,8 @@ static void put32(uint8_t **p, uint32_t v)
 	*p += 4;
 }
 
-int registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
-			 const struct proto_buf *type, const struct proto_buf *args, size_t nargs)
+int srv_registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
+			     const struct proto_buf *type, const struct proto_buf *args, size_t nargs)
 {
 	size_t len = 4 + 4 + type->len + 4;
 	uint8_t *buf, *p;
@@ -538,7 +639,7 @@ int registry_keep_frames(struct srv_instance *in, enum proto_dialect d,
  * after the drain at SIGTERM). A failure is logged: the previous manifest
  * stays, so a restart then resumes the registrations it names.
  */
-void registry_persist(struct srv *s, bool clean)
+void srv_registry_persist(struct srv *s, bool clean)
 {
 	struct warm_blob *blobs;
 	size_t n = 0, cap = 0;
@@ -689,7 +790,7 @@ static int restore_one(struct srv *s, struct warm_blob b)
 			proto_request_free(&rq);
 		return rc ? rc : -EINVAL;
 	}
-	rc = instance_build(s, &rq, &in, err, sizeof(err));
+	rc = srv_instance_build(s, &rq, &in, err, sizeof(err));
 	if (rc) {
 		log_warn("instance %" PRId64 ": not resumed: %s", id, err);
 		proto_request_free(&rq);
@@ -714,37 +815,15 @@ static int restore_one(struct srv *s, struct warm_blob b)
 		memcpy(in->reg_frames, frames, in->reg_frames_len);
 	}
 	if (in->device >= 0) {
-		struct srv_xfer_job *j = calloc(1, sizeof(*j));
-
-		if (j)
-			j->descs = malloc(rq.nlayers * sizeof(*j->descs));
-		if (!j || !j->descs) {
-			free(j);
-			instance_put(in);
-			proto_request_free(&rq);
-			log_warn("instance %" PRId64 ": not resumed: out of memory", id);
-			return -ENOMEM;
-		}
-		memcpy(j->descs, rq.layers, rq.nlayers * sizeof(*j->descs));
-		j->srv = s;
-		j->kind = JOB_REGISTER;
-		j->op = PROTO_REGISTER_KV_CACHE;
-		j->inst = in;
-		j->restore = true;
-		j->base.run = run_register;
+		rc = srv_registry_submit_cuda(s, in, &rq, NULL);
 		proto_request_free(&rq);
-		rc = submit_job(s, 1 + (unsigned)in->device, j);
-		if (rc) {
-			log_warn("instance %" PRId64 ": not resumed: device queue: %s", id,
-				 strerror(-rc));
-			xfer_job_free(j);
-			return rc;
-		}
-		s->restore_pending++;
-		return 0;
+		if (rc)
+			log_warn("instance %" PRId64 ": not resumed: %s", id,
+				 rc == -ENOMEM ? "out of memory" : strerror(-rc));
+		return rc;
 	}
 	proto_request_free(&rq);
-	registry_insert(s, in);
+	srv_registry_insert(s, in);
 	return 0;
 }
 
@@ -753,7 +832,7 @@ static int restore_one(struct srv *s, struct warm_blob b)
  * loop): host buffers are mapped here, CUDA IPC handles opened by a job on
  * the device's workers (srv.restore_pending counts those still out).
  */
-void registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped)
+void srv_registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped)
 {
 	size_t n = warm_nregs(s->warm);
 
@@ -769,7 +848,7 @@ void registry_restore(struct srv *s, unsigned *resumed, unsigned *dropped)
 }
 
 /* Learn the registering process's pid where its descriptors name it. */
-int32_t registry_owner_pid(const struct proto_request *rq)
+int32_t srv_registry_owner_pid(const struct proto_request *rq)
 {
 	return rq->nlayers && rq->layers[0].kind != PROTO_KV_CUDA_IPC ?
 		       pid_of_path(rq->layers[0].path) : 0;
@@ -780,7 +859,7 @@ int32_t registry_owner_pid(const struct proto_request *rq)
 
 static uint64_t rid_hash(const char *rid, size_t len)
 {
-	return identity_hash((const uint8_t *)rid, len);
+	return srv_identity_hash((const uint8_t *)rid, len);
 }
 
 /* Recency list of sessions (most recently used at the head). */
@@ -808,14 +887,14 @@ static void session_lru_push_head(struct srv *s, struct srv_session *ss)
 	s->session_lru_head = ss;
 }
 
-void session_free(struct srv_session *ss)
+void srv_session_free(struct srv_session *ss)
 {
 	free(ss->tokens);
 	free(ss->hashes);
 	free(ss);
 }
 
-bool session_unlink(struct srv *s, const char *rid, size_t len)
+bool srv_session_unlink(struct srv *s, const char *rid, size_t len)
 {
 	struct srv_session **pp = &s->sessions[rid_hash(rid, len) % SRV_SESSION_BUCKETS];
 
@@ -825,7 +904,7 @@ bool session_unlink(struct srv *s, const char *rid, size_t len)
 		if (ss->request_id_len == len && !memcmp(ss->request_id, rid, len)) {
 			*pp = ss->next;
 			session_lru_unlink(s, ss);
-			session_free(ss);
+			srv_session_free(ss);
 			s->nsessions--;
 			atomic_store_explicit(&s->nsessions_pub, s->nsessions, memory_order_relaxed);
 			return true;
@@ -841,7 +920,7 @@ bool session_unlink(struct srv *s, const char *rid, size_t len)
  * expires, not the number of sessions. Returns true when idle sessions were
  * left for the next call.
  */
-bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget)
+bool srv_sessions_expire(struct srv *s, uint64_t now_ms, size_t budget)
 {
 	uint64_t ttl = (uint64_t)s->cfg.session_ttl_s * 1000;
 	struct srv_session *ss;
@@ -849,7 +928,7 @@ bool sessions_expire(struct srv *s, uint64_t now_ms, size_t budget)
 	while ((ss = s->session_lru_tail) && now_ms - ss->last_used_ms > ttl) {
 		if (!budget--)
 			return true;
-		session_unlink(s, ss->request_id, ss->request_id_len);
+		srv_session_unlink(s, ss->request_id, ss->request_id_len);
 	}
 	return false;
 }
@@ -872,8 +951,8 @@ static int ensure_hash_cap(struct srv *s, size_t n)
  * request's, so the result always equals a fresh computation. Returns a
  * pointer valid until the next call, or NULL on -ENOMEM.
  */
-const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
-			     size_t nchunks))[KS_HASH_LEN]
+const uint8_t (*srv_chunk_hashes(struct srv *s, const struct proto_key *k,
+				 size_t nchunks))[KS_HASH_LEN]
 {
 	uint32_t C = s->cfg.chunk_tokens;
 	struct srv_session *ss = NULL, **bucket;
@@ -921,7 +1000,7 @@ const uint8_t (*chunk_hashes(struct srv *s, const struct proto_key *k,
 				ss->hashes = h;
 			if (!t || !h) {
 				/* Out of memory for the cache: fall back to hashing from scratch. */
-				session_unlink(s, k->request_id, k->request_id_len);
+				srv_session_unlink(s, k->request_id, k->request_id_len);
 				ss = NULL;
 				reuse = 0;
 			} else {
@@ -966,7 +1045,7 @@ static int ensure_key_cap(struct srv *s, size_t n)
  * chunk ('@' is in neither: LMCache refuses it in both). @out holds
  * KS_MODEL_MAX + 1 bytes. 0, or -ENAMETOOLONG when the two do not fit.
  */
-int key_identity(const struct proto_key *k, char *out, size_t *len)
+int srv_key_identity(const struct proto_key *k, char *out, size_t *len)
 {
 	size_t n = k->model_len;
 
@@ -989,13 +1068,13 @@ int key_identity(const struct proto_key *k, char *out, size_t *len)
  * Expand chunks [first, first+n) to ObjectKeys for every rank, chunk-major
  * (protocol.md §4.3), into s->key_buf. Returns the key count or -errno.
  */
-ssize_t expand_keys(struct srv *s, const struct proto_key *k,
-		    const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n)
+ssize_t srv_expand_keys(struct srv *s, const struct proto_key *k,
+			const uint8_t (*hashes)[KS_HASH_LEN], size_t first, size_t n)
 {
 	size_t ws = k->world_size, nk = n * ws, mlen;
 	char model[KS_MODEL_MAX + 1];
 
-	if (key_identity(k, model, &mlen))
+	if (srv_key_identity(k, model, &mlen))
 		return -ENAMETOOLONG;
 	if (ensure_key_cap(s, nk ? nk : 1))
 		return -ENOMEM;
@@ -1008,7 +1087,7 @@ ssize_t expand_keys(struct srv *s, const struct proto_key *k,
 }
 
 /* extra_count of protocol.md §4.4. */
-uint32_t extra_lock_count(uint32_t tp_size, uint32_t world_size)
+uint32_t srv_extra_lock_count(uint32_t tp_size, uint32_t world_size)
 {
 	uint32_t tp = tp_size > 1 ? tp_size : world_size;
 

@@ -4,7 +4,7 @@
  * health verdict for /healthz; and the data-path probe that verdict relies
  * on.
  *
- * Threads: handle_stats and maybe_probe run on the io thread;
+ * Threads: srv_handle_stats and srv_maybe_probe run on the io thread;
  * srv_render_metrics, srv_render_stats_json and srv_health on any thread
  * (the HTTP thread, http.c) and never wait on the io thread: they read
  * atomics and call the subsystems' stats functions; run_probe on a
@@ -306,7 +306,7 @@ static const struct {
 	{ "kvstash_request_duration_seconds", "ping", offsetof(struct srv, lat_ping) },
 };
 
-void handle_stats(struct srv *s, const struct srv_reply_addr *a)
+void srv_handle_stats(struct srv *s, const struct srv_reply_addr *a)
 {
 	struct stat_row rows[SRV_MAX_STATS];
 	const char *names[SRV_MAX_STATS + 2 * KS_ARRAY_SIZE(srv_hists)];
@@ -333,7 +333,7 @@ void handle_stats(struct srv *s, const struct srv_reply_addr *a)
 		names[n] = hist_names[2 * i + 1];
 		vals[n++] = atomic_load_explicit(&h->count, memory_order_relaxed);
 	}
-	send_encoded(s, a, proto_encode_stats(&m, names, vals, n), &m);
+	srv_send_encoded(s, a, proto_encode_stats(&m, names, vals, n), &m);
 }
 
 void srv_render_metrics(struct srv *s, struct metrics_buf *out)
@@ -482,7 +482,7 @@ static void run_probe(struct xfer_job *base, unsigned worker)
 }
 
 /* Send a probe through each device's transfer queue once a second (io thread). */
-void maybe_probe(struct srv *s, uint64_t now)
+void srv_maybe_probe(struct srv *s, uint64_t now)
 {
 	for (unsigned e = 0; e < s->nengines; e++) {
 		struct srv_xfer_job *j;
@@ -497,7 +497,7 @@ void maybe_probe(struct srv *s, uint64_t now)
 		j->kind = JOB_PROBE;
 		j->base.run = run_probe;
 		atomic_store(&s->probe_sent_ms[e], now);
-		if (submit_job(s, e, j)) {
+		if (srv_submit_job(s, e, j)) {
 			atomic_store(&s->probe_sent_ms[e], 0);
 			free(j);
 		}

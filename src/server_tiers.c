@@ -5,9 +5,9 @@
  * into L1. The tiers themselves are tier_disk.c and tier_redis.c; they are
  * opened in srv_create (server.c).
  *
- * Threads: demote_hook runs on the thread whose reservation evicted (a
- * transfer worker), after the index dropped its locks; l3_write_through on
- * the worker that committed a STORE; prefetch_job on the io thread and
+ * Threads: srv_demote_hook runs on the thread whose reservation evicted (a
+ * transfer worker), after the index dropped its locks; srv_l3_write_through on
+ * the worker that committed a STORE; srv_prefetch_job on the io thread and
  * run_prefetch on a host transfer worker, which waits for tier reads
  * (bounded by --transfer-timeout-ms) and Redis EXISTS. The *_done
  * callbacks run on the tiers' own threads (cancelled requests' too, at
@@ -49,7 +49,7 @@ static void demote_done(void *arg, int status, uint64_t tag, size_t nbytes)
 
 	(void)tag;
 	(void)nbytes;
-	ctr_add(status ? &s->ctr.demote_failed : &s->ctr.demoted, 1);
+	srv_ctr_add(status ? &s->ctr.demote_failed : &s->ctr.demoted, 1);
 }
 
 /* A demotion with KV events on: its key, for the event when the write ends. */
@@ -68,7 +68,7 @@ static void demote_done_ev(void *arg, int status, uint64_t tag, size_t nbytes)
 }
 
 /* tier_disk eviction callback (its worker, no lock held): the chunk left the disk. */
-void disk_evicted(void *arg, const struct ks_key *k)
+void srv_disk_evicted(void *arg, const struct ks_key *k)
 {
 	struct srv *s = arg;
 
@@ -79,7 +79,7 @@ void disk_evicted(void *arg, const struct ks_key *k)
  * idx eviction hook: runs on the evicting worker with no index lock held.
  * Installed with a disk tier (demotion) or with KV events (BlockRemoved).
  */
-void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
+void srv_demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t nbytes)
 {
 	struct srv *s = arg;
 	struct demote_ev *d;
@@ -92,7 +92,7 @@ void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t n
 	if (!s->kve) {
 		/* A copy into the tier's bounded staging; a full tier drops, never blocks. */
 		if (tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done, s))
-			ctr_add(&s->ctr.demote_dropped, 1);
+			srv_ctr_add(&s->ctr.demote_dropped, 1);
 		return;
 	}
 	/* Reported before the put: the write may end before tier_disk_put returns. */
@@ -103,7 +103,7 @@ void demote_hook(void *arg, const struct ks_key *k, const void *data, uint64_t n
 		d->key = *k;
 	}
 	if (!d || tier_disk_put(s->l2, k, nbytes, data, nbytes, TIER_PUT_COPY, demote_done_ev, d)) {
-		ctr_add(&s->ctr.demote_dropped, 1);
+		srv_ctr_add(&s->ctr.demote_dropped, 1);
 		kve_demoted(s->kve, k, false);
 		free(d);
 	}
@@ -115,11 +115,11 @@ static void l3_done(void *arg, int status, uint64_t tag, size_t nbytes)
 
 	(void)tag;
 	(void)nbytes;
-	ctr_add(status ? &s->ctr.l3_failed : &s->ctr.l3_written, 1);
+	srv_ctr_add(status ? &s->ctr.l3_failed : &s->ctr.l3_written, 1);
 }
 
 /* After a STORE committed @k: copy it to Redis so other kvstashd can find it. */
-void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes)
+void srv_l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes)
 {
 	struct idx_entry *e;
 
@@ -130,7 +130,7 @@ void l3_write_through(struct srv *s, const struct ks_key *k, uint64_t nbytes)
 		return;
 	if (tier_redis_put(s->l3, k, nbytes, idx_entry_data(s->idx, e), nbytes, TIER_REDIS_PUT_COPY,
 			   l3_done, s))
-		ctr_add(&s->ctr.l3_dropped, 1);
+		srv_ctr_add(&s->ctr.l3_dropped, 1);
 	idx_unpin(s->idx, e);
 }
 
@@ -268,14 +268,14 @@ static void run_prefetch(struct xfer_job *base, unsigned worker)
 			break;	/* the reservation stays: the read may still write its slot */
 		if (rc) {
 			idx_abort_write(s->idx, e);
-			ctr_add(&s->ctr.promote_failed, 1);
+			srv_ctr_add(&s->ctr.promote_failed, 1);
 			log_info("prefetch: %s chunk failed to load (%s): prefix ends here",
 				 from_l3 ? "L3" : "L2", strerror(-rc));
 			break;
 		}
 		if (idx_commit_write(s->idx, e) != 0)
 			break;
-		ctr_add(from_l3 ? &s->ctr.promoted_l3 : &s->ctr.promoted_l2, 1);
+		srv_ctr_add(from_l3 ? &s->ctr.promoted_l3 : &s->ctr.promoted_l2, 1);
 		if (j->ev_tokens) {
 			/* Back in the pool: announced with the LOOKUP's tokens; the keys
 			 * are chunk-major from the prompt's first chunk, group per chunk. */
@@ -300,9 +300,9 @@ static void run_prefetch(struct xfer_job *base, unsigned worker)
  * NULL. With KV events on it also copies the prompt's @tokens (at least
  * nkeys / group chunks of them), to announce the chunks it loads.
  */
-struct srv_xfer_job *prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
-				  size_t l1_hits, uint32_t group, uint32_t locks_per_key,
-				  uint64_t object_bytes, const uint32_t *tokens)
+struct srv_xfer_job *srv_prefetch_job(struct srv *s, const struct ks_key *keys, size_t nkeys,
+				      size_t l1_hits, uint32_t group, uint32_t locks_per_key,
+				      uint64_t object_bytes, const uint32_t *tokens)
 {
 	struct srv_xfer_job *j = calloc(1, sizeof(*j));
 

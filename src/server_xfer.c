@@ -6,8 +6,8 @@
  * side: reply, counters, per-phase timing. Also the SIGBUS guard around
  * host copies from clients' shared files.
  *
- * Threads: handle_xfer, xfer_prepare, submit_job, complete_xfer and
- * drain_completions run on the io thread (drain_completions also in
+ * Threads: srv_handle_xfer, xfer_prepare, srv_submit_job, complete_xfer and
+ * srv_drain_completions run on the io thread (srv_drain_completions also in
  * srv_destroy's caller, after the workers stopped); the run_* functions on
  * transfer workers: host jobs on the host engine's, CUDA jobs on their
  * device's, each worker with its own CUDA context (cuda_ctx_of: only that
@@ -16,7 +16,7 @@
  * Lock ordering (see server.c and docs/architecture.md): no lock of its
  * own. Workers call idx_* (shard > LRU > pool inside each call; an eviction
  * may also reach the disk tier's lock through the demotion hook) and
- * l3_write_through (a Redis node's lock) one at a time, and copy, host
+ * srv_l3_write_through (a Redis node's lock) one at a time, and copy, host
  * memcpy or CUDA, holding none, so the SIGBUS guard's siglongjmp leaves no
  * lock behind. The io thread's xfer_submit/xfer_reap take a queue lock
  * inside; log_* the log ring.
@@ -63,7 +63,7 @@ static void sigbus_handler(int sig, siginfo_t *si, void *uc)
 	raise(sig);
 }
 
-void install_sigbus_guard(void)
+void srv_install_sigbus_guard(void)
 {
 	struct sigaction sa;
 
@@ -77,21 +77,31 @@ void install_sigbus_guard(void)
 /* ------------------------------------------------------------------------ */
 /* STORE / RETRIEVE                                                         */
 
-void xfer_job_free(struct srv_xfer_job *j)
+void srv_xfer_job_free(struct srv_xfer_job *j)
 {
 	if (j->inst)
-		instance_put(j->inst);
+		srv_instance_put(j->inst);
 	free(j->keys);
-	free(j->entries);
-	free(j->slots);
-	free(j->group_skip);
-	free(j->descs);
 	free(j->ev_tokens);
+	switch (j->kind) {
+	case JOB_XFER:
+		free(j->entries);
+		free(j->slots);
+		free(j->group_skip);
+		break;
+	case JOB_REGISTER:
+		free(j->descs);
+		break;
+	case JOB_PROBE:
+	case JOB_UNMAP:
+	case JOB_PREFETCH:
+		break;
+	}
 	free(j);
 }
 
 /* Queue @j on engine @engine (io thread). 0 or -errno from xfer_submit. */
-int submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
+int srv_submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
 {
 	if (engine >= s->nengines || !s->engines[engine])
 		return -ENODEV;
@@ -136,7 +146,7 @@ static uint32_t reserve_chunks(struct srv_xfer_job *j)
 		if (chunk_incomplete(j, c)) {
 			/* a group's blocks are null: the object would be partly garbage */
 			j->entries[c] = NULL;
-			ctr_add(&j->srv->ctr.store_chunks_skipped, 1);
+			srv_ctr_add(&j->srv->ctr.store_chunks_skipped, 1);
 			continue;
 		}
 		rc = idx_reserve_write(j->srv->idx, &j->keys[c], j->inst->object_bytes,
@@ -144,8 +154,8 @@ static uint32_t reserve_chunks(struct srv_xfer_job *j)
 
 		if (rc) {
 			j->entries[c] = NULL;
-			ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
-				&j->srv->ctr.store_chunks_nospace, 1);
+			srv_ctr_add(rc == -EEXIST ? &j->srv->ctr.store_chunks_skipped :
+				    &j->srv->ctr.store_chunks_nospace, 1);
 		} else {
 			n++;
 		}
@@ -167,9 +177,9 @@ static void commit_chunk(struct srv_xfer_job *j, uint32_t c)
 				   j->ev_has_parent ? j->ev_parent : NULL,
 				   j->ev_tokens + (size_t)c * j->chunk_tokens, j->chunk_tokens,
 				   KVE_MEDIUM_CPU);
-		l3_write_through(j->srv, &j->keys[c], j->inst->object_bytes);
+		srv_l3_write_through(j->srv, &j->keys[c], j->inst->object_bytes);
 	} else {
-		ctr_add(&j->srv->ctr.store_chunks_lost, 1);
+		srv_ctr_add(&j->srv->ctr.store_chunks_lost, 1);
 	}
 }
 
@@ -188,16 +198,16 @@ static uint32_t drop_unpinned(struct srv_xfer_job *j)
 	for (uint32_t c = 0; c < j->nchunks; c++) {
 		struct idx_entry *e = j->entries[c];
 
-		if (!e || pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, e),
-					    j->inst->object_bytes))
+		if (!e || srv_pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, e),
+						j->inst->object_bytes))
 			continue;
 		idx_abort_write(j->srv->idx, e);
 		j->entries[c] = NULL;
 		n++;
 	}
 	if (n) {
-		ctr_add(&j->srv->ctr.xfer_unpinned, n);
-		ctr_add(&j->srv->ctr.store_chunks_nospace, n);
+		srv_ctr_add(&j->srv->ctr.xfer_unpinned, n);
+		srv_ctr_add(&j->srv->ctr.store_chunks_nospace, n);
 	}
 	return n;
 }
@@ -419,10 +429,10 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 	if (pin_all(j))
 		return;
 	for (uint32_t c = 0; c < j->nchunks; c++)
-		if (!pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, j->entries[c]),
-				       in->object_bytes)) {
+		if (!srv_pool_range_pinned(j->srv, idx_entry_data(j->srv->idx, j->entries[c]),
+					   in->object_bytes)) {
 			/* Fail fast rather than wait for the pinning thread (server_pin.c). */
-			ctr_add(&j->srv->ctr.xfer_unpinned, 1);
+			srv_ctr_add(&j->srv->ctr.xfer_unpinned, 1);
 			snprintf(j->err, sizeof(j->err), "chunk %u lies in the part of the pool not "
 				 "pinned for CUDA yet (%" PRIu64 " of %" PRIu64 " MiB pinned)", c,
 				 atomic_load(&j->srv->pool_pinned_bytes) >> 20,
@@ -464,70 +474,11 @@ static void run_retrieve_cuda(struct xfer_job *base, unsigned worker)
 	}
 }
 
-/* Open each distinct IPC handle once, check every layer against its allocation. */
-void run_register(struct xfer_job *base, unsigned worker)
-{
-	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
-	struct srv_instance *in = j->inst;
-	int dev = in->device, rc;
-
-	(void)worker;
-	for (uint32_t l = 0; l < in->layout.num_layers; l++) {
-		const struct proto_kv_desc *d = &j->descs[in->layer_index[l]];
-		size_t m;
-
-		for (m = 0; m < in->nmaps; m++)
-			if (!memcmp(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN))
-				break;
-		if (m == in->nmaps) {
-			void *base_ptr = NULL, *alloc = NULL;
-			size_t bytes = 0;
-
-			rc = xfer_cuda_ipc_open_mem(dev, d->mem_handle, &base_ptr);
-			if (rc) {
-				snprintf(j->err, sizeof(j->err), "layer %u: cudaIpcOpenMemHandle on "
-					 "device %d failed (stale handle, or one from this process)",
-					 l, dev);
-				j->result = rc;
-				return;
-			}
-			memcpy(in->maps[m].handle, d->mem_handle, PROTO_MEM_HANDLE_LEN);
-			in->maps[m].base = base_ptr;
-			in->nmaps++;
-			rc = xfer_cuda_mem_range(dev, base_ptr, &alloc, &bytes);
-			if (rc || alloc != base_ptr) {
-				snprintf(j->err, sizeof(j->err), "layer %u: cannot size the shared "
-					 "allocation: %s", l, strerror(rc ? -rc : EINVAL));
-				j->result = rc ? rc : -EINVAL;
-				return;
-			}
-			in->maps[m].len = bytes;
-		}
-		if (d->offset + in->layout.extent_bytes > in->maps[m].len) {
-			snprintf(j->err, sizeof(j->err), "layer %u: offset %" PRIu64 " + extent %" PRIu64
-				 " exceeds the shared allocation's %zu bytes", l, d->offset,
-				 in->layout.extent_bytes, in->maps[m].len);
-			j->result = -ERANGE;
-			return;
-		}
-		in->layer_ptrs[l] = (uint8_t *)in->maps[m].base + d->offset;
-	}
-}
-
-void run_unmap(struct xfer_job *base, unsigned worker)
-{
-	struct srv_xfer_job *j = (struct srv_xfer_job *)base;
-
-	(void)worker;
-	instance_free(j->inst);
-	j->inst = NULL;
-}
-
 /* A host copy of @j hit SIGBUS (we are past its siglongjmp): fail the job. */
 static void copy_faulted(struct srv_xfer_job *j)
 {
 	copy_jmp = NULL;
-	ctr_add(&j->srv->ctr.copy_faults, 1);
+	srv_ctr_add(&j->srv->ctr.copy_faults, 1);
 	snprintf(j->err, sizeof(j->err), "bus error while copying (the client's shared KV "
 		 "file was truncated, or host memory for the pool ran out)");
 	j->result = -EFAULT;
@@ -593,7 +544,7 @@ static int pin_all(struct srv_xfer_job *j)
 				idx_unpin(j->srv->idx, j->entries[u]);
 			memset(j->entries, 0, j->nchunks * sizeof(*j->entries));
 			ks_hash_hex(j->keys[c].chunk_hash, hex);
-			ctr_add(&j->srv->ctr.retrieve_miss, 1);
+			srv_ctr_add(&j->srv->ctr.retrieve_miss, 1);
 			snprintf(j->err, sizeof(j->err), "chunk %u (%.16s...) %s", c, hex,
 				 rc == -ENOENT ? "is not cached" :
 				 rc == -EMSGSIZE ? "has another layout's size" : strerror(-rc));
@@ -708,7 +659,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			char *err, size_t errlen)
 {
 	const struct proto_key *k = &rq->key;
-	struct srv_instance *in = instance_find(s, rq->instance_id);
+	struct srv_instance *in = srv_instance_find(s, rq->instance_id);
 	uint32_t C = s->cfg.chunk_tokens;
 	const char *op = proto_type_name(rq->type);
 	uint64_t range, need_blocks;
@@ -721,7 +672,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 rq->instance_id);
 		return -ENOENT;
 	}
-	if (!instance_owned_by(s, in, &j->addr)) {
+	if (!srv_instance_owned_by(s, in, &j->addr)) {
 		snprintf(err, errlen, "%s: instance %" PRId64 " was registered by another "
 			 "connection (--owner-check)", op, rq->instance_id);
 		return -EPERM;
@@ -730,7 +681,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 	    rq->event_kind != PROTO_EVENT_CPU_STUB) {
 		/* protocol.md §5.3: on the host path a device handle is a frame-level
 		 * fault, dropped without a reply (§3 Errors rule 1; the current
-		 * dialect gets [b"", false] instead, handle_xfer). */
+		 * dialect gets [b"", false] instead, srv_handle_xfer). */
 		snprintf(err, errlen, "%s: instance %" PRId64 " is a host registration; "
 			 "event_ipc_handle must be empty", op, rq->instance_id);
 		return -EPROTO;
@@ -750,7 +701,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 			 k->model, in->model);
 		return -EINVAL;
 	}
-	if (key_identity(k, model, &model_len)) {
+	if (srv_key_identity(k, model, &model_len)) {
 		snprintf(err, errlen, "%s: model name and cache_salt together exceed %d bytes", op,
 			 KS_MODEL_MAX);
 		return -ENAMETOOLONG;
@@ -812,7 +763,7 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 	if (rc)
 		return rc;
 	size_t first = (size_t)k->start / C, last = (size_t)k->end / C;
-	const uint8_t(*h)[KS_HASH_LEN] = chunk_hashes(s, k, last);
+	const uint8_t(*h)[KS_HASH_LEN] = srv_chunk_hashes(s, k, last);
 
 	if (!h) {
 		snprintf(err, errlen, "%s: out of memory hashing", op);
@@ -839,8 +790,8 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 	return 0;
 }
 
-void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
-		 const struct proto_request *rq)
+void srv_handle_xfer(struct srv *s, const struct srv_reply_addr *a,
+		     const struct proto_request *rq)
 {
 	struct srv_xfer_job *j = calloc(1, sizeof(*j));
 	char err[SRV_ERR_MAX];
@@ -848,8 +799,8 @@ void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	int rc;
 
 	if (!j) {
-		set_last_error(s, a, "%s: out of memory", proto_type_name(rq->type));
-		reply_xfer(s, a, false);
+		srv_set_last_error(s, a, "%s: out of memory", proto_type_name(rq->type));
+		srv_reply_xfer(s, a, false);
 		return;
 	}
 	j->srv = s;
@@ -867,33 +818,33 @@ void handle_xfer(struct srv *s, const struct srv_reply_addr *a,
 	}
 	rc = xfer_prepare(s, rq, j, err, sizeof(err));
 	if (rc == -EPROTO && rq->dialect != PROTO_DIALECT_CURRENT) {
-		frame_fault(s, a, rc, err);
-		xfer_job_free(j);
+		srv_frame_fault(s, a, rc, err);
+		srv_xfer_job_free(j);
 		return;
 	}
 	if (rc) {
-		ctr_add(&s->ctr.semantic_errors, 1);
-		set_last_error(s, a, "%s", err);
+		srv_ctr_add(&s->ctr.semantic_errors, 1);
+		srv_set_last_error(s, a, "%s", err);
 		goto out_fail;
 	}
 	if (!j->nchunks) {
 		/* An empty range: nothing to copy, and ok (protocol.md §3). */
-		reply_xfer(s, a, true);
-		xfer_job_free(j);
+		srv_reply_xfer(s, a, true);
+		srv_xfer_job_free(j);
 		return;
 	}
 	if (j->inst->device >= 0)
 		j->base.run = store ? run_store_cuda : run_retrieve_cuda;
 	else
 		j->base.run = store ? run_store : run_retrieve;
-	rc = submit_job(s, j->inst->device >= 0 ? 1 + (unsigned)j->inst->device : 0, j);
+	rc = srv_submit_job(s, j->inst->device >= 0 ? 1 + (unsigned)j->inst->device : 0, j);
 	if (rc == 0)
 		return;
-	set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
-		       rc == -EAGAIN ? "full, try again later" : strerror(-rc));
+	srv_set_last_error(s, a, "%s: transfer queue: %s", proto_type_name(rq->type),
+			   rc == -EAGAIN ? "full, try again later" : strerror(-rc));
 out_fail:
-	reply_xfer(s, a, false);
-	xfer_job_free(j);
+	srv_reply_xfer(s, a, false);
+	srv_xfer_job_free(j);
 }
 
 /*
@@ -933,7 +884,7 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		return;
 	case JOB_UNMAP:
 		if (xfer_job_cancelled(&j->base))
-			instance_free(j->inst);	/* shutting down: the workers are gone */
+			srv_instance_free(j->inst);	/* shutting down: the workers are gone */
 		free(j);
 		return;
 	case JOB_REGISTER:
@@ -941,7 +892,7 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 			/* A resumed registration (srv_create): no client waits for a reply. */
 			s->restore_pending--;
 			if (ok && !xfer_job_cancelled(&j->base)) {
-				registry_insert(s, j->inst);
+				srv_registry_insert(s, j->inst);
 				j->inst = NULL;
 			} else {
 				s->restore_failed++;
@@ -949,21 +900,21 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 					 "or the GPU changed)", j->inst->id,
 					 xfer_job_cancelled(&j->base) ? "server shutting down" : j->err);
 			}
-			xfer_job_free(j);
+			srv_xfer_job_free(j);
 			return;
 		}
 		if (ok && !xfer_job_cancelled(&j->base)) {
 			j->inst->registered_ms = ks_now_ms();
-			registry_insert(s, j->inst);
+			srv_registry_insert(s, j->inst);
 			j->inst = NULL;	/* the registry owns it now */
 		} else {
-			ctr_add(&s->ctr.semantic_errors, 1);
-			set_last_error(s, &j->addr, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
-				       j->inst->id, xfer_job_cancelled(&j->base) ?
-				       "server shutting down" : j->err);
+			srv_ctr_add(&s->ctr.semantic_errors, 1);
+			srv_set_last_error(s, &j->addr, "REGISTER_KV_CACHE instance %" PRId64 ": %s",
+					   j->inst->id, xfer_job_cancelled(&j->base) ?
+					   "server shutting down" : j->err);
 		}
-		reply_nil(s, &j->addr);
-		xfer_job_free(j);
+		srv_reply_nil(s, &j->addr);
+		srv_xfer_job_free(j);
 		return;
 	case JOB_PREFETCH: {
 		struct srv_lookup_job *lj = &s->jobs[(uint64_t)j->lookup_job % SRV_JOB_SLOTS];
@@ -972,8 +923,8 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 			j->prefetch_chunks = (int64_t)(j->l1_hits / j->group);	/* unlocked: shutdown */
 		if (lj->id == j->lookup_job)
 			lj->chunks = j->prefetch_chunks;
-		ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)j->prefetch_chunks);
-		xfer_job_free(j);
+		srv_ctr_add(&s->ctr.lookup_hit_chunks, (uint64_t)j->prefetch_chunks);
+		srv_xfer_job_free(j);
 		return;
 	}
 	case JOB_XFER:
@@ -986,32 +937,32 @@ static void complete_xfer(struct srv *s, struct srv_xfer_job *j)
 		ok = false;
 	}
 	if (!ok)
-		set_last_error(s, &j->addr, "%s failed: %s", proto_type_name(j->op), j->err);
+		srv_set_last_error(s, &j->addr, "%s failed: %s", proto_type_name(j->op), j->err);
 	if (j->op == PROTO_STORE) {
-		ctr_add(&s->ctr.store_chunks_stored, j->committed);
-		ctr_add(&s->ctr.bytes_stored, j->committed * j->inst->object_bytes);
+		srv_ctr_add(&s->ctr.store_chunks_stored, j->committed);
+		srv_ctr_add(&s->ctr.bytes_stored, j->committed * j->inst->object_bytes);
 	} else if (ok) {
-		ctr_add(&s->ctr.retrieve_ok, 1);
-		ctr_add(&s->ctr.bytes_retrieved, (uint64_t)j->nchunks * j->inst->object_bytes);
+		srv_ctr_add(&s->ctr.retrieve_ok, 1);
+		srv_ctr_add(&s->ctr.bytes_retrieved, (uint64_t)j->nchunks * j->inst->object_bytes);
 	}
 	log_debug("%s instance %" PRId64 ": %u chunk(s), queued %.3f ms, copy %.3f ms, %s",
 		  proto_type_name(j->op), j->inst->id, j->nchunks,
 		  (double)(j->base.start_ns - j->base.submit_ns) / 1e6,
 		  (double)(j->base.end_ns - j->base.start_ns) / 1e6, ok ? "ok" : j->err);
 	if (j->has_done && j->has_wait_sem)
-		reply_xfer_event(s, &j->addr, j->done_sem, PROTO_SEMAPHORE_HANDLE_LEN, ok);
+		srv_reply_xfer_event(s, &j->addr, j->done_sem, PROTO_SEMAPHORE_HANDLE_LEN, ok);
 	else if (j->has_done)
-		reply_xfer_event(s, &j->addr, j->done_event, PROTO_EVENT_HANDLE_LEN, ok);
+		srv_reply_xfer_event(s, &j->addr, j->done_event, PROTO_EVENT_HANDLE_LEN, ok);
 	else
-		reply_xfer(s, &j->addr, ok);
+		srv_reply_xfer(s, &j->addr, ok);
 	metrics_hist_observe(j->op == PROTO_STORE ? &s->lat_store : &s->lat_retrieve,
 			     ks_now_ns() - j->recv_ns);
 	if (ok)
 		account_phases(s, j);
-	xfer_job_free(j);
+	srv_xfer_job_free(j);
 }
 
-void drain_completions(struct srv *s)
+void srv_drain_completions(struct srv *s)
 {
 	struct xfer_job *done[64];
 	size_t n;

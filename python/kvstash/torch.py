@@ -35,28 +35,12 @@ import errno as _errno
 
 import torch
 
-import kvstash
-from kvstash import KvstashError
+from kvstash import KvstashError, _ffi
 
 __all__ = ["TorchKV", "cuda_ipc_layer", "register_cuda", "store", "retrieve"]
 
-_LAYOUTS = {"flash_attn": 0, "flashinfer": 1, "mla": 2}
-_IPC_HANDLE_BYTES = 64
+_IPC_HANDLE_BYTES = _ffi.IPC_HANDLE_BYTES
 _CUDA_SUCCESS = 0
-
-
-class _CudaLayer(ctypes.Structure):
-    _fields_ = [("mem_handle", ctypes.c_uint8 * _IPC_HANDLE_BYTES),
-                ("offset", ctypes.c_uint64),
-                ("nbytes", ctypes.c_uint64)]
-
-
-class _KvLayout(ctypes.Structure):
-    _fields_ = [("layout", ctypes.c_int),
-                ("dtype", ctypes.c_char_p),
-                ("ndim", ctypes.c_uint32),
-                ("shape", ctypes.c_int64 * 5),
-                ("stride", ctypes.c_int64 * 5)]
 
 
 # ---- libcuda (the driver API: present wherever a GPU works) ----------------------
@@ -134,35 +118,6 @@ def _infer_layout(shape):
                        % (tuple(shape),), "kvstash.torch")
 
 
-def _declare(lib):
-    P = ctypes.c_void_p
-    I = ctypes.c_int
-    key_p = ctypes.POINTER(kvstash._Key)
-    i64_p = ctypes.POINTER(ctypes.c_int64)
-    lib.kvstash_register_cuda.argtypes = [P, ctypes.c_int64, ctypes.c_char_p, ctypes.c_uint32,
-                                          ctypes.POINTER(_KvLayout), ctypes.c_char_p,
-                                          ctypes.POINTER(_CudaLayer), ctypes.c_size_t]
-    lib.kvstash_register_cuda.restype = I
-    lib.kvstash_store_event.argtypes = [P, key_p, ctypes.c_int64, i64_p, ctypes.c_size_t,
-                                        ctypes.c_char_p, ctypes.c_char_p]
-    lib.kvstash_store_event.restype = I
-    lib.kvstash_retrieve_event.argtypes = [P, key_p, ctypes.c_int64, i64_p, ctypes.c_size_t,
-                                           ctypes.c_uint64, ctypes.c_char_p, ctypes.c_char_p]
-    lib.kvstash_retrieve_event.restype = I
-
-
-_declared = False
-
-
-def _lib():
-    global _declared
-    lib = kvstash.load_library()
-    if not _declared:
-        _declare(lib)
-        _declared = True
-    return lib
-
-
 def register_cuda(client, instance_id, model, world_size, kv_caches, layout=None):
     """REGISTER_KV_CACHE with one torch CUDA tensor per layer (native cuda_ipc descriptor).
 
@@ -183,22 +138,22 @@ def register_cuda(client, instance_id, model, world_size, kv_caches, layout=None
     if len(shape) > 5:
         raise KvstashError(_errno.EINVAL, "shape %s has more than 5 dims" % (shape,),
                            "register_cuda")
-    lay = _KvLayout()
+    lay = _ffi._KvLayout()
     name = layout or _infer_layout(shape)
-    lay.layout = _LAYOUTS[name] if isinstance(name, str) else int(name)
+    lay.layout = _ffi.LAYOUTS[name] if isinstance(name, str) else int(name)
     lay.dtype = str(t0.dtype).replace("torch.", "").encode()
     lay.ndim = len(shape)
     for i, (n, s) in enumerate(zip(shape, t0.stride())):
         lay.shape[i] = n
         lay.stride[i] = s
-    arr = (_CudaLayer * len(kv_caches))()
+    arr = (_ffi._CudaLayer * len(kv_caches))()
     for i, t in enumerate(kv_caches):
         h, off, nbytes = cuda_ipc_layer(t)
         ctypes.memmove(arr[i].mem_handle, h, _IPC_HANDLE_BYTES)
         arr[i].offset = off
         arr[i].nbytes = nbytes
     uuid = str(torch.cuda.get_device_properties(t0.device).uuid)
-    kvstash._check(_lib().kvstash_register_cuda(client._h(), instance_id,
+    _ffi.check(_ffi.load_library().kvstash_register_cuda(client._h(), instance_id,
                                                 model.encode() if isinstance(model, str)
                                                 else model, world_size, ctypes.byref(lay),
                                                 uuid.encode(), arr, len(kv_caches)),
@@ -236,10 +191,10 @@ def _wait_done(device, done, stream):
 
 
 def _xfer(client, events, device, key, instance_id, block_ids, stream, skip, retrieve):
-    lib = _lib()
+    lib = _ffi.load_library()
     stream = stream or torch.cuda.current_stream(device)
     ck = key._c()
-    ids, n = kvstash._i64_array(block_ids)
+    ids, n = _ffi.i64_array(block_ids)
     wait = events.new(stream)
     done = ctypes.create_string_buffer(_IPC_HANDLE_BYTES)
     if retrieve:
@@ -250,7 +205,7 @@ def _xfer(client, events, device, key, instance_id, block_ids, stream, skip, ret
         rc = lib.kvstash_store_event(client._h(), ctypes.byref(ck), instance_id, ids, n, wait,
                                      done)
         call = "store"
-    kvstash._check(rc, call)
+    _ffi.check(rc, call)
     _wait_done(device, done, stream)
 
 
