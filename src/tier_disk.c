@@ -43,6 +43,7 @@
 
 #include "compiler.h"
 #include "fault.h"
+#include "list.h"
 #include "lock.h"
 #include "log.h"
 
@@ -66,7 +67,7 @@ enum td_op { TD_PUT, TD_GET, TD_UNLINK };
 /* One index entry: a file "<name>.kvc" that the worker has completed. */
 struct td_ent {
 	struct td_ent *hnext;		/* hash chain */
-	struct td_ent *prev, *next;	/* LRU: td->lru.next is the newest */
+	struct ks_list lru;		/* on td->lru: its first node is the newest */
 	struct ks_key key;
 	uint64_t layout_tag;
 	uint64_t payload_len;
@@ -107,7 +108,7 @@ struct tier_disk {
 	size_t nbuckets;		/* power of two */
 	size_t nobjects;
 	uint64_t bytes;
-	struct td_ent lru;		/* sentinel */
+	struct ks_list lru;		/* the entries, newest first (list.h) */
 	struct td_req *qhead, *qtail;	/* FIFO of requests not started */
 	unsigned pending;		/* puts + gets queued or in flight */
 	uint64_t staging_used;		/* bytes of TIER_PUT_COPY buffers alive */
@@ -155,18 +156,14 @@ static struct td_ent *do_td_find(struct tier_disk *td, const struct ks_key *k) R
 	return *do_td_slot(td, k);
 }
 
-static void lru_unlink(struct td_ent *e)
+/* Free every entry (open's error path, close: no other thread is left). */
+static void td_free_entries(struct tier_disk *td)
 {
-	e->prev->next = e->next;
-	e->next->prev = e->prev;
-}
+	struct ks_list *n, *tmp;
 
-static void lru_push_head(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lock)
-{
-	e->next = td->lru.next;
-	e->prev = &td->lru;
-	td->lru.next->prev = e;
-	td->lru.next = e;
+	ks_list_for_each_safe(n, tmp, &td->lru)
+		free(ks_list_entry(n, struct td_ent, lru));
+	ks_list_init(&td->lru);
 }
 
 /* Double the table when it is fuller than one entry per bucket; a failed
@@ -202,7 +199,7 @@ static void do_td_insert(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 
 	if (old) {
 		*pp = old->hnext;
-		lru_unlink(old);
+		ks_list_del(&old->lru);
 		td->bytes -= old->file_bytes;
 		td->nobjects--;
 		free(old);
@@ -210,7 +207,7 @@ static void do_td_insert(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 	e->gen = ++td->next_gen;
 	e->hnext = td->buckets[ks_key_hash64(&e->key) & (td->nbuckets - 1)];
 	td->buckets[ks_key_hash64(&e->key) & (td->nbuckets - 1)] = e;
-	lru_push_head(td, e);
+	ks_list_add_first(&td->lru, &e->lru);
 	td->bytes += e->file_bytes;
 	td->nobjects++;
 	if (td->nobjects > td->nbuckets)
@@ -224,7 +221,7 @@ static void do_td_unlink(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 
 	if (*pp == e)
 		*pp = e->hnext;
-	lru_unlink(e);
+	ks_list_del(&e->lru);
 	td->bytes -= e->file_bytes;
 	td->nobjects--;
 }
@@ -234,8 +231,8 @@ static struct td_ent *do_td_evict(struct tier_disk *td) REQUIRES(td->lock)
 {
 	struct td_ent *victims = NULL;
 
-	while (td->bytes > td->capacity && td->lru.prev != &td->lru) {
-		struct td_ent *e = td->lru.prev;
+	while (td->bytes > td->capacity && !ks_list_empty(&td->lru)) {
+		struct td_ent *e = ks_list_entry(ks_list_last(&td->lru), struct td_ent, lru);
 
 		do_td_unlink(td, e);
 		e->hnext = victims;
@@ -840,7 +837,7 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 	td->evicted_arg = cfg->evicted_arg;
 	td->queue_depth = cfg->queue_depth ? cfg->queue_depth : TD_DEFAULT_QUEUE_DEPTH;
 	td->staging_bytes = cfg->staging_bytes ? cfg->staging_bytes : TD_DEFAULT_STAGING;
-	td->lru.next = td->lru.prev = &td->lru;
+	ks_list_init(&td->lru);
 	td->nbuckets = 1024;
 	td->buckets = calloc(td->nbuckets, sizeof(*td->buckets));
 	td->path = strdup(cfg->path);
@@ -906,10 +903,7 @@ out_ring:
 	if (td->use_uring)
 		io_uring_queue_exit(&td->ring);
 out_index:
-	for (struct td_ent *e = td->lru.next, *nx; e != &td->lru; e = nx) {
-		nx = e->next;
-		free(e);
-	}
+	td_free_entries(td);
 out_close_fds:
 	if (td->efd >= 0)
 		close(td->efd);
@@ -949,10 +943,7 @@ void tier_disk_close(struct tier_disk *td)
 	pthread_join(td->thread, NULL);
 	if (td->use_uring)
 		io_uring_queue_exit(&td->ring);
-	for (struct td_ent *e = td->lru.next, *nx; e != &td->lru; e = nx) {
-		nx = e->next;
-		free(e);
-	}
+	td_free_entries(td);
 	close(td->efd);
 	close(td->lockfd);
 	close(td->dirfd);
@@ -1074,8 +1065,7 @@ int tier_disk_get(struct tier_disk *td, const struct ks_key *key, void *dst, siz
 		rc = -EAGAIN;
 	} else {
 		/* A read makes the chunk hot again. */
-		lru_unlink(e);
-		lru_push_head(td, e);
+		ks_list_move_first(&td->lru, &e->lru);
 		td->pending++;
 		td_enqueue(td, r);
 	}
