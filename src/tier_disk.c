@@ -60,7 +60,7 @@
 #define TD_DEFAULT_STAGING (256ull << 20)
 #define TD_SUFFIX ".kvc"
 #define TD_TMP_PREFIX ".tmp-"
-#define TD_NAME_BUF (sizeof(TD_TMP_PREFIX) + KS_CHUNK_NAME_MAX + sizeof(TD_SUFFIX) + 24)
+#define TD_NAME_BUF (sizeof(TD_TMP_PREFIX) + TIER_CHUNK_NAME_MAX + sizeof(TD_SUFFIX) + 24)
 
 enum td_op { TD_PUT, TD_GET, TD_UNLINK };
 
@@ -96,7 +96,7 @@ struct td_req {
 	int iov_idx, niov;
 	size_t left;			/* bytes still to transfer */
 	char tmp[TD_NAME_BUF];		/* put: temporary file name */
-	uint8_t hdr[KS_CHUNK_HDR_SIZE];
+	uint8_t hdr[TIER_CHUNK_HDR_SIZE];
 };
 
 struct tier_disk {
@@ -243,9 +243,9 @@ static struct td_ent *do_td_evict(struct tier_disk *td) REQUIRES(td->lock)
 
 static void td_file_name(const struct ks_key *k, char out[TD_NAME_BUF])
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(k, name);
+	tier_chunk_name(k, name);
 	snprintf(out, TD_NAME_BUF, "%s" TD_SUFFIX, name);
 }
 
@@ -345,7 +345,7 @@ static void td_put_finish(struct tier_disk *td, struct td_req *r, int res)
 	e->key = r->key;
 	e->layout_tag = r->layout_tag;
 	e->payload_len = r->nbytes;
-	e->file_bytes = KS_CHUNK_HDR_SIZE + r->nbytes;
+	e->file_bytes = TIER_CHUNK_HDR_SIZE + r->nbytes;
 	if (ks_lock(&td->lock)) {
 		free(e);
 		unlinkat(td->dirfd, name, 0);
@@ -387,7 +387,7 @@ static void td_get_corrupt(struct tier_disk *td, struct td_req *r, const char *w
 
 static void td_get_finish(struct tier_disk *td, struct td_req *r, int res)
 {
-	struct ks_chunk_meta m;
+	struct tier_chunk_meta m;
 
 	if (r->fd >= 0)
 		close(r->fd);
@@ -401,11 +401,11 @@ static void td_get_finish(struct tier_disk *td, struct td_req *r, int res)
 		td_complete(td, r, res, 0, 0);
 		return;
 	}
-	if (ks_chunk_hdr_decode(r->hdr, &m)) {
+	if (tier_chunk_hdr_decode(r->hdr, &m)) {
 		td_get_corrupt(td, r, "bad header");
 		return;
 	}
-	if (ks_chunk_verify(&m, &r->key, r->dst, r->payload_len)) {
+	if (tier_chunk_verify(&m, &r->key, r->dst, r->payload_len)) {
 		td_get_corrupt(td, r, "payload checksum, key or length mismatch");
 		return;
 	}
@@ -494,9 +494,9 @@ static void td_issue(struct tier_disk *td, struct td_req *r)
 
 static void td_start_put(struct tier_disk *td, struct td_req *r)
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(&r->key, name);
+	tier_chunk_name(&r->key, name);
 	snprintf(r->tmp, sizeof(r->tmp), TD_TMP_PREFIX "%s.%llu", name,
 		 (unsigned long long)++td->tmp_seq);
 	r->fd = openat(td->dirfd, r->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -504,12 +504,12 @@ static void td_start_put(struct tier_disk *td, struct td_req *r)
 		td_finish(td, r, -errno);
 		return;
 	}
-	ks_chunk_hdr_encode(r->hdr, &r->key, r->layout_tag, r->nbytes,
-			    ks_chunk_sum(r->data, r->nbytes));
-	r->iov[0] = (struct iovec){ r->hdr, KS_CHUNK_HDR_SIZE };
+	tier_chunk_hdr_encode(r->hdr, &r->key, r->layout_tag, r->nbytes,
+			      tier_chunk_sum(r->data, r->nbytes));
+	r->iov[0] = (struct iovec){ r->hdr, TIER_CHUNK_HDR_SIZE };
 	r->iov[1] = (struct iovec){ (void *)r->data, r->nbytes };
 	r->niov = 2;
-	r->left = KS_CHUNK_HDR_SIZE + r->nbytes;
+	r->left = TIER_CHUNK_HDR_SIZE + r->nbytes;
 	td_issue(td, r);
 }
 
@@ -552,10 +552,10 @@ static void td_start_get(struct tier_disk *td, struct td_req *r)
 		td_complete(td, r, err, 0, 0);
 		return;
 	}
-	r->iov[0] = (struct iovec){ r->hdr, KS_CHUNK_HDR_SIZE };
+	r->iov[0] = (struct iovec){ r->hdr, TIER_CHUNK_HDR_SIZE };
 	r->iov[1] = (struct iovec){ r->dst, r->payload_len };
 	r->niov = r->payload_len ? 2 : 1;
-	r->left = KS_CHUNK_HDR_SIZE + r->payload_len;
+	r->left = TIER_CHUNK_HDR_SIZE + r->payload_len;
 	td_issue(td, r);
 }
 
@@ -729,9 +729,9 @@ static bool has_suffix(const char *s, const char *suf)
 /* Check one "<name>.kvc": header valid, name matches its key, size matches. */
 static struct td_ent *td_scan_one(struct tier_disk *td, const char *fname)
 {
-	uint8_t hdr[KS_CHUNK_HDR_SIZE];
+	uint8_t hdr[TIER_CHUNK_HDR_SIZE];
 	char want[TD_NAME_BUF];
-	struct ks_chunk_meta m;
+	struct tier_chunk_meta m;
 	struct td_ent *e = NULL;
 	struct stat st;
 	int fd = openat(td->dirfd, fname, O_RDONLY | O_CLOEXEC);
@@ -739,10 +739,10 @@ static struct td_ent *td_scan_one(struct tier_disk *td, const char *fname)
 	if (fd < 0)
 		return NULL;
 	if (fstat(fd, &st) || !S_ISREG(st.st_mode) ||
-	    pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || ks_chunk_hdr_decode(hdr, &m))
+	    pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || tier_chunk_hdr_decode(hdr, &m))
 		goto out_close;
 	td_file_name(&m.key, want);
-	if (strcmp(want, fname) || (uint64_t)st.st_size != KS_CHUNK_HDR_SIZE + m.payload_len)
+	if (strcmp(want, fname) || (uint64_t)st.st_size != TIER_CHUNK_HDR_SIZE + m.payload_len)
 		goto out_close;
 	e = calloc(1, sizeof(*e));
 	if (!e)
@@ -972,7 +972,7 @@ int tier_disk_put(struct tier_disk *td, const struct ks_key *key, uint64_t layou
 	struct td_req *r;
 	int rc;
 
-	if (!nbytes || !data || KS_CHUNK_HDR_SIZE + (uint64_t)nbytes > td->capacity)
+	if (!nbytes || !data || TIER_CHUNK_HDR_SIZE + (uint64_t)nbytes > td->capacity)
 		return -EINVAL;
 	r = calloc(1, sizeof(*r));
 	if (!r)
