@@ -6,7 +6,7 @@
  *   store:  idx_reserve_write + idx_commit_write of new keys on a full pool,
  *           so every reservation goes through LRU eviction (low watermark 64).
  *
- * Keys are real: BLAKE3 rolling prefix hashes (src/hash.h) of random token
+ * Keys are real: BLAKE3 rolling prefix hashes (src/chunk_key.h) of random token
  * sequences, 256 tokens per chunk. Each case runs with 1 and 2 threads.
  * Usage: core_bench [seconds per case, default 1]
  */
@@ -18,7 +18,7 @@
 #include <string.h>
 
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "index.h"
 #include "pool.h"
 

@@ -33,9 +33,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "chunk_file.h"
+#include "tier_chunk.h"
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "redis_fixture.h"
 #include "tier_disk.h"
 #include "tier_redis.h"
@@ -173,11 +173,11 @@ static void bench_disk(const char *dir, uint8_t *buf, size_t sz, unsigned count,
 		/* cold: the files' pages are clean after syncfs; drop them */
 		for (unsigned i = 0; i < count; i++) {
 			struct ks_key k = bkey(i);
-			char name[KS_CHUNK_NAME_MAX + 8];
-			char cn[KS_CHUNK_NAME_MAX];
+			char name[TIER_CHUNK_NAME_MAX + 8];
+			char cn[TIER_CHUNK_NAME_MAX];
 			int f;
 
-			ks_chunk_name(&k, cn);
+			tier_chunk_name(&k, cn);
 			snprintf(name, sizeof(name), "%s.kvc", cn);
 			f = openat(dfd, name, O_RDONLY);
 			if (f >= 0) {
@@ -211,10 +211,10 @@ static void bench_disk(const char *dir, uint8_t *buf, size_t sz, unsigned count,
 		}
 		tier_disk_close(td);
 		for (unsigned i = 0; i < count; i++) {
-			char cn[KS_CHUNK_NAME_MAX], p[8192];
+			char cn[TIER_CHUNK_NAME_MAX], p[8192];
 			struct ks_key k = bkey(i);
 
-			ks_chunk_name(&k, cn);
+			tier_chunk_name(&k, cn);
 			snprintf(p, sizeof(p), "%s/%s.kvc", tdir, cn);
 			unlink(p);
 		}
@@ -439,7 +439,7 @@ int main(int argc, char **argv)
 		uint64_t t0 = ks_now_ns(), s = 0;
 
 		for (int r = 0; r < 4; r++)
-			s ^= ks_chunk_sum(buf, sz);
+			s ^= tier_chunk_sum(buf, sz);
 		printf("reference: XXH3_64bits %.2f GB/s (sum %llx)\n",
 		       gbps(4ull * sz, ks_now_ns() - t0), (unsigned long long)s);
 	}

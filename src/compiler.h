@@ -2,7 +2,7 @@
  * compiler.h - small portable helpers shared by every kvstash source file.
  *
  * Clang thread-safety annotations live in lock.h; this file holds only
- * macros with no dependencies so that containers (hash.c, lru.c) can use it.
+ * macros with no dependencies so that containers (list.h, lru.c) can use it.
  */
 #ifndef KS_COMPILER_H
 #define KS_COMPILER_H

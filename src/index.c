@@ -90,7 +90,7 @@ struct idx_entry {
 	 */
 	struct idx_entry *hnext;
 	struct idx_entry **hpprev;
-	struct lru_node lru;	/* on ix->lru iff on_lru */
+	struct ks_list lru;	/* on ix->lru iff on_lru */
 	/* Deadline list of the shard (dq says which); protected by the shard lock. */
 	struct idx_entry *dq_prev, *dq_next;
 
@@ -684,7 +684,7 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 
 	while (total < max && pool_free_slots(ix->pool) < target_free) {
 		struct idx_entry *garbage = NULL, *hooked[EVICT_BATCH];
-		struct lru_node *node;
+		struct ks_list *node;
 		size_t n = 0, scanned = 0, nhook = 0;
 
 		if (lru_lock(&ix->lru)) {
@@ -697,9 +697,9 @@ static size_t evict_lru(struct idx *ix, size_t max, uint32_t target_free, bool *
 		while (node && n < EVICT_BATCH && scanned < EVICT_SCAN && total + n < max &&
 		       pool_free_slots(ix->pool) + nhook < target_free) {
 			/* Nodes on the list are alive: freeing one needs lru->lock to unlink it. */
-			struct idx_entry *e = lru_entry(node, struct idx_entry, lru);
+			struct idx_entry *e = ks_list_entry(node, struct idx_entry, lru);
 			struct idx_shard *sh = &ix->shards[e->shard];
-			struct lru_node *newer = do_lru_newer(&ix->lru, node);
+			struct ks_list *newer = do_lru_newer(&ix->lru, node);
 
 			scanned++;
 			/*
@@ -778,7 +778,7 @@ int idx_restore_ready(struct idx *ix, const struct ks_key *k, uint32_t slot, uin
 	e->slot = slot;
 	e->nbytes = nbytes;
 	e->linked = true;
-	lru_node_init(&e->lru);
+	ks_list_node_init(&e->lru);
 	if (ks_lock(&sh->lock)) {
 		free(e);
 		return idx_timed_out(ix);
@@ -882,7 +882,7 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 	e->linked = true;
 	e->write_deadline_ms = deadline_after(ks_now_ms(), ix->write_ttl_ms);
 	e->dq = IDX_DQ_NONE;
-	lru_node_init(&e->lru);
+	ks_list_node_init(&e->lru);
 
 	if (ks_lock(&sh->lock)) {
 		rc = idx_timed_out(ix);
@@ -1488,9 +1488,9 @@ int idx_check_invariants(struct idx *ix, char *err, size_t errlen)
 		rc = idx_timed_out(ix);
 		goto out;
 	}
-	for (struct lru_node *n = do_lru_tail(&ix->lru); n; n = do_lru_newer(&ix->lru, n)) {
+	for (struct ks_list *n = do_lru_tail(&ix->lru); n; n = do_lru_newer(&ix->lru, n)) {
 		/* on_lru changes only with lru->lock held too, so reading it here is safe. */
-		if (!lru_entry(n, struct idx_entry, lru)->on_lru) {
+		if (!ks_list_entry(n, struct idx_entry, lru)->on_lru) {
 			rc = inv_fail(&c, "LRU holds an entry whose on_lru flag is clear");
 			break;
 		}

@@ -33,7 +33,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 #include "pool.h"
 
 struct idx;

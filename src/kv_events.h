@@ -25,7 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 
 struct kve;
 

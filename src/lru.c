@@ -1,5 +1,5 @@
 /*
- * lru.c - intrusive doubly-linked LRU list (see lru.h).
+ * lru.c - the index's LRU (see lru.h) on list.h.
  *
  * Lock order: see lru.h. Every list operation is O(1) and runs with
  * lru->lock held by the caller; nothing here blocks or allocates.
@@ -8,7 +8,7 @@
 
 int lru_init(struct lru *l, const char *name)
 {
-	l->head.prev = l->head.next = &l->head;
+	ks_list_init(&l->head);
 	l->len = 0;
 	return ks_mutex_init(&l->lock, LOCK_RANK_LRU, name);
 }
@@ -18,37 +18,29 @@ void lru_destroy(struct lru *l)
 	ks_mutex_destroy(&l->lock);
 }
 
-void do_lru_push_head(struct lru *l, struct lru_node *n)
+void do_lru_push_head(struct lru *l, struct ks_list *n)
 {
-	n->prev = &l->head;
-	n->next = l->head.next;
-	l->head.next->prev = n;
-	l->head.next = n;
+	ks_list_add_first(&l->head, n);
 	l->len++;
 }
 
-void do_lru_remove(struct lru *l, struct lru_node *n)
+void do_lru_remove(struct lru *l, struct ks_list *n)
 {
-	n->prev->next = n->next;
-	n->next->prev = n->prev;
-	n->prev = n->next = NULL;
+	ks_list_del(n);
 	l->len--;
 }
 
-void do_lru_move_to_head(struct lru *l, struct lru_node *n)
+void do_lru_move_to_head(struct lru *l, struct ks_list *n)
 {
-	if (l->head.next == n)
-		return;
-	do_lru_remove(l, n);
-	do_lru_push_head(l, n);
+	ks_list_move_first(&l->head, n);
 }
 
-struct lru_node *do_lru_tail(struct lru *l)
+struct ks_list *do_lru_tail(struct lru *l)
 {
-	return l->head.prev == &l->head ? NULL : l->head.prev;
+	return ks_list_last(&l->head);
 }
 
-struct lru_node *do_lru_newer(struct lru *l, struct lru_node *n)
+struct ks_list *do_lru_newer(struct lru *l, struct ks_list *n)
 {
-	return n->prev == &l->head ? NULL : n->prev;
+	return ks_list_before(&l->head, n);
 }

@@ -1,11 +1,11 @@
 /*
- * lru.h - an intrusive doubly-linked LRU list with its own lock.
+ * lru.h - the index's LRU: a list.h list with its own lock and length.
  *
- * A container in the style of Redis adlist: it knows nothing about what it
- * links. Users embed a struct lru_node in their object and get the object
- * back with lru_entry(). The head is the most recently used end, the tail the
- * least recently used; an eviction walker starts at lru_tail() and moves
- * towards the head with lru_newer().
+ * It knows nothing about what it links. Users embed a struct ks_list in
+ * their object and get the object back with ks_list_entry().
+ * The head is the most recently used end, the tail the least recently used;
+ * an eviction walker starts at lru_tail() and moves towards the head with
+ * lru_newer().
  *
  * Lock order (the tree is in lock.h): lru->lock (LRU) is taken under
  * idx_shard->lock; pool->free_lock may be taken under it. The index's
@@ -13,31 +13,22 @@
  *
  * do_lru_* functions need lru->lock held by the caller (the do_ prefix convention); the
  * compiler checks it with -Wthread-safety. A node's links are protected by
- * the lock of the list it is on, so lru_on_list() too needs it held (or the
+ * the lock of the list it is on, so ks_list_linked() too needs it held (or the
  * caller's own guarantee that no other thread can move the node).
  */
 #ifndef KS_LRU_H
 #define KS_LRU_H
 
-#include <stdbool.h>
 #include <stddef.h>
 
+#include "list.h"
 #include "lock.h"
-
-/* Links of one object; both NULL while the object is on no list. */
-struct lru_node {
-	struct lru_node *prev;	/* towards the head (more recently used) */
-	struct lru_node *next;	/* towards the tail (less recently used) */
-};
 
 struct lru {
 	struct ks_mutex lock;	/* protects head, len and the links of every node on the list */
-	struct lru_node head;	/* sentinel: head.next = MRU, head.prev = LRU */
+	struct ks_list head;	/* sentinel: head.next = MRU, head.prev = LRU */
 	size_t len;
 };
-
-/* The object of type @type whose member @member is @node. */
-#define lru_entry(node, type, member) ((type *)((char *)(node) - offsetof(type, member)))
 
 /* 0 or -errno from ks_mutex_init. @name must be a static string. */
 int lru_init(struct lru *l, const char *name);
@@ -55,27 +46,16 @@ static inline void lru_unlock(struct lru *l) RELEASE(l->lock)
 	ks_unlock(&l->lock);
 }
 
-static inline void lru_node_init(struct lru_node *n)
-{
-	n->prev = n->next = NULL;
-}
-
-/* True if @n is on a list. */
-static inline bool lru_on_list(const struct lru_node *n)
-{
-	return n->next != NULL;
-}
-
 /* Link @n (on no list) at the head: it becomes the most recently used. */
-void do_lru_push_head(struct lru *l, struct lru_node *n) REQUIRES(l->lock);
+void do_lru_push_head(struct lru *l, struct ks_list *n) REQUIRES(l->lock);
 /* Unlink @n (on @l). Its links are NULL after. */
-void do_lru_remove(struct lru *l, struct lru_node *n) REQUIRES(l->lock);
+void do_lru_remove(struct lru *l, struct ks_list *n) REQUIRES(l->lock);
 /* Move @n (on @l) to the head. */
-void do_lru_move_to_head(struct lru *l, struct lru_node *n) REQUIRES(l->lock);
+void do_lru_move_to_head(struct lru *l, struct ks_list *n) REQUIRES(l->lock);
 /* The least recently used node, or NULL when empty. */
-struct lru_node *do_lru_tail(struct lru *l) REQUIRES(l->lock);
+struct ks_list *do_lru_tail(struct lru *l) REQUIRES(l->lock);
 /* The node just more recent than @n (on @l), or NULL when @n is the head. */
-struct lru_node *do_lru_newer(struct lru *l, struct lru_node *n) REQUIRES(l->lock);
+struct ks_list *do_lru_newer(struct lru *l, struct ks_list *n) REQUIRES(l->lock);
 
 static inline size_t do_lru_len(const struct lru *l) REQUIRES(l->lock)
 {

@@ -21,7 +21,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 #include "layout.h"
 
 /*

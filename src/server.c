@@ -53,7 +53,7 @@
 
 #include "auth.h"
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "index.h"
 #include "lock.h"
 #include "log.h"

@@ -19,7 +19,7 @@
 
 #include "compiler.h"
 #include "config.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "kv_events.h"
 #include "layout.h"
 #include "metrics.h"

@@ -33,7 +33,7 @@
 #include <unistd.h>
 
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "index.h"
 #include "layout.h"
 #include "lock.h"

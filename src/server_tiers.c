@@ -28,7 +28,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 #include "index.h"
 #include "lock.h"
 #include "log.h"

@@ -43,6 +43,7 @@
 
 #include "compiler.h"
 #include "fault.h"
+#include "list.h"
 #include "lock.h"
 #include "log.h"
 
@@ -59,14 +60,14 @@
 #define TD_DEFAULT_STAGING (256ull << 20)
 #define TD_SUFFIX ".kvc"
 #define TD_TMP_PREFIX ".tmp-"
-#define TD_NAME_BUF (sizeof(TD_TMP_PREFIX) + KS_CHUNK_NAME_MAX + sizeof(TD_SUFFIX) + 24)
+#define TD_NAME_BUF (sizeof(TD_TMP_PREFIX) + TIER_CHUNK_NAME_MAX + sizeof(TD_SUFFIX) + 24)
 
 enum td_op { TD_PUT, TD_GET, TD_UNLINK };
 
 /* One index entry: a file "<name>.kvc" that the worker has completed. */
 struct td_ent {
 	struct td_ent *hnext;		/* hash chain */
-	struct td_ent *prev, *next;	/* LRU: td->lru.next is the newest */
+	struct ks_list lru;		/* on td->lru: its first node is the newest */
 	struct ks_key key;
 	uint64_t layout_tag;
 	uint64_t payload_len;
@@ -95,7 +96,7 @@ struct td_req {
 	int iov_idx, niov;
 	size_t left;			/* bytes still to transfer */
 	char tmp[TD_NAME_BUF];		/* put: temporary file name */
-	uint8_t hdr[KS_CHUNK_HDR_SIZE];
+	uint8_t hdr[TIER_CHUNK_HDR_SIZE];
 };
 
 struct tier_disk {
@@ -107,7 +108,7 @@ struct tier_disk {
 	size_t nbuckets;		/* power of two */
 	size_t nobjects;
 	uint64_t bytes;
-	struct td_ent lru;		/* sentinel */
+	struct ks_list lru;		/* the entries, newest first (list.h) */
 	struct td_req *qhead, *qtail;	/* FIFO of requests not started */
 	unsigned pending;		/* puts + gets queued or in flight */
 	uint64_t staging_used;		/* bytes of TIER_PUT_COPY buffers alive */
@@ -155,18 +156,14 @@ static struct td_ent *do_td_find(struct tier_disk *td, const struct ks_key *k) R
 	return *do_td_slot(td, k);
 }
 
-static void lru_unlink(struct td_ent *e)
+/* Free every entry (open's error path, close: no other thread is left). */
+static void td_free_entries(struct tier_disk *td)
 {
-	e->prev->next = e->next;
-	e->next->prev = e->prev;
-}
+	struct ks_list *n, *tmp;
 
-static void lru_push_head(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lock)
-{
-	e->next = td->lru.next;
-	e->prev = &td->lru;
-	td->lru.next->prev = e;
-	td->lru.next = e;
+	ks_list_for_each_safe(n, tmp, &td->lru)
+		free(ks_list_entry(n, struct td_ent, lru));
+	ks_list_init(&td->lru);
 }
 
 /* Double the table when it is fuller than one entry per bucket; a failed
@@ -202,7 +199,7 @@ static void do_td_insert(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 
 	if (old) {
 		*pp = old->hnext;
-		lru_unlink(old);
+		ks_list_del(&old->lru);
 		td->bytes -= old->file_bytes;
 		td->nobjects--;
 		free(old);
@@ -210,7 +207,7 @@ static void do_td_insert(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 	e->gen = ++td->next_gen;
 	e->hnext = td->buckets[ks_key_hash64(&e->key) & (td->nbuckets - 1)];
 	td->buckets[ks_key_hash64(&e->key) & (td->nbuckets - 1)] = e;
-	lru_push_head(td, e);
+	ks_list_add_first(&td->lru, &e->lru);
 	td->bytes += e->file_bytes;
 	td->nobjects++;
 	if (td->nobjects > td->nbuckets)
@@ -224,7 +221,7 @@ static void do_td_unlink(struct tier_disk *td, struct td_ent *e) REQUIRES(td->lo
 
 	if (*pp == e)
 		*pp = e->hnext;
-	lru_unlink(e);
+	ks_list_del(&e->lru);
 	td->bytes -= e->file_bytes;
 	td->nobjects--;
 }
@@ -234,8 +231,8 @@ static struct td_ent *do_td_evict(struct tier_disk *td) REQUIRES(td->lock)
 {
 	struct td_ent *victims = NULL;
 
-	while (td->bytes > td->capacity && td->lru.prev != &td->lru) {
-		struct td_ent *e = td->lru.prev;
+	while (td->bytes > td->capacity && !ks_list_empty(&td->lru)) {
+		struct td_ent *e = ks_list_entry(ks_list_last(&td->lru), struct td_ent, lru);
 
 		do_td_unlink(td, e);
 		e->hnext = victims;
@@ -246,9 +243,9 @@ static struct td_ent *do_td_evict(struct tier_disk *td) REQUIRES(td->lock)
 
 static void td_file_name(const struct ks_key *k, char out[TD_NAME_BUF])
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(k, name);
+	tier_chunk_name(k, name);
 	snprintf(out, TD_NAME_BUF, "%s" TD_SUFFIX, name);
 }
 
@@ -348,7 +345,7 @@ static void td_put_finish(struct tier_disk *td, struct td_req *r, int res)
 	e->key = r->key;
 	e->layout_tag = r->layout_tag;
 	e->payload_len = r->nbytes;
-	e->file_bytes = KS_CHUNK_HDR_SIZE + r->nbytes;
+	e->file_bytes = TIER_CHUNK_HDR_SIZE + r->nbytes;
 	if (ks_lock(&td->lock)) {
 		free(e);
 		unlinkat(td->dirfd, name, 0);
@@ -390,7 +387,7 @@ static void td_get_corrupt(struct tier_disk *td, struct td_req *r, const char *w
 
 static void td_get_finish(struct tier_disk *td, struct td_req *r, int res)
 {
-	struct ks_chunk_meta m;
+	struct tier_chunk_meta m;
 
 	if (r->fd >= 0)
 		close(r->fd);
@@ -404,11 +401,11 @@ static void td_get_finish(struct tier_disk *td, struct td_req *r, int res)
 		td_complete(td, r, res, 0, 0);
 		return;
 	}
-	if (ks_chunk_hdr_decode(r->hdr, &m)) {
+	if (tier_chunk_hdr_decode(r->hdr, &m)) {
 		td_get_corrupt(td, r, "bad header");
 		return;
 	}
-	if (ks_chunk_verify(&m, &r->key, r->dst, r->payload_len)) {
+	if (tier_chunk_verify(&m, &r->key, r->dst, r->payload_len)) {
 		td_get_corrupt(td, r, "payload checksum, key or length mismatch");
 		return;
 	}
@@ -497,9 +494,9 @@ static void td_issue(struct tier_disk *td, struct td_req *r)
 
 static void td_start_put(struct tier_disk *td, struct td_req *r)
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(&r->key, name);
+	tier_chunk_name(&r->key, name);
 	snprintf(r->tmp, sizeof(r->tmp), TD_TMP_PREFIX "%s.%llu", name,
 		 (unsigned long long)++td->tmp_seq);
 	r->fd = openat(td->dirfd, r->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
@@ -507,12 +504,12 @@ static void td_start_put(struct tier_disk *td, struct td_req *r)
 		td_finish(td, r, -errno);
 		return;
 	}
-	ks_chunk_hdr_encode(r->hdr, &r->key, r->layout_tag, r->nbytes,
-			    ks_chunk_sum(r->data, r->nbytes));
-	r->iov[0] = (struct iovec){ r->hdr, KS_CHUNK_HDR_SIZE };
+	tier_chunk_hdr_encode(r->hdr, &r->key, r->layout_tag, r->nbytes,
+			      tier_chunk_sum(r->data, r->nbytes));
+	r->iov[0] = (struct iovec){ r->hdr, TIER_CHUNK_HDR_SIZE };
 	r->iov[1] = (struct iovec){ (void *)r->data, r->nbytes };
 	r->niov = 2;
-	r->left = KS_CHUNK_HDR_SIZE + r->nbytes;
+	r->left = TIER_CHUNK_HDR_SIZE + r->nbytes;
 	td_issue(td, r);
 }
 
@@ -555,10 +552,10 @@ static void td_start_get(struct tier_disk *td, struct td_req *r)
 		td_complete(td, r, err, 0, 0);
 		return;
 	}
-	r->iov[0] = (struct iovec){ r->hdr, KS_CHUNK_HDR_SIZE };
+	r->iov[0] = (struct iovec){ r->hdr, TIER_CHUNK_HDR_SIZE };
 	r->iov[1] = (struct iovec){ r->dst, r->payload_len };
 	r->niov = r->payload_len ? 2 : 1;
-	r->left = KS_CHUNK_HDR_SIZE + r->payload_len;
+	r->left = TIER_CHUNK_HDR_SIZE + r->payload_len;
 	td_issue(td, r);
 }
 
@@ -732,9 +729,9 @@ static bool has_suffix(const char *s, const char *suf)
 /* Check one "<name>.kvc": header valid, name matches its key, size matches. */
 static struct td_ent *td_scan_one(struct tier_disk *td, const char *fname)
 {
-	uint8_t hdr[KS_CHUNK_HDR_SIZE];
+	uint8_t hdr[TIER_CHUNK_HDR_SIZE];
 	char want[TD_NAME_BUF];
-	struct ks_chunk_meta m;
+	struct tier_chunk_meta m;
 	struct td_ent *e = NULL;
 	struct stat st;
 	int fd = openat(td->dirfd, fname, O_RDONLY | O_CLOEXEC);
@@ -742,10 +739,10 @@ static struct td_ent *td_scan_one(struct tier_disk *td, const char *fname)
 	if (fd < 0)
 		return NULL;
 	if (fstat(fd, &st) || !S_ISREG(st.st_mode) ||
-	    pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || ks_chunk_hdr_decode(hdr, &m))
+	    pread(fd, hdr, sizeof(hdr), 0) != (ssize_t)sizeof(hdr) || tier_chunk_hdr_decode(hdr, &m))
 		goto out_close;
 	td_file_name(&m.key, want);
-	if (strcmp(want, fname) || (uint64_t)st.st_size != KS_CHUNK_HDR_SIZE + m.payload_len)
+	if (strcmp(want, fname) || (uint64_t)st.st_size != TIER_CHUNK_HDR_SIZE + m.payload_len)
 		goto out_close;
 	e = calloc(1, sizeof(*e));
 	if (!e)
@@ -840,7 +837,7 @@ int tier_disk_open(const struct tier_disk_config *cfg, struct tier_disk **out)
 	td->evicted_arg = cfg->evicted_arg;
 	td->queue_depth = cfg->queue_depth ? cfg->queue_depth : TD_DEFAULT_QUEUE_DEPTH;
 	td->staging_bytes = cfg->staging_bytes ? cfg->staging_bytes : TD_DEFAULT_STAGING;
-	td->lru.next = td->lru.prev = &td->lru;
+	ks_list_init(&td->lru);
 	td->nbuckets = 1024;
 	td->buckets = calloc(td->nbuckets, sizeof(*td->buckets));
 	td->path = strdup(cfg->path);
@@ -906,10 +903,7 @@ out_ring:
 	if (td->use_uring)
 		io_uring_queue_exit(&td->ring);
 out_index:
-	for (struct td_ent *e = td->lru.next, *nx; e != &td->lru; e = nx) {
-		nx = e->next;
-		free(e);
-	}
+	td_free_entries(td);
 out_close_fds:
 	if (td->efd >= 0)
 		close(td->efd);
@@ -949,10 +943,7 @@ void tier_disk_close(struct tier_disk *td)
 	pthread_join(td->thread, NULL);
 	if (td->use_uring)
 		io_uring_queue_exit(&td->ring);
-	for (struct td_ent *e = td->lru.next, *nx; e != &td->lru; e = nx) {
-		nx = e->next;
-		free(e);
-	}
+	td_free_entries(td);
 	close(td->efd);
 	close(td->lockfd);
 	close(td->dirfd);
@@ -981,7 +972,7 @@ int tier_disk_put(struct tier_disk *td, const struct ks_key *key, uint64_t layou
 	struct td_req *r;
 	int rc;
 
-	if (!nbytes || !data || KS_CHUNK_HDR_SIZE + (uint64_t)nbytes > td->capacity)
+	if (!nbytes || !data || TIER_CHUNK_HDR_SIZE + (uint64_t)nbytes > td->capacity)
 		return -EINVAL;
 	r = calloc(1, sizeof(*r));
 	if (!r)
@@ -1074,8 +1065,7 @@ int tier_disk_get(struct tier_disk *td, const struct ks_key *key, void *dst, siz
 		rc = -EAGAIN;
 	} else {
 		/* A read makes the chunk hot again. */
-		lru_unlink(e);
-		lru_push_head(td, e);
+		ks_list_move_first(&td->lru, &e->lru);
 		td->pending++;
 		td_enqueue(td, r);
 	}

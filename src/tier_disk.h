@@ -3,7 +3,7 @@
  *
  * Every call here returns at once: reads and writes run on the tier's
  * worker thread (io_uring, or pread/pwrite where io_uring is unavailable),
- * and finish through a ks_tier_done_fn (chunk_file.h). The index of what is
+ * and finish through a ks_tier_done_fn (tier_chunk.h). The index of what is
  * on disk lives in memory, so tier_disk_contains() does no I/O.
  *
  * Lock order (the tree is in lock.h): tier_disk->lock is LOCK_RANK_TIER,
@@ -17,8 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "chunk_file.h"
-#include "hash.h"
+#include "tier_chunk.h"
+#include "chunk_key.h"
 
 struct tier_disk;
 

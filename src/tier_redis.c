@@ -188,9 +188,9 @@ struct tier_redis {
 
 void tier_redis_key(const struct tier_redis *tr, const struct ks_key *key, char *out, size_t n)
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(key, name);
+	tier_chunk_name(key, name);
 	snprintf(out, n, "%s%s", tr->prefix, name);
 }
 
@@ -610,13 +610,13 @@ static void tr_complete(struct tr_node *n, struct tr_req *r, int status, uint64_
 static int tr_build_value(struct tr_req *r)
 {
 	if (!r->value) {
-		r->value = malloc(KS_CHUNK_HDR_SIZE + r->nbytes);
+		r->value = malloc(TIER_CHUNK_HDR_SIZE + r->nbytes);
 		if (!r->value)
 			return -ENOMEM;
-		memcpy(r->value + KS_CHUNK_HDR_SIZE, r->data, r->nbytes);
+		memcpy(r->value + TIER_CHUNK_HDR_SIZE, r->data, r->nbytes);
 	}
-	ks_chunk_hdr_encode(r->value, &r->key, r->layout_tag, r->nbytes,
-			    ks_chunk_sum(r->value + KS_CHUNK_HDR_SIZE, r->nbytes));
+	tier_chunk_hdr_encode(r->value, &r->key, r->layout_tag, r->nbytes,
+			      tier_chunk_sum(r->value + TIER_CHUNK_HDR_SIZE, r->nbytes));
 	return 0;
 }
 
@@ -640,7 +640,7 @@ static int tr_append(struct tr_node *n, struct tr_req *r)
 		argv[0] = "SET";
 		argv[1] = r->rkey;
 		argv[2] = (const char *)r->value;
-		argl[2] = KS_CHUNK_HDR_SIZE + r->nbytes;
+		argl[2] = TIER_CHUNK_HDR_SIZE + r->nbytes;
 		argv[3] = "EX";
 		snprintf(ttl, sizeof(ttl), "%u", tr->ttl_s);
 		argv[4] = ttl;
@@ -691,7 +691,7 @@ static int tr_get_value(struct tr_node *n, struct tr_req *r, const redisReply *r
 			uint64_t *tag, size_t *len)
 {
 	struct tier_redis *tr = n->tr;
-	struct ks_chunk_meta m;
+	struct tier_chunk_meta m;
 
 	if (rep->type == REDIS_REPLY_NIL) {
 		cnt_inc(tr, misses);
@@ -700,14 +700,14 @@ static int tr_get_value(struct tr_node *n, struct tr_req *r, const redisReply *r
 	if (rep->type != REDIS_REPLY_STRING)
 		return tr_reply_error(rep);
 	cnt_add(tr, bytes_in, rep->len);
-	if (rep->len < KS_CHUNK_HDR_SIZE || ks_chunk_hdr_decode((const uint8_t *)rep->str, &m))
+	if (rep->len < TIER_CHUNK_HDR_SIZE || tier_chunk_hdr_decode((const uint8_t *)rep->str, &m))
 		goto corrupt;
-	if (m.payload_len > r->nbytes && (size_t)rep->len == KS_CHUNK_HDR_SIZE + m.payload_len)
+	if (m.payload_len > r->nbytes && (size_t)rep->len == TIER_CHUNK_HDR_SIZE + m.payload_len)
 		return -EMSGSIZE;
-	if ((uint64_t)rep->len != KS_CHUNK_HDR_SIZE + m.payload_len ||
-	    ks_chunk_verify(&m, &r->key, rep->str + KS_CHUNK_HDR_SIZE, (size_t)m.payload_len))
+	if ((uint64_t)rep->len != TIER_CHUNK_HDR_SIZE + m.payload_len ||
+	    tier_chunk_verify(&m, &r->key, rep->str + TIER_CHUNK_HDR_SIZE, (size_t)m.payload_len))
 		goto corrupt;
-	memcpy(r->dst, rep->str + KS_CHUNK_HDR_SIZE, (size_t)m.payload_len);
+	memcpy(r->dst, rep->str + TIER_CHUNK_HDR_SIZE, (size_t)m.payload_len);
 	cnt_inc(tr, hits);
 	*tag = m.layout_tag;
 	*len = (size_t)m.payload_len;
@@ -937,7 +937,7 @@ static int tr_read_replies(struct tr_node *n, struct tr_req *r)
 	case TR_PUT:
 		if (rep->type == REDIS_REPLY_STATUS) {
 			cnt_inc(tr, puts);
-			cnt_add(tr, bytes_out, KS_CHUNK_HDR_SIZE + r->nbytes);
+			cnt_add(tr, bytes_out, TIER_CHUNK_HDR_SIZE + r->nbytes);
 		} else {
 			status = tr_reply_error(rep);
 		}
@@ -1658,12 +1658,12 @@ int tier_redis_put(struct tier_redis *tr, const struct ks_key *key, uint64_t lay
 	}
 	if (flags & TIER_REDIS_PUT_COPY) {
 		/* The header is filled in by the worker, with the checksum. */
-		r->value = malloc(KS_CHUNK_HDR_SIZE + nbytes);
+		r->value = malloc(TIER_CHUNK_HDR_SIZE + nbytes);
 		if (!r->value) {
 			free(r);
 			return -ENOMEM;
 		}
-		memcpy(r->value + KS_CHUNK_HDR_SIZE, data, nbytes);
+		memcpy(r->value + TIER_CHUNK_HDR_SIZE, data, nbytes);
 		r->data = NULL;
 	}
 	rc = tr_submit(tr, n, r, true);

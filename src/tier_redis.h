@@ -2,9 +2,9 @@
  * tier_redis.h - L3: chunks in Redis/Valkey, shared by every kvstashd that
  * points at the same servers.
  *
- * Values use the chunk_file.h format (header with the full key, layout tag,
+ * Values use the tier_chunk.h format (header with the full key, layout tag,
  * length and checksums, then the payload) under "<prefix><chunk name>"
- * (ks_chunk_name()), so any instance can verify what another stored. With
+ * (tier_chunk_name()), so any instance can verify what another stored. With
  * redis:// URLs keys are spread over the configured nodes by
  * XXH64(redis key) % nnodes: every instance must list the nodes in the same
  * order. With redis+cluster:// seeds the nodes are a Redis Cluster's
@@ -35,8 +35,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "chunk_file.h"
-#include "hash.h"
+#include "tier_chunk.h"
+#include "chunk_key.h"
 
 struct tier_redis;
 
@@ -166,7 +166,7 @@ void tier_redis_redact_url(const char *url, char *out, size_t n);
  */
 int tier_redis_read_password_file(const char *path, char *out, size_t n);
 
-/* The Redis key of @key (prefix + ks_chunk_name()) into @out of @n bytes. */
+/* The Redis key of @key (prefix + tier_chunk_name()) into @out of @n bytes. */
 void tier_redis_key(const struct tier_redis *tr, const struct ks_key *key, char *out, size_t n);
 
 #endif /* KS_TIER_REDIS_H */

@@ -39,7 +39,7 @@
 #include <xxhash.h>
 
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "log.h"
 
 #define WARM_STATE_MAGIC "KVSTSTAT"

@@ -28,7 +28,7 @@
 
 #include "compiler.h"
 #include "fault.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

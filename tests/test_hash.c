@@ -7,7 +7,7 @@
 #include <errno.h>
 #include <unistd.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 
 static void hex(const uint8_t h[32], char out[65])

@@ -4,7 +4,7 @@
 #include <time.h>
 
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

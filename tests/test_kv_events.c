@@ -12,7 +12,7 @@
 #include <zmq.h>
 
 #include "fault.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "kv_events.h"
 #include "kvfix.h"

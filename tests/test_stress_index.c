@@ -6,7 +6,7 @@
 #include <string.h>
 
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

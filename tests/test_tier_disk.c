@@ -8,9 +8,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "chunk_file.h"
+#include "tier_chunk.h"
 #include "fault.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "tierwait.h"
 #include "tier_disk.h"
@@ -36,9 +36,9 @@ static struct ks_key mkkey(unsigned i)
 
 static void file_path(const char *dir, const struct ks_key *k, char *out, size_t n)
 {
-	char name[KS_CHUNK_NAME_MAX];
+	char name[TIER_CHUNK_NAME_MAX];
 
-	ks_chunk_name(k, name);
+	tier_chunk_name(k, name);
 	snprintf(out, n, "%s/%s.kvc", dir, name);
 }
 
@@ -179,16 +179,16 @@ static void test_corruption(bool pw)
 	fd = open(p, O_RDWR);
 	REQUIRE(fd >= 0);
 	uint8_t b;
-	CHECK_EQ(pread(fd, &b, 1, KS_CHUNK_HDR_SIZE + 777), 1);
+	CHECK_EQ(pread(fd, &b, 1, TIER_CHUNK_HDR_SIZE + 777), 1);
 	b ^= 0x10;
-	CHECK_EQ(pwrite(fd, &b, 1, KS_CHUNK_HDR_SIZE + 777), 1);
+	CHECK_EQ(pwrite(fd, &b, 1, TIER_CHUNK_HDR_SIZE + 777), 1);
 	close(fd);
 	CHECK_EQ(get_sync(td, &k[0], dst, n, NULL, NULL), -EBADMSG);
 	CHECK(!tier_disk_contains(td, &k[0], NULL, NULL));
 	CHECK(access(p, F_OK) != 0);
 	/* truncated */
 	file_path(dir, &k[1], p, sizeof(p));
-	CHECK_EQ(truncate(p, KS_CHUNK_HDR_SIZE + n / 2), 0);
+	CHECK_EQ(truncate(p, TIER_CHUNK_HDR_SIZE + n / 2), 0);
 	CHECK_EQ(get_sync(td, &k[1], dst, n, NULL, NULL), -EBADMSG);
 	CHECK(access(p, F_OK) != 0);
 	/* removed behind the tier's back: a miss, not corruption */
@@ -209,7 +209,7 @@ static void test_corruption(bool pw)
 	CHECK_EQ(pwrite(fd, "X", 1, 20), 1);
 	close(fd);
 	file_path(dir, &k[4], p, sizeof(p));
-	CHECK_EQ(truncate(p, KS_CHUNK_HDR_SIZE + 10), 0);
+	CHECK_EQ(truncate(p, TIER_CHUNK_HDR_SIZE + 10), 0);
 	snprintf(p, sizeof(p), "%s/junk.kvc", dir);
 	fd = open(p, O_WRONLY | O_CREAT, 0600);
 	CHECK_EQ(write(fd, "hello", 5), 5);
@@ -235,7 +235,7 @@ static void test_eviction(bool pw)
 {
 	char *dir = t_mkdtemp("tierdisk");
 	size_t n = 4096;
-	struct tier_disk *td = open_td(dir, 3 * (KS_CHUNK_HDR_SIZE + n), 64, pw);
+	struct tier_disk *td = open_td(dir, 3 * (TIER_CHUNK_HDR_SIZE + n), 64, pw);
 	struct tier_disk_stats st;
 	uint8_t *buf = malloc(n);
 	struct ks_key k[5];
@@ -260,12 +260,12 @@ static void test_eviction(bool pw)
 	tier_disk_get_stats(td, &st);
 	CHECK_EQ(st.evictions, 2);
 	CHECK_EQ(st.objects, 3);
-	CHECK_EQ(st.bytes, 3 * (KS_CHUNK_HDR_SIZE + n));
+	CHECK_EQ(st.bytes, 3 * (TIER_CHUNK_HDR_SIZE + n));
 	/* larger than the whole tier: refused up front */
 	CHECK_EQ(tier_disk_put(td, &k[1], 0, buf, 4 * n, 0, done_cb, NULL), -EINVAL);
 	tier_disk_close(td);
 	/* restart with a smaller capacity: the oldest (by mtime) go */
-	td = open_td(dir, 1 * (KS_CHUNK_HDR_SIZE + n), 64, pw);
+	td = open_td(dir, 1 * (TIER_CHUNK_HDR_SIZE + n), 64, pw);
 	tier_disk_get_stats(td, &st);
 	CHECK_EQ(st.objects, 1);
 	CHECK_EQ(st.evictions, 2);

@@ -12,9 +12,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "chunk_file.h"
+#include "tier_chunk.h"
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "redis_fixture.h"
 #include "tierwait.h"
@@ -218,7 +218,7 @@ static void test_corruption(struct t_redis *a)
 		CHECK_EQ(put_sync(tr, &k[i], 1, buf, n, 0), 0);
 	}
 	tier_redis_key(tr, &k[0], rk, sizeof(rk));
-	freeReplyObject(redisCommand(c, "SETRANGE %s %d Z", rk, KS_CHUNK_HDR_SIZE + 1234));
+	freeReplyObject(redisCommand(c, "SETRANGE %s %d Z", rk, TIER_CHUNK_HDR_SIZE + 1234));
 	tier_redis_key(tr, &k[1], rk, sizeof(rk));
 	freeReplyObject(redisCommand(c, "SETRANGE %s %d Z", rk, 40));
 	tier_redis_key(tr, &k[2], rk, sizeof(rk));

@@ -14,9 +14,9 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "chunk_file.h"
+#include "tier_chunk.h"
 #include "compiler.h"
-#include "hash.h"
+#include "chunk_key.h"
 #include "helpers.h"
 #include "kvfix.h"
 #include "redis_fixture.h"

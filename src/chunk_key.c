@@ -1,10 +1,10 @@
 /*
- * hash.c - BLAKE3 rolling chunk hash and ObjectKey helpers.
+ * chunk_key.c - BLAKE3 rolling chunk prefix hash and cache key helpers.
  *
  * BLAKE3 comes from the official C sources that Debian's librust-blake3-dev
  * installs; CMake compiles them into libkvstash_core.
  */
-#include "hash.h"
+#include "chunk_key.h"
 
 #include <errno.h>
 #include <string.h>

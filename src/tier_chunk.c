@@ -1,15 +1,15 @@
 /*
- * chunk_file.c - encode, decode and verify the tier chunk format
- * (layout in chunk_file.h). Pure functions: no locks, no I/O.
+ * tier_chunk.c - encode, decode and verify the tier chunk format
+ * (layout in tier_chunk.h). Pure functions: no locks, no I/O.
  */
-#include "chunk_file.h"
+#include "tier_chunk.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <string.h>
 #include <xxhash.h>
 
-static const uint8_t ks_chunk_magic[8] = { 'K', 'V', 'S', 'C', 'H', 'N', 'K', '1' };
+static const uint8_t tier_chunk_magic[8] = { 'K', 'V', 'S', 'C', 'H', 'N', 'K', '1' };
 
 enum {
 	OFF_MAGIC = 0,
@@ -23,7 +23,7 @@ enum {
 	OFF_LEN = 64,
 	OFF_PSUM = 72,
 	OFF_MODEL = 80,
-	OFF_HSUM = KS_CHUNK_HDR_SIZE - 8,
+	OFF_HSUM = TIER_CHUNK_HDR_SIZE - 8,
 };
 _Static_assert(OFF_MODEL + KS_MODEL_MAX + 1 <= OFF_HSUM, "model name overlaps the header sum");
 
@@ -42,22 +42,22 @@ static uint64_t get_le(const uint8_t *p, unsigned n)
 	return v;
 }
 
-uint64_t ks_chunk_sum(const void *buf, size_t n)
+uint64_t tier_chunk_sum(const void *buf, size_t n)
 {
 	return XXH3_64bits(buf, n);
 }
 
-void ks_chunk_hdr_encode(uint8_t hdr[KS_CHUNK_HDR_SIZE], const struct ks_key *key,
-			 uint64_t layout_tag, uint64_t payload_len, uint64_t payload_sum)
+void tier_chunk_hdr_encode(uint8_t hdr[TIER_CHUNK_HDR_SIZE], const struct ks_key *key,
+			   uint64_t layout_tag, uint64_t payload_len, uint64_t payload_sum)
 {
-	memset(hdr, 0, KS_CHUNK_HDR_SIZE);
-	memcpy(hdr + OFF_MAGIC, ks_chunk_magic, sizeof(ks_chunk_magic));
-	put_le(hdr + OFF_VERSION, KS_CHUNK_VERSION, 4);
-	put_le(hdr + OFF_HDR_SIZE, KS_CHUNK_HDR_SIZE, 4);
+	memset(hdr, 0, TIER_CHUNK_HDR_SIZE);
+	memcpy(hdr + OFF_MAGIC, tier_chunk_magic, sizeof(tier_chunk_magic));
+	put_le(hdr + OFF_VERSION, TIER_CHUNK_VERSION, 4);
+	put_le(hdr + OFF_HDR_SIZE, TIER_CHUNK_HDR_SIZE, 4);
 	memcpy(hdr + OFF_HASH, key->chunk_hash, KS_HASH_LEN);
 	put_le(hdr + OFF_RANK, key->kv_rank, 4);
 	put_le(hdr + OFF_MODEL_LEN, key->model_len, 2);
-	put_le(hdr + OFF_SUM_ALGO, KS_CHUNK_SUM_XXH3, 2);
+	put_le(hdr + OFF_SUM_ALGO, TIER_CHUNK_SUM_XXH3, 2);
 	put_le(hdr + OFF_LAYOUT, layout_tag, 8);
 	put_le(hdr + OFF_LEN, payload_len, 8);
 	put_le(hdr + OFF_PSUM, payload_sum, 8);
@@ -65,12 +65,12 @@ void ks_chunk_hdr_encode(uint8_t hdr[KS_CHUNK_HDR_SIZE], const struct ks_key *ke
 	put_le(hdr + OFF_HSUM, XXH3_64bits(hdr, OFF_HSUM), 8);
 }
 
-int ks_chunk_hdr_decode(const uint8_t hdr[KS_CHUNK_HDR_SIZE], struct ks_chunk_meta *out)
+int tier_chunk_hdr_decode(const uint8_t hdr[TIER_CHUNK_HDR_SIZE], struct tier_chunk_meta *out)
 {
-	if (memcmp(hdr + OFF_MAGIC, ks_chunk_magic, sizeof(ks_chunk_magic)) ||
-	    get_le(hdr + OFF_VERSION, 4) != KS_CHUNK_VERSION ||
-	    get_le(hdr + OFF_HDR_SIZE, 4) != KS_CHUNK_HDR_SIZE ||
-	    get_le(hdr + OFF_SUM_ALGO, 2) != KS_CHUNK_SUM_XXH3 ||
+	if (memcmp(hdr + OFF_MAGIC, tier_chunk_magic, sizeof(tier_chunk_magic)) ||
+	    get_le(hdr + OFF_VERSION, 4) != TIER_CHUNK_VERSION ||
+	    get_le(hdr + OFF_HDR_SIZE, 4) != TIER_CHUNK_HDR_SIZE ||
+	    get_le(hdr + OFF_SUM_ALGO, 2) != TIER_CHUNK_SUM_XXH3 ||
 	    get_le(hdr + OFF_HSUM, 8) != XXH3_64bits(hdr, OFF_HSUM))
 		return -EBADMSG;
 	uint64_t model_len = get_le(hdr + OFF_MODEL_LEN, 2);
@@ -88,20 +88,20 @@ int ks_chunk_hdr_decode(const uint8_t hdr[KS_CHUNK_HDR_SIZE], struct ks_chunk_me
 	return 0;
 }
 
-int ks_chunk_verify(const struct ks_chunk_meta *m, const struct ks_key *want,
-		    const void *payload, size_t got)
+int tier_chunk_verify(const struct tier_chunk_meta *m, const struct ks_key *want,
+		      const void *payload, size_t got)
 {
 	if (!ks_key_equal(&m->key, want) || m->payload_len != got ||
-	    ks_chunk_sum(payload, got) != m->payload_sum)
+	    tier_chunk_sum(payload, got) != m->payload_sum)
 		return -EBADMSG;
 	return 0;
 }
 
-void ks_chunk_name(const struct ks_key *key, char out[KS_CHUNK_NAME_MAX])
+void tier_chunk_name(const struct ks_key *key, char out[TIER_CHUNK_NAME_MAX])
 {
 	char hex[2 * KS_HASH_LEN + 1];
 
 	ks_hash_hex(key->chunk_hash, hex);
-	snprintf(out, KS_CHUNK_NAME_MAX, "%s-%08x-%016llx", hex, key->kv_rank,
+	snprintf(out, TIER_CHUNK_NAME_MAX, "%s-%08x-%016llx", hex, key->kv_rank,
 		 (unsigned long long)XXH64(key->model, key->model_len, 0));
 }

@@ -1,11 +1,11 @@
 /*
- * hash.h - chunk prefix hashing (protocol.md §4.2) and cache keys (§4.3).
+ * chunk_key.h - chunk prefix hashing (protocol.md §4.2) and cache keys (§4.3).
  *
  * h_i = BLAKE3(h_{i-1} || BE32(tok[i*C]) || ... || BE32(tok[i*C+C-1])),
  * h_{-1} = NONE_HASH = BLAKE3(twelve 0x00 bytes). Only full chunks hash.
  */
-#ifndef KS_HASH_H
-#define KS_HASH_H
+#ifndef KS_CHUNK_KEY_H
+#define KS_CHUNK_KEY_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -53,4 +53,4 @@ uint64_t ks_key_hash64(const struct ks_key *k);
 /* Lowercase hex of a digest into @out (65 bytes). */
 void ks_hash_hex(const uint8_t h[KS_HASH_LEN], char out[2 * KS_HASH_LEN + 1]);
 
-#endif /* KS_HASH_H */
+#endif /* KS_CHUNK_KEY_H */

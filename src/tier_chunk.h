@@ -1,13 +1,13 @@
 /*
- * chunk_file.h - the self-describing chunk format shared by the storage tiers
+ * tier_chunk.h - the self-describing chunk format shared by the storage tiers
  * (tier_disk.c files, tier_redis.c values), and the completion callback type.
  *
- * A stored chunk is KS_CHUNK_HDR_SIZE header bytes followed by the payload:
+ * A stored chunk is TIER_CHUNK_HDR_SIZE header bytes followed by the payload:
  *
  *   off  size  field (all integers little-endian)
  *     0     8  magic "KVSCHNK1"
- *     8     4  version (KS_CHUNK_VERSION)
- *    12     4  header size (KS_CHUNK_HDR_SIZE)
+ *     8     4  version (TIER_CHUNK_VERSION)
+ *    12     4  header size (TIER_CHUNK_HDR_SIZE)
  *    16    32  chunk_hash
  *    48     4  kv_rank
  *    52     2  model_len (<= KS_MODEL_MAX)
@@ -24,22 +24,22 @@
  * XXH3_64bits (xxHash 0.8, 64-bit) is used rather than XXH64 because it hashes
  * ~2x faster on AVX2, and the checksum is on every tier read.
  */
-#ifndef KS_CHUNK_FILE_H
-#define KS_CHUNK_FILE_H
+#ifndef KS_TIER_CHUNK_H
+#define KS_TIER_CHUNK_H
 
 #include <stddef.h>
 #include <stdint.h>
 
-#include "hash.h"
+#include "chunk_key.h"
 
-#define KS_CHUNK_HDR_SIZE 512u
-#define KS_CHUNK_VERSION 1u
-#define KS_CHUNK_SUM_XXH3 1u
+#define TIER_CHUNK_HDR_SIZE 512u
+#define TIER_CHUNK_VERSION 1u
+#define TIER_CHUNK_SUM_XXH3 1u
 /* "<64 hex chunk_hash>-<8 hex kv_rank>-<16 hex XXH64(model)>" + NUL */
-#define KS_CHUNK_NAME_MAX (64 + 1 + 8 + 1 + 16 + 1)
+#define TIER_CHUNK_NAME_MAX (64 + 1 + 8 + 1 + 16 + 1)
 
 /* What a header says about its chunk. */
-struct ks_chunk_meta {
+struct tier_chunk_meta {
 	struct ks_key key;
 	uint64_t layout_tag;
 	uint64_t payload_len;
@@ -56,28 +56,28 @@ struct ks_chunk_meta {
  */
 typedef void (*ks_tier_done_fn)(void *arg, int status, uint64_t layout_tag, size_t nbytes);
 
-/* Checksum of @n bytes (the algorithm named KS_CHUNK_SUM_XXH3). */
-uint64_t ks_chunk_sum(const void *buf, size_t n);
+/* Checksum of @n bytes (the algorithm named TIER_CHUNK_SUM_XXH3). */
+uint64_t tier_chunk_sum(const void *buf, size_t n);
 
-/* Fill @hdr for @key; @payload_sum from ks_chunk_sum() over the payload. */
-void ks_chunk_hdr_encode(uint8_t hdr[KS_CHUNK_HDR_SIZE], const struct ks_key *key,
-			 uint64_t layout_tag, uint64_t payload_len, uint64_t payload_sum);
+/* Fill @hdr for @key; @payload_sum from tier_chunk_sum() over the payload. */
+void tier_chunk_hdr_encode(uint8_t hdr[TIER_CHUNK_HDR_SIZE], const struct ks_key *key,
+			   uint64_t layout_tag, uint64_t payload_len, uint64_t payload_sum);
 
 /*
  * Parse and check @hdr (magic, version, size, header checksum, model length).
  * Returns 0 with *out filled in, or -EBADMSG.
  */
-int ks_chunk_hdr_decode(const uint8_t hdr[KS_CHUNK_HDR_SIZE], struct ks_chunk_meta *out);
+int tier_chunk_hdr_decode(const uint8_t hdr[TIER_CHUNK_HDR_SIZE], struct tier_chunk_meta *out);
 
 /*
  * Check a decoded chunk against what was asked for: the same key, a
  * payload of @got bytes matching the header's length and checksum.
  * Returns 0 or -EBADMSG.
  */
-int ks_chunk_verify(const struct ks_chunk_meta *m, const struct ks_key *want,
-		    const void *payload, size_t got);
+int tier_chunk_verify(const struct tier_chunk_meta *m, const struct ks_key *want,
+		      const void *payload, size_t got);
 
-/* Stable object name of @key (file name, Redis key suffix); @out holds KS_CHUNK_NAME_MAX. */
-void ks_chunk_name(const struct ks_key *key, char out[KS_CHUNK_NAME_MAX]);
+/* Stable object name of @key (file name, Redis key suffix); @out holds TIER_CHUNK_NAME_MAX. */
+void tier_chunk_name(const struct ks_key *key, char out[TIER_CHUNK_NAME_MAX]);
 
-#endif /* KS_CHUNK_FILE_H */
+#endif /* KS_TIER_CHUNK_H */
