@@ -17,8 +17,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "index.h"
 #include "pool.h"
 

@@ -33,10 +33,10 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "tier_chunk.h"
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "redis_fixture.h"
+#include "tier_chunk.h"
 #include "tier_disk.h"
 #include "tier_redis.h"
 

@@ -52,18 +52,18 @@
 #include <zmq.h>
 
 #include "auth.h"
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "index.h"
 #include "lock.h"
 #include "log.h"
 #include "metrics.h"
 #include "pool.h"
 #include "protocol.h"
-#include "transfer.h"
-#include "transfer_cuda.h"
 #include "tier_disk.h"
 #include "tier_redis.h"
+#include "transfer.h"
+#include "transfer_cuda.h"
 
 /* ------------------------------------------------------------------------ */
 /* Small helpers                                                            */

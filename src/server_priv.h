@@ -17,9 +17,9 @@
 #include <stdint.h>
 #include <sys/types.h>
 
+#include "chunk_key.h"
 #include "compiler.h"
 #include "config.h"
-#include "chunk_key.h"
 #include "kv_events.h"
 #include "layout.h"
 #include "metrics.h"

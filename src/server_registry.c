@@ -32,8 +32,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "index.h"
 #include "layout.h"
 #include "lock.h"

@@ -32,8 +32,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "index.h"
 #include "log.h"
 #include "metrics.h"

@@ -17,8 +17,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "tier_chunk.h"
 #include "chunk_key.h"
+#include "tier_chunk.h"
 
 struct tier_disk;
 

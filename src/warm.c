@@ -38,8 +38,8 @@
 #define XXH_STATIC_LINKING_ONLY	/* XXH3_state_t on the stack */
 #include <xxhash.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "log.h"
 
 #define WARM_STATE_MAGIC "KVSTSTAT"

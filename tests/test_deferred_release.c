@@ -26,9 +26,9 @@
 #include <sys/wait.h>
 #include <time.h>
 
+#include "chunk_key.h"
 #include "compiler.h"
 #include "fault.h"
-#include "chunk_key.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

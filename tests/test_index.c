@@ -3,8 +3,8 @@
 #include <string.h>
 #include <time.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

@@ -11,12 +11,19 @@
 #include <unistd.h>
 #include <zmq.h>
 
-#include "fault.h"
 #include "chunk_key.h"
+#include "fault.h"
 #include "helpers.h"
 #include "kv_events.h"
 #include "kvfix.h"
 
+/* How long test_slow_publisher holds the publisher: start + a STORE must fit
+ * in it (about 6.5 s under TSan on a loaded 2-core machine). */
+#if defined(__SANITIZE_THREAD__) || defined(__SANITIZE_ADDRESS__)
+#define SLOW_PUBLISHER_MS 20000
+#else
+#define SLOW_PUBLISHER_MS 6000
+#endif
 #define NL 4
 #define NB 192
 #define BS 16
@@ -974,8 +981,14 @@ static void test_slow_publisher(void)
 #endif
 	snprintf(ep, sizeof(ep), "ipc://%s/ev", dir);
 	snprintf(args, sizeof(args), "--pool-size=64M --kv-events-endpoint=%s", ep);
-	/* The start's AllBlocksCleared is held 6 s; 2 events fit in the queue. */
-	setenv(KS_FAULT_ENV, "kv_events.stall_ms=6000,kv_events.queue=2", 1);
+	/* The start's AllBlocksCleared is held SLOW_PUBLISHER_MS; 2 events fit
+	 * in the queue. The checks below are only meaningful while it is held. */
+	char faults[128];
+	uint64_t t0 = t_now_ms();
+
+	snprintf(faults, sizeof(faults), "kv_events.stall_ms=%d,kv_events.queue=2",
+		 SLOW_PUBLISHER_MS);
+	setenv(KS_FAULT_ENV, faults, 1);
 	node_start(&n, args);
 	unsetenv(KS_FAULT_ENV);
 	sub_open(&s, ep, "");
@@ -984,9 +997,13 @@ static void test_slow_publisher(void)
 	/* It was answered while the publisher had sent nothing: it did not wait. */
 	CHECK_EQ(t_stat(n.c, "kv_events_batches"), 0);
 	CHECK(t_stat(n.c, "kv_events_dropped") > 0);
+	if (t_now_ms() - t0 >= SLOW_PUBLISHER_MS)
+		fprintf(stderr, "test_slow_publisher: start and STORE took %" PRIu64 " ms, longer "
+			"than the %d ms stall: the checks above saw a publisher going again\n",
+			t_now_ms() - t0, SLOW_PUBLISHER_MS);
 	for (int p = 1; p < 6; p++)
 		REQUIRE(store_prompt(&n, 100 + p) == 0);
-	sub_drain(&s, "", 7000);
+	sub_drain(&s, "", SLOW_PUBLISHER_MS + 2000);
 	CHECK(s.nseq >= 2);
 	CHECK(s.gap);	/* the sequence says events were lost */
 	CHECK(t_stat(n.c, "kv_events_next_seq") > t_stat(n.c, "kv_events_batches"));

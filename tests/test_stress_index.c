@@ -5,8 +5,8 @@
 #include <stdatomic.h>
 #include <string.h>
 
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "helpers.h"
 #include "index.h"
 #include "pool.h"

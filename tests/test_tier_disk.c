@@ -8,12 +8,12 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#include "tier_chunk.h"
-#include "fault.h"
 #include "chunk_key.h"
+#include "fault.h"
 #include "helpers.h"
-#include "tierwait.h"
+#include "tier_chunk.h"
 #include "tier_disk.h"
+#include "tierwait.h"
 
 /* Wait (10 s at most) for @w; returns its status, or -ETIME on timeout. */
 #define WAIT_MS 10000	/* the longest a tier callback may take here */

@@ -12,13 +12,13 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "tier_chunk.h"
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "helpers.h"
 #include "redis_fixture.h"
-#include "tierwait.h"
+#include "tier_chunk.h"
 #include "tier_redis.h"
+#include "tierwait.h"
 
 /* A request to a lost node fails well within the tier's timeout; sanitizer
  * builds on two cores take longer to notice the loss (seen: just over 1 s).

@@ -14,12 +14,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include "tier_chunk.h"
-#include "compiler.h"
 #include "chunk_key.h"
+#include "compiler.h"
 #include "helpers.h"
 #include "kvfix.h"
 #include "redis_fixture.h"
+#include "tier_chunk.h"
 #include "tier_node.h"
 #include "tier_redis.h"
 #include "tierwait.h"
