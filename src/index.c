@@ -260,6 +260,21 @@ static void entry_account(struct idx_shard *sh, const struct idx_entry *e, int s
 	}
 }
 
+/*
+ * Link the new entry @e (key hash @hv) into its bucket and the books. Returns
+ * the bucket count to grow from once the lock is dropped (shard_grow), or 0.
+ */
+static uint32_t do_shard_link(struct idx_shard *sh, uint64_t hv, struct idx_entry *e)
+	REQUIRES(sh->lock)
+{
+	chain_insert(&sh->buckets[bucket_of(sh->nbuckets, hv)], e);
+	entry_account(sh, e, +1);
+	if (sh->nentries > (uint64_t)sh->nbuckets * IDX_LOAD_FACTOR &&
+	    sh->nbuckets < IDX_MAX_BUCKETS)
+		return sh->nbuckets;
+	return 0;
+}
+
 static inline uint64_t dq_deadline(const struct idx_entry *e, int q)
 {
 	return q == IDX_DQ_WRITE ? e->write_deadline_ms : e->read_deadline_ms;
@@ -788,12 +803,8 @@ int idx_restore_ready(struct idx *ix, const struct ks_key *k, uint32_t slot, uin
 		free(e);
 		return -EEXIST;
 	}
-	chain_insert(&sh->buckets[bucket_of(sh->nbuckets, hv)], e);
-	entry_account(sh, e, +1);
+	seen_buckets = do_shard_link(sh, hv, e);
 	do_entry_lru_add(ix, sh, e);
-	if (sh->nentries > (uint64_t)sh->nbuckets * IDX_LOAD_FACTOR &&
-	    sh->nbuckets < IDX_MAX_BUCKETS)
-		seen_buckets = sh->nbuckets;
 	ks_unlock(&sh->lock);
 	if (seen_buckets)
 		shard_grow(ix, sh, seen_buckets);
@@ -894,12 +905,8 @@ int idx_reserve_write(struct idx *ix, const struct ks_key *k, uint64_t nbytes,
 		rc = -EEXIST;
 		goto out_free_entry;
 	}
-	chain_insert(&sh->buckets[bucket_of(sh->nbuckets, hv)], e);
-	entry_account(sh, e, +1);
+	seen_buckets = do_shard_link(sh, hv, e);
 	do_dq_place(sh, e);
-	if (sh->nentries > (uint64_t)sh->nbuckets * IDX_LOAD_FACTOR &&
-	    sh->nbuckets < IDX_MAX_BUCKETS)
-		seen_buckets = sh->nbuckets;
 	ks_unlock(&sh->lock);
 	if (seen_buckets)
 		shard_grow(ix, sh, seen_buckets);
