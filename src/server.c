@@ -667,10 +667,12 @@ static void reap_instances(struct srv *s, uint64_t now)
 	for (struct srv_instance **pp = &s->instances; *pp;) {
 		struct srv_instance *in = *pp;
 		/* Never while its connection is open (on ipc://, any connection of
-		 * its process): an idle engine is alive. */
-		bool dead = !in->owner_up && !srv_process_connected(s, &in->owner_peer) &&
+		 * its process): an idle engine is alive. The process test walks
+		 * every connection, so it comes last, for the timed-out few. */
+		bool dead = !in->owner_up &&
 			    (in->last_ping_ms ? now - in->last_ping_ms > timeout :
-						grace && now - in->registered_ms > grace);
+						grace && now - in->registered_ms > grace) &&
+			    !srv_process_connected(s, &in->owner_peer);
 
 		if (!dead) {
 			pp = &in->next;
