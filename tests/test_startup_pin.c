@@ -1,9 +1,9 @@
-/* Description: kvstashd serves PING, LOOKUP and host transfers at once while the pool is still being pinned in the background, and reports the progress. Labels: unit
+/* Description: kvstashd serves PING, LOOKUP and host transfers at once while the pool is still being pinned in the background, and reports the progress. Labels: unit faults
  *
  * Fault point pin.ms_per_gib=3000 makes the pinning thread run on the host
  * backend and take 3 s per GiB (an H200 host pins about 0.35 s per GiB; the
- * fault point stands in for cudaHostRegister, which needs a GPU). Skipped
- * (77) in a build without fault injection. With a 2 GiB pool: while pool_pinned_bytes is still below
+ * fault point stands in for cudaHostRegister, which needs a GPU). Built
+ * only with fault injection (label faults). With a 2 GiB pool: while pool_pinned_bytes is still below
  * pool_pin_total_bytes, PING answers, a host STORE/LOOKUP/RETRIEVE round
  * trip is byte-exact; then the pinned bytes grow a piece at a time to the
  * total. The GPU side (a transfer into a slot not pinned yet fails fast) is
@@ -32,10 +32,6 @@ int main(void)
 	const uint64_t seed = 0x9199;
 	double rtt = -1;
 
-#ifndef KS_FAULT_INJECTION
-	fprintf(stderr, "startup_pin: this build has no fault injection: skipped\n");
-	return 77;
-#endif
 	setenv(KS_FAULT_ENV, "pin.ms_per_gib=3000", 1);
 	d = t_daemon_start("--pool-size=2G");
 	unsetenv(KS_FAULT_ENV);
