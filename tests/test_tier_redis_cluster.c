@@ -673,6 +673,10 @@ static void test_cluster(void)
 				break;
 		}
 		REQUIRE(r == 0);
+		/* written again now, so the WAIT below covers this very value (it
+		 * was first written before the reshard and the other kills) */
+		t_fill(v, VAL, key);
+		CHECK_EQ(put_sync(t1, key, v), 0);
 		/* the replica must hold the key before the kill: replication is
 		 * asynchronous, and WAIT returns once a replica acknowledged every
 		 * write so far. A replica still in its first full sync on a loaded
