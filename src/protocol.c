@@ -103,6 +103,86 @@ static int mp_be(const uint8_t *p, size_t len, size_t *off, unsigned k, uint64_t
 }
 
 /*
+ * One msgpack object's header at p[*off]: advances *off past it and says
+ * what follows: @skip payload bytes (str, bin, ext, numbers), or @entries
+ * objects of a container (@is_map: key/value pairs). Returns 0, -1 when
+ * the header runs past @len, or -2 for the never-used byte 0xc1.
+ */
+struct mp_head {
+	uint64_t skip, entries;
+	bool is_map, is_container;
+};
+
+static inline int mp_read_head(const uint8_t *p, size_t len, size_t *off, struct mp_head *h)
+{
+	uint64_t v = 0;
+	int rc = 0;
+	uint8_t b = p[(*off)++];
+
+	*h = (struct mp_head){ 0 };
+	if (b <= 0x7f || b >= 0xe0)
+		return 0;	/* positive/negative fixint */
+	if (b <= 0x8f) {
+		h->entries = b & 0x0f, h->is_map = h->is_container = true;
+		return 0;
+	}
+	if (b <= 0x9f) {
+		h->entries = b & 0x0f, h->is_container = true;
+		return 0;
+	}
+	if (b <= 0xbf) {
+		h->skip = b & 0x1f;
+		return 0;
+	}
+	switch (b) {
+	case 0xc0: case 0xc2: case 0xc3: break;
+	case 0xc4: case 0xd9: rc = mp_be(p, len, off, 1, &h->skip); break;
+	case 0xc5: case 0xda: rc = mp_be(p, len, off, 2, &h->skip); break;
+	case 0xc6: case 0xdb: rc = mp_be(p, len, off, 4, &h->skip); break;
+	/* ext 8/16/32: length, then a type byte the length excludes */
+	case 0xc7: rc = mp_be(p, len, off, 1, &v), h->skip = v + 1; break;
+	case 0xc8: rc = mp_be(p, len, off, 2, &v), h->skip = v + 1; break;
+	case 0xc9: rc = mp_be(p, len, off, 4, &v), h->skip = v + 1; break;
+	case 0xca: h->skip = 4; break;
+	case 0xcb: h->skip = 8; break;
+	case 0xcc: case 0xd0: h->skip = 1; break;
+	case 0xcd: case 0xd1: h->skip = 2; break;
+	case 0xce: case 0xd2: h->skip = 4; break;
+	case 0xcf: case 0xd3: h->skip = 8; break;
+	case 0xd4: h->skip = 2; break;	/* fixext 1..16: type + data */
+	case 0xd5: h->skip = 3; break;
+	case 0xd6: h->skip = 5; break;
+	case 0xd7: h->skip = 9; break;
+	case 0xd8: h->skip = 17; break;
+	case 0xdc: rc = mp_be(p, len, off, 2, &h->entries), h->is_container = true; break;
+	case 0xdd: rc = mp_be(p, len, off, 4, &h->entries), h->is_container = true; break;
+	case 0xde:
+		rc = mp_be(p, len, off, 2, &h->entries), h->is_map = h->is_container = true;
+		break;
+	case 0xdf:
+		rc = mp_be(p, len, off, 4, &h->entries), h->is_map = h->is_container = true;
+		break;
+	default:	/* 0xc1: never used */
+		return -2;
+	}
+	return rc ? -1 : 0;
+}
+
+/*
+ * Payload bytes after the type byte @b of an int (fixints: 0): the one kind
+ * of object a key frame holds thousands of, tested before mp_read_head().
+ * -1 for any other type.
+ */
+static inline int mp_int_bytes(uint8_t b)
+{
+	if (b <= 0x7f || b >= 0xe0)
+		return 0;
+	if (b >= 0xcc && b <= 0xd3)
+		return 1 << (b & 3);
+	return -1;
+}
+
+/*
  * Check that p[0, len) holds one complete msgpack document and nothing
  * after it. Returns 0, -EPROTO (truncated, trailing bytes, the never-used
  * byte c1, nested deeper than PROTO_MAX_DEPTH) or -E2BIG (a container with
@@ -120,9 +200,9 @@ static int mp_scan(const uint8_t *p, size_t len, struct ks_errbuf *e)
 
 	owed[0] = 1;
 	for (;;) {
-		uint64_t skip = 0, entries = 0, v = 0;
-		int is_map = 0, is_container = 0;
-		uint8_t b;
+		struct mp_head h;
+		uint64_t entries;
+		int rc;
 
 		while (depth > 0 && owed[depth] == 0)
 			depth--;
@@ -131,68 +211,35 @@ static int mp_scan(const uint8_t *p, size_t len, struct ks_errbuf *e)
 		owed[depth]--;
 		if (off >= len)
 			return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
-		b = p[off++];
-		if (b <= 0x7f || b >= 0xe0) {
-			/* positive/negative fixint */
-		} else if (b <= 0x8f) {
-			entries = b & 0x0f, is_map = 1, is_container = 1;
-		} else if (b <= 0x9f) {
-			entries = b & 0x0f, is_container = 1;
-		} else if (b <= 0xbf) {
-			skip = b & 0x1f;
-		} else {
-			int rc = 0;
-
-			switch (b) {
-			case 0xc0: case 0xc2: case 0xc3: break;
-			case 0xc4: case 0xd9: rc = mp_be(p, len, &off, 1, &skip); break;
-			case 0xc5: case 0xda: rc = mp_be(p, len, &off, 2, &skip); break;
-			case 0xc6: case 0xdb: rc = mp_be(p, len, &off, 4, &skip); break;
-			/* ext 8/16/32: length, then a type byte the length excludes */
-			case 0xc7: rc = mp_be(p, len, &off, 1, &v), skip = v + 1; break;
-			case 0xc8: rc = mp_be(p, len, &off, 2, &v), skip = v + 1; break;
-			case 0xc9: rc = mp_be(p, len, &off, 4, &v), skip = v + 1; break;
-			case 0xca: skip = 4; break;
-			case 0xcb: skip = 8; break;
-			case 0xcc: case 0xd0: skip = 1; break;
-			case 0xcd: case 0xd1: skip = 2; break;
-			case 0xce: case 0xd2: skip = 4; break;
-			case 0xcf: case 0xd3: skip = 8; break;
-			case 0xd4: skip = 2; break;	/* fixext 1..16: type + data */
-			case 0xd5: skip = 3; break;
-			case 0xd6: skip = 5; break;
-			case 0xd7: skip = 9; break;
-			case 0xd8: skip = 17; break;
-			case 0xdc: rc = mp_be(p, len, &off, 2, &entries), is_container = 1; break;
-			case 0xdd: rc = mp_be(p, len, &off, 4, &entries), is_container = 1; break;
-			case 0xde:
-				rc = mp_be(p, len, &off, 2, &entries), is_map = 1, is_container = 1;
-				break;
-			case 0xdf:
-				rc = mp_be(p, len, &off, 4, &entries), is_map = 1, is_container = 1;
-				break;
-			default:	/* 0xc1: never used */
-				return ks_err(e, -EPROTO, "invalid msgpack byte 0x%02x at offset %zu",
-					      b, off - 1);
-			}
-			if (rc)
+		rc = mp_int_bytes(p[off]);
+		if (rc >= 0) {
+			if ((size_t)rc >= len - off)
 				return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
-		}
-		if (!is_container) {
-			if (skip > len - off)
-				return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
-			off += (size_t)skip;
+			off += 1 + (size_t)rc;
 			continue;
 		}
+		rc = mp_read_head(p, len, &off, &h);
+		if (rc == -2)
+			return ks_err(e, -EPROTO, "invalid msgpack byte 0x%02x at offset %zu",
+				      p[off - 1], off - 1);
+		if (rc)
+			return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+		if (!h.is_container) {
+			if (h.skip > len - off)
+				return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
+			off += (size_t)h.skip;
+			continue;
+		}
+		entries = h.entries;
 		/* every entry takes a byte at least (two for a map's key and value):
 		 * a count the frame cannot hold is truncation, whatever its size */
-		if ((is_map ? 2 * entries : entries) > len - off)
+		if ((h.is_map ? 2 * entries : entries) > len - off)
 			return ks_err(e, -EPROTO, "truncated msgpack (%zu bytes)", len);
 		if (entries > PROTO_MAX_ELEMS)
 			return ks_err(e, -E2BIG, "%s of %llu entries exceeds the limit of %u",
-				      is_map ? "map" : "array", (unsigned long long)entries,
+				      h.is_map ? "map" : "array", (unsigned long long)entries,
 				      PROTO_MAX_ELEMS);
-		if (is_map)
+		if (h.is_map)
 			entries *= 2;
 		if (entries == 0)
 			continue;
@@ -203,6 +250,42 @@ static int mp_scan(const uint8_t *p, size_t len, struct ks_errbuf *e)
 	if (off != len)
 		return ks_err(e, -EPROTO, "%zu trailing bytes after the msgpack document",
 			      len - off);
+	return 0;
+}
+
+/*
+ * Skip the one object at p[*off] of a frame mp_scan() accepted (so every
+ * length is backed by bytes; still checked, never trusted). 0 or -1.
+ */
+static int mp_skip(const uint8_t *p, size_t len, size_t *off)
+{
+	uint64_t owed = 1;
+
+	while (owed) {
+		struct mp_head h;
+
+		int ib;
+
+		owed--;
+		if (*off >= len)
+			return -1;
+		ib = mp_int_bytes(p[*off]);
+		if (ib >= 0) {
+			if ((size_t)ib >= len - *off)
+				return -1;
+			*off += 1 + (size_t)ib;
+			continue;
+		}
+		if (mp_read_head(p, len, off, &h))
+			return -1;
+		if (h.is_container) {
+			owed += h.is_map ? 2 * h.entries : h.entries;
+		} else {
+			if (h.skip > len - *off)
+				return -1;
+			*off += (size_t)h.skip;
+		}
+	}
 	return 0;
 }
 
@@ -589,6 +672,197 @@ static int decode_key(const msgpack_object *o, struct proto_key *k, struct ks_er
 	k->token_ids = tokens;
 	k->ntokens = n;
 	return 0;
+}
+
+/*
+ * A key frame (the first argument of STORE, RETRIEVE, LOOKUP and
+ * FREE_LOOKUP_LOCKS) is nearly all token_ids, up to 5 bytes a token.
+ * Through msgpack-c's object tree every token becomes a 24-byte object in a
+ * zone that grows by malloc (and, past glibc's mmap threshold, by fresh
+ * pages that fault in on every request): ~35 ns a token, most of a
+ * 4096-token STORE's time on the io thread. The fast path reads the token
+ * array straight from the frame's bytes and decodes the rest of the key
+ * from a copy of the frame with that array replaced by an empty one.
+ *
+ * It gives exactly what decode_key() gives on the whole frame: it is taken
+ * only when the array is there once, holds ints in [0, 2^32) (or bools, as
+ * the tree path accepts) and is within PROTO_MAX_TOKENS; anything else (a
+ * bad token, a repeated or non-str map key, no array) goes down the tree
+ * path, which words the error. The fuzzer compares the two on every key
+ * frame it decodes (proto_decode_key_frame).
+ */
+
+/* The @n ints of a token array from its first element at p[off], and in
+ * *end the offset after the last: 0, or 1 when one is not a token the tree
+ * path would accept as it is. */
+static int raw_tokens(const uint8_t *p, size_t len, size_t off, uint32_t *out, uint64_t n,
+		      size_t *end)
+{
+	for (uint64_t i = 0; i < n; i++) {
+		uint64_t v;
+		uint8_t b;
+		int k;
+
+		if (off >= len)
+			return 1;
+		b = p[off++];
+		if (b <= 0x7f) {
+			out[i] = b;
+			continue;
+		}
+		if (b == 0xc2 || b == 0xc3) {
+			out[i] = b == 0xc3;
+			continue;
+		}
+		k = mp_int_bytes(b);
+		if (k <= 0 || (size_t)k > len - off)
+			return 1;	/* not an int (or a negative fixint), or cut short */
+		v = 0;
+		for (int j = 0; j < k; j++)
+			v = v << 8 | p[off + j];
+		off += (size_t)k;
+		/* signed encodings: a set top bit is a negative value, out of range */
+		if ((b >= 0xd0 && v >> (8 * k - 1)) || v > UINT32_MAX)
+			return 1;
+		out[i] = (uint32_t)v;
+	}
+	*end = off;
+	return 0;
+}
+
+/*
+ * The token array of key frame p[0, len), decoded into a new *tokens of *n
+ * entries, and where its value lies: [*vbeg, *vend). The frame has not been
+ * scanned: every read is bounds-checked, and what is not walked here (the
+ * other fields' insides) is scanned in the copy without the array. 0, or 1
+ * when the fast path does not apply (nothing allocated then).
+ */
+static int fast_tokens(const uint8_t *p, size_t len, size_t *vbeg, size_t *vend,
+		       uint32_t **tokens, uint64_t *n)
+{
+	static const char name[] = "token_ids";
+	struct mp_head h, t;
+	size_t off = 0;
+	uint64_t fields;
+
+	*tokens = NULL;
+	if (!len || mp_read_head(p, len, &off, &h) || !h.is_container)
+		return 1;
+	/* the array form: the 4th of at least KF_N fields (the rest are not walked) */
+	fields = h.is_map ? h.entries : KF_TOKENS + 1;
+	if (!h.is_map && h.entries < KF_N)
+		return 1;
+	for (uint64_t i = 0; i < fields; i++) {
+		bool is_tokens = !h.is_map && i == KF_TOKENS;
+
+		if (h.is_map) {
+			uint8_t b;
+
+			if (off >= len)
+				goto fail;
+			b = p[off];
+			if (!((b >= 0xa0 && b <= 0xbf) || (b >= 0xd9 && b <= 0xdb)))
+				goto fail;	/* a non-str key: the tree path refuses it */
+			if (mp_read_head(p, len, &off, &t) || t.skip > len - off)
+				goto fail;
+			off += (size_t)t.skip;
+			is_tokens = t.skip == sizeof(name) - 1 &&
+				    !memcmp(p + off - t.skip, name, sizeof(name) - 1);
+		}
+		if (!is_tokens) {
+			if (mp_skip(p, len, &off))
+				goto fail;
+			continue;
+		}
+		if (*tokens || off >= len)
+			goto fail;	/* repeated: the tree path keeps the last */
+		*vbeg = off;
+		if (mp_read_head(p, len, &off, &t) || !t.is_container || t.is_map ||
+		    t.entries > PROTO_MAX_TOKENS || t.entries > len - off)
+			goto fail;
+		*n = t.entries;
+		*tokens = malloc((t.entries ? t.entries : 1) * sizeof(**tokens));
+		if (!*tokens || raw_tokens(p, len, off, *tokens, t.entries, vend))
+			goto fail;
+		off = *vend;
+	}
+	if (*tokens)
+		return 0;
+fail:
+	free(*tokens);
+	*tokens = NULL;
+	return 1;
+}
+
+/* Tree-only key decode of a whole frame (the reference the fast path matches). */
+static int decode_key_tree(const struct proto_buf *f, struct proto_key *k, struct ks_errbuf *e)
+{
+	msgpack_unpacked u;
+	int rc = doc_open(f, &u, e);
+
+	if (rc)
+		return rc;
+	rc = decode_key(&u.data, k, e);
+	msgpack_unpacked_destroy(&u);
+	return rc;
+}
+
+/*
+ * The frame is valid exactly when the copy without the array is and the
+ * array holds only tokens (no nesting inside it, its count bounded), so a
+ * success of the copy's decode is the tree path's success; on any failure
+ * the tree path runs on the whole frame and words the error as always.
+ */
+static int decode_key_frame(const struct proto_buf *f, struct proto_key *k, bool tree_only,
+			    struct ks_errbuf *e)
+{
+	size_t vbeg = 0, vend = 0;
+	uint64_t n = 0;
+	uint32_t *tokens;
+	struct proto_buf rest;
+	uint8_t *copy;
+	int rc;
+
+	if (tree_only || fast_tokens(f->data, f->len, &vbeg, &vend, &tokens, &n))
+		return decode_key_tree(f, k, e);
+	/* the frame with token_ids as [] (one byte, 0x90) */
+	rest.len = f->len - (vend - vbeg) + 1;
+	copy = malloc(rest.len);
+	if (!copy) {
+		free(tokens);
+		return decode_key_tree(f, k, e);
+	}
+	memcpy(copy, f->data, vbeg);
+	copy[vbeg] = 0x90;
+	memcpy(copy + vbeg + 1, f->data + vend, f->len - vend);
+	rest.data = copy;
+	rc = decode_key_tree(&rest, k, NULL);
+	free(copy);
+	if (rc) {
+		free(tokens);
+		return decode_key_tree(f, k, e);
+	}
+	if (n) {
+		k->token_ids = tokens;
+		k->ntokens = (size_t)n;
+	} else {
+		free(tokens);
+	}
+	return 0;
+}
+
+int proto_decode_key_frame(const struct proto_buf *f, struct proto_key *k, bool tree_only,
+			   char *err, size_t errlen)
+{
+	struct ks_errbuf e = { err, errlen };
+
+	if (err && errlen)
+		err[0] = '\0';
+	memset(k, 0, sizeof(*k));
+	k->worker_id = -1;
+	if (!f || (!f->data && f->len))
+		return ks_err(&e, -EINVAL, "no frame");
+	return decode_key_frame(f, k, tree_only, &e);
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1639,8 +1913,11 @@ int proto_decode_request_in(enum proto_dialect dialect, const struct proto_buf *
 	for (size_t i = 0; i < nargs; i++) {
 		msgpack_unpacked u;
 
-		rc = doc_open(&args[i], &u, &e);
-		if (!rc) {
+		if (i == 0 && (req->type == PROTO_STORE || req->type == PROTO_RETRIEVE ||
+			       req->type == PROTO_LOOKUP || req->type == PROTO_FREE_LOOKUP_LOCKS)) {
+			/* what decode_arg() would do, minus the token objects */
+			rc = decode_key_frame(&args[0], &req->key, false, &e);
+		} else if (!(rc = doc_open(&args[i], &u, &e))) {
 			rc = decode_arg(&u.data, i, req,
 					d == PROTO_DIALECT_AUTO ? PROTO_DIALECT_CURRENT : d, &e);
 			msgpack_unpacked_destroy(&u);

@@ -253,6 +253,15 @@ int proto_decode_request_in(enum proto_dialect dialect, const struct proto_buf *
 			    const struct proto_buf *args, size_t nargs, struct proto_request *req,
 			    char *err, size_t errlen);
 /* proto_decode_request_in(PROTO_DIALECT_MARCH, ...): the March dialect. */
+/*
+ * The key of a STORE/RETRIEVE/LOOKUP/FREE_LOOKUP_LOCKS frame, as
+ * proto_decode_request decodes it (token ids read straight from the bytes).
+ * @tree_only: every field through msgpack-c's object tree instead, the
+ * reference the fuzzer compares the fast path with. Same results, same
+ * errors; free k->token_ids and k->null_chunk_mask after a success.
+ */
+int proto_decode_key_frame(const struct proto_buf *f, struct proto_key *k, bool tree_only,
+			   char *err, size_t errlen);
 int proto_decode_request(const struct proto_buf *type_frame, const struct proto_buf *args,
 			 size_t nargs, struct proto_request *req, char *err, size_t errlen);
 void proto_request_free(struct proto_request *req);

@@ -1216,6 +1216,87 @@ static void test_key(void)
 	}
 }
 
+/*
+ * A key frame's token ids are read straight from its bytes
+ * (proto_decode_key_frame); the object-tree decoder is the reference: same
+ * result, same reason, same tokens, on good keys and on every kind of bad
+ * one, including those the fast path hands back to the tree path.
+ */
+static void test_key_fast_path(void)
+{
+	static const char *const frames[] = {
+		NULL,	/* key_std() */
+		"87 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 93 01 cd 0100 c3"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172",
+		/* array form, trailing chunk_hash */
+		"98 a16d 01 c0 94 01 02 03 04 00 04 a172 c0",
+		/* array form, too short */
+		"93 a16d 01 c0",
+		/* token_ids twice: the last wins */
+		"88 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 92 01 02"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172"
+		" a9746f6b656e5f696473 91 09",
+		/* a bad token after good ones; a truncated frame; trailing bytes */
+		"87 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 93 01 02 d0 ff"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172",
+		"87 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 93 01 02",
+		"87 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 91 01"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172 c0",
+		/* a bad field besides the tokens, and tokens not an array */
+		"87 aa6d6f64656c5f6e616d65 01 aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 91 01"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172",
+		"87 aa6d6f64656c5f6e616d65 a16d aa776f726c645f73697a65 01"
+		" a9776f726b65725f6964 c0 a9746f6b656e5f696473 c0"
+		" a57374617274 00 a3656e64 04 aa726571756573745f6964 a172",
+		"c1",
+	};
+	for (size_t i = 0; i < sizeof(frames) / sizeof(frames[0]); i++) {
+		struct proto_buf f = H(frames[i] ? frames[i] : key_std());
+		struct proto_key a, b;
+		char ea[256], eb[256];
+		int ra = proto_decode_key_frame(&f, &a, false, ea, sizeof(ea));
+		int rb = proto_decode_key_frame(&f, &b, true, eb, sizeof(eb));
+
+		CHECK_EQ(ra, rb);
+		if (ra || rb) {
+			if (strcmp(ea, eb))
+				fprintf(stderr, "  key %zu: '%s' vs '%s'\n", i, ea, eb);
+			CHECK(!strcmp(ea, eb));
+			CHECK(!a.token_ids && !b.token_ids);
+			continue;
+		}
+		CHECK_EQ(a.ntokens, b.ntokens);
+		CHECK(!a.ntokens || !memcmp(a.token_ids, b.token_ids, a.ntokens * 4));
+		CHECK(!strcmp(a.model, b.model) && !strcmp(a.request_id, b.request_id));
+		CHECK(a.world_size == b.world_size && a.worker_id == b.worker_id);
+		CHECK(a.start == b.start && a.end == b.end);
+		free(a.token_ids);
+		free(b.token_ids);
+		free(a.null_chunk_mask);
+		free(b.null_chunk_mask);
+	}
+	/* the repeated field: its last value, both ways */
+	{
+		struct proto_request r;
+
+		REQUIRE(DEC(PROTO_LOOKUP, &r, H(frames[4]), H("01")) == 0);
+		CHECK_EQ(r.key.ntokens, 1);
+		CHECK_EQ(r.key.token_ids[0], 9);
+		proto_request_free(&r);
+	}
+	{
+		struct proto_key k;
+
+		CHECK_EQ(proto_decode_key_frame(NULL, &k, false, NULL, 0), -EINVAL);
+	}
+}
+
 /* ---- framing faults: truncation, trailing bytes, types, counts ---- */
 
 static void test_framing(void)
@@ -1980,6 +2061,7 @@ int main(void)
 	test_section8_bytes();
 	test_section8_requests();
 	test_key();
+	test_key_fast_path();
 	test_register();
 	test_store_retrieve();
 	test_small_requests();

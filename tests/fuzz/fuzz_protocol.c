@@ -16,7 +16,9 @@
  * any read past its end. Beyond "no crash", decoded values are checked for
  * internal consistency and re-encoded with the proto_encode_* functions and
  * decoded again: the second decode must succeed and give the same values
- * (encoder and decoder agree on everything the decoder can produce).
+ * (encoder and decoder agree on everything the decoder can produce). Every
+ * frame is also decoded as a key both ways (proto_decode_key_frame: token
+ * ids read from the bytes, and the object-tree reference), which must agree.
  */
 #include <errno.h>
 #include <stdint.h>
@@ -277,6 +279,39 @@ static void reply_round_trip(const struct proto_buf *f)
 	}
 }
 
+/*
+ * Frame @f as a key both ways: the fast path (token ids read from the bytes)
+ * and the tree-only reference must agree on the result, the reason and
+ * every field.
+ */
+static void key_paths_agree(const struct proto_buf *f, size_t errlen)
+{
+	struct proto_key a, b;
+	char ea[256], eb[256];
+	int ra = proto_decode_key_frame(f, &a, false, ea, errlen);
+	int rb = proto_decode_key_frame(f, &b, true, eb, errlen);
+
+	ASSERT(ra == rb);
+	if (ra) {
+		ASSERT(!strcmp(ea, eb));
+		ASSERT(!a.token_ids && !a.null_chunk_mask && !b.token_ids && !b.null_chunk_mask);
+		return;
+	}
+	same_key(&a, &b);
+	ASSERT(a.has_current_fields == b.has_current_fields);
+	ASSERT(a.cache_salt_len == b.cache_salt_len &&
+	       !memcmp(a.cache_salt, b.cache_salt, a.cache_salt_len + 1));
+	ASSERT(a.num_kv_readers == b.num_kv_readers);
+	ASSERT(a.mask_groups == b.mask_groups && a.mask_chunks == b.mask_chunks);
+	ASSERT(!a.null_chunk_mask == !b.null_chunk_mask);
+	ASSERT(!a.null_chunk_mask || !memcmp(a.null_chunk_mask, b.null_chunk_mask,
+					     (size_t)a.mask_groups * a.mask_chunks));
+	free(a.token_ids);
+	free(b.token_ids);
+	free(a.null_chunk_mask);
+	free(b.null_chunk_mask);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
 	struct proto_buf f[MAX_FRAMES];
@@ -339,8 +374,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		ASSERT(!req.key.token_ids && !req.layers && !req.block_ids && !req.groups &&
 		       !req.key.null_chunk_mask);
 	}
-	for (size_t i = 0; i < nframes; i++)
+	for (size_t i = 0; i < nframes; i++) {
 		reply_round_trip(&f[i]);
+		key_paths_agree(&f[i], errlen);
+	}
 	free_bufs(f, nframes);
 	return 0;
 }

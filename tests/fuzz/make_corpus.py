@@ -87,6 +87,18 @@ def key(worker=None, tokens=(1, 2, 3, 4), start=0, end=4, **extra):
     return k
 
 
+def raw_key(token_bytes, count, dup=False):
+    """A map key frame whose token_ids array is @count elements given as raw
+    msgpack bytes (every int form, bools, out-of-range values); @dup repeats
+    the field, as a Python dict decoder would keep the last."""
+    k = key()
+    fields = [pack(n) + (b"\xdc" + struct.pack(">H", count) + token_bytes if n == "token_ids"
+                         else pack(v)) for n, v in k.items()]
+    if dup:
+        fields.append(pack("token_ids") + pack([9, 9]))
+    return bytes([0x80 | len(fields)]) + b"".join(fields)
+
+
 def desc(kind="host_shm", layout="flash_attn", shape=(2, 4, 16, 2, 8),
          stride=(1024, 256, 16, 8, 1), dtype="bfloat16", offset=0, nbytes=4096):
     d = {"kind": kind, "layout": layout, "shape": list(shape), "stride": list(stride),
@@ -115,6 +127,16 @@ def main():
         "lookup_s8": seed(5, key(), 1),
         "lookup_chunk_hash": seed(5, key(chunk_hash=None), 1),
         "lookup_array_key": seed(5, ["m", 1, None, [1, 2, 3, 4], 0, 4, "r"], 1),
+        # token ids as the server reads them from the bytes: every int form
+        "lookup_token_forms": seed(5, raw=[raw_key(
+            b"\x05\xcc\xff\xcd\x01\x00\xce\x00\x01\x00\x00\xcf" + bytes(7) + b"\x07"
+            b"\xd0\x05\xd1\x01\x00\xd2\x00\x00\x01\x00\xd3" + bytes(7) + b"\x09\xc3\xc2",
+            11), pack(1)]),
+        "lookup_token_negative": seed(5, raw=[raw_key(b"\x01\xd0\xff", 2), pack(1)]),
+        "lookup_token_2p32": seed(5, raw=[raw_key(b"\xcf\x00\x00\x00\x01" + bytes(4), 1),
+                                          pack(1)]),
+        "lookup_token_float": seed(5, raw=[raw_key(b"\x01\xcb" + bytes(8), 2), pack(1)]),
+        "lookup_token_dup": seed(5, raw=[raw_key(b"\x01\x02", 2, dup=True), pack(1)]),
         "free_lookup_locks": seed(8, key(tokens=range(0, 512, 3), start=0, end=256), 2),
         "store_host": seed(3, key(worker=0, tokens=range(8), end=8), 7, [0, 1], b""),
         "retrieve_gpu": seed(4, key(worker=1, tokens=range(300, 316), end=16), 12345,
