@@ -7,7 +7,8 @@
  * in one device allocation per client; chunks of 256 tokens (32 MiB objects).
  * For each request size it times STORE of fresh prompts, RETRIEVE of stored
  * ones (one client, one request in flight: every request's fixed cost is
- * exposed), the same with two clients at once (two requests in flight, as
+ * exposed; GB/s over the time inside the STORE/RETRIEVE calls, the
+ * END_SESSION each STORE is followed by is timed apart), the same with two clients at once (two requests in flight, as
  * an engine's tensor-parallel workers or overlapping requests give: one
  * request's fixed cost hides behind the other's copy), and STORE and
  * RETRIEVE at the same time, so both PCIe directions are busy. Two clients
@@ -108,7 +109,12 @@ static int cl_setup(struct cl *k)
 	return 0;
 }
 
-static int do_store(struct cl *k, uint32_t ntok)
+/*
+ * STORE a fresh prompt, then END_SESSION its request id (an engine sends
+ * that once a request finishes, not as part of the STORE): *@op_s gets the
+ * STORE's own time, *@end_s the END_SESSION's.
+ */
+static int do_store(struct cl *k, uint32_t ntok, double *op_s, double *end_s)
 {
 	uint32_t *t = k->tok[k->stored % 4];
 
@@ -117,15 +123,19 @@ static int do_store(struct cl *k, uint32_t ntok)
 	struct kvstash_key key = { .model = "bench-gpu", .world_size = 1, .worker_id = 0,
 				   .tokens = t, .ntokens = ntok, .start = 0, .end = ntok,
 				   .request_id = "b" };
+	double t0 = now_s();
 	int rc = kvstash_store_event(k->c, &key, 10 + k->id, k->src, ntok / BS, NULL, NULL);
+	double t1 = now_s();
 
 	if (!rc)
 		k->stored++;
 	kvstash_end_session(k->c, "b");
+	*op_s += t1 - t0;
+	*end_s += now_s() - t1;
 	return rc;
 }
 
-static int do_retrieve(struct cl *k, uint32_t ntok, unsigned i)
+static int do_retrieve(struct cl *k, uint32_t ntok, unsigned i, double *op_s)
 {
 	/* The last 2 prompts: two clients' fit the pool at 16384 tokens (4 x 2 GiB). */
 	unsigned n = k->stored < 2 ? k->stored : 2;
@@ -133,7 +143,11 @@ static int do_retrieve(struct cl *k, uint32_t ntok, unsigned i)
 				   .tokens = k->tok[(k->stored - 1 - i % n) % 4], .ntokens = ntok,
 				   .start = 0, .end = ntok, .request_id = "r" };
 
-	return kvstash_retrieve_event(k->c, &key, 10 + k->id, k->dst, ntok / BS, 0, NULL, NULL);
+	double t0 = now_s();
+	int rc = kvstash_retrieve_event(k->c, &key, 10 + k->id, k->dst, ntok / BS, 0, NULL, NULL);
+
+	*op_s += now_s() - t0;
+	return rc;
 }
 
 struct phase_arg {
@@ -143,6 +157,7 @@ struct phase_arg {
 	double seconds, bytes;
 	int errors;
 	unsigned requests;
+	double op_s, end_s;	/* time inside the STORE/RETRIEVE calls; in END_SESSION */
 };
 
 /* The server's phase sums (KS_STATS), per op: [0] STORE, [1] RETRIEVE. */
@@ -188,7 +203,8 @@ static void *phase_main(void *p)
 	double t0 = now_s();
 
 	for (unsigned i = 0; now_s() - t0 < a->seconds; i++) {
-		int rc = a->op ? do_retrieve(a->k, a->ntok, i) : do_store(a->k, a->ntok);
+		int rc = a->op ? do_retrieve(a->k, a->ntok, i, &a->op_s) :
+				 do_store(a->k, a->ntok, &a->op_s, &a->end_s);
 
 		if (rc)
 			a->errors++;
@@ -208,7 +224,7 @@ static double run_two(struct phase_arg a[2])
 
 	for (int i = 0; i < 2; i++)	/* RETRIEVE needs something stored by each client */
 		if (a[i].op && a[i].k->stored == 0)
-			do_store(a[i].k, a[i].ntok);
+			do_store(a[i].k, a[i].ntok, &a[i].op_s, &a[i].end_s);
 	for (int i = 0; i < 2; i++)
 		pthread_create(&th[i], NULL, phase_main, &a[i]);
 	for (int i = 0; i < 2; i++)
@@ -327,7 +343,7 @@ int main(int argc, char **argv)
 	printf("%8s %14s %16s %16s %16s %12s %7s\n", "tokens", "STORE GB/s", "RETRIEVE GB/s",
 	       "STORE GB/s", "RETRIEVE GB/s", "STORE+RETR", "errors");
 	/* Per size and op: ms per request seen by the client, then the server's phases. */
-	double split[8][2][1 + NPHASES] = { { { 0 } } };
+	double split[8][2][1 + NPHASES] = { { { 0 } } }, end_ms[8] = { 0 };
 	for (int si = 0; si < nsizes; si++) {
 		struct phase_sums p0, p1;
 
@@ -348,11 +364,14 @@ int main(int argc, char **argv)
 			const struct phase_arg *pa = op ? &rt : &st;
 			double timed = (double)(p1.timed[op] - p0.timed[op]);
 
-			split[si][op][0] = pa->requests ? pa->seconds * 1e3 / pa->requests : 0;
+			split[si][op][0] = pa->requests ? pa->op_s * 1e3 / pa->requests : 0;
+			if (!op)
+				end_ms[si] = pa->requests ? pa->end_s * 1e3 / pa->requests : 0;
 			for (int p = 0; p < NPHASES && timed > 0; p++)
 				split[si][op][1 + p] = (double)(p1.us[op][p] - p0.us[op][p]) / timed / 1e3;
 		}
-		double sg = st.bytes / st.seconds / 1e9, rg = rt.bytes / rt.seconds / 1e9;
+		/* one in flight: over the requests' own time (END_SESSION excluded) */
+		double sg = st.bytes / st.op_s / 1e9, rg = rt.bytes / rt.op_s / 1e9;
 		double s2 = run_two(st2), r2 = run_two(rt2), bg = run_two(both);
 		printf("%8u %8.1f (%.2fx) %10.1f (%.2fx) %10.1f (%.2fx) %10.1f (%.2fx) %12.1f %7d\n",
 		       sizes[si], sg, sg / d2h, rg, rg / h2d, s2, s2 / d2h, r2, r2 / h2d, bg,
@@ -375,6 +394,10 @@ int main(int argc, char **argv)
 			}
 			printf(" %8.3f\n", rest);
 		}
+	printf("END_SESSION after each STORE (not in the STORE figures above; an engine sends it\n"
+	       "when a request finishes), ms:");
+	for (int si = 0; si < nsizes; si++)
+		printf(" %u tokens %.3f%s", sizes[si], end_ms[si], si + 1 < nsizes ? "," : "\n");
 	kill(pid, SIGTERM);
 	waitpid(pid, NULL, 0);
 	return 0;

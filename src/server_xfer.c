@@ -750,14 +750,18 @@ static int xfer_prepare(struct srv *s, const struct proto_request *rq, struct sr
 		return -ENOMEM;
 	}
 	/* Range token t lives in slot block_ids[t / BS] * BS + t % BS (protocol.md §3),
-	 * each group through its own list. */
+	 * each group through its own list; block by block, no division per token. */
 	for (uint32_t g = 0; g < in->ngroups; g++) {
 		const int64_t *ids = rq->block_ids + rq->block_list_off[g];
 		int64_t *slots = j->slots + (size_t)g * range;
 		uint32_t bs = in->layout.block_size;
 
-		for (uint64_t t = 0; t < range; t++)
-			slots[t] = ids[t / bs] * bs + (int64_t)(t % bs);
+		for (uint64_t b = 0, t = 0; t < range; b++) {
+			const int64_t base = ids[b] * bs;
+
+			for (uint32_t i = 0; i < bs && t < range; i++, t++)
+				slots[t] = base + i;
+		}
 	}
 	rc = find_absent_groups(rq, in, j, err, errlen);
 	if (rc)
