@@ -23,6 +23,8 @@
  * the socket.
  *
  * Usage: gpu_server_bench [--tokens N[,N...]] [--seconds S] [--pool-size SIZE]
+ *                         [--daemon-arg ARG]... (up to 8, appended to kvstashd's,
+ *                         e.g. --daemon-arg --busy-poll=off)
  * It starts ../kvstashd (next to this program's folder) on a private ipc://
  * endpoint. Without a GPU (or built without CUDA) it says so and exits 77.
  */
@@ -271,8 +273,13 @@ int main(int argc, char **argv)
 	int n = 0;
 	pid_t pid;
 
+	const char *daemon_args[8];
+	int ndaemon_args = 0;
+
 	for (int i = 1; i + 1 < argc; i += 2) {
-		if (!strcmp(argv[i], "--seconds"))
+		if (!strcmp(argv[i], "--daemon-arg") && ndaemon_args < 8)
+			daemon_args[ndaemon_args++] = argv[i + 1];
+		else if (!strcmp(argv[i], "--seconds"))
 			seconds = atof(argv[i + 1]);
 		else if (!strcmp(argv[i], "--pool-size"))
 			pool = argv[i + 1];
@@ -298,10 +305,16 @@ int main(int argc, char **argv)
 	if (pid == 0) {
 		char l[700], p[64];
 
+		const char *av[6 + 8 + 1] = { exe, l, p, "--workers=2", "--http-port=0",
+					      "--log-level=warn" };
+		int ac = 6;
+
 		snprintf(l, sizeof(l), "--listen=%s", ep);
 		snprintf(p, sizeof(p), "--pool-size=%s", pool);
-		execl(exe, exe, l, p, "--workers=2", "--http-port=0", "--log-level=warn",
-		      (char *)NULL);
+		for (int i = 0; i < ndaemon_args; i++)
+			av[ac++] = daemon_args[i];
+		av[ac] = NULL;
+		execv(exe, (char *const *)av);
 		_exit(127);
 	}
 	endpoint = ep;

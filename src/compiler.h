@@ -17,6 +17,14 @@
 #define KS_UNUSED __attribute__((unused))
 #define KS_PRINTF(f, a) __attribute__((format(printf, f, a)))
 
+/* One step of a busy-wait loop: tells the core (and a hypervisor) it spins. */
+#if defined(__x86_64__) || defined(__i386__)
+#define ks_cpu_relax() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define ks_cpu_relax() __asm__ __volatile__("yield" ::: "memory")
+#else
+#define ks_cpu_relax() __asm__ __volatile__("" ::: "memory")
+#endif
 #define KS_MIN(a, b) ((a) < (b) ? (a) : (b))
 #define KS_MAX(a, b) ((a) > (b) ? (a) : (b))
 

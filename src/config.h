@@ -33,6 +33,7 @@ struct srv_config {
 	char cuda[8];
 	char owner_check[8];
 	char io_priority[16];	/* realtime | nice | normal: the io and libzmq I/O threads */
+	char busy_poll[8];	/* auto | on | off: GPU workers and io thread poll, not sleep */
 	char protocol[16];	/* auto | march | current: the wire dialect(s) served */
 	char state_dir[512];	/* --state-dir: warm restart state (warm.c); empty = off */
 	char disk_path[512];

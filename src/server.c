@@ -866,6 +866,14 @@ static int cuda_setup(struct srv *s)
 	}
 	/* Pinned in the background (server_pin.c): serving starts at once. */
 	s->pin_step = xfer_cuda_host_register;
+	{
+		long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+
+		s->busy_poll = !strcmp(s->cfg.busy_poll, "on") ||
+			       (!strcmp(s->cfg.busy_poll, "auto") && cpus >= SRV_BUSY_POLL_MIN_CPUS);
+		log_info("busy polling for GPU transfers: %s (--busy-poll %s, %ld CPUs)",
+			 s->busy_poll ? "on" : "off", s->cfg.busy_poll, cpus);
+	}
 	for (int d = 0; d < n; d++) {
 		char name[32], gpu[128] = "?";
 
@@ -881,6 +889,8 @@ static int cuda_setup(struct srv *s)
 		}
 		s->nengines = 2 + (unsigned)d;
 		s->ncuda = d + 1;
+		if (s->busy_poll)
+			xfer_engine_set_busy_poll(s->engines[1 + d], SRV_BUSY_POLL_WORKER_NS);
 		xfer_cuda_device_name(d, gpu, sizeof(gpu));
 		log_info("cuda:%d %s (GPU-%s): %u transfer worker(s)", d, gpu, s->cuda_uuid[d],
 			 s->cfg.workers);
@@ -1249,6 +1259,33 @@ static void io_turn_done(struct srv *s, uint64_t t0, uint64_t t1, uint64_t t2, u
 	}
 }
 
+/*
+ * How long the next zmq_poll may sleep: 0 while a GPU copy announced near
+ * its end is still running (--busy-poll; at most SRV_BUSY_POLL_IO_NS from
+ * the announcement on, so a late copy costs a bounded spin), 1 ms with an
+ * expiry backlog, else a housekeeping tick.
+ */
+static long io_poll_timeout_ms(struct srv *s)
+{
+	if (s->busy_poll) {
+		unsigned imminent = 0;
+
+		for (int d = 0; d < s->ncuda; d++)
+			imminent += xfer_completions_imminent(s->engines[1 + d]);
+		if (!imminent) {
+			s->busy_poll_until_ns = 0;
+		} else {
+			uint64_t now = ks_now_ns();
+
+			if (!s->busy_poll_until_ns)
+				s->busy_poll_until_ns = now + SRV_BUSY_POLL_IO_NS;
+			if (now < s->busy_poll_until_ns)
+				return 0;
+		}
+	}
+	return s->expiry_backlog ? SRV_EXPIRE_BACKLOG_POLL_MS : SRV_TICK_MS;
+}
+
 int srv_run(struct srv *s)
 {
 	/* [0] socket, [1] stop, [2 + e] completions of engine e, then the monitor */
@@ -1289,8 +1326,7 @@ int srv_run(struct srv *s)
 		 "chunk %u tokens", KVSTASH_VERSION, s->endpoint, ps.region_bytes >> 20,
 		 ps.hugepages ? " (hugepages)" : "", s->cfg.workers, s->cfg.chunk_tokens);
 	for (;;) {
-		int n = zmq_poll(items, nitems,
-				 s->expiry_backlog ? SRV_EXPIRE_BACKLOG_POLL_MS : SRV_TICK_MS);
+		int n = zmq_poll(items, nitems, io_poll_timeout_ms(s));
 		bool completions = false;
 		uint64_t t0 = ks_now_ns(), cpu0 = thread_cpu_ns(), t1, t2;
 

@@ -68,6 +68,18 @@
 #define SRV_EXPIRE_BUDGET 256u
 #define SRV_SESSION_EXPIRE_BUDGET 128u
 #define SRV_EXPIRE_BACKLOG_POLL_MS 1
+/*
+ * --busy-poll: how long a CUDA transfer worker polls for the next job after
+ * one (an engine with one request in flight sends the next 0.2-0.8 ms after
+ * the previous job ended: reply, client, the next request's accept; a
+ * worker that polls the whole window costs 1 ms of CPU, 2.5% of a
+ * 16384-token request's 40 ms), and the longest the io thread polls for a
+ * completion announced near its end (the copy poll's slack, 80 us, plus a
+ * late end). "auto" needs this many online CPUs: a polling thread holds one.
+ */
+#define SRV_BUSY_POLL_WORKER_NS (1000ull * 1000)
+#define SRV_BUSY_POLL_IO_NS (300ull * 1000)
+#define SRV_BUSY_POLL_MIN_CPUS 8
 /* CPU priority of the io thread, when the process may raise it (CAP_SYS_NICE):
  * --io-priority realtime, else nice. */
 #define SRV_IO_NICE (-10)
@@ -413,6 +425,8 @@ struct srv {
 	struct srv_last_error *last_errors;	/* [SRV_LAST_ERROR_SLOTS] */
 	uint64_t last_tick_ms;
 	bool expiry_backlog;		/* housekeeping left due work for the next turn */
+	bool busy_poll;			/* --busy-poll in effect (GPU engines only) */
+	uint64_t busy_poll_until_ns;	/* io thread polls without sleeping until then */
 	uint64_t expired_unlogged;	/* index expiries not yet reported in the log */
 	struct srv_counters ctr;
 	/* Latency from request receipt to reply, per kind (any thread reads). */

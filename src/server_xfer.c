@@ -109,6 +109,14 @@ int srv_submit_job(struct srv *s, unsigned engine, struct srv_xfer_job *j)
 	return xfer_submit(s->engines[engine], &j->base);
 }
 
+/* A GPU copy's end is near (--busy-poll): have the io thread awake for it. */
+static void near_done(void *arg)
+{
+	struct srv_xfer_job *j = arg;
+
+	xfer_job_near_done(j->srv->engines[j->engine], &j->base);
+}
+
 /* Whether group @g of chunk @c is absent (null blocks, null_chunk_mask). */
 static bool group_absent(const struct srv_xfer_job *j, uint32_t c, uint32_t g)
 {
@@ -329,6 +337,9 @@ static void run_store_cuda(struct xfer_job *base, unsigned worker)
 			.wait_semaphore = j->has_wait_sem ? j->wait_sem : NULL,
 			.done_semaphore = j->has_wait_sem ? j->done_sem : NULL,
 			.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+			/* the last copy of the job announces its end */
+			.near_done = j->srv->busy_poll && g + 1 == in->ngroups ? near_done : NULL,
+			.near_done_arg = j,
 		};
 		rc = cuda_copy_group(ctx, true, in, g, &cj, objs, gobjs, nres, g == 0,
 				     g + 1 == in->ngroups);
@@ -402,6 +413,9 @@ static int retrieve_cuda_copies(struct xfer_cuda_ctx *ctx, struct srv_xfer_job *
 				.wait_semaphore = j->has_wait_sem ? j->wait_sem : NULL,
 				.done_semaphore = j->has_wait_sem ? j->done_sem : NULL,
 				.timeout_ms = j->srv->cfg.transfer_timeout_ms,
+				.near_done = j->srv->busy_poll && run + 1 == nruns ? near_done :
+									 NULL,
+				.near_done_arg = j,
 			};
 			rc = cuda_copy_group(ctx, false, in, g, &cj, objs + c0, gobjs, c1 - c0,
 					     run == 0, run + 1 == nruns);

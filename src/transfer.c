@@ -7,6 +7,9 @@
  * runs the job (gather/scatter, CUDA calls, index updates) holding no lock,
  * then pushes it onto the completion list and writes the eventfd (Redis
  * bio.c job_comp_pipe). The io thread polls the eventfd and reaps.
+ * Optional busy polling (transfer.h) trades CPU for the two wake-ups a job
+ * costs: workers poll the queue for a while after a job, and a job may
+ * announce its end ahead so the io thread is awake when it comes.
  *
  * Lock order (the tree is in lock.h):
  *   xfer_queue->lock (LOCK_RANK_QUEUE) is a leaf: nothing is taken under it but
@@ -50,6 +53,12 @@ struct xfer_engine {
 	_Atomic uint64_t submitted, completed, rejected_full;
 	_Atomic uint32_t running;
 	_Atomic uint64_t last_progress_ms;
+	/* Busy polling (transfer.h): the window, q.count as workers polling
+	 * outside the lock see it (written under it), and jobs announced near
+	 * their end. */
+	_Atomic uint64_t busy_poll_ns;
+	_Atomic uint32_t queued_hint;
+	_Atomic uint32_t imminent;
 };
 
 struct worker_arg {
@@ -61,6 +70,8 @@ static void push_done(struct xfer_engine *e, struct xfer_job *job)
 {
 	uint64_t one = 1;
 	bool queued = false;
+	/* read now: once on the completion list the job may be reaped and freed */
+	const bool announced = job->near_done;
 
 	job->next = NULL;
 	/* The completion list shares the queue lock; a timeout here would lose
@@ -80,6 +91,22 @@ static void push_done(struct xfer_engine *e, struct xfer_job *job)
 	ks_assert_unlocked();
 	if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
 		log_error("%s: completion eventfd write: %s", e->name, strerror(errno));
+	/* after the write: the io thread keeps polling until it can reap */
+	if (announced)
+		atomic_fetch_sub_explicit(&e->imminent, 1, memory_order_release);
+}
+
+/*
+ * Busy-poll the queue until a job may be there or @deadline_ns passes (no
+ * lock held: the hint is written under it; a stop is seen once the window,
+ * a fraction of a millisecond, has passed).
+ */
+static void poll_for_job(struct xfer_engine *e, uint64_t deadline_ns)
+{
+	while (!atomic_load_explicit(&e->queued_hint, memory_order_acquire) &&
+	       ks_now_ns() < deadline_ns)
+		for (int i = 0; i < 32; i++)
+			ks_cpu_relax();
 }
 
 static void *worker_main(void *p)
@@ -106,20 +133,32 @@ static void *worker_main(void *p)
 		if (rc)
 			log_info("%s: stays SCHED_OTHER (%s)", tname, strerror(rc));
 	}
+	uint64_t last_end_ns = 0;	/* when this worker's last job ended */
+
 	for (;;) {
 		struct xfer_job *job = NULL;
 		bool stop = false;
+		uint64_t poll_ns;
 
 		if (ks_lock(&e->q.lock))
 			continue;
-		if (!e->q.head && !e->q.stopping)
+		if (!e->q.head && !e->q.stopping) {
+			poll_ns = atomic_load_explicit(&e->busy_poll_ns, memory_order_relaxed);
+			if (poll_ns && last_end_ns && ks_now_ns() - last_end_ns < poll_ns) {
+				/* busy polling: look again without sleeping */
+				ks_unlock(&e->q.lock);
+				poll_for_job(e, last_end_ns + poll_ns);
+				continue;
+			}
 			ks_cond_wait_ms(&e->q.nonempty, &e->q.lock, XFER_IDLE_WAIT_MS);
+		}
 		if (e->q.head) {
 			job = e->q.head;
 			e->q.head = job->next;
 			if (!e->q.head)
 				e->q.tail = NULL;
 			e->q.count--;
+			atomic_store_explicit(&e->queued_hint, e->q.count, memory_order_release);
 		} else {
 			stop = e->q.stopping;
 		}
@@ -140,6 +179,7 @@ static void *worker_main(void *p)
 				      memory_order_relaxed);
 		atomic_fetch_sub_explicit(&e->running, 1, memory_order_relaxed);
 		push_done(e, job);
+		last_end_ns = ks_now_ns();
 	}
 	return NULL;
 }
@@ -224,12 +264,14 @@ int xfer_submit(struct xfer_engine *e, struct xfer_job *job)
 		job->next = NULL;
 		job->submit_ns = ks_now_ns();
 		job->start_ns = job->end_ns = 0;
+		job->near_done = false;
 		if (e->q.tail)
 			e->q.tail->next = job;
 		else
 			e->q.head = job;
 		e->q.tail = job;
 		e->q.count++;
+		atomic_store_explicit(&e->queued_hint, e->q.count, memory_order_release);
 		atomic_fetch_add_explicit(&e->submitted, 1, memory_order_relaxed);
 		ks_cond_signal(&e->q.nonempty);
 	}
@@ -253,6 +295,7 @@ void xfer_engine_stop(struct xfer_engine *e, uint64_t drain_ms)
 				left = e->q.head;
 				e->q.head = e->q.tail = NULL;
 				e->q.count = 0;
+				atomic_store_explicit(&e->queued_hint, 0, memory_order_release);
 				ks_cond_broadcast(&e->q.nonempty);
 				ks_unlock(&e->q.lock);
 				break;
@@ -328,6 +371,28 @@ size_t xfer_reap(struct xfer_engine *e, struct xfer_job **out, size_t max)
 			log_error("%s: eventfd re-arm: %s", e->name, strerror(errno));
 	}
 	return n;
+}
+
+void xfer_engine_set_busy_poll(struct xfer_engine *e, uint64_t ns)
+{
+	atomic_store_explicit(&e->busy_poll_ns, ns, memory_order_relaxed);
+}
+
+void xfer_job_near_done(struct xfer_engine *e, struct xfer_job *job)
+{
+	uint64_t one = 1;
+
+	if (job->near_done)
+		return;
+	job->near_done = true;
+	atomic_fetch_add_explicit(&e->imminent, 1, memory_order_relaxed);
+	if (write(e->efd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+		log_error("%s: completion eventfd write: %s", e->name, strerror(errno));
+}
+
+unsigned xfer_completions_imminent(const struct xfer_engine *e)
+{
+	return atomic_load_explicit(&e->imminent, memory_order_acquire);
 }
 
 void xfer_get_stats(struct xfer_engine *e, struct xfer_stats *st)

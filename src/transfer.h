@@ -24,6 +24,7 @@ struct xfer_job {
 	void (*run)(struct xfer_job *job, unsigned worker_index);
 	uint64_t submit_ns;		/* set by xfer_submit (CLOCK_MONOTONIC) */
 	uint64_t start_ns, end_ns;	/* set by the worker around run() */
+	bool near_done;			/* run() called xfer_job_near_done() */
 };
 
 struct xfer_stats {
@@ -67,5 +68,27 @@ size_t xfer_reap(struct xfer_engine *e, struct xfer_job **out, size_t max);
 bool xfer_job_cancelled(const struct xfer_job *job);
 
 void xfer_get_stats(struct xfer_engine *e, struct xfer_stats *st);
+
+/*
+ * Busy polling (both 0 = off, the default): a job's fixed cost includes two
+ * thread wake-ups, the worker's when it is queued and the io thread's when it
+ * completes, each 10-50 us on a virtual machine whose idle CPUs halt.
+ *
+ * xfer_engine_set_busy_poll(): after a job, a worker polls the queue for the
+ * next one for up to @ns before it sleeps on the condition variable (an
+ * engine with one request in flight sends the next a fraction of a
+ * millisecond after the reply). Costs up to @ns of one CPU per job.
+ *
+ * xfer_job_near_done(): called by @job's run() on its worker, holding no
+ * lock, when its end is expected within tens of microseconds (a GPU copy's
+ * completion poll stops sleeping). Once per job; it writes the completion
+ * eventfd ahead of time, so the io thread's wake-up overlaps the end of the
+ * copy, and xfer_completions_imminent() counts the job until it completes:
+ * the io thread polls instead of sleeping meanwhile (bounded by its own
+ * window). A wake-up with nothing to reap is harmless: xfer_reap() returns 0.
+ */
+void xfer_engine_set_busy_poll(struct xfer_engine *e, uint64_t ns);
+void xfer_job_near_done(struct xfer_engine *e, struct xfer_job *job);
+unsigned xfer_completions_imminent(const struct xfer_engine *e);
 
 #endif /* KS_TRANSFER_H */

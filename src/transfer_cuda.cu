@@ -898,9 +898,10 @@ extern "C" enum xfer_cuda_path xfer_cuda_ctx_path(const struct xfer_cuda_ctx *ct
  * late, which alone would cost 8% of a 256-token chunk), spin with
  * sched_yield around the expected end, then back off to sleeps of 1/64 of
  * the time waited (2 us .. 1 ms) once the job runs late, so a slow or hung
- * device costs little CPU.
+ * device costs little CPU. Entering the spin calls @j's near_done hook.
  */
-static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms, uint64_t expect_ns)
+static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms, uint64_t expect_ns,
+		    const struct xfer_cuda_job *j = NULL)
 {
 	const uint64_t limit_ns = (uint64_t)timeout_ms * 1000000ull;
 	const uint64_t t0 = mono_ns();
@@ -927,6 +928,10 @@ static int ctx_wait(struct xfer_cuda_ctx *ctx, unsigned timeout_ms, uint64_t exp
 			ns = expect_ns - el - XFER_POLL_SLACK_NS;
 			slept = true;
 		} else if (el < expect_ns + expect_ns / 4 + XFER_POLL_SLACK_NS) {
+			if (j && j->near_done) {
+				j->near_done(j->near_done_arg);
+				j = NULL;	/* once */
+			}
 			sched_yield();
 			continue;
 		} else {
@@ -1396,7 +1401,7 @@ static int xfer_job(struct xfer_cuda_ctx *ctx, const struct xfer_cuda_job *j, bo
 		const uint32_t first_tok = store ? 0 : KS_MINU(j->skip_tokens, j->ntokens);
 		const uint64_t bytes = (uint64_t)pl.K * pl.NL * (j->ntokens - first_tok) * pl.row_bytes;
 
-		return ctx_wait(ctx, j->timeout_ms, bytes / XFER_POLL_GBPS);
+		return ctx_wait(ctx, j->timeout_ms, bytes / XFER_POLL_GBPS, j);
 	}
 
 out_sync:

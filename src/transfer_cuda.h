@@ -203,6 +203,13 @@ struct xfer_cuda_job {
 				 * handle, signalled after the copies */
 	unsigned timeout_ms;	/* bound on the wait for completion */
 	enum xfer_cuda_path path;	/* DEFAULT: the ctx's path for this direction */
+	/* Optional: called once, on the calling thread, with no lock held, when
+	 * the completion poll stops sleeping because the copy's end is expected
+	 * within about 80 us (XFER_POLL_SLACK_NS): the caller may get ready for
+	 * the completion (xfer_job_near_done). Not called for a job that ends
+	 * before that point or fails first. */
+	void (*near_done)(void *arg);
+	void *near_done_arg;
 };
 
 /*
