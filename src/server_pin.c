@@ -37,6 +37,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/eventfd.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include "compiler.h"
@@ -46,6 +47,11 @@
 #include "pool.h"
 
 #define PIN_PIECE_BYTES (1ull << 30)
+/* Faulted in this much at a time before a piece is registered (see populate). */
+#define PIN_POPULATE_BYTES (16ull << 20)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23	/* Linux 5.14 */
+#endif
 
 /* Sleep @ms, or less if a stop is requested. True if stopping. */
 static bool pin_sleep(struct srv *s, uint64_t ms)
@@ -60,6 +66,34 @@ static bool pin_sleep(struct srv *s, uint64_t ms)
 		ms -= (uint64_t)step;
 	}
 	return poll(&p, 1, 0) > 0;
+}
+
+/*
+ * Fault piece [@p, @p + @n) in before it is registered, PIN_POPULATE_BYTES
+ * at a time. cudaHostRegister pins under the process's mmap lock (held for
+ * reading for the whole call); with the pages still to be allocated and
+ * zeroed, a 1 GiB piece holds it ~0.35 s, and a thread that maps or unmaps
+ * memory meanwhile (a large malloc on the io thread, libzmq) queues as a
+ * writer behind it, with every page fault of the process queued behind that
+ * writer: io loop turns of 100-185 ms right after a start, measured on an
+ * H100 host. Each populate step holds the lock for a few milliseconds, and
+ * registering pages already present takes a fraction of the time. Nothing
+ * is written to the pages (MADV_POPULATE_WRITE only maps them writable), so
+ * it is safe beside transfers into the pool and on a resumed pool. On a
+ * kernel without it the piece is registered as before.
+ */
+static void populate(struct srv *s, uint8_t *p, uint64_t n)
+{
+	for (uint64_t off = 0; off < n; off += PIN_POPULATE_BYTES) {
+		if (madvise(p + off, (size_t)KS_MIN(PIN_POPULATE_BYTES, n - off),
+			    MADV_POPULATE_WRITE)) {
+			if (errno != EINVAL)
+				log_warn("pool: faulting in before pinning: %s", strerror(errno));
+			return;
+		}
+		if (pin_sleep(s, 0))
+			return;
+	}
 }
 
 static void *pin_main(void *arg)
@@ -79,6 +113,7 @@ static void *pin_main(void *arg)
 			break;
 		if (s->pin_step) {
 			ks_assert_unlocked();
+			populate(s, base + done, n);
 			rc = s->pin_step(base + done, (size_t)n);
 			if (rc == 0)
 				s->pin_pieces[s->npin_pieces++] = base + done;

@@ -225,8 +225,14 @@ static struct xfer_cuda_ctx *cuda_ctx_of(struct srv *s, int dev, unsigned worker
 					 size_t errlen)
 {
 	struct xfer_cuda_ctx **slot = &s->cuda_ctx[dev][worker];
+	/* While the pool is pinned in the background (server_pin.c) only its
+	 * pinned prefix is checked; jobs copy only pinned slots (drop_unpinned,
+	 * pin_all). */
+	const uint64_t pinned = atomic_load_explicit(&s->pool_pinned_bytes, memory_order_acquire);
 	struct xfer_cuda_opts o = { .host_base = pool_region(s->pool),
-				    .host_bytes = pool_region_bytes(s->pool) };
+				    .host_bytes = pool_region_bytes(s->pool),
+				    .host_registering = pinned < pool_region_bytes(s->pool),
+				    .host_registered_bytes = (size_t)pinned };
 	int rc;
 
 	if (*slot && xfer_cuda_ctx_failed(*slot)) {

@@ -829,9 +829,13 @@ extern "C" int xfer_cuda_ctx_create(int dev, const struct xfer_cuda_opts *opts,
 	if (rc)
 		goto out_free;
 	if (o.host_bytes) {
-		if (!host_range_mapped(o.host_base, o.host_bytes)) {
+		size_t check = o.host_bytes;
+
+		if (o.host_registering && o.host_registered_bytes < check)
+			check = o.host_registered_bytes;
+		if (check && !host_range_mapped(o.host_base, check)) {
 			log_error("transfer ctx: host pool %p+%zu is not registered with CUDA",
-				  o.host_base, o.host_bytes);
+				  o.host_base, check);
 			rc = -EINVAL;
 			goto out_free;
 		}

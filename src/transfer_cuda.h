@@ -137,6 +137,16 @@ struct xfer_cuda_opts {
 	 */
 	const void *host_base;
 	size_t host_bytes;
+	/*
+	 * A pool still being registered in the background, in address order
+	 * (kvstashd's start): only [@host_base, @host_base +
+	 * @host_registered_bytes) is checked at creation (nothing when 0), and
+	 * the caller copies to or from no object outside the registered part.
+	 * false: all of [@host_base, @host_base + @host_bytes) must be
+	 * registered already.
+	 */
+	bool host_registering;
+	size_t host_registered_bytes;
 };
 
 /* One worker's streams, events, tables and staging ring (opaque). */
