@@ -8,6 +8,12 @@
  *
  * Keys are real: BLAKE3 rolling prefix hashes (src/chunk_key.h) of random token
  * sequences, 256 tokens per chunk. Each case runs with 1 and 2 threads.
+ *
+ * Then the io thread's CPU work per STORE/RETRIEVE key, one thread, for
+ * 256, 4096 and 16384 tokens: decoding the key frame as kvstashd does
+ * (token ids read straight from the bytes), the same through msgpack-c's
+ * object tree (the reference decoder, and how it was done before), and the
+ * BLAKE3 chunk hashes of the tokens.
  * Usage: core_bench [seconds per case, default 1]
  */
 #include <errno.h>
@@ -16,11 +22,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "chunk_key.h"
 #include "compiler.h"
 #include "index.h"
 #include "pool.h"
+#include "protocol.h"
 
 #define CHUNK_TOKENS 256
 #define PREFIX_CHUNKS 16	/* chunks per lookup: a 4096-token prompt */
@@ -212,6 +220,92 @@ out_pool:
 	return rc;
 }
 
+static double now_s(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+/* Microseconds per call of the key decode (@tree_only: msgpack-c's tree). */
+static double decode_us(const struct proto_buf *f, size_t ntok, bool tree_only)
+{
+	double t0 = now_s(), t;
+	uint64_t n = 0;
+	char err[128];
+
+	do {
+		for (int i = 0; i < 64; i++, n++) {
+			struct proto_key k;
+
+			if (proto_decode_key_frame(f, &k, tree_only, err, sizeof(err)) ||
+			    k.ntokens != ntok) {
+				fprintf(stderr, "core_bench: decode: %s\n", err);
+				return -1;
+			}
+			free(k.token_ids);
+			free(k.null_chunk_mask);
+		}
+		t = now_s() - t0;
+	} while (t < run_s / 4);
+	return t / (double)n * 1e6;
+}
+
+static int run_decode(void)
+{
+	static const uint32_t sizes[] = { 256, 4096, 16384 };
+	uint64_t s = 0x853c49e6748fea9bull;
+	uint8_t none[KS_HASH_LEN];
+
+	ks_none_hash(none);
+	printf("io thread per request key, us: %8s %14s %16s %10s\n", "tokens", "decode (fast)",
+	       "decode (tree)", "hash");
+	for (size_t i = 0; i < KS_ARRAY_SIZE(sizes); i++) {
+		const uint32_t n = sizes[i], nchunks = n / CHUNK_TOKENS;
+		uint32_t *tok = malloc(n * sizeof(*tok));
+		uint8_t (*h)[KS_HASH_LEN] = malloc(nchunks * sizeof(*h));
+		struct proto_key k = { .model = "meta-llama/Llama-3.1-8B-Instruct", .model_len = 32,
+				       .world_size = 1, .worker_id = 0, .ntokens = n, .end = n,
+				       .request_id = "cmpl-1", .request_id_len = 6 };
+		struct proto_msg m = { 0 };
+		double fast, tree, hash, t0, t;
+		uint64_t reps = 0;
+
+		if (!tok || !h) {
+			free(tok);
+			free(h);
+			return -ENOMEM;
+		}
+		for (uint32_t t2 = 0; t2 < n; t2++)
+			tok[t2] = (uint32_t)(xorshift(&s) % 128256);
+		k.token_ids = tok;
+		if (proto_encode_key(&m, &k)) {
+			free(tok);
+			free(h);
+			return -ENOMEM;
+		}
+		struct proto_buf f = { m.data, m.len };
+
+		fast = decode_us(&f, n, false);
+		tree = decode_us(&f, n, true);
+		t0 = now_s();
+		do {
+			ks_hash_chunks(none, tok, 0, nchunks, CHUNK_TOKENS, h);
+			reps++;
+			t = now_s() - t0;
+		} while (t < run_s / 4);
+		hash = t / (double)reps * 1e6;
+		printf("%30s %8u %14.1f %16.1f %10.1f\n", "", n, fast, tree, hash);
+		proto_msg_free(&m);
+		free(tok);
+		free(h);
+		if (fast < 0 || tree < 0)
+			return -EPROTO;
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	int rc;
@@ -229,6 +323,8 @@ int main(int argc, char **argv)
 		rc = run_case(BENCH_LOOKUP, n);
 	for (unsigned n = 1; n <= 2 && !rc; n++)
 		rc = run_case(BENCH_STORE, n);
+	if (!rc)
+		rc = run_decode();
 	free(keys);
 	return rc ? 1 : 0;
 }
