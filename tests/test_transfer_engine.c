@@ -94,6 +94,16 @@ static size_t reap_n(struct xfer_engine *e, struct xfer_job **out, size_t want)
 	return n;
 }
 
+/* Submit @t as a job that holds its worker until released; wait until it runs. */
+static void start_blocking(struct xfer_engine *e, struct test_job *t)
+{
+	job_init(t, e);
+	t->block = true;
+	REQUIRE(xfer_submit(e, &t->base) == 0);
+	while (!atomic_load(&t->started))
+		sleep_us(100);
+}
+
 static void test_basic(void)
 {
 	struct xfer_engine *e;
@@ -104,11 +114,7 @@ static void test_basic(void)
 	CHECK_EQ(xfer_engine_create("t", 1, 0, &e), -EINVAL);
 	REQUIRE(xfer_engine_create("t", 1, 2, &e) == 0);
 	/* one job blocks the worker: the queue (2) fills, the third is refused */
-	job_init(&t[0], e);
-	t[0].block = true;
-	REQUIRE(xfer_submit(e, &t[0].base) == 0);
-	while (!atomic_load(&t[0].started))
-		sleep_us(100);
+	start_blocking(e, &t[0]);
 	job_init(&t[1], e);
 	job_init(&t[2], e);
 	struct test_job extra;
@@ -127,11 +133,7 @@ static void test_basic(void)
 	CHECK_EQ(atomic_load(&extra.runs), 0);
 	CHECK_EQ(xfer_completions_imminent(e), 0);
 	/* stop with a job queued behind a blocking one: it comes back cancelled */
-	job_init(&t[0], e);
-	t[0].block = true;
-	REQUIRE(xfer_submit(e, &t[0].base) == 0);
-	while (!atomic_load(&t[0].started))
-		sleep_us(100);
+	start_blocking(e, &t[0]);
 	job_init(&t[1], e);
 	REQUIRE(xfer_submit(e, &t[1].base) == 0);
 	atomic_store(&t[0].release, 1);
@@ -146,26 +148,40 @@ static void test_basic(void)
 	xfer_engine_destroy(e);
 }
 
-static void test_busy_poll(void)
+/* An engine of @nworkers whose workers poll 300 us after each job. */
+static struct xfer_engine *polling_engine(unsigned nworkers)
 {
 	struct xfer_engine *e;
-	struct test_job t;
-	struct xfer_job *out[2];
 
-	REQUIRE(xfer_engine_create("t", 2, 8, &e) == 0);
+	REQUIRE(xfer_engine_create("t", nworkers, 8, &e) == 0);
 	xfer_engine_set_busy_poll(e, 300 * 1000);
+	return e;
+}
+
+/* Submit @t (freshly initialised, not blocking) and reap it. */
+static void run_one(struct xfer_engine *e, struct test_job *t)
+{
+	struct xfer_job *out[1];
+
+	job_init(t, e);
+	REQUIRE(xfer_submit(e, &t->base) == 0);
+	REQUIRE(reap_n(e, out, 1) == 1);
+	CHECK(out[0] == &t->base);
+	CHECK_EQ(atomic_load(&t->runs), 1);
+}
+
+static void test_busy_poll(void)
+{
+	struct xfer_engine *e = polling_engine(2);
+	struct test_job t;
+
 	/* back to back inside the polling window, then after it */
 	for (int i = 0; i < 20; i++) {
-		job_init(&t, e);
-		REQUIRE(xfer_submit(e, &t.base) == 0);
-		REQUIRE(reap_n(e, out, 1) == 1);
-		CHECK_EQ(atomic_load(&t.runs), 1);
+		run_one(e, &t);
 		sleep_us(i % 2 ? 50 : 2000);
 	}
 	/* a stop while the workers poll ends them promptly */
-	job_init(&t, e);
-	REQUIRE(xfer_submit(e, &t.base) == 0);
-	REQUIRE(reap_n(e, out, 1) == 1);
+	run_one(e, &t);
 	uint64_t t0 = mono_ms();
 
 	xfer_engine_stop(e, 1000);
@@ -175,12 +191,10 @@ static void test_busy_poll(void)
 
 static void test_near_done(void)
 {
-	struct xfer_engine *e;
+	struct xfer_engine *e = polling_engine(1);
 	struct test_job t;
 	struct xfer_job *out[2];
 
-	REQUIRE(xfer_engine_create("t", 1, 4, &e) == 0);
-	xfer_engine_set_busy_poll(e, 300 * 1000);
 	for (int round = 0; round < 3; round++) {
 		job_init(&t, e);
 		t.block = true;
@@ -204,9 +218,7 @@ static void test_near_done(void)
 		CHECK_EQ(atomic_load(&t.runs), 1);
 	}
 	/* a job that never announces leaves the count alone */
-	job_init(&t, e);
-	REQUIRE(xfer_submit(e, &t.base) == 0);
-	CHECK_EQ(reap_n(e, out, 1), 1);
+	run_one(e, &t);
 	CHECK_EQ(xfer_completions_imminent(e), 0);
 	xfer_engine_stop(e, 1000);
 	xfer_engine_destroy(e);
