@@ -24,6 +24,7 @@
 #ifndef KS_TRANSFER_CUDA_H
 #define KS_TRANSFER_CUDA_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
