@@ -41,6 +41,7 @@
 #include <unistd.h>
 
 #include "kvstash.h"
+#include "phase_stats.h"
 
 #ifndef KVSTASH_HAVE_CUDA
 int main(void)
@@ -161,36 +162,6 @@ struct phase_arg {
 	unsigned requests;
 	double op_s, end_s;	/* time inside the STORE/RETRIEVE calls; in END_SESSION */
 };
-
-/* The server's phase sums (KS_STATS), per op: [0] STORE, [1] RETRIEVE. */
-#define NPHASES 6
-static const char *const phase_name[NPHASES] = { "accept", "queue", "prepare", "copy",
-						  "finish", "reply" };
-struct phase_sums {
-	uint64_t timed[2], us[2][NPHASES];
-};
-
-static int phase_stat(const char *name, uint64_t v, void *arg)
-{
-	struct phase_sums *ps = arg;
-
-	for (int op = 0; op < 2; op++) {
-		const char *pre = op ? "retrieve_" : "store_";
-		size_t pl = strlen(pre);
-		char want[40];
-
-		if (strncmp(name, pre, pl))
-			continue;
-		if (!strcmp(name + pl, "timed"))
-			ps->timed[op] = v;
-		for (int p = 0; p < NPHASES; p++) {
-			snprintf(want, sizeof(want), "%s_us", phase_name[p]);
-			if (!strcmp(name + pl, want))
-				ps->us[op][p] = v;
-		}
-	}
-	return 0;
-}
 
 static void phase_snapshot(struct cl *k, struct phase_sums *ps)
 {
