@@ -813,6 +813,7 @@ static int decode_key_tree(const struct proto_buf *f, struct proto_key *k, struc
  * success of the copy's decode is the tree path's success; on any failure
  * the tree path runs on the whole frame and words the error as always.
  */
+#define KS_FAST_KEY_DECODE 0
 static int decode_key_frame(const struct proto_buf *f, struct proto_key *k, bool tree_only,
 			    struct ks_errbuf *e)
 {
@@ -823,7 +824,10 @@ static int decode_key_frame(const struct proto_buf *f, struct proto_key *k, bool
 	uint8_t *copy;
 	int rc;
 
-	if (tree_only || fast_tokens(f->data, f->len, &vbeg, &vend, &tokens, &n))
+	/* The fast path is held off: the fuzzer found a frame where it and the
+	 * tree path disagree (build-fuzz crash of 2026-12-06, not yet analysed). */
+	(void)tree_only;
+	if (KS_FAST_KEY_DECODE == 0 || fast_tokens(f->data, f->len, &vbeg, &vend, &tokens, &n))
 		return decode_key_tree(f, k, e);
 	/* the frame with token_ids as [] (one byte, 0x90) */
 	rest.len = f->len - (vend - vbeg) + 1;
